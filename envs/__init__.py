@@ -1,0 +1,1 @@
+"""Reward sources. Each environment turns a task's response into a reward with a reason."""

@@ -1,0 +1,5 @@
+import sys
+
+from rlpost.run import main
+
+sys.exit(main())

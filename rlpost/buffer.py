@@ -1,0 +1,246 @@
+"""The Redis buffer between rollout workers and the trainer.
+
+Layout, one key prefix per run (``rlpost:{run}:``):
+
+* ``tasks``     stream, consumer group ``workers``: new prompts to answer.
+* ``partials``  stream, consumer group ``workers``: unfinished groups to resume (read first).
+* ``complete``  stream, consumer group ``trainer``: finished trajectories for training.
+* ``eval:{tag}`` plain streams of evaluation trajectories, read by the driver.
+* ``dead``      stream of records that could not be decoded, kept with the reason (never dropped).
+* ``version``   the current :class:`WeightVersion` (msgpack).
+* ``control``   hash of run-wide signals (``stop``, ``abort_round``).
+* ``workers``   hash of worker heartbeats (msgpack).
+* ``trained``   set of trajectory ids already used by an optimiser step (idempotency).
+
+Consumer groups with explicit acknowledgements give at-least-once delivery: an item read but not
+acked stays in the group's pending list and is reclaimed by XAUTOCLAIM when its consumer dies.
+Trajectory ids are deterministic (task id + index), and the trainer checks ``trained`` before
+using one, so at-least-once delivery never trains a sample twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import msgpack
+import redis
+
+from rlpost.records import (
+    RecordError,
+    Task,
+    Trajectory,
+    WeightVersion,
+    pack_group,
+    pack_task,
+    unpack_group,
+    unpack_task,
+)
+
+WORKER_GROUP = "workers"
+TRAINER_GROUP = "trainer"
+
+
+@dataclass
+class Delivery:
+    """An item read from a consumer group: ack it with its stream and entry id when done."""
+
+    stream: str
+    entry_id: str
+    item: Task | list[Trajectory]
+
+
+def connect(url: str, password: str | None = None, username: str | None = None,
+            ssl_ca_certs: str | None = None) -> redis.Redis:
+    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``); ACL and TLS pass through."""
+    kwargs: dict = {}
+    if password:
+        kwargs["password"] = password
+    if username:
+        kwargs["username"] = username
+    if ssl_ca_certs and url.startswith("rediss://"):
+        kwargs["ssl_ca_certs"] = ssl_ca_certs
+    return redis.Redis.from_url(url, **kwargs)
+
+
+class RedisBuffer:
+    """Typed access to one run's streams. Cheap to construct; each actor makes its own."""
+
+    def __init__(self, client: redis.Redis, run: str):
+        if not run or ":" in run or "{" in run:
+            raise ValueError(f"buffer run name {run!r} must be non-empty and contain no ':' or '{{'")
+        self.client = client
+        self.run = run
+        self.prefix = f"rlpost:{run}:"
+
+    @classmethod
+    def from_url(cls, url: str, run: str, **auth) -> "RedisBuffer":
+        return cls(connect(url, **auth), run)
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    # ----------------------------------------------------------------- set-up
+    def ensure_groups(self) -> None:
+        """Create the streams and consumer groups if missing (idempotent)."""
+        for stream, group in (("tasks", WORKER_GROUP), ("partials", WORKER_GROUP),
+                              ("complete", TRAINER_GROUP)):
+            try:
+                self.client.xgroup_create(self.key(stream), group, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def reset(self) -> None:
+        """Delete every key of this run (tests and fresh runs)."""
+        keys = list(self.client.scan_iter(match=self.prefix + "*", count=1000))
+        if keys:
+            self.client.delete(*keys)
+
+    # ----------------------------------------------------------------- tasks
+    def put_tasks(self, tasks: Iterable[Task]) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        n = 0
+        for task in tasks:
+            pipe.xadd(self.key("tasks"), {"data": pack_task(task)})
+            n += 1
+        pipe.execute()
+        return n
+
+    def read_tasks(self, consumer: str, count: int, block_ms: int | None = None) -> list[Delivery]:
+        """Up to ``count`` tasks for ``consumer``: partials to resume first, then new tasks."""
+        out: list[Delivery] = []
+        for stream in ("partials", "tasks"):
+            want = count - len(out)
+            if want <= 0:
+                break
+            # Block only on the last stream, and only if nothing was found yet.
+            block = block_ms if (stream == "tasks" and not out) else None
+            resp = self.client.xreadgroup(WORKER_GROUP, consumer, {self.key(stream): ">"},
+                                          count=want, block=block)
+            out.extend(self._decode(resp, unpack_task if stream == "tasks" else unpack_group))
+        return out
+
+    def reclaim(self, stream: str, group: str, consumer: str, min_idle_ms: int,
+                count: int = 100) -> list[Delivery]:
+        """Take over items another consumer read but never acked (it crashed or hung)."""
+        resp = self.client.xautoclaim(self.key(stream), group, consumer, min_idle_time=min_idle_ms,
+                                      start_id="0-0", count=count)
+        entries = resp[1]
+        decoder = unpack_task if stream == "tasks" else unpack_group
+        return self._decode([[self.key(stream).encode(), entries]], decoder)
+
+    def finish_task(self, delivery: Delivery, group: list[Trajectory]) -> None:
+        """Write a task's group of trajectories and ack the task in one transaction, so a crash
+        between the two can neither lose the samples nor leave the task acked without them."""
+        purpose = group[0].purpose
+        stream = "complete" if purpose == "train" else f"eval:{purpose.removeprefix('eval:')}"
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(self.key(stream), {"data": pack_group(group)})
+        pipe.xack(delivery.stream, WORKER_GROUP, delivery.entry_id)
+        pipe.xdel(delivery.stream, delivery.entry_id)
+        pipe.execute()
+
+    # ----------------------------------------------------------------- complete
+    def read_complete(self, consumer: str, count: int, block_ms: int | None = None) -> list[Delivery]:
+        resp = self.client.xreadgroup(TRAINER_GROUP, consumer, {self.key("complete"): ">"},
+                                      count=count, block=block_ms)
+        return self._decode(resp, unpack_group)
+
+    def ack_trained(self, deliveries: list[Delivery]) -> None:
+        """Record the groups' trajectories as trained and ack them, atomically."""
+        if not deliveries:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.sadd(self.key("trained"), *[t.traj_id for d in deliveries for t in d.item])
+        ids = [d.entry_id for d in deliveries]
+        pipe.xack(self.key("complete"), TRAINER_GROUP, *ids)
+        pipe.xdel(self.key("complete"), *ids)
+        pipe.execute()
+
+    def already_trained(self, traj_ids: list[str]) -> list[bool]:
+        if not traj_ids:
+            return []
+        return [bool(x) for x in self.client.smismember(self.key("trained"), traj_ids)]
+
+    def read_eval(self, tag: str, expected: int, timeout_s: float) -> list[Trajectory]:
+        """Block until ``expected`` eval groups for ``tag`` arrived (or time out); their samples."""
+        stream = self.key(f"eval:{tag}")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            n = self.client.xlen(stream)
+            if n >= expected:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"eval '{tag}': {n}/{expected} tasks answered after {timeout_s}s")
+            time.sleep(0.05)
+        entries = self.client.xrange(stream)
+        return [t for _, fields in entries for t in unpack_group(fields[b"data"])]
+
+    # ----------------------------------------------------------------- weights & control
+    def publish_version(self, version: WeightVersion) -> None:
+        self.client.set(self.key("version"), msgpack.packb(vars(version)))
+
+    def current_version(self) -> WeightVersion | None:
+        raw = self.client.get(self.key("version"))
+        return WeightVersion(**msgpack.unpackb(raw)) if raw else None
+
+    def set_signal(self, name: str, value: str = "1") -> None:
+        self.client.hset(self.key("control"), name, value)
+
+    def clear_signal(self, name: str) -> None:
+        self.client.hdel(self.key("control"), name)
+
+    def signal(self, name: str) -> str | None:
+        raw = self.client.hget(self.key("control"), name)
+        return raw.decode() if raw is not None else None
+
+    def heartbeat(self, worker: str, info: dict) -> None:
+        self.client.hset(self.key("workers"), worker, msgpack.packb({**info, "t": time.time()}))
+
+    def workers(self) -> dict[str, dict]:
+        raw = self.client.hgetall(self.key("workers"))
+        return {k.decode(): msgpack.unpackb(v) for k, v in raw.items()}
+
+    def depth(self) -> dict[str, int]:
+        """Queue depths for metrics: unread + pending per stream."""
+        out = {}
+        for stream, group in (("tasks", WORKER_GROUP), ("partials", WORKER_GROUP),
+                              ("complete", TRAINER_GROUP)):
+            out[stream] = int(self.client.xlen(self.key(stream)))
+            try:
+                out[f"{stream}_pending"] = int(self.client.xpending(self.key(stream), group)["pending"])
+            except redis.ResponseError:
+                out[f"{stream}_pending"] = 0
+        return out
+
+    # ----------------------------------------------------------------- helpers
+    def _decode(self, resp, decoder) -> list[Delivery]:
+        out: list[Delivery] = []
+        for stream, entries in resp or []:
+            stream = stream.decode() if isinstance(stream, bytes) else stream
+            for entry_id, fields in entries:
+                entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                if fields is None:  # entry deleted while pending
+                    self.client.xack(stream, self._group_of(stream), entry_id)
+                    continue
+                try:
+                    item = decoder(fields[b"data"])
+                except (RecordError, KeyError) as exc:
+                    self._dead_letter(stream, entry_id, fields, str(exc))
+                    continue
+                out.append(Delivery(stream=stream, entry_id=entry_id, item=item))
+        return out
+
+    def _group_of(self, stream: str) -> str:
+        return TRAINER_GROUP if stream.endswith(":complete") else WORKER_GROUP
+
+    def _dead_letter(self, stream: str, entry_id: str, fields: dict, reason: str) -> None:
+        """Move an undecodable entry aside with its reason; it is kept, not lost, and not retried."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(self.key("dead"), {"stream": stream, "entry_id": entry_id, "reason": reason,
+                                     "data": fields.get(b"data", b"")})
+        pipe.xack(stream, self._group_of(stream), entry_id)
+        pipe.xdel(stream, entry_id)
+        pipe.execute()

@@ -1,0 +1,67 @@
+"""Compose the hydra config from ``configs/`` + command-line overrides into a typed RlpostConfig.
+
+hydra's compose API (rather than ``@hydra.main``) lets the driver turn every composition or
+validation failure into one line naming the key and the value, instead of a stack trace.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from rlpost.config import ConfigError, RlpostConfig, register_schema
+
+
+def config_dir() -> str:
+    return str(resources.files("rlpost.configs"))
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for a hydra/omegaconf error: the key and what is wrong with it."""
+    seen = exc
+    while seen is not None:
+        full_key = getattr(seen, "full_key", None)
+        msg = getattr(seen, "msg", None) or str(seen)
+        if full_key:
+            msg = msg.splitlines()[0].strip()
+            return f"{full_key}: {msg}"
+        seen = seen.__cause__ or seen.__context__
+    first = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(first[:2]) if first else type(exc).__name__
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_schema()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    except Exception as exc:  # hydra wraps omegaconf errors in several exception types
+        raise ConfigError(_describe(exc)) from None
+
+
+def load_config(overrides: list[str]) -> RlpostConfig:
+    """Compose, convert to dataclasses and validate. Raises ConfigError with a one-line message."""
+    node = compose(overrides)
+    try:
+        cfg: Any = OmegaConf.to_object(node)
+    except Exception as exc:
+        raise ConfigError(_describe(exc)) from None
+    return cfg.validate()
+
+
+def to_yaml(cfg: RlpostConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def env_overrides() -> list[str]:
+    """Overrides from RLPOST_OVERRIDES (space separated), handy for ``ray job submit`` wrappers."""
+    raw = os.environ.get("RLPOST_OVERRIDES", "").strip()
+    return raw.split() if raw else []

@@ -1,0 +1,278 @@
+"""Typed configuration, mirrored by the hydra YAML under ``configs/``.
+
+The dataclasses are registered as hydra's schema, so a wrong key or a value of the wrong type is
+rejected while composing; ``validate()`` then checks ranges and cross-field rules. Both kinds of
+error surface as :class:`ConfigError`, whose message names the field and the value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional
+
+MODES = ("sync", "async", "april")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, mistyped or out of range."""
+
+
+def _check(cond: bool, key: str, value: Any, rule: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r}: {rule}")
+
+
+@dataclass
+class ModelConfig:
+    """Toy decoder-only MoE. ``vocab_size=0`` takes the environment tokenizer's size."""
+
+    type: str = "toy_moe"
+    vocab_size: int = 0
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 128
+    num_experts: int = 4
+    top_k: int = 2
+    max_seq_len: int = 64
+    aux_loss_coef: float = 0.01
+    init_std: float = 0.02
+
+    def validate(self, p: str = "model") -> None:
+        _check(self.type == "toy_moe", f"{p}.type", self.type, "only 'toy_moe' is available")
+        for name in ("d_model", "n_layers", "n_heads", "d_ff", "num_experts", "max_seq_len"):
+            _check(getattr(self, name) > 0, f"{p}.{name}", getattr(self, name), "must be > 0")
+        _check(self.vocab_size >= 0, f"{p}.vocab_size", self.vocab_size, "must be >= 0 (0 = tokenizer's)")
+        _check(self.d_model % self.n_heads == 0, f"{p}.d_model", self.d_model,
+               f"must be divisible by model.n_heads={self.n_heads}")
+        _check(self.top_k in (1, 2), f"{p}.top_k", self.top_k, "DeepSpeed top-k gating here supports 1 or 2")
+        _check(self.top_k <= self.num_experts, f"{p}.top_k", self.top_k,
+               f"must be <= model.num_experts={self.num_experts}")
+        _check(self.aux_loss_coef >= 0, f"{p}.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
+
+
+@dataclass
+class EngineConfig:
+    """Inference engine for rollout workers."""
+
+    name: str = "native"
+    # Tokens generated between checks for new weights / stop signals (the APRIL chunk).
+    chunk_tokens: int = 8
+    max_batch_size: int = 512
+    dtype: str = "float32"
+
+    def validate(self, p: str = "engine") -> None:
+        _check(self.name in ("native", "vllm", "sglang"), f"{p}.name", self.name,
+               "must be one of native, vllm, sglang")
+        _check(self.chunk_tokens > 0, f"{p}.chunk_tokens", self.chunk_tokens, "must be > 0")
+        _check(self.max_batch_size > 0, f"{p}.max_batch_size", self.max_batch_size, "must be > 0")
+        _check(self.dtype in ("float32", "bfloat16", "float16"), f"{p}.dtype", self.dtype,
+               "must be float32, bfloat16 or float16")
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1
+    # Prompts per training step; each is answered by a GRPO group of group_size samples.
+    batch_prompts: int = 16
+    group_size: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 8
+    # Torch threads per worker actor (keep workers + trainer <= cores on a laptop).
+    threads: int = 1
+    over_sampling: float = 1.0
+    max_staleness: int = 1
+
+    def validate(self, p: str = "rollout") -> None:
+        for name in ("num_workers", "batch_prompts", "group_size", "max_new_tokens", "threads"):
+            _check(getattr(self, name) > 0, f"{p}.{name}", getattr(self, name), "must be > 0")
+        _check(self.temperature >= 0, f"{p}.temperature", self.temperature, "must be >= 0")
+        _check(0 < self.top_p <= 1, f"{p}.top_p", self.top_p, "must be in (0, 1]")
+        _check(self.over_sampling >= 1, f"{p}.over_sampling", self.over_sampling, "must be >= 1")
+        _check(self.max_staleness >= 0, f"{p}.max_staleness", self.max_staleness, "must be >= 0")
+
+
+@dataclass
+class TrainerConfig:
+    """DeepSpeed trainer and RL loss."""
+
+    steps: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0
+    micro_batch_size: int = 0  # 0: the whole step in one micro-batch
+    zero_stage: int = 1
+    precision: str = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPU
+    num_ranks: int = 1
+    num_gpus: int = 0
+    threads: int = 1
+    # PPO-clip with per-token truncated importance sampling against behaviour logprobs.
+    clip_eps: float = 0.2
+    clip_eps_high: float = 0.28
+    tis_cap: float = 2.0
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    # Normalise GRPO advantages by the group's std (Dr. GRPO sets this false).
+    adv_std_norm: bool = True
+    loss_agg: str = "token_mean"  # token_mean | seq_mean
+    publish_every: int = 1
+    checkpoint_every: int = 0
+    weight_transport: str = "ray"  # ray | file
+
+    def validate(self, p: str = "trainer") -> None:
+        _check(self.steps >= 0, f"{p}.steps", self.steps, "must be >= 0")
+        _check(self.lr > 0, f"{p}.lr", self.lr, "must be > 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas", self.betas,
+               "must be two numbers in [0, 1)")
+        _check(self.zero_stage in (0, 1, 2), f"{p}.zero_stage", self.zero_stage,
+               "must be 0, 1 or 2 (ZeRO-3 does not support DeepSpeed MoE here)")
+        _check(self.precision in ("auto", "fp32", "bf16", "fp16"), f"{p}.precision", self.precision,
+               "must be auto, fp32, bf16 or fp16")
+        _check(self.num_ranks >= 1, f"{p}.num_ranks", self.num_ranks, "must be >= 1")
+        _check(self.num_gpus >= 0, f"{p}.num_gpus", self.num_gpus, "must be >= 0")
+        _check(self.micro_batch_size >= 0, f"{p}.micro_batch_size", self.micro_batch_size, "must be >= 0")
+        _check(0 < self.clip_eps < 1, f"{p}.clip_eps", self.clip_eps, "must be in (0, 1)")
+        _check(self.clip_eps_high >= self.clip_eps, f"{p}.clip_eps_high", self.clip_eps_high,
+               f"must be >= trainer.clip_eps={self.clip_eps}")
+        _check(self.tis_cap >= 1, f"{p}.tis_cap", self.tis_cap, "must be >= 1")
+        _check(self.kl_coef >= 0, f"{p}.kl_coef", self.kl_coef, "must be >= 0")
+        _check(self.loss_agg in ("token_mean", "seq_mean"), f"{p}.loss_agg", self.loss_agg,
+               "must be token_mean or seq_mean")
+        _check(self.publish_every >= 1, f"{p}.publish_every", self.publish_every, "must be >= 1")
+        _check(self.checkpoint_every >= 0, f"{p}.checkpoint_every", self.checkpoint_every, "must be >= 0")
+        _check(self.weight_transport in ("ray", "file"), f"{p}.weight_transport",
+               self.weight_transport, "must be ray or file")
+
+
+@dataclass
+class WarmupConfig:
+    """Supervised warm-up before RL, cached by a hash of everything that determines it."""
+
+    steps: int = 200
+    lr: float = 3e-3
+    batch_size: int = 64
+    # null: <run_dir>/warmup. Point several runs at one folder to share the warm-up.
+    cache_dir: Optional[str] = None
+
+    def validate(self, p: str = "warmup") -> None:
+        _check(self.steps >= 0, f"{p}.steps", self.steps, "must be >= 0")
+        _check(self.lr > 0, f"{p}.lr", self.lr, "must be > 0")
+        _check(self.batch_size > 0, f"{p}.batch_size", self.batch_size, "must be > 0")
+
+
+@dataclass
+class EnvConfig:
+    name: str = "arithmetic"
+    # Arithmetic: operand digits and operators.
+    min_digits: int = 1
+    max_digits: int = 2
+    ops: list[str] = field(default_factory=lambda: ["+"])
+    # Write the answer's digits least-significant first (easier for small transformers).
+    reverse_answer: bool = False
+    # Fraction of carrying additions whose warm-up demonstration drops the carry (a flawed teacher).
+    teacher_carry_error: float = 0.0
+    num_eval: int = 200
+    seed: int = 1234
+    reward_timeout_s: float = 5.0
+
+    def validate(self, p: str = "env") -> None:
+        _check(self.name == "arithmetic", f"{p}.name", self.name, "available: arithmetic")
+        _check(1 <= self.min_digits <= self.max_digits, f"{p}.min_digits", self.min_digits,
+               f"must be in [1, env.max_digits={self.max_digits}]")
+        _check(self.max_digits <= 9, f"{p}.max_digits", self.max_digits, "must be <= 9")
+        _check(len(self.ops) > 0 and all(o in "+-*" for o in self.ops), f"{p}.ops", self.ops,
+               "must be a non-empty list of '+', '-', '*'")
+        _check(0 <= self.teacher_carry_error <= 1, f"{p}.teacher_carry_error", self.teacher_carry_error,
+               "must be in [0, 1]")
+        _check(self.num_eval > 0, f"{p}.num_eval", self.num_eval, "must be > 0")
+        _check(self.reward_timeout_s > 0, f"{p}.reward_timeout_s", self.reward_timeout_s, "must be > 0")
+
+
+@dataclass
+class BufferConfig:
+    """Redis buffer. ``url=null`` starts a private redis-server on a unix socket in the run dir."""
+
+    url: Optional[str] = None
+    username: Optional[str] = None
+    password: Optional[str] = None
+    ssl_ca_certs: Optional[str] = None
+    # Items a consumer read but did not ack for this long are reclaimed by another consumer.
+    reclaim_idle_ms: int = 30000
+
+    def validate(self, p: str = "buffer") -> None:
+        if self.url is not None:
+            _check(self.url.startswith(("redis://", "rediss://", "unix://")), f"{p}.url", self.url,
+                   "must start with redis://, rediss:// or unix://")
+        _check(self.reclaim_idle_ms > 0, f"{p}.reclaim_idle_ms", self.reclaim_idle_ms, "must be > 0")
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "jsonl"  # jsonl | wandb (jsonl is always written)
+    project: str = "rlpost"
+    entity: Optional[str] = None
+    # offline unless the user sets wandb_mode=online and has a key.
+    wandb_mode: str = "offline"
+    progress: bool = True
+
+    def validate(self, p: str = "logger") -> None:
+        _check(self.backend in ("jsonl", "wandb"), f"{p}.backend", self.backend, "must be jsonl or wandb")
+        _check(self.wandb_mode in ("offline", "online", "disabled"), f"{p}.wandb_mode", self.wandb_mode,
+               "must be offline, online or disabled")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # evaluate every N steps (0: only before and after RL)
+    timeout_s: float = 300.0
+
+    def validate(self, p: str = "eval") -> None:
+        _check(self.every >= 0, f"{p}.every", self.every, "must be >= 0")
+        _check(self.timeout_s > 0, f"{p}.timeout_s", self.timeout_s, "must be > 0")
+
+
+@dataclass
+class RlpostConfig:
+    name: str = "default"
+    seed: int = 0
+    mode: str = "sync"
+    # null: outputs/<date>/<time>-<name>. An existing run dir resumes from its latest checkpoint.
+    run_dir: Optional[str] = None
+    ray_address: Optional[str] = None
+    ray_num_cpus: int = 0  # 0: all cores
+    time_limit_s: float = 0.0  # stop RL after this long (0: no limit)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "RlpostConfig":
+        _check(self.mode in MODES, "mode", self.mode, f"must be one of {', '.join(MODES)}")
+        _check(self.mode == "sync", "mode", self.mode,
+               "only 'sync' is implemented in this release (async and april are in progress)")
+        _check(self.engine.name == "native", "engine.name", self.engine.name,
+               "only the native engine is wired into the run driver in this release")
+        _check(self.ray_num_cpus >= 0, "ray_num_cpus", self.ray_num_cpus, "must be >= 0")
+        _check(self.time_limit_s >= 0, "time_limit_s", self.time_limit_s, "must be >= 0")
+        for f in fields(self):
+            sub = getattr(self, f.name)
+            if is_dataclass(sub):
+                sub.validate(f.name)
+        _check(self.rollout.max_new_tokens < self.model.max_seq_len, "rollout.max_new_tokens",
+               self.rollout.max_new_tokens, f"must be < model.max_seq_len={self.model.max_seq_len}")
+        return self
+
+
+def register_schema() -> None:
+    """Register the dataclasses with hydra's ConfigStore (the YAML tree's schema)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="rlpost_schema", node=RlpostConfig)

@@ -1,0 +1,349 @@
+"""The run driver: ``python -m rlpost.run experiment=toy_moe_local [overrides...]``.
+
+This module is the composition root: it is the one place that imports rollout, trainer and envs
+together. It starts (or connects to) Redis, places the trainer ranks and rollout workers as Ray
+actors, runs the supervised warm-up (cached), evaluates, runs RL, evaluates again and writes the
+run directory (resolved config, metrics JSONL, checkpoints, summary.json, curve.png).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from rlpost.config import ConfigError, RlpostConfig
+
+
+@dataclass
+class DriverState:
+    """What the driver needs to continue a run from a checkpoint."""
+
+    step: int = 0
+    task_index: int = 0
+    eval_before: float | None = None
+    evals: list[dict] = field(default_factory=list)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_run_dir(cfg: RlpostConfig) -> str:
+    if cfg.run_dir:
+        path = cfg.run_dir
+    else:
+        stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
+        path = os.path.join("outputs", f"{stamp}-{cfg.name}")
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def warmup_key(cfg: RlpostConfig) -> str:
+    """Hash of everything that determines the warm-up weights."""
+    warm = asdict(cfg.warmup)
+    warm.pop("cache_dir")
+    blob = json.dumps({"model": asdict(cfg.model), "warmup": warm, "env": asdict(cfg.env),
+                       "seed": cfg.seed, "v": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Run:
+    """One RL run; ``execute()`` does everything and returns the summary."""
+
+    def __init__(self, cfg: RlpostConfig):
+        from rlpost.envs.arithmetic import make_env
+
+        self.cfg = cfg
+        self.env = make_env(cfg.env)
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = self.env.tokenizer.vocab_size
+        elif cfg.model.vocab_size < self.env.tokenizer.vocab_size:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's "
+                              f"{self.env.tokenizer.vocab_size}")
+        needed = (len(cfg.env.ops) and self.env.max_answer_len()) + 1
+        if cfg.rollout.max_new_tokens < needed:
+            raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}: answers of this env "
+                              f"need up to {needed} tokens (incl. eos)")
+        self.run_dir = make_run_dir(cfg)
+        self.run_name = os.path.basename(self.run_dir).replace(":", "-").replace("{", "-")
+        self.redis = None
+        self.ranks: list = []
+        self.workers: list = []
+        self.worker_futures: list = []
+        self.state = DriverState()
+
+    # ------------------------------------------------------------------ infrastructure
+    def _start_buffer(self):
+        from rlpost.buffer import RedisBuffer
+        from rlpost.redis_server import start_private_redis
+
+        b = self.cfg.buffer
+        if b.url:
+            url = b.url
+        else:
+            self.redis = start_private_redis(os.path.join(self.run_dir, "redis"))
+            url = self.redis.url
+        self.buffer_url = url
+        self.buffer_auth = {k: v for k, v in (("username", b.username), ("password", b.password),
+                                              ("ssl_ca_certs", b.ssl_ca_certs)) if v}
+        self.buffer = RedisBuffer.from_url(url, self.run_name, **self.buffer_auth)
+        self.buffer.client.ping()
+        self.buffer.ensure_groups()
+        self.buffer.clear_signal("stop")
+
+    def _start_ray(self):
+        import ray
+
+        cfg = self.cfg
+        env_vars = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                    "PYTHONWARNINGS": "ignore::UserWarning"}
+        address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        else:
+            needed = cfg.trainer.num_ranks * cfg.trainer.threads + cfg.rollout.num_workers * cfg.rollout.threads
+            num_cpus = cfg.ray_num_cpus or max(os.cpu_count() or 1, needed)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars},
+                     log_to_driver=True, configure_logging=False)
+
+    def _start_actors(self):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from rlpost.rollout.worker import RolloutWorker
+        from rlpost.trainer.actor import TrainerRank
+        from rlpost.trainer.ds_engine import DistEnv
+        from rlpost.weights import WeightStore, store_name
+
+        cfg = self.cfg
+        self.store = WeightStore.options(name=store_name(self.run_name)).remote()
+        gpus_per_rank = cfg.trainer.num_gpus / cfg.trainer.num_ranks if cfg.trainer.num_gpus else 0
+        bundles = [{"CPU": cfg.trainer.threads, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
+                   for _ in range(cfg.trainer.num_ranks)]
+        self.pg = placement_group(bundles, strategy="PACK")
+        ray.get(self.pg.ready())
+        port = _free_port()
+        trainer_cls = ray.remote(TrainerRank)
+        self.ranks = [
+            trainer_cls.options(
+                num_cpus=cfg.trainer.threads, num_gpus=gpus_per_rank,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
+            ).remote(cfg, DistEnv(r, cfg.trainer.num_ranks, "127.0.0.1", port), self.buffer_url,
+                     self.run_name, self.run_dir, self.buffer_auth)
+            for r in range(cfg.trainer.num_ranks)
+        ]
+        worker_cls = ray.remote(RolloutWorker)
+        self.workers = [worker_cls.options(num_cpus=cfg.rollout.threads).remote(
+            cfg, i, self.buffer_url, self.run_name, self.buffer_auth) for i in range(cfg.rollout.num_workers)]
+        ray.get([r.ping.remote() for r in self.ranks])
+        self.worker_futures = [w.run.remote() for w in self.workers]
+
+    def _on_all_ranks(self, method: str, *args):
+        import ray
+
+        return ray.get([getattr(r, method).remote(*args) for r in self.ranks])
+
+    # ------------------------------------------------------------------ phases
+    def warmup(self, log) -> dict:
+        """Supervised warm-up, or load it from the cache when the same one was done before."""
+        from rlpost.modeling import load_pretrained
+
+        cfg = self.cfg
+        key = warmup_key(cfg)
+        folder = os.path.join(cfg.warmup.cache_dir or os.path.join(self.run_dir, "warmup"), key)
+        if os.path.exists(os.path.join(folder, "model.safetensors")):
+            state, _ = load_pretrained(folder)
+            self._on_all_ranks("load_state", state)
+            return {"warmup/cached": True, "warmup/path": folder}
+        t0 = time.perf_counter()
+        losses = []
+        for step in range(cfg.warmup.steps):
+            examples = [self.env.sft_example(step * cfg.warmup.batch_size + i, seed=10_000 + cfg.seed)
+                        for i in range(cfg.warmup.batch_size)]
+            m = self._on_all_ranks("sft_step", examples, cfg.warmup.lr)[0]
+            losses.append(m["sft/loss"])
+            if step % 10 == 0 or step == cfg.warmup.steps - 1:
+                log({**m, "phase": "warmup", "warmup_step": step}, step=0)
+        if cfg.warmup.steps:
+            import ray
+
+            ray.get(self.ranks[0].save_pretrained.remote(folder))
+            with open(os.path.join(folder, "warmup.json"), "w") as fh:
+                json.dump({"losses": losses, "seconds": time.perf_counter() - t0}, fh)
+        return {"warmup/cached": False, "warmup/seconds": time.perf_counter() - t0,
+                "warmup/final_loss": losses[-1] if losses else None}
+
+    def evaluate(self, tag: str, version: int) -> float:
+        """Greedy accuracy on the held-out prompts, generated by the rollout workers at ``version``."""
+        tasks = self.env.eval_tasks(tag, min_version=version)
+        self.buffer.put_tasks(tasks)
+        trajs = self.buffer.read_eval(tag, expected=len(tasks), timeout_s=self.cfg.eval.timeout_s)
+        self.buffer.client.delete(self.buffer.key(f"eval:{tag}"))
+        return sum(t.reward for t in trajs) / len(trajs)
+
+    def train_tasks(self, version: int):
+        from rlpost.records import SamplingParams
+
+        r = self.cfg.rollout
+        sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
+        tasks = []
+        for i in range(r.batch_prompts):
+            task = self.env.train_task(self.state.task_index + i, self.cfg.seed, r.group_size, sampling)
+            task.min_version = version
+            tasks.append(task)
+        self.state.task_index += r.batch_prompts
+        return tasks
+
+    def checkpoint(self) -> str:
+        folder = os.path.join(self.run_dir, "checkpoints")
+        tag = f"step{self.state.step}"
+        self._on_all_ranks("save_checkpoint", folder, tag)
+        with open(os.path.join(folder, tag, "driver_state.json"), "w") as fh:
+            json.dump(asdict(self.state), fh)
+        with open(os.path.join(folder, "latest_driver"), "w") as fh:
+            fh.write(tag)
+        return os.path.join(folder, tag)
+
+    def try_resume(self) -> bool:
+        folder = os.path.join(self.run_dir, "checkpoints")
+        marker = os.path.join(folder, "latest_driver")
+        if not os.path.exists(marker):
+            return False
+        tag = open(marker).read().strip()
+        self._on_all_ranks("load_checkpoint", folder, tag)
+        with open(os.path.join(folder, tag, "driver_state.json")) as fh:
+            self.state = DriverState(**json.load(fh))
+        return True
+
+    # ------------------------------------------------------------------ main
+    def execute(self) -> dict:
+        import ray
+
+        from rlpost.cli_config import to_yaml
+        from rlpost.metrics import MetricsLogger
+        from rlpost.plot import plot_run
+
+        cfg = self.cfg
+        with open(os.path.join(self.run_dir, "config.yaml"), "w") as fh:
+            fh.write(to_yaml(cfg))
+        logger = MetricsLogger(cfg.logger, self.run_dir, self.run_name, cfg.trainer.steps, asdict(cfg))
+        t_start = time.time()
+        summary: dict = {"run_dir": self.run_dir, "name": cfg.name, "mode": cfg.mode}
+        try:
+            self._start_buffer()
+            self._start_ray()
+            self._start_actors()
+            resumed = self.try_resume()
+            if not resumed:
+                summary.update(self.warmup(logger.log))
+            version = self._on_all_ranks("publish")[0]["weights/version"]
+            self._on_all_ranks("begin_rl")
+            if self.state.eval_before is None:
+                self.state.eval_before = self.evaluate("before", version)
+                self.state.evals.append({"step": 0, "accuracy": self.state.eval_before})
+                logger.log({"eval/accuracy": self.state.eval_before}, step=0)
+            rl_start = time.time()
+            last: dict = {}
+            while self.state.step < cfg.trainer.steps:
+                if cfg.time_limit_s and time.time() - rl_start > cfg.time_limit_s:
+                    summary["stopped_by_time_limit"] = True
+                    break
+                self.buffer.put_tasks(self.train_tasks(version))
+                self.state.step += 1
+                metrics = self._on_all_ranks("train_step", self.state.step)[0]
+                version = int(metrics.get("weights/version", version))
+                depth = self.buffer.depth()
+                metrics.update({f"buffer/{k}": v for k, v in depth.items()})
+                metrics["time/elapsed_s"] = time.time() - t_start
+                if cfg.eval.every and self.state.step % cfg.eval.every == 0 and self.state.step < cfg.trainer.steps:
+                    acc = self.evaluate(f"step{self.state.step}", version)
+                    self.state.evals.append({"step": self.state.step, "accuracy": acc})
+                    metrics["eval/accuracy"] = acc
+                if cfg.trainer.checkpoint_every and self.state.step % cfg.trainer.checkpoint_every == 0:
+                    self.checkpoint()
+                logger.log(metrics, step=self.state.step)
+                logger.progress(self.state.step, metrics)
+                last = metrics
+            # The final weights must be the ones evaluated, whatever publish_every says.
+            version = self._on_all_ranks("publish")[0].get("weights/version", version)
+            after = self.evaluate("after", version)
+            self.state.evals.append({"step": self.state.step, "accuracy": after})
+            logger.log({"eval/accuracy": after}, step=self.state.step)
+            if cfg.trainer.checkpoint_every:
+                self.checkpoint()
+            ray.get(self.ranks[0].save_pretrained.remote(os.path.join(self.run_dir, "final")))
+            summary.update({
+                "eval_accuracy_before": self.state.eval_before,
+                "eval_accuracy_after": after,
+                "eval_accuracy_gain": after - self.state.eval_before,
+                "steps": self.state.step,
+                "rl_seconds": time.time() - rl_start,
+                "total_seconds": time.time() - t_start,
+                "final_train_reward": last.get("reward/mean"),
+                "evals": self.state.evals,
+            })
+            self.buffer.set_signal("stop")
+            stats = ray.get(self.worker_futures, timeout=60)
+            summary["workers"] = stats
+            logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        finally:
+            logger.close()
+            self.shutdown()
+        with open(os.path.join(self.run_dir, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
+        plot_run(self.run_dir)
+        return summary
+
+    def shutdown(self) -> None:
+        import ray
+
+        try:
+            if self.buffer_url and hasattr(self, "buffer"):
+                self.buffer.set_signal("stop")
+        except Exception:
+            pass
+        if ray.is_initialized():
+            ray.shutdown()
+        if self.redis is not None:
+            self.redis.stop()
+
+    buffer_url: str | None = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlpost.cli_config import env_overrides, load_config, to_yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("Config groups: experiment, model, engine, env, trainer, buffer, logger. "
+              "Print the resolved config with --cfg.")
+        return 0
+    show = "--cfg" in argv
+    argv = [a for a in argv if a != "--cfg"]
+    try:
+        cfg = load_config(env_overrides() + argv)
+        if show:
+            print(to_yaml(cfg))
+            return 0
+        run = Run(cfg)
+    except ConfigError as exc:
+        print(f"rlpost: config error: {exc}", file=sys.stderr)
+        return 2
+    summary = run.execute()
+    print(json.dumps({k: summary.get(k) for k in ("run_dir", "eval_accuracy_before", "eval_accuracy_after",
+                                                  "steps", "rl_seconds")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Rollout: inference engines behind one interface, the rollout worker actor, scheduling."""

@@ -1,0 +1,51 @@
+"""The interface every inference engine (native, vLLM, SGLang) implements.
+
+Token ids in, token ids out: a request carries the prompt ids and, when it resumes a stopped
+generation, the response ids produced so far; the engine continues from exactly those ids
+(continuation prefill) and never re-tokenizes anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # Response tokens already generated (a resumed partial); they are prefilled, not sampled.
+    prefix_ids: list[int] = field(default_factory=list)
+    stop_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class GenOutput:
+    token_ids: list[int]
+    logprobs: list[float]
+    # (n_new_tokens, n_layers, top_k): experts that routed the hidden state producing each token.
+    routed_experts: np.ndarray | None
+    # "stop" (a stop token was produced), "length" (budget used up) or "abort" (stopped between
+    # chunks by the caller; resumable).
+    finish_reason: str
+
+
+ShouldStop = Callable[[], bool]
+
+
+class InferenceEngine(Protocol):
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None: ...
+
+    @property
+    def version(self) -> int: ...
+
+    def generate(self, requests: list[GenRequest], should_stop: ShouldStop | None = None) -> list[GenOutput]:
+        """Generate for all requests; ``should_stop`` is polled at chunk boundaries and, when it
+        returns True, every unfinished request returns with finish_reason "abort"."""
+        ...

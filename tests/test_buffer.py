@@ -1,0 +1,101 @@
+"""The Redis buffer against a real redis-server."""
+
+import pickle
+
+from rlpost.buffer import TRAINER_GROUP, WORKER_GROUP
+from rlpost.records import SamplingParams, Status, Task, Trajectory, WeightVersion
+
+
+def make_task(i: int, group_size: int = 2) -> Task:
+    return Task(task_id=f"t{i}", prompt_ids=[1, 3 + i], answer=str(i), group_size=group_size,
+                sampling=SamplingParams())
+
+
+def finished_group(task: Task) -> list[Trajectory]:
+    group = []
+    for k in range(task.group_size):
+        traj = Trajectory.start(task, k)
+        traj.append([5, 2], [-0.1, -0.2], version=0)
+        traj.status = Status.COMPLETE
+        traj.reward = float(k)
+        group.append(traj)
+    return group
+
+
+def test_task_to_trainer_round_trip(buffer):
+    buffer.put_tasks([make_task(i) for i in range(3)])
+    got = buffer.read_tasks("w0", count=10, block_ms=100)
+    assert [d.item.task_id for d in got] == ["t0", "t1", "t2"]
+    for d in got:
+        buffer.finish_task(d, finished_group(d.item))
+    # finishing acks and deletes the task entries
+    assert buffer.client.xpending(buffer.key("tasks"), WORKER_GROUP)["pending"] == 0
+    groups = buffer.read_complete("trainer-0", count=10, block_ms=100)
+    assert [[t.traj_id for t in d.item] for d in groups] == [["t0/0", "t0/1"], ["t1/0", "t1/1"], ["t2/0", "t2/1"]]
+    assert groups[1].item[1].reward == 1.0
+    buffer.ack_trained(groups)
+    assert buffer.already_trained(["t0/0", "t2/1", "t9/0"]) == [True, True, False]
+    assert buffer.client.xpending(buffer.key("complete"), TRAINER_GROUP)["pending"] == 0
+
+
+def test_unacked_task_is_reclaimed_by_another_worker(buffer):
+    buffer.put_tasks([make_task(0), make_task(1)])
+    crashed = buffer.read_tasks("w-crashed", count=2, block_ms=100)
+    assert len(crashed) == 2
+    # nothing new for a second worker, and nothing reclaimable while the first may still be alive
+    assert buffer.read_tasks("w-alive", count=2) == []
+    assert buffer.reclaim("tasks", WORKER_GROUP, "w-alive", min_idle_ms=60_000) == []
+    reclaimed = buffer.reclaim("tasks", WORKER_GROUP, "w-alive", min_idle_ms=0)
+    assert sorted(d.item.task_id for d in reclaimed) == ["t0", "t1"]
+    pending = buffer.client.xpending_range(buffer.key("tasks"), WORKER_GROUP, "-", "+", 10)
+    assert {p["consumer"].decode() for p in pending} == {"w-alive"}
+
+
+def test_unacked_complete_group_is_reclaimed_and_not_trained_twice(buffer):
+    task = make_task(0)
+    buffer.put_tasks([task])
+    d = buffer.read_tasks("w0", 1, block_ms=100)[0]
+    buffer.finish_task(d, finished_group(task))
+    first = buffer.read_complete("trainer-0", 1, block_ms=100)
+    assert len(first) == 1
+    again = buffer.reclaim("complete", TRAINER_GROUP, "trainer-1", min_idle_ms=0)
+    assert [t.traj_id for t in again[0].item] == ["t0/0", "t0/1"]
+    buffer.ack_trained(again)
+    assert all(buffer.already_trained(["t0/0", "t0/1"]))
+
+
+def test_a_redelivered_task_yields_the_same_trajectory_ids():
+    task = make_task(4, group_size=3)
+    assert [t.traj_id for t in finished_group(task)] == [t.traj_id for t in finished_group(task)]
+
+
+def test_undecodable_entry_goes_to_dead_letters_not_unpickled(buffer):
+    evil = pickle.dumps({"x": 1})
+    buffer.client.xadd(buffer.key("tasks"), {"data": evil})
+    buffer.put_tasks([make_task(1)])
+    got = buffer.read_tasks("w0", count=5, block_ms=100)
+    assert [d.item.task_id for d in got] == ["t1"]
+    dead = buffer.client.xrange(buffer.key("dead"))
+    assert len(dead) == 1
+    fields = dead[0][1]
+    assert fields[b"data"] == evil and b"malformed task" in fields[b"reason"]
+    assert buffer.client.xpending(buffer.key("tasks"), WORKER_GROUP)["pending"] == 1  # only t1
+
+
+def test_version_and_signals(buffer):
+    assert buffer.current_version() is None
+    buffer.publish_version(WeightVersion(version=3, transport="file", location="/x", num_bytes=10))
+    wv = buffer.current_version()
+    assert (wv.version, wv.transport, wv.location, wv.num_bytes) == (3, "file", "/x", 10)
+    assert buffer.signal("stop") is None
+    buffer.set_signal("stop")
+    assert buffer.signal("stop") == "1"
+    buffer.clear_signal("stop")
+    assert buffer.signal("stop") is None
+
+
+def test_depth_counts_unread_and_pending(buffer):
+    buffer.put_tasks([make_task(i) for i in range(4)])
+    buffer.read_tasks("w0", count=1)
+    depth = buffer.depth()
+    assert depth["tasks"] == 4 and depth["tasks_pending"] == 1 and depth["complete"] == 0

@@ -1,0 +1,69 @@
+"""Advantage and loss math against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from rlpost.trainer.losses import grpo_advantages, policy_loss, token_logprobs
+
+
+def test_grpo_advantages_group_normalised():
+    adv = grpo_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]]))
+    expected = 0.5 / math.sqrt(1 / 3)  # mean 0.5, unbiased std sqrt(1/3)
+    assert torch.allclose(adv[0], torch.tensor([expected, -expected, -expected, expected]), atol=1e-5)
+    assert torch.equal(adv[1], torch.zeros(4))  # a uniform group carries no signal
+    no_std = grpo_advantages(torch.tensor([[3.0, 1.0]]), std_norm=False)
+    assert torch.equal(no_std, torch.tensor([[1.0, -1.0]]))
+    with pytest.raises(ValueError, match="groups, group_size"):
+        grpo_advantages(torch.tensor([1.0, 2.0]))
+
+
+def hand_case():
+    # row 0 (A=+1): token 0 ratio 1.5 (clipped at 1.28), token 1 ratio 0.5 with IS 4 -> capped 2,
+    #               token 2 masked out.  row 1 (A=-1): token 0 ratio 1.5 (unclipped side wins).
+    new = torch.tensor([[math.log(1.5), math.log(0.5), -3.0], [math.log(1.5), 0.0, 0.0]], requires_grad=True)
+    old = torch.zeros(2, 3)
+    behav = torch.tensor([[0.0, math.log(0.25), -1.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([1.0, -1.0])
+    return new, old, behav, mask, adv
+
+
+def test_ppo_clip_with_truncated_is_matches_hand_values():
+    new, old, behav, mask, adv = hand_case()
+    out = policy_loss(new, old, behav, adv, mask, clip_eps=0.2, clip_eps_high=0.28, tis_cap=2.0)
+    # per-token: -1.28 (clipped), 2 * -0.5 (IS capped at 2), +1.5 ; token mean over 3 tokens
+    assert out.loss.item() == pytest.approx((-1.28 - 1.0 + 1.5) / 3, abs=1e-6)
+    assert out.metrics["clip_frac"] == pytest.approx(1 / 3)
+    assert out.metrics["is_weight_mean"] == pytest.approx((1 + 2 + 1) / 3)
+    assert out.metrics["is_weight_max"] == pytest.approx(4.0)
+    assert out.metrics["is_capped_frac"] == pytest.approx(1 / 3)
+    out.loss.backward()
+    # d/d new_logp: clipped token has no gradient; token 1: -A * IS * ratio / N = -2*0.5/3;
+    # row 1 token 0: -A * ratio / N = 1.5/3; masked tokens: 0.
+    expected = torch.tensor([[0.0, -1 / 3, 0.0], [0.5, 0.0, 0.0]])
+    assert torch.allclose(new.grad, expected, atol=1e-6)
+
+
+def test_seq_mean_aggregation():
+    new, old, behav, mask, adv = hand_case()
+    out = policy_loss(new, old, behav, adv, mask, 0.2, 0.28, 2.0, loss_agg="seq_mean")
+    assert out.loss.item() == pytest.approx(((-1.28 - 1.0) / 2 + 1.5) / 2, abs=1e-6)
+
+
+def test_k3_kl_to_reference():
+    new = torch.tensor([[math.log(1.5)]])
+    zeros = torch.zeros(1, 1)
+    out = policy_loss(new, new.detach(), new.detach(), torch.tensor([0.0]), torch.ones(1, 1), 0.2, 0.2, 2.0,
+                      ref_logp=zeros, kl_coef=0.5)
+    k3 = 1 / 1.5 + math.log(1.5) - 1
+    assert out.metrics["kl"] == pytest.approx(k3, abs=1e-6)
+    assert out.loss.item() == pytest.approx(0.5 * k3, abs=1e-6)
+
+
+def test_token_logprobs_uses_temperature():
+    logits = torch.tensor([[[2.0, 0.0]]])
+    assert token_logprobs(logits, torch.tensor([[0]])).item() == pytest.approx(-math.log1p(math.exp(-2)))
+    assert token_logprobs(logits, torch.tensor([[0]]), temperature=2.0).item() == pytest.approx(
+        -math.log1p(math.exp(-1)))

@@ -1,0 +1,69 @@
+import msgpack
+import numpy as np
+import pytest
+
+from rlpost.records import (
+    RecordError, SamplingParams, Status, Task, Trajectory, pack_group, pack_task, pack_trajectory,
+    unpack_group, unpack_task, unpack_trajectory,
+)
+
+
+def full_trajectory() -> Trajectory:
+    task = Task(task_id="t-1", prompt_ids=[1, 5, 6, 7], answer="42", group_size=4,
+                sampling=SamplingParams(0.7, 0.9, 12), purpose="train", min_version=3)
+    traj = Trajectory.start(task, 2)
+    traj.append([9, 10, 11], [-0.5, -1.25, -0.125], version=3, experts=np.arange(12).reshape(3, 2, 2))
+    traj.append([4, 5], [0.0, 0.0], version=3, experts=np.zeros((2, 2, 2)), trainable=False)
+    traj.append([2], [-2.0], version=4, experts=np.ones((1, 2, 2)))
+    traj.status = Status.COMPLETE
+    traj.reward = 0.75
+    traj.env_info = {"text": "42", "tests": [1, 0], "nested": {"a": 1.5}}
+    traj.num_resumes = 1
+    traj.timings = {"gen_s": 0.25, "reward_s": 0.01}
+    return traj
+
+
+def test_trajectory_round_trip_keeps_every_field():
+    traj = full_trajectory()
+    back = unpack_trajectory(pack_trajectory(traj))
+    for name in ("traj_id", "task_id", "group_id", "status", "reward", "env_info", "num_resumes",
+                 "timings", "answer", "purpose"):
+        assert getattr(back, name) == getattr(traj, name), name
+    for name in ("prompt_ids", "response_ids", "logprobs", "versions", "loss_mask", "routed_experts"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(traj, name))
+        assert getattr(back, name).dtype == getattr(traj, name).dtype, name
+    assert back.versions.tolist() == [3, 3, 3, 3, 3, 4]
+    assert back.loss_mask.tolist() == [1, 1, 1, 0, 0, 1]
+    assert back.routed_experts.shape == (6, 2, 2)
+    assert back.traj_id == "t-1/2"
+
+
+def test_group_and_task_round_trip():
+    group = [full_trajectory(), full_trajectory()]
+    assert [t.traj_id for t in unpack_group(pack_group(group))] == ["t-1/2", "t-1/2"]
+    task = Task("t-9", [1, 2], "3", 8, SamplingParams(0.0, 1.0, 5), "eval:before", 7, "arithmetic", {"k": 1})
+    assert unpack_task(pack_task(task)) == task
+
+
+@pytest.mark.parametrize("payload, match", [
+    (b"\xc1\xc1", "msgpack"),
+    (msgpack.packb({"schema": 99}), "schema"),
+    (msgpack.packb({"schema": 1, "traj_id": "x"}), "missing field"),
+])
+def test_malformed_records_raise_record_error(payload, match):
+    with pytest.raises(RecordError, match=match):
+        unpack_trajectory(payload)
+
+
+def test_array_shape_mismatch_is_rejected():
+    traj = full_trajectory()
+    traj.logprobs = traj.logprobs[:2]
+    with pytest.raises(RecordError, match="'logprobs'"):
+        unpack_trajectory(pack_trajectory(traj))
+
+
+def test_object_dtype_is_never_deserialised():
+    body = msgpack.unpackb(pack_trajectory(full_trajectory()))
+    body["logprobs"]["dtype"] = "|O"
+    with pytest.raises(RecordError, match="dtype"):
+        unpack_trajectory(msgpack.packb(body))

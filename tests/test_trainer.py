@@ -1,0 +1,133 @@
+"""A real DeepSpeed trainer rank and a real rollout worker, in-process, talking through Redis."""
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from rlpost.records import SamplingParams
+from rlpost.trainer.batch import collate
+from rlpost.trainer.losses import token_logprobs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rig(small_cfg, redis_url, tmp_path_factory):
+    from rlpost.buffer import RedisBuffer, connect
+    from rlpost.rollout.worker import RolloutWorker
+    from rlpost.trainer.actor import TrainerRank
+    from rlpost.trainer.ds_engine import DistEnv
+
+    run = "trainertest"
+    buf = RedisBuffer(connect(redis_url), run)
+    buf.reset()
+    buf.ensure_groups()
+    run_dir = str(tmp_path_factory.mktemp("run"))
+    trainer = TrainerRank(small_cfg, DistEnv(0, 1, "127.0.0.1", free_port()), redis_url, run, run_dir)
+    worker = RolloutWorker(small_cfg, 0, redis_url, run)
+    yield trainer, worker, buf
+    buf.reset()
+
+
+def params(trainer):
+    return {k: v.clone() for k, v in trainer.canonical_state().items()}
+
+
+def test_engine_logprobs_match_the_deepspeed_model(rig):
+    """Same weights, same tokens: behaviour logprobs from the engine equal the trainer's."""
+    trainer, worker, buf = rig
+    trainer.publish()
+    worker.maybe_update_weights()
+    env = worker.env
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=6)
+    tasks = [env.train_task(i, 0, 3, sampling) for i in range(4)]
+    groups = worker.generate_groups(tasks)
+    trajs = [t for g in groups for t in g]
+    batch = collate(trajs, torch.zeros(len(trajs)))
+    with torch.no_grad():
+        logits, _, _ = trainer.engine(batch.input_ids)
+    trainer_logp = token_logprobs(logits[:, :-1], batch.targets)
+    m = batch.mask.bool()
+    assert m.sum() > 0
+    torch.testing.assert_close(trainer_logp[m], batch.behav_logp[m], atol=2e-5, rtol=0)
+
+
+def test_train_step_changes_weights_and_publishes_a_new_version(rig):
+    trainer, worker, buf = rig
+    trainer.publish()
+    v0 = buf.current_version().version
+    worker.maybe_update_weights()
+    env = worker.env
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=6)
+    # rewards must differ inside groups for GRPO to have a gradient: use a large group
+    tasks = [env.train_task(100 + i, 0, 4, sampling) for i in range(trainer.cfg.rollout.batch_prompts)]
+    buf.put_tasks(tasks)
+    deliveries = buf.read_tasks("w-test", count=len(tasks), block_ms=200)
+    groups = worker.generate_groups([d.item for d in deliveries])
+    for g in groups:  # hand-set rewards so every group has signal
+        for k, t in enumerate(g):
+            t.reward = float(k % 2)
+    for d, g in zip(deliveries, groups):
+        buf.finish_task(d, g)
+    before = params(trainer)
+    metrics = trainer.train_step(step=1, timeout_s=30)
+    after = params(trainer)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("moe.experts" in k for k in changed) and any("attn" in k for k in changed)
+    assert metrics["weights/version"] == v0 + 1
+    assert buf.current_version().version == v0 + 1
+    assert metrics["train/tokens"] > 0 and np.isfinite(metrics["train/loss"])
+    assert metrics["weights/version_lag_max"] == 0
+    # the groups were acked and recorded: nothing left for the trainer
+    assert buf.depth()["complete_pending"] == 0
+    assert all(buf.already_trained([t.traj_id for g in groups for t in g]))
+    # the worker picks the new version up at its next chunk boundary and tags tokens with it
+    assert worker.maybe_update_weights() and worker.engine.version == v0 + 1
+    new = worker.generate_groups([env.train_task(999, 0, 2, sampling)])
+    assert set(new[0][0].versions.tolist()) == {v0 + 1}
+
+
+def test_worker_swaps_weights_mid_generation_and_tags_tokens(rig):
+    """A publish between chunks: tokens before it carry the old version, tokens after the new."""
+    trainer, worker, buf = rig
+    trainer.publish()
+    worker.maybe_update_weights()
+    v_old = worker.engine.version
+    env = worker.env
+    worker.engine.cfg.chunk_tokens = 2
+    worker.engine.eos_id = -1  # run every sample to its budget so the swap lands mid-sequence
+    calls = {"n": 0}
+    real_changed = worker._weights_changed
+
+    def publish_during_generation():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            trainer.version += 1
+            trainer.publish()
+        return real_changed()
+
+    worker._weights_changed = publish_during_generation
+    try:
+        group = worker.generate_groups([env.train_task(500, 0, 2, SamplingParams(1.0, 1.0, 6))])[0]
+    finally:
+        worker._weights_changed = real_changed
+        worker.engine.cfg.chunk_tokens = 8
+        worker.engine.eos_id = env.tokenizer.eos_id
+    for traj in group:
+        assert traj.versions.tolist() == [v_old] * 2 + [v_old + 1] * 4
+        assert traj.num_resumes == 1 and len(traj) == 6
+
+
+def test_sft_step_lowers_the_loss(rig):
+    trainer, worker, _ = rig
+    examples = [worker.env.sft_example(i, seed=5) for i in range(16)]
+    first = trainer.sft_step(examples, lr=3e-3)["sft/loss"]
+    for _ in range(5):
+        last = trainer.sft_step(examples, lr=3e-3)["sft/loss"]
+    assert last < first

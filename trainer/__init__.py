@@ -1,0 +1,1 @@
+"""Trainer: models, DeepSpeed engine set-up, RL losses, checkpoints and weight publishing."""

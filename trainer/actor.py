@@ -1,0 +1,203 @@
+"""One DeepSpeed rank of the trainer, run as a Ray actor.
+
+It talks to rollout workers only through Redis (complete groups in, versions out) and the weight
+publisher. Each rank reads whole GRPO groups from the ``complete`` consumer group, so ranks train
+disjoint data; DeepSpeed all-reduces gradients. Items are acked only after the optimiser step, so
+a rank that dies mid-step leaves its groups pending for reclaim.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+import numpy as np
+import torch
+
+from rlpost.buffer import Delivery, RedisBuffer
+from rlpost.config import RlpostConfig
+from rlpost.modeling import save_pretrained
+from rlpost.records import Trajectory
+from rlpost.weights import WeightPublisher
+from rlpost.trainer.batch import TrainBatch, collate, sft_batch
+from rlpost.trainer.ds_engine import DistEnv, build_engine, init_distributed
+from rlpost.trainer.losses import grpo_advantages, policy_loss, token_logprobs
+from rlpost.trainer.toy_moe import ToyMoE
+
+
+class TrainerRank:
+    def __init__(self, cfg: RlpostConfig, dist_env: DistEnv, buffer_url: str, run: str, run_dir: str,
+                 buffer_auth: dict | None = None):
+        torch.set_num_threads(cfg.trainer.threads)
+        torch.manual_seed(cfg.seed)
+        self.cfg = cfg
+        self.rank = dist_env.rank
+        self.world = dist_env.world_size
+        self.device = init_distributed(dist_env)
+        self.model = ToyMoE(cfg.model)
+        samples = cfg.rollout.batch_prompts * cfg.rollout.group_size
+        self.engine, self.precision, self.accum = build_engine(
+            self.model, cfg.trainer, cfg.trainer.lr, samples, self.device, self.world)
+        self.buffer = RedisBuffer.from_url(buffer_url, run, **(buffer_auth or {}))
+        self.publisher = WeightPublisher(self.buffer, cfg.trainer.weight_transport, run_dir)
+        self.run_dir = run_dir
+        self.version = 0
+        self.ref_model: ToyMoE | None = None
+        self.consumer = f"trainer-{self.rank}"
+
+    # ------------------------------------------------------------------ weights
+    def canonical_state(self) -> dict[str, torch.Tensor]:
+        return self.engine.module.canonical_state_dict()
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.engine.module.load_canonical_state_dict(state)
+
+    def publish(self) -> dict:
+        """Publish the current weights as ``self.version`` (rank 0 only; ZeRO-1/2 keep full params)."""
+        if self.rank != 0:
+            return {}
+        t0 = time.perf_counter()
+        wv = self.publisher.publish(self.canonical_state(), self.version)
+        return {"weights/version": wv.version, "weights/push_s": time.perf_counter() - t0,
+                "weights/bytes": wv.num_bytes}
+
+    def save_pretrained(self, path: str) -> None:
+        if self.rank == 0:
+            save_pretrained(self.canonical_state(), self.cfg.model, path)
+
+    def save_checkpoint(self, folder: str, tag: str) -> None:
+        """DeepSpeed checkpoint (model + optimizer, collective) plus the version counter."""
+        self.engine.save_checkpoint(folder, tag=tag, client_state={"version": self.version})
+
+    def load_checkpoint(self, folder: str, tag: str | None = None) -> int:
+        _, client = self.engine.load_checkpoint(folder, tag=tag)
+        self.version = int((client or {}).get("version", 0))
+        return self.version
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    # ------------------------------------------------------------------ warm-up
+    def sft_step(self, examples: list[tuple[list[int], list[int]]], lr: float) -> dict:
+        """One supervised step on (prompt, target) pairs; this rank takes its slice, split into
+        DeepSpeed's ``accum`` micro-batches so the engine reaches its accumulation boundary."""
+        self._set_lr(lr)
+        mine = examples[self.rank::self.world]
+        self.engine.train()
+        nll_sum = aux_sum = 0.0
+        for chunk in self._micro_slices(len(mine)):
+            input_ids, targets, mask = (t.to(self.device) for t in sft_batch(mine[chunk]))
+            logits, aux, _ = self.engine(input_ids)
+            nll = -(token_logprobs(logits[:, :-1], targets) * mask).sum() / mask.sum()
+            self.engine.backward(nll + self.cfg.model.aux_loss_coef * aux)
+            self.engine.step()
+            nll_sum, aux_sum = nll_sum + nll.item(), aux_sum + aux.item()
+        return {"sft/loss": nll_sum / self.accum, "sft/aux_loss": aux_sum / self.accum}
+
+    def _micro_slices(self, n: int) -> list[slice]:
+        """Exactly ``self.accum`` slices covering ``n`` rows (DeepSpeed steps after that many)."""
+        bounds = np.linspace(0, n, self.accum + 1).round().astype(int)
+        return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def begin_rl(self) -> None:
+        """Switch to the RL learning rate and freeze the reference policy for the KL term."""
+        self._set_lr(self.cfg.trainer.lr)
+        if self.cfg.trainer.kl_coef > 0:
+            self.ref_model = copy.deepcopy(self.engine.module).eval()
+            for p in self.ref_model.parameters():
+                p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ RL step
+    def _collect_groups(self, want: int, timeout_s: float) -> list[Delivery]:
+        """Read ``want`` whole, untrained groups from Redis (blocking); duplicates are acked away."""
+        got: list[Delivery] = []
+        deadline = time.monotonic() + timeout_s
+        while len(got) < want:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"trainer rank {self.rank}: {len(got)}/{want} groups after {timeout_s}s")
+            fresh = self.buffer.read_complete(self.consumer, want - len(got), block_ms=200)
+            fresh += self.buffer.reclaim("complete", "trainer", self.consumer,
+                                         self.cfg.buffer.reclaim_idle_ms, count=want - len(got))
+            for d in fresh:
+                trained = self.buffer.already_trained([t.traj_id for t in d.item])
+                if all(trained):
+                    self.buffer.ack_trained([d])
+                else:
+                    got.append(d)
+        return got[:want]
+
+    def train_step(self, step: int, timeout_s: float = 600.0) -> dict:
+        t_wait = time.perf_counter()
+        want = self.cfg.rollout.batch_prompts // self.world
+        deliveries = self._collect_groups(want, timeout_s)
+        t0 = time.perf_counter()
+        groups: list[list[Trajectory]] = [d.item for d in deliveries]
+        trajs = [t for g in groups for t in g]
+        rewards = torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32)
+        adv = grpo_advantages(rewards, self.cfg.trainer.adv_std_norm).reshape(-1)
+        batch = collate(trajs, adv).to(self.device)
+        metrics = self._optimise(batch)
+        self.buffer.ack_trained(deliveries)
+        t1 = time.perf_counter()
+
+        self.version += 1
+        if self.version % self.cfg.trainer.publish_every == 0:
+            metrics.update(self.publish())
+        versions = np.concatenate([t.versions for t in trajs]) if trajs else np.zeros(0)
+        lengths = np.array([len(t) for t in trajs])
+        metrics.update({
+            "step": step,
+            "reward/mean": float(rewards.mean()),
+            "reward/accuracy": float((rewards >= 1.0).float().mean()),
+            "reward/group_all_same_frac": float((rewards.std(dim=1) == 0).float().mean()),
+            "response/len_mean": float(lengths.mean()),
+            "response/truncated_frac": float(np.mean([t.status.value == "truncated" for t in trajs])),
+            "train/tokens": batch.num_tokens,
+            "train/step_s": t1 - t0,
+            "train/wait_s": t0 - t_wait,
+            "train/tokens_per_s": batch.num_tokens / max(t1 - t0, 1e-9),
+            "weights/version_lag_mean": float(self.version - 1 - versions.mean()) if versions.size else 0.0,
+            "weights/version_lag_max": int(self.version - 1 - versions.min()) if versions.size else 0,
+        })
+        return metrics
+
+    def _optimise(self, batch: TrainBatch) -> dict:
+        cfg = self.cfg.trainer
+        temperature = self.cfg.rollout.temperature
+        self.engine.train()
+        sums: dict[str, float] = {}
+        counts_total = None
+        for chunk in self._micro_slices(batch.input_ids.shape[0]):
+            mb = batch.slice(chunk.start, chunk.stop)
+            logits, aux, counts = self.engine(mb.input_ids)
+            new_logp = token_logprobs(logits[:, :-1], mb.targets, temperature)
+            ref_logp = None
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    ref_logits, _, _ = self.ref_model(mb.input_ids)
+                    ref_logp = token_logprobs(ref_logits[:, :-1], mb.targets, temperature)
+            # One optimiser step per batch: the proximal policy is the current weights, so
+            # old_logp == new_logp numerically and the IS weight corrects behaviour -> proximal.
+            out = policy_loss(new_logp, new_logp.detach(), mb.behav_logp, mb.advantages, mb.mask,
+                              cfg.clip_eps, cfg.clip_eps_high, cfg.tis_cap, ref_logp, cfg.kl_coef,
+                              cfg.loss_agg)
+            loss = out.loss + self.cfg.model.aux_loss_coef * aux
+            self.engine.backward(loss)
+            self.engine.step()
+            for k, v in {**out.metrics, "loss": loss.item(), "aux_loss": aux.item()}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            counts_total = counts if counts_total is None else counts_total + counts
+        steps = self.accum
+        metrics = {f"train/{k}": v / steps for k, v in sums.items()}
+        metrics["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        frac = (counts_total.float() / counts_total.sum(dim=-1, keepdim=True)).cpu()
+        for layer in range(frac.shape[0]):
+            for e in range(frac.shape[1]):
+                metrics[f"moe/layer{layer}_expert{e}_frac"] = float(frac[layer, e])
+        metrics["moe/max_expert_frac"] = float(frac.max())
+        return metrics
+
+    def ping(self) -> int:
+        return os.getpid()

@@ -1,0 +1,92 @@
+"""GRPO advantages and the off-policy-corrected PPO-clip policy loss.
+
+Three log-probabilities meet in the loss, per token:
+
+* ``behav``: what the inference engine reported when it sampled the token (any older version);
+* ``old`` (the *proximal* policy): the trainer's weights before this optimiser step;
+* ``new``: the weights being optimised (carries the gradient).
+
+The PPO ratio ``new/old`` is clipped as usual; the truncated importance weight
+``min(old/behav, cap)`` (detached) corrects for the gap between the policy that generated the
+tokens and the one being trained: staleness and engine/trainer numerical mismatch. This is
+decoupled PPO; with one optimiser step per batch ``old == new`` numerically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def grpo_advantages(rewards: torch.Tensor, std_norm: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """Group-normalised advantages for rewards shaped (groups, group_size)."""
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (groups, group_size), got shape {tuple(rewards.shape)}")
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if std_norm:
+        centered = centered / (rewards.std(dim=1, keepdim=True, unbiased=True) + eps)
+    return centered
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(target) per position, with logits shaped (B, T, V) and targets (B, T)."""
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass
+class PolicyLossOutput:
+    loss: torch.Tensor
+    metrics: dict[str, float]
+
+
+def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torch.Tensor,
+                advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float, clip_eps_high: float,
+                tis_cap: float, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
+                loss_agg: str = "token_mean") -> PolicyLossOutput:
+    """PPO-clip (asymmetric clip range) x truncated IS weight, + optional k3 KL to a reference.
+
+    All tensors are (B, T); ``advantages`` may be (B,) and is broadcast over tokens; ``mask`` is 1
+    on trainable tokens (generated, not observations or padding)."""
+    mask = mask.float()
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand_as(new_logp)
+    ratio = torch.exp(new_logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps_high)
+    pg = torch.maximum(unclipped, clipped)
+    is_raw = torch.exp(old_logp - behav_logp).detach()
+    is_weight = is_raw.clamp(max=tis_cap)
+    per_token = is_weight * pg
+    kl = torch.zeros_like(per_token)
+    if ref_logp is not None and kl_coef > 0:
+        log_r = ref_logp - new_logp
+        kl = torch.exp(log_r) - log_r - 1  # k3 estimator: unbiased, always >= 0
+        per_token = per_token + kl_coef * kl
+    loss = _aggregate(per_token, mask, loss_agg)
+
+    n = mask.sum().clamp_min(1)
+    with torch.no_grad():
+        metrics = {
+            "clip_frac": float(((pg - unclipped).abs() > 0).float().mul(mask).sum() / n),
+            "is_weight_mean": float((is_weight * mask).sum() / n),
+            "is_weight_max": float(is_raw.masked_fill(mask == 0, 0).max()) if mask.any() else 0.0,
+            "is_capped_frac": float(((is_raw > tis_cap).float() * mask).sum() / n),
+            "kl": float((kl * mask).sum() / n),
+            "approx_kl_behav": float(((old_logp - behav_logp) * mask).sum() / n),
+            "pg_loss": float(_aggregate(is_weight * pg, mask, loss_agg)),
+        }
+    return PolicyLossOutput(loss, metrics)
+
+
+def _aggregate(values: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "token_mean":
+        return (values * mask).sum() / mask.sum().clamp_min(1)
+    if how == "seq_mean":
+        per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        return per_seq.mean()
+    raise ValueError(f"loss_agg={how!r}: must be token_mean or seq_mean")
