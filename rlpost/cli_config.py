@@ -29,8 +29,8 @@ def _describe(exc: BaseException) -> str:
             msg = msg.splitlines()[0].strip()
             return f"{full_key}: {msg}"
         seen = seen.__cause__ or seen.__context__
-    first = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return " ".join(first[:2]) if first else type(exc).__name__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines)[:300] if lines else type(exc).__name__
 
 
 def compose(overrides: list[str]) -> DictConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -319,6 +320,10 @@ class Run:
     buffer_url: str | None = None
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlpost.cli_config import env_overrides, load_config, to_yaml
 
@@ -339,7 +344,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rlpost: config error: {exc}", file=sys.stderr)
         return 2
-    summary = run.execute()
+    # SIGTERM (ray job stop, kubectl delete, CI timeouts) unwinds like Ctrl-C, so the private
+    # redis-server and the Ray actors are stopped by execute()'s cleanup instead of leaking.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        summary = run.execute()
+    except KeyboardInterrupt:
+        print(f"rlpost: interrupted; run dir {run.run_dir}", file=sys.stderr)
+        return 130
     print(json.dumps({k: summary.get(k) for k in ("run_dir", "eval_accuracy_before", "eval_accuracy_after",
                                                   "steps", "rl_seconds")}))
     return 0

@@ -40,3 +40,15 @@ def small_cfg():
                        "rollout.group_size=4", "trainer.weight_transport=file"])
     cfg.model.vocab_size = make_tokenizer().vocab_size
     return cfg
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip themselves on machines without CUDA (CI never has one)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -131,3 +131,30 @@ def test_sft_step_lowers_the_loss(rig):
     for _ in range(5):
         last = trainer.sft_step(examples, lr=3e-3)["sft/loss"]
     assert last < first
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_other_zero_stages_train(rig, stage):
+    """ZeRO-0 and ZeRO-2 engines (with MoE param groups) take a step and change the weights."""
+    import copy
+
+    from rlpost.trainer.ds_engine import build_engine
+    from rlpost.trainer.toy_moe import ToyMoE
+
+    trainer, worker, _ = rig
+    cfg = copy.deepcopy(trainer.cfg.trainer)
+    cfg.zero_stage = stage
+    model = ToyMoE(trainer.cfg.model)
+    engine, precision, accum = build_engine(model, cfg, 1e-2, 8, "cpu", 1)
+    assert precision == "fp32" and engine.zero_optimization_stage() == stage
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    examples = [worker.env.sft_example(i, seed=1) for i in range(8)]
+    from rlpost.trainer.batch import sft_batch
+
+    ids, targets, mask = sft_batch(examples)
+    logits, aux, _ = engine(ids)
+    loss = -(token_logprobs(logits[:, :-1], targets) * mask).sum() / mask.sum() + 0.01 * aux
+    engine.backward(loss)
+    engine.step()
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if "deepspeed_experts" in k)

@@ -147,6 +147,7 @@ class TrainerRank:
             metrics.update(self.publish())
         versions = np.concatenate([t.versions for t in trajs]) if trajs else np.zeros(0)
         lengths = np.array([len(t) for t in trajs])
+        gen_s = max((t.timings.get("gen_s", 0.0) for t in trajs), default=0.0)
         metrics.update({
             "step": step,
             "reward/mean": float(rewards.mean()),
@@ -155,6 +156,7 @@ class TrainerRank:
             "response/len_mean": float(lengths.mean()),
             "response/truncated_frac": float(np.mean([t.status.value == "truncated" for t in trajs])),
             "train/tokens": batch.num_tokens,
+            "rollout/tokens_per_s": float(lengths.sum()) / gen_s if gen_s > 0 else 0.0,
             "train/step_s": t1 - t0,
             "train/wait_s": t0 - t_wait,
             "train/tokens_per_s": batch.num_tokens / max(t1 - t0, 1e-9),

@@ -1,0 +1,51 @@
+"""Config composition and validation: every error is one line that names the key and value."""
+
+import subprocess
+import sys
+
+import pytest
+
+from rlpost.cli_config import load_config
+from rlpost.config import ConfigError, RlpostConfig
+
+
+def test_experiment_composes_into_typed_dataclasses():
+    cfg = load_config(["experiment=toy_moe_local", "trainer.lr=5e-4", "rollout.num_workers=2"])
+    assert isinstance(cfg, RlpostConfig)
+    assert cfg.name == "toy_moe_local" and cfg.trainer.lr == 5e-4 and cfg.rollout.num_workers == 2
+    assert cfg.model.type == "toy_moe" and cfg.engine.name == "native"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.lr=abc", "trainer.lr: Value 'abc' of type 'str' could not be converted to Float"),
+    ("trainer.foo=1", "trainer.foo: Key 'foo' not in 'TrainerConfig'"),
+    ("rollout.group_size=1.5", "rollout.group_size"),
+    ("trainer.lr=-1", "trainer.lr=-1.0: must be > 0"),
+    ("trainer.zero_stage=3", "trainer.zero_stage=3"),
+    ("model.d_model=30", "model.d_model=30: must be divisible by model.n_heads=4"),
+    ("model.top_k=3", "model.top_k=3"),
+    ("mode=turbo", "mode='turbo': must be one of sync, async, april"),
+    ("buffer.url=http://x", "buffer.url='http://x'"),
+    ("experiment=nope", "Could not find 'experiment/nope'"),
+])
+def test_bad_config_raises_config_error_naming_it(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config([override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_prints_one_line_and_exits_2():
+    proc = subprocess.run([sys.executable, "-m", "rlpost.run", "trainer.lr=abc"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "rlpost:" in line]
+    assert errors == ["rlpost: config error: trainer.lr: Value 'abc' of type 'str' could not be converted to Float"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_cfg_flag_prints_resolved_config():
+    proc = subprocess.run([sys.executable, "-m", "rlpost.run", "--cfg", "experiment=toy_moe_local",
+                           "trainer.lr=0.002"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "lr: 0.002" in proc.stdout and "name: toy_moe_local" in proc.stdout
