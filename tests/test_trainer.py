@@ -158,3 +158,15 @@ def test_other_zero_stages_train(rig, stage):
     engine.step()
     after = model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if "deepspeed_experts" in k)
+
+
+def test_loaded_weights_survive_the_next_optimizer_step(rig):
+    """ZeRO keeps fp32 master partitions: a load must refresh them, or the next step reverts it."""
+    trainer, worker, _ = rig
+    loaded = {k: v + 0.05 for k, v in trainer.canonical_state().items()}
+    trainer.load_state(loaded)
+    trainer.reset_optimizer_state()
+    trainer.sft_step([worker.env.sft_example(i, seed=2) for i in range(8)], lr=1e-7)
+    after = trainer.canonical_state()
+    for name, value in loaded.items():
+        assert torch.allclose(after[name], value, atol=1e-5), name

@@ -51,7 +51,19 @@ class TrainerRank:
         return self.engine.module.canonical_state_dict()
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load weights into the module *and* the optimizer's fp32 master copies: ZeRO-1/2 (and
+        the bf16 optimizer) step on their own fp32 partitions and copy them back into the module,
+        so loading only the module would be undone by the next step."""
         self.engine.module.load_canonical_state_dict(state)
+        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
+
+    def reset_optimizer_state(self) -> None:
+        """Forget Adam moments (e.g. the warm-up's), so a run is the same whether its warm-up was
+        trained now or loaded from the cache."""
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        inner.state.clear()
 
     def publish(self) -> dict:
         """Publish the current weights as ``self.version`` (rank 0 only; ZeRO-1/2 keep full params)."""
@@ -102,8 +114,10 @@ class TrainerRank:
         return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def begin_rl(self) -> None:
-        """Switch to the RL learning rate and freeze the reference policy for the KL term."""
+        """Switch to the RL learning rate with fresh Adam moments, and freeze the reference policy
+        for the KL term."""
         self._set_lr(self.cfg.trainer.lr)
+        self.reset_optimizer_state()
         if self.cfg.trainer.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.engine.module).eval()
             for p in self.ref_model.parameters():
