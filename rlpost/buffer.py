@@ -28,13 +28,14 @@ import msgpack
 import redis
 
 from rlpost.records import (
+    GroupEntry,
     RecordError,
     Task,
     Trajectory,
     WeightVersion,
-    pack_group,
+    pack_entry,
     pack_task,
-    unpack_group,
+    unpack_entry,
     unpack_task,
 )
 
@@ -48,7 +49,7 @@ class Delivery:
 
     stream: str
     entry_id: str
-    item: Task | list[Trajectory]
+    item: Task | GroupEntry
 
 
 def connect(url: str, password: str | None = None, username: str | None = None,
@@ -119,7 +120,16 @@ class RedisBuffer:
             block = block_ms if (stream == "tasks" and not out) else None
             resp = self.client.xreadgroup(WORKER_GROUP, consumer, {self.key(stream): ">"},
                                           count=want, block=block)
-            out.extend(self._decode(resp, unpack_task if stream == "tasks" else unpack_group))
+            out.extend(self._decode(resp, unpack_task if stream == "tasks" else unpack_entry))
+        return out
+
+    def read_own_pending(self, consumer: str, count: int = 1000) -> list[Delivery]:
+        """Items this consumer name read but never acked (a previous life of this worker, or a
+        run resumed from a checkpoint): served again before anything new."""
+        out: list[Delivery] = []
+        for stream, decoder in (("partials", unpack_entry), ("tasks", unpack_task)):
+            resp = self.client.xreadgroup(WORKER_GROUP, consumer, {self.key(stream): "0"}, count=count)
+            out.extend(self._decode(resp, decoder))
         return out
 
     def reclaim(self, stream: str, group: str, consumer: str, min_idle_ms: int,
@@ -128,16 +138,24 @@ class RedisBuffer:
         resp = self.client.xautoclaim(self.key(stream), group, consumer, min_idle_time=min_idle_ms,
                                       start_id="0-0", count=count)
         entries = resp[1]
-        decoder = unpack_task if stream == "tasks" else unpack_group
+        decoder = unpack_task if stream == "tasks" else unpack_entry
         return self._decode([[self.key(stream).encode(), entries]], decoder)
 
-    def finish_task(self, delivery: Delivery, group: list[Trajectory]) -> None:
+    def park_partial(self, delivery: Delivery, partial: GroupEntry) -> None:
+        """Put an unfinished group back for resumption and ack what it came from, atomically."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(self.key("partials"), {"data": pack_entry(partial)})
+        pipe.xack(delivery.stream, WORKER_GROUP, delivery.entry_id)
+        pipe.xdel(delivery.stream, delivery.entry_id)
+        pipe.execute()
+
+    def finish_task(self, delivery: Delivery, task: Task, group: list[Trajectory]) -> None:
         """Write a task's group of trajectories and ack the task in one transaction, so a crash
         between the two can neither lose the samples nor leave the task acked without them."""
         purpose = group[0].purpose
         stream = "complete" if purpose == "train" else f"eval:{purpose.removeprefix('eval:')}"
         pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(self.key(stream), {"data": pack_group(group)})
+        pipe.xadd(self.key(stream), {"data": pack_entry(GroupEntry(task, group))})
         pipe.xack(delivery.stream, WORKER_GROUP, delivery.entry_id)
         pipe.xdel(delivery.stream, delivery.entry_id)
         pipe.execute()
@@ -146,14 +164,26 @@ class RedisBuffer:
     def read_complete(self, consumer: str, count: int, block_ms: int | None = None) -> list[Delivery]:
         resp = self.client.xreadgroup(TRAINER_GROUP, consumer, {self.key("complete"): ">"},
                                       count=count, block=block_ms)
-        return self._decode(resp, unpack_group)
+        return self._decode(resp, unpack_entry)
+
+    def requeue(self, deliveries: list[Delivery]) -> None:
+        """Send complete groups back as fresh tasks (too stale to train) and ack them, atomically."""
+        if not deliveries:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        for d in deliveries:
+            pipe.xadd(self.key("tasks"), {"data": pack_task(d.item.task)})
+        ids = [d.entry_id for d in deliveries]
+        pipe.xack(self.key("complete"), TRAINER_GROUP, *ids)
+        pipe.xdel(self.key("complete"), *ids)
+        pipe.execute()
 
     def ack_trained(self, deliveries: list[Delivery]) -> None:
         """Record the groups' trajectories as trained and ack them, atomically."""
         if not deliveries:
             return
         pipe = self.client.pipeline(transaction=True)
-        pipe.sadd(self.key("trained"), *[t.traj_id for d in deliveries for t in d.item])
+        pipe.sadd(self.key("trained"), *[t.traj_id for d in deliveries for t in d.item.group])
         ids = [d.entry_id for d in deliveries]
         pipe.xack(self.key("complete"), TRAINER_GROUP, *ids)
         pipe.xdel(self.key("complete"), *ids)
@@ -176,7 +206,7 @@ class RedisBuffer:
                 raise TimeoutError(f"eval '{tag}': {n}/{expected} tasks answered after {timeout_s}s")
             time.sleep(0.05)
         entries = self.client.xrange(stream)
-        return [t for _, fields in entries for t in unpack_group(fields[b"data"])]
+        return [t for _, fields in entries for t in unpack_entry(fields[b"data"]).group]
 
     # ----------------------------------------------------------------- weights & control
     def publish_version(self, version: WeightVersion) -> None:
@@ -196,6 +226,22 @@ class RedisBuffer:
         raw = self.client.hget(self.key("control"), name)
         return raw.decode() if raw is not None else None
 
+    def poll(self) -> tuple[int, int, bool]:
+        """(weight version, round, stop) in one round trip: what a worker checks every chunk."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self.key("version"))
+        pipe.hmget(self.key("control"), ["round", "stop"])
+        raw_version, (raw_round, raw_stop) = pipe.execute()
+        version = msgpack.unpackb(raw_version)["version"] if raw_version else -1
+        return version, int(raw_round or 0), raw_stop is not None
+
+    def advance_round(self) -> int:
+        """APRIL: the trainer has its batch; workers stop the round's unfinished generations."""
+        return int(self.client.hincrby(self.key("control"), "round", 1))
+
+    def current_round(self) -> int:
+        return int(self.client.hget(self.key("control"), "round") or 0)
+
     def heartbeat(self, worker: str, info: dict) -> None:
         self.client.hset(self.key("workers"), worker, msgpack.packb({**info, "t": time.time()}))
 
@@ -214,6 +260,24 @@ class RedisBuffer:
             except redis.ResponseError:
                 out[f"{stream}_pending"] = 0
         return out
+
+    # ----------------------------------------------------------------- checkpoints
+    def snapshot(self) -> dict[bytes, bytes]:
+        """Every key of the run (streams with their consumer groups and pending lists, the trained
+        set, the version, control) as Redis DUMP payloads, taken in one MULTI so it is consistent."""
+        keys = sorted(self.client.scan_iter(match=self.prefix + "*", count=1000))
+        pipe = self.client.pipeline(transaction=True)
+        for key in keys:
+            pipe.dump(key)
+        return {k: v for k, v in zip(keys, pipe.execute()) if v is not None}
+
+    def restore(self, snapshot: dict[bytes, bytes]) -> None:
+        """Replace the run's keys with a snapshot (RESTORE, Redis's own format: nothing unpickled)."""
+        self.reset()
+        pipe = self.client.pipeline(transaction=True)
+        for key, payload in snapshot.items():
+            pipe.restore(key, 0, payload, replace=True)
+        pipe.execute()
 
     # ----------------------------------------------------------------- helpers
     def _decode(self, resp, decoder) -> list[Delivery]:

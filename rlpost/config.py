@@ -81,8 +81,12 @@ class RolloutConfig:
     max_new_tokens: int = 8
     # Torch threads per worker actor (keep workers + trainer <= cores on a laptop).
     threads: int = 1
+    # april: keep over_sampling x batch_prompts groups in flight.
     over_sampling: float = 1.0
+    # async/april: no trained token is older than this many weight versions (AReaL's eta).
     max_staleness: int = 1
+    # A sample resumed more often than this is restarted from scratch.
+    max_resumes: int = 8
 
     def validate(self, p: str = "rollout") -> None:
         for name in ("num_workers", "batch_prompts", "group_size", "max_new_tokens", "threads"):
@@ -91,6 +95,7 @@ class RolloutConfig:
         _check(0 < self.top_p <= 1, f"{p}.top_p", self.top_p, "must be in (0, 1]")
         _check(self.over_sampling >= 1, f"{p}.over_sampling", self.over_sampling, "must be >= 1")
         _check(self.max_staleness >= 0, f"{p}.max_staleness", self.max_staleness, "must be >= 0")
+        _check(self.max_resumes >= 0, f"{p}.max_resumes", self.max_resumes, "must be >= 0")
 
 
 @dataclass
@@ -117,6 +122,10 @@ class TrainerConfig:
     # Normalise GRPO advantages by the group's std (Dr. GRPO sets this false).
     adv_std_norm: bool = True
     loss_agg: str = "token_mean"  # token_mean | seq_mean
+    # Off-policy correction: tis | decoupled | mask_stale | ppo (see trainer/losses.py).
+    off_policy: str = "tis"
+    # Optimiser steps per batch; > 1 recomputes the proximal policy before the first one.
+    ppo_minibatches: int = 1
     publish_every: int = 1
     checkpoint_every: int = 0
     weight_transport: str = "ray"  # ray | file
@@ -140,6 +149,9 @@ class TrainerConfig:
         _check(self.kl_coef >= 0, f"{p}.kl_coef", self.kl_coef, "must be >= 0")
         _check(self.loss_agg in ("token_mean", "seq_mean"), f"{p}.loss_agg", self.loss_agg,
                "must be token_mean or seq_mean")
+        _check(self.off_policy in ("tis", "decoupled", "mask_stale", "ppo"), f"{p}.off_policy",
+               self.off_policy, "must be tis, decoupled, mask_stale or ppo")
+        _check(self.ppo_minibatches >= 1, f"{p}.ppo_minibatches", self.ppo_minibatches, "must be >= 1")
         _check(self.publish_every >= 1, f"{p}.publish_every", self.publish_every, "must be >= 1")
         _check(self.checkpoint_every >= 0, f"{p}.checkpoint_every", self.checkpoint_every, "must be >= 0")
         _check(self.weight_transport in ("ray", "file"), f"{p}.weight_transport",
@@ -255,8 +267,9 @@ class RlpostConfig:
 
     def validate(self) -> "RlpostConfig":
         _check(self.mode in MODES, "mode", self.mode, f"must be one of {', '.join(MODES)}")
-        _check(self.mode == "sync", "mode", self.mode,
-               "only 'sync' is implemented in this release (async and april are in progress)")
+        if self.mode == "sync":
+            _check(self.rollout.over_sampling == 1, "rollout.over_sampling", self.rollout.over_sampling,
+                   "over-sampling needs mode=april")
         _check(self.engine.name == "native", "engine.name", self.engine.name,
                "only the native engine is wired into the run driver in this release")
         _check(self.ray_num_cpus >= 0, "ray_num_cpus", self.ray_num_cpus, "must be >= 0")

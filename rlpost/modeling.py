@@ -46,6 +46,12 @@ class KVCache:
                    [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)])
 
 
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """The cache restricted to batch ``rows`` (finished sequences leave the batch)."""
+        return KVCache([k.index_select(0, rows) for k in self.keys],
+                       [v.index_select(0, rows) for v in self.values], self.length)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int):
         super().__init__()

@@ -263,3 +263,28 @@ def unpack_group(data: bytes) -> list[Trajectory]:
     if not isinstance(items, list) or not items:
         raise RecordError("a group entry must be a non-empty list of trajectories")
     return [unpack_trajectory(b) for b in items]
+
+
+@dataclass
+class GroupEntry:
+    """A GRPO group as it travels through the buffer, with its task. Unfinished (in ``partials``):
+    the task gives the remaining token budget and sampling settings, and finished members ride
+    along so the group is trained whole. Finished (in ``complete``): the task lets the trainer
+    restart a group that became too stale to train."""
+
+    task: Task
+    group: list[Trajectory]
+
+
+def pack_entry(partial: GroupEntry) -> bytes:
+    return msgpack.packb({"task": pack_task(partial.task), "group": pack_group(partial.group)},
+                         use_bin_type=True)
+
+
+def unpack_entry(data: bytes) -> GroupEntry:
+    try:
+        body = msgpack.unpackb(data, raw=False)
+        task_bytes, group_bytes = body["task"], body["group"]
+    except Exception as exc:
+        raise RecordError(f"malformed partial group: {exc}") from exc
+    return GroupEntry(unpack_task(task_bytes), unpack_group(group_bytes))

@@ -37,6 +37,9 @@ class GenOutput:
 
 
 ShouldStop = Callable[[], bool]
+# Called at chunk boundaries with (request index, output) for each request that just finished, so
+# a worker can ship a finished group before the slowest sample of the batch is done.
+OnFinished = Callable[[int, GenOutput], None]
 
 
 class InferenceEngine(Protocol):
@@ -45,7 +48,8 @@ class InferenceEngine(Protocol):
     @property
     def version(self) -> int: ...
 
-    def generate(self, requests: list[GenRequest], should_stop: ShouldStop | None = None) -> list[GenOutput]:
+    def generate(self, requests: list[GenRequest], should_stop: ShouldStop | None = None,
+                 on_finished: OnFinished | None = None) -> list[GenOutput]:
         """Generate for all requests; ``should_stop`` is polled at chunk boundaries and, when it
         returns True, every unfinished request returns with finish_reason "abort"."""
         ...

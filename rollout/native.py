@@ -14,7 +14,7 @@ from torch import nn
 
 from rlpost.config import EngineConfig, ModelConfig
 from rlpost.modeling import CausalSelfAttention, Embeddings, ExpertMLP, KVCache, init_weights, topk_route
-from rlpost.rollout.engine import GenOutput, GenRequest, ShouldStop
+from rlpost.rollout.engine import GenOutput, GenRequest, OnFinished, ShouldStop
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -122,23 +122,31 @@ class NativeEngine:
         self._version = version
 
     @torch.inference_mode()
-    def generate(self, requests: list[GenRequest], should_stop: ShouldStop | None = None) -> list[GenOutput]:
+    def generate(self, requests: list[GenRequest], should_stop: ShouldStop | None = None,
+                 on_finished: OnFinished | None = None) -> list[GenOutput]:
         outputs: list[GenOutput] = []
         step = self.cfg.max_batch_size
         for i in range(0, len(requests), step):
-            outputs.extend(self._generate_batch(requests[i:i + step], should_stop))
+            shifted = None if on_finished is None else (lambda j, out, base=i: on_finished(base + j, out))
+            outputs.extend(self._generate_batch(requests[i:i + step], should_stop, shifted))
+            if should_stop is not None and any(o.finish_reason == "abort" for o in outputs):
+                for j in range(len(outputs), len(requests)):  # later sub-batches never started
+                    outputs.append(GenOutput([], [], None, "abort"))
+                    if on_finished is not None:
+                        on_finished(j, outputs[-1])
+                break
         return outputs
 
-    def _generate_batch(self, reqs: list[GenRequest], should_stop: ShouldStop | None) -> list[GenOutput]:
+    def _prefill(self, reqs: list[GenRequest]):
         b = len(reqs)
         inputs = [list(r.prompt_ids) + list(r.prefix_ids) for r in reqs]
-        budget = torch.tensor([r.max_new_tokens for r in reqs], device=self.device)
-        if int(budget.min()) <= 0:
+        budget = [r.max_new_tokens for r in reqs]
+        if min(budget) <= 0:
             raise ValueError("GenRequest.max_new_tokens must be > 0")
         plen = max(len(x) for x in inputs)
-        capacity = plen + int(budget.max())
+        capacity = plen + max(budget)
         if capacity > self.model_cfg.max_seq_len:
-            raise ValueError(f"prompt+prefix ({plen}) + max_new_tokens ({int(budget.max())}) exceeds "
+            raise ValueError(f"prompt+prefix ({plen}) + max_new_tokens ({max(budget)}) exceeds "
                              f"model.max_seq_len={self.model_cfg.max_seq_len}")
         ids = torch.full((b, plen), self.pad_id, dtype=torch.long, device=self.device)
         valid = torch.zeros((b, capacity), dtype=torch.bool, device=self.device)
@@ -147,46 +155,71 @@ class NativeEngine:
             ids[row, plen - len(x):] = torch.tensor(x, device=self.device)
             valid[row, plen - len(x):plen] = True
         positions = (torch.arange(plen, device=self.device)[None, :] - pad[:, None]).clamp_min(0)
-        temperature = torch.tensor([r.temperature for r in reqs], device=self.device, dtype=torch.float32)
-        top_p = torch.tensor([r.top_p for r in reqs], device=self.device, dtype=torch.float32)
-        stop_sets = [set(r.stop_ids) | {self.eos_id} for r in reqs]
-
         cache = KVCache.allocate(self.model_cfg, b, capacity, self.dtype, self.device)
         causal = torch.ones(plen, plen, dtype=torch.bool, device=self.device).tril()
         mask = (causal[None] & valid[:, None, :plen])[:, None]
         logits, routed = self.model(ids, positions, mask, cache)
-        last_logits, last_routed = logits[:, -1], routed[:, -1]
-        next_pos = positions[:, -1] + 1
+        return cache, valid, logits[:, -1], routed[:, -1], positions[:, -1] + 1
 
-        tokens = [[] for _ in range(b)]
-        logps = [[] for _ in range(b)]
-        experts = [[] for _ in range(b)]
+    def _generate_batch(self, reqs: list[GenRequest], should_stop: ShouldStop | None,
+                        on_finished: OnFinished | None) -> list[GenOutput]:
+        b = len(reqs)
+        cache, valid, last_logits, last_routed, next_pos = self._prefill(reqs)
+        temperature = torch.tensor([r.temperature for r in reqs], device=self.device, dtype=torch.float32)
+        top_p = torch.tensor([r.top_p for r in reqs], device=self.device, dtype=torch.float32)
+        stop_sets = [set(r.stop_ids) | {self.eos_id} for r in reqs]
+        budget = [r.max_new_tokens for r in reqs]
+        tokens: list[list[int]] = [[] for _ in range(b)]
+        logps: list[list[float]] = [[] for _ in range(b)]
+        experts: list[list[np.ndarray]] = [[] for _ in range(b)]
         reason = [""] * b
-        for t in range(int(budget.max())):
-            if t > 0 and t % self.cfg.chunk_tokens == 0 and should_stop is not None and should_stop():
-                for row in range(b):
-                    if not reason[row]:
-                        reason[row] = "abort"
-                break
+        active = list(range(b))  # original row of each batch row still decoding
+        outputs: list[GenOutput | None] = [None] * b
+
+        def finish(row: int) -> None:
+            outputs[row] = GenOutput(tokens[row], logps[row],
+                                     np.stack(experts[row]) if experts[row] else None, reason[row])
+            if on_finished is not None:
+                on_finished(row, outputs[row])
+
+        t = 0
+        while active:
             new_ids, new_logps = _sample(last_logits, temperature, top_p, self.generator)
             new_list, lp_list = new_ids.tolist(), new_logps.tolist()
             routed_np = last_routed.to(torch.int16).cpu().numpy()
-            for row in range(b):
-                if reason[row]:
+            for i, row in enumerate(active):
+                if reason[row]:  # finished earlier in this chunk; leaves the batch at the boundary
                     continue
-                tokens[row].append(new_list[row])
-                logps[row].append(lp_list[row])
-                experts[row].append(routed_np[row])
-                if new_list[row] in stop_sets[row]:
+                tokens[row].append(new_list[i])
+                logps[row].append(lp_list[i])
+                experts[row].append(routed_np[i])
+                if new_list[i] in stop_sets[row]:
                     reason[row] = "stop"
-                elif len(tokens[row]) >= int(budget[row]):
+                elif len(tokens[row]) >= budget[row]:
                     reason[row] = "length"
-            if all(reason):
-                break
+            t += 1
+            at_boundary = t % self.cfg.chunk_tokens == 0
+            if at_boundary or all(reason[row] for row in active):
+                keep = [i for i, row in enumerate(active) if not reason[row]]
+                for i, row in enumerate(active):
+                    if reason[row]:
+                        finish(row)
+                if not keep:
+                    break
+                if len(keep) < len(active):  # compaction: finished rows leave the batch and the cache
+                    index = torch.tensor(keep, device=self.device)
+                    active = [active[i] for i in keep]
+                    cache = cache.select(index)
+                    valid, new_ids, next_pos = valid[index], new_ids[index], next_pos[index]
+                    temperature, top_p = temperature[index], top_p[index]
+                if at_boundary and should_stop is not None and should_stop():
+                    for row in active:
+                        reason[row] = "abort"
+                        finish(row)
+                    break
             valid[:, cache.length] = True
             mask = valid[:, None, None, :cache.length + 1]
             logits, routed = self.model(new_ids[:, None], next_pos[:, None], mask, cache)
             last_logits, last_routed = logits[:, -1], routed[:, -1]
             next_pos = next_pos + 1
-        return [GenOutput(tokens[r], logps[r], np.stack(experts[r]) if experts[r] else None,
-                          reason[r] or "length") for r in range(b)]
+        return outputs  # type: ignore[return-value]

@@ -1,9 +1,11 @@
 """The rollout worker: pulls tasks from Redis, generates groups, scores them, writes them back.
 
-It runs one long ``run()`` loop inside a Ray actor and is steered only through Redis: the
-``version`` key (new weights to fetch) and the ``control`` hash (stop). Weights are swapped at a
-chunk boundary; a generation cut by the swap continues from its exact tokens under the new
-weights, and every token carries the version that produced it.
+It runs one long ``run()`` loop inside a Ray actor and is steered only through Redis, polled once
+per chunk of tokens (one round trip): the ``version`` key (new weights: swap and continue the
+unfinished samples from their exact tokens, so every token carries the version that produced it),
+the APRIL ``round`` counter (the trainer has its batch: park every unfinished group as a partial
+and move on) and ``stop``. A group is written to the trainer the moment its last member finishes,
+not when the slowest sample of the batch does.
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from rlpost.envs.base import score_with_timeout
 from rlpost.buffer import Delivery, RedisBuffer
 from rlpost.config import RlpostConfig
-from rlpost.records import Status, Task, Trajectory
-from rlpost.weights import fetch_weights
+from rlpost.envs.base import score_with_timeout
+from rlpost.records import GroupEntry, Status, Task, Trajectory
 from rlpost.rollout.engine import GenOutput, GenRequest
 from rlpost.rollout.native import NativeEngine
+from rlpost.weights import fetch_weights
+
+UNFINISHED = (Status.PENDING, Status.PARTIAL)
 
 
 @dataclass
@@ -33,7 +38,23 @@ class WorkerStats:
     weight_swaps: int = 0
     weight_fetch_s: float = 0.0
     reward_errors: int = 0
-    extra: dict = field(default_factory=dict)
+    parked_groups: int = 0
+    resumed_groups: int = 0
+    stale_restarts: int = 0
+    aborted_tokens: int = 0
+    started_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class WorkItem:
+    delivery: Delivery
+    task: Task
+    group: list[Trajectory]
+    shipped: bool = False
+
+    @property
+    def done(self) -> bool:
+        return all(t.status not in UNFINISHED for t in self.group)
 
 
 class RolloutWorker:
@@ -62,55 +83,98 @@ class RolloutWorker:
         self.stats.weight_fetch_s += time.perf_counter() - t0
         return True
 
-    def _weights_changed(self) -> bool:
-        wv = self.buffer.current_version()
-        return wv is not None and wv.version != self.engine.version
-
     def _wait_for_version(self, min_version: int, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s
         while self.engine.version < min_version:
             if not self.maybe_update_weights():
                 if self.buffer.signal("stop") or time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.name}: weights v{min_version} never arrived")
+                    raise InterruptedError(f"{self.name}: weights v{min_version} never arrived")
                 time.sleep(0.02)
+
+    # ------------------------------------------------------------------ work items
+    def _item(self, delivery: Delivery) -> WorkItem:
+        if isinstance(delivery.item, Task):
+            task = delivery.item
+            return WorkItem(delivery, task, [Trajectory.start(task, i) for i in range(task.group_size)])
+        partial: GroupEntry = delivery.item  # type: ignore[assignment]
+        self.stats.resumed_groups += 1
+        return WorkItem(delivery, partial.task, partial.group)
+
+    def _enforce_staleness(self, item: WorkItem) -> None:
+        """Restart members whose oldest token is more than ``rollout.max_staleness`` versions
+        behind the weights that would continue them (they could never be trained), or that were
+        resumed more than ``rollout.max_resumes`` times."""
+        bound = self.cfg.rollout.max_staleness
+        for k, traj in enumerate(item.group):
+            too_stale = len(traj) and self.engine.version - int(traj.versions.min()) > bound
+            if too_stale or traj.num_resumes > self.cfg.rollout.max_resumes:
+                self.stats.stale_restarts += 1
+                self.stats.aborted_tokens += len(traj)
+                fresh = Trajectory.start(item.task, k)
+                item.group[k] = fresh
 
     # ------------------------------------------------------------------ generation
     def generate_groups(self, tasks: list[Task]) -> list[list[Trajectory]]:
-        """Generate every task's group; weight swaps between chunks are followed immediately."""
-        self._wait_for_version(max(t.min_version for t in tasks))
-        groups = [[Trajectory.start(t, i) for i in range(t.group_size)] for t in tasks]
-        pending = [(t, traj) for t, g in zip(tasks, groups) for traj in g]
-        should_stop = lambda: self._weights_changed() or self.buffer.signal("stop") is not None  # noqa: E731
+        """Generate whole groups for ``tasks`` outside the buffer (tests, offline use)."""
+        items = [WorkItem(Delivery("", "", t), t, [Trajectory.start(t, i) for i in range(t.group_size)])
+                 for t in tasks]
+        self._generate(items, abortable=False, ship=False)
+        return [item.group for item in items]
+
+    def _generate(self, items: list[WorkItem], abortable: bool, ship: bool = True) -> str:
+        """Generate until every item is done (returns "done"), or the round moves on while
+        ``abortable`` (unfinished items are parked; returns "round")."""
+        self._wait_for_version(max(item.task.min_version for item in items))
+        for item in items:
+            self._enforce_staleness(item)
+        start_round = self.buffer.current_round()
         t0 = time.perf_counter()
-        while pending:
-            reqs = [GenRequest(prompt_ids=list(task.prompt_ids), prefix_ids=traj.response_ids.tolist(),
-                               max_new_tokens=task.sampling.max_new_tokens - len(traj),
-                               temperature=task.sampling.temperature, top_p=task.sampling.top_p)
-                    for task, traj in pending]
-            version = self.engine.version
-            outs = self.engine.generate(reqs, should_stop)
-            still = []
-            for (task, traj), out in zip(pending, outs):
-                self._absorb(traj, out, version)
-                if out.finish_reason == "abort":
-                    traj.num_resumes += 1
-                    still.append((task, traj))
-            pending = still
-            if pending:
-                if self.buffer.signal("stop") is not None:
+        try:
+            while True:
+                pending = [(item, traj) for item in items for traj in item.group if traj.status in UNFINISHED]
+                if not pending:
+                    return "done"
+                reqs = [GenRequest(prompt_ids=list(item.task.prompt_ids), prefix_ids=traj.response_ids.tolist(),
+                                   max_new_tokens=item.task.sampling.max_new_tokens - len(traj),
+                                   temperature=item.task.sampling.temperature, top_p=item.task.sampling.top_p)
+                        for item, traj in pending]
+                version = self.engine.version
+                why: dict[str, str] = {}
+
+                def on_finished(i: int, out: GenOutput) -> None:
+                    item, traj = pending[i]
+                    self._absorb(traj, out, version)
+                    if ship and item.done and not item.shipped:
+                        self._ship(item)
+
+                def should_stop() -> bool:
+                    new_version, round_now, stop = self.buffer.poll()
+                    if stop:
+                        why["reason"] = "stop"
+                    elif abortable and round_now != start_round:
+                        why["reason"] = "round"
+                    elif new_version != self.engine.version:
+                        why["reason"] = "weights"
+                    return bool(why)
+
+                self.engine.generate(reqs, should_stop, on_finished)
+                reason = why.get("reason")
+                if reason == "stop":
                     raise InterruptedError("stop signal while generating")
-                self.maybe_update_weights()
-        gen_s = time.perf_counter() - t0
-        for task, group in zip(tasks, groups):
-            for traj in group:
-                self._score(task, traj)
-                traj.timings["gen_s"] = gen_s
-        self.stats.gen_s += gen_s
-        self.stats.samples += sum(len(g) for g in groups)
-        return groups
+                if reason == "round":
+                    for item in items:
+                        if not item.shipped and ship:
+                            self.buffer.park_partial(item.delivery, GroupEntry(item.task, item.group))
+                            self.stats.parked_groups += 1
+                    return "round"
+                if reason == "weights":
+                    self.maybe_update_weights()
+        finally:
+            self.stats.gen_s += time.perf_counter() - t0
 
     def _absorb(self, traj: Trajectory, out: GenOutput, version: int) -> None:
-        traj.append(out.token_ids, out.logprobs, version, out.routed_experts)
+        if out.token_ids:
+            traj.append(out.token_ids, out.logprobs, version, out.routed_experts)
         self.stats.tokens += len(out.token_ids)
         if out.finish_reason == "stop":
             traj.status = Status.COMPLETE
@@ -118,43 +182,68 @@ class RolloutWorker:
             traj.status = Status.TRUNCATED
         else:
             traj.status = Status.PARTIAL
+            traj.num_resumes += 1
+        if traj.status not in UNFINISHED:
+            self._score(traj)
+            self.stats.samples += 1
 
-    def _score(self, task: Task, traj: Trajectory) -> None:
-        result = score_with_timeout(self.env, task.answer, traj.response_ids.tolist(),
+    def _score(self, traj: Trajectory) -> None:
+        t0 = time.perf_counter()
+        result = score_with_timeout(self.env, traj.answer, traj.response_ids.tolist(),
                                     self.cfg.env.reward_timeout_s)
         traj.reward = float(result.reward)
         traj.env_info = result.info
+        traj.timings["reward_s"] = time.perf_counter() - t0
+        traj.timings["finished_at"] = time.time()
         if "error" in result.info:
             self.stats.reward_errors += 1
+
+    def _ship(self, item: WorkItem) -> None:
+        self.buffer.finish_task(item.delivery, item.task, item.group)
+        item.shipped = True
+        self.stats.tasks += 1
 
     # ------------------------------------------------------------------ main loop
     def run(self, max_tasks_per_batch: int = 0) -> dict:
         """Serve tasks until the ``stop`` signal. Returns the worker's counters."""
         batch = max_tasks_per_batch or max(1, self.cfg.engine.max_batch_size // self.cfg.rollout.group_size)
+        backlog = self.buffer.read_own_pending(self.name)  # a previous life's unacked items
         while self.buffer.signal("stop") is None:
             self.maybe_update_weights()
             t_idle = time.perf_counter()
-            deliveries = self.buffer.read_tasks(self.name, batch, block_ms=100)
-            deliveries += self.buffer.reclaim("tasks", "workers", self.name, self.cfg.buffer.reclaim_idle_ms,
-                                              count=batch)
+            deliveries = backlog or self.buffer.read_tasks(self.name, batch, block_ms=100)
+            backlog = []
+            if len(deliveries) < batch:
+                deliveries += self.buffer.reclaim("tasks", "workers", self.name,
+                                                  self.cfg.buffer.reclaim_idle_ms, count=batch - len(deliveries))
             self.stats.idle_s += time.perf_counter() - t_idle
-            if not deliveries:
-                self._heartbeat()
-                continue
-            try:
-                self.serve(deliveries)
-            except InterruptedError:
-                break  # unacked tasks stay pending for whoever resumes the run
+            if deliveries:
+                try:
+                    self.serve(deliveries)
+                except InterruptedError:
+                    break  # unacked items stay pending for whoever resumes the run
             self._heartbeat()
+        self._heartbeat()
         return vars(self.stats)
 
     def serve(self, deliveries: list[Delivery]) -> None:
-        tasks = [d.item for d in deliveries]
-        groups = self.generate_groups(tasks)
-        for d, group in zip(deliveries, groups):
-            self.buffer.finish_task(d, group)
-        self.stats.tasks += len(tasks)
+        """Evaluation items are never cut by an APRIL round; training items are in april mode."""
+        items = [self._item(d) for d in deliveries]
+        evals = [it for it in items if it.task.purpose != "train"]
+        train = [it for it in items if it.task.purpose == "train"]
+        if evals:
+            self._generate(evals, abortable=False)
+        if train:
+            self._generate(train, abortable=self.cfg.mode == "april")
 
     def _heartbeat(self) -> None:
-        self.buffer.heartbeat(self.name, {"version": self.engine.version, "pid": os.getpid(),
-                                          "tasks": self.stats.tasks, "tokens": self.stats.tokens})
+        self.buffer.heartbeat(self.name, {**vars(self.stats), "version": self.engine.version,
+                                          "pid": os.getpid(), "now": time.time()})
+
+
+def lag_histogram(versions: np.ndarray, current: int, bound: int) -> dict[str, int]:
+    """Token counts by staleness (current version - token version), bucket ``bound+`` for beyond."""
+    lags = current - versions
+    out = {str(k): int((lags == k).sum()) for k in range(bound + 1)}
+    out[f"{bound + 1}+"] = int((lags > bound).sum())
+    return out

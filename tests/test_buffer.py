@@ -27,12 +27,12 @@ def test_task_to_trainer_round_trip(buffer):
     got = buffer.read_tasks("w0", count=10, block_ms=100)
     assert [d.item.task_id for d in got] == ["t0", "t1", "t2"]
     for d in got:
-        buffer.finish_task(d, finished_group(d.item))
+        buffer.finish_task(d, d.item, finished_group(d.item))
     # finishing acks and deletes the task entries
     assert buffer.client.xpending(buffer.key("tasks"), WORKER_GROUP)["pending"] == 0
     groups = buffer.read_complete("trainer-0", count=10, block_ms=100)
-    assert [[t.traj_id for t in d.item] for d in groups] == [["t0/0", "t0/1"], ["t1/0", "t1/1"], ["t2/0", "t2/1"]]
-    assert groups[1].item[1].reward == 1.0
+    assert [[t.traj_id for t in d.item.group] for d in groups] == [["t0/0", "t0/1"], ["t1/0", "t1/1"], ["t2/0", "t2/1"]]
+    assert groups[1].item.group[1].reward == 1.0 and groups[1].item.task.task_id == "t1"
     buffer.ack_trained(groups)
     assert buffer.already_trained(["t0/0", "t2/1", "t9/0"]) == [True, True, False]
     assert buffer.client.xpending(buffer.key("complete"), TRAINER_GROUP)["pending"] == 0
@@ -55,11 +55,11 @@ def test_unacked_complete_group_is_reclaimed_and_not_trained_twice(buffer):
     task = make_task(0)
     buffer.put_tasks([task])
     d = buffer.read_tasks("w0", 1, block_ms=100)[0]
-    buffer.finish_task(d, finished_group(task))
+    buffer.finish_task(d, task, finished_group(task))
     first = buffer.read_complete("trainer-0", 1, block_ms=100)
     assert len(first) == 1
     again = buffer.reclaim("complete", TRAINER_GROUP, "trainer-1", min_idle_ms=0)
-    assert [t.traj_id for t in again[0].item] == ["t0/0", "t0/1"]
+    assert [t.traj_id for t in again[0].item.group] == ["t0/0", "t0/1"]
     buffer.ack_trained(again)
     assert all(buffer.already_trained(["t0/0", "t0/1"]))
 

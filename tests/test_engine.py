@@ -89,3 +89,23 @@ def test_too_long_request_is_a_clear_error(small_cfg):
     engine = make_engine(small_cfg)
     with pytest.raises(ValueError, match="max_seq_len"):
         engine.generate([GenRequest([1] * 60, 10)])
+
+
+def test_finished_rows_are_reported_at_chunk_boundaries_and_leave_the_batch(small_cfg):
+    engine = make_engine(small_cfg, chunk_tokens=2)
+    # the first greedy token of row 1 is a stop token for row 1 only: it finishes after one token
+    first = greedy(engine)[1].token_ids[0]
+    reqs = [GenRequest(p, 10, temperature=0.0, stop_ids=(first,) if i == 1 else ()) for i, p in enumerate(prompts())]
+    engine.eos_id = -1
+    seen = []
+    polls = []
+
+    def should_stop():
+        polls.append(list(seen))
+        return False
+
+    outs = engine.generate(reqs, should_stop=should_stop, on_finished=lambda i, o: seen.append((i, o)))
+    assert [i for i, _ in seen].count(1) == 1 and sorted(i for i, _ in seen) == [0, 1, 2]
+    assert seen[0][0] == 1 and seen[0][1] is outs[1] and outs[1].finish_reason == "stop"
+    assert polls[0] == [(1, outs[1])]  # reported at the first boundary, before the others finish
+    assert [len(o.token_ids) for o in outs] == [10, 1, 10]

@@ -74,7 +74,7 @@ def test_train_step_changes_weights_and_publishes_a_new_version(rig):
         for k, t in enumerate(g):
             t.reward = float(k % 2)
     for d, g in zip(deliveries, groups):
-        buf.finish_task(d, g)
+        buf.finish_task(d, d.item, g)
     before = params(trainer)
     metrics = trainer.train_step(step=1, timeout_s=30)
     after = params(trainer)
@@ -103,20 +103,20 @@ def test_worker_swaps_weights_mid_generation_and_tags_tokens(rig):
     worker.engine.cfg.chunk_tokens = 2
     worker.engine.eos_id = -1  # run every sample to its budget so the swap lands mid-sequence
     calls = {"n": 0}
-    real_changed = worker._weights_changed
+    real_poll = worker.buffer.poll
 
     def publish_during_generation():
         calls["n"] += 1
-        if calls["n"] == 1:
+        if calls["n"] == 1:  # the trainer publishes while the first chunk is being generated
             trainer.version += 1
             trainer.publish()
-        return real_changed()
+        return real_poll()
 
-    worker._weights_changed = publish_during_generation
+    worker.buffer.poll = publish_during_generation
     try:
         group = worker.generate_groups([env.train_task(500, 0, 2, SamplingParams(1.0, 1.0, 6))])[0]
     finally:
-        worker._weights_changed = real_changed
+        worker.buffer.poll = real_poll
         worker.engine.cfg.chunk_tokens = 8
         worker.engine.eos_id = env.tokenizer.eos_id
     for traj in group:

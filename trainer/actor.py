@@ -9,6 +9,7 @@ a rank that dies mid-step leaves its groups pending for reclaim.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 
@@ -124,9 +125,15 @@ class TrainerRank:
                 p.requires_grad_(False)
 
     # ------------------------------------------------------------------ RL step
-    def _collect_groups(self, want: int, timeout_s: float) -> list[Delivery]:
-        """Read ``want`` whole, untrained groups from Redis (blocking); duplicates are acked away."""
+    def _collect_groups(self, want: int, timeout_s: float) -> tuple[list[Delivery], int]:
+        """Read ``want`` whole, untrained, fresh-enough groups from Redis (blocking).
+
+        Already-trained duplicates are acked away; groups with a token more than
+        ``rollout.max_staleness`` versions behind the current weights go back as fresh tasks.
+        Returns (deliveries, number of stale groups restarted)."""
         got: list[Delivery] = []
+        stale_restarted = 0
+        bound = self.cfg.rollout.max_staleness
         deadline = time.monotonic() + timeout_s
         while len(got) < want:
             if time.monotonic() > deadline:
@@ -135,49 +142,88 @@ class TrainerRank:
             fresh += self.buffer.reclaim("complete", "trainer", self.consumer,
                                          self.cfg.buffer.reclaim_idle_ms, count=want - len(got))
             for d in fresh:
-                trained = self.buffer.already_trained([t.traj_id for t in d.item])
-                if all(trained):
+                group = d.item.group
+                if all(self.buffer.already_trained([t.traj_id for t in group])):
                     self.buffer.ack_trained([d])
+                elif self.cfg.mode != "sync" and self.version - _oldest(group) > bound:
+                    self.buffer.requeue([d])
+                    stale_restarted += 1
                 else:
                     got.append(d)
-        return got[:want]
+        return got[:want], stale_restarted
 
     def train_step(self, step: int, timeout_s: float = 600.0) -> dict:
         t_wait = time.perf_counter()
         want = self.cfg.rollout.batch_prompts // self.world
-        deliveries = self._collect_groups(want, timeout_s)
+        deliveries, stale_restarted = self._collect_groups(want, timeout_s)
+        if self.cfg.mode == "april" and self.rank == 0:
+            self.buffer.advance_round()  # the batch is full: workers park what is unfinished
         t0 = time.perf_counter()
-        groups: list[list[Trajectory]] = [d.item for d in deliveries]
+        groups: list[list[Trajectory]] = [d.item.group for d in deliveries]
         trajs = [t for g in groups for t in g]
         rewards = torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32)
         adv = grpo_advantages(rewards, self.cfg.trainer.adv_std_norm).reshape(-1)
         batch = collate(trajs, adv).to(self.device)
         metrics = self._optimise(batch)
         self.buffer.ack_trained(deliveries)
+        self._log_trained(step, trajs)
         t1 = time.perf_counter()
 
+        trained_version = self.version
         self.version += 1
         if self.version % self.cfg.trainer.publish_every == 0:
             metrics.update(self.publish())
-        versions = np.concatenate([t.versions for t in trajs]) if trajs else np.zeros(0)
-        lengths = np.array([len(t) for t in trajs])
-        gen_s = max((t.timings.get("gen_s", 0.0) for t in trajs), default=0.0)
+        metrics.update(self._batch_metrics(trajs, rewards, trained_version, batch))
         metrics.update({
             "step": step,
+            "train/step_s": t1 - t0,
+            "train/wait_s": t0 - t_wait,
+            "train/tokens_per_s": batch.num_tokens / max(t1 - t0, 1e-9),
+            "train/samples": len(trajs),
+            "staleness/restarted_groups": stale_restarted,
+        })
+        return metrics
+
+    def _batch_metrics(self, trajs: list[Trajectory], rewards: torch.Tensor, version: int,
+                       batch: TrainBatch) -> dict:
+        bound = self.cfg.rollout.max_staleness
+        trained = batch.mask.bool()
+        versions = batch.versions[trained].cpu().numpy()
+        lags = version - versions
+        lengths = np.array([len(t) for t in trajs])
+        gen_s = max((t.timings.get("gen_s", 0.0) for t in trajs), default=0.0)
+        resumes = np.array([t.num_resumes for t in trajs])
+        out = {
             "reward/mean": float(rewards.mean()),
             "reward/accuracy": float((rewards >= 1.0).float().mean()),
             "reward/group_all_same_frac": float((rewards.std(dim=1) == 0).float().mean()),
             "response/len_mean": float(lengths.mean()),
+            "response/len_max": int(lengths.max()),
             "response/truncated_frac": float(np.mean([t.status.value == "truncated" for t in trajs])),
             "train/tokens": batch.num_tokens,
             "rollout/tokens_per_s": float(lengths.sum()) / gen_s if gen_s > 0 else 0.0,
-            "train/step_s": t1 - t0,
-            "train/wait_s": t0 - t_wait,
-            "train/tokens_per_s": batch.num_tokens / max(t1 - t0, 1e-9),
-            "weights/version_lag_mean": float(self.version - 1 - versions.mean()) if versions.size else 0.0,
-            "weights/version_lag_max": int(self.version - 1 - versions.min()) if versions.size else 0,
-        })
-        return metrics
+            "weights/version_lag_mean": float(lags.mean()) if lags.size else 0.0,
+            "weights/version_lag_max": int(lags.max()) if lags.size else 0,
+            "offpolicy/token_frac": float((lags > 0).mean()) if lags.size else 0.0,
+            "offpolicy/resumes_mean": float(resumes.mean()),
+            "offpolicy/resumes_max": int(resumes.max()),
+            "offpolicy/resumed_sample_frac": float((resumes > 0).mean()),
+        }
+        for k in range(bound + 1):
+            out[f"staleness/lag{k}_tokens"] = int((lags == k).sum())
+        out[f"staleness/lag{bound + 1}plus_tokens"] = int((lags > bound).sum())
+        return out
+
+    def _log_trained(self, step: int, trajs: list[Trajectory]) -> None:
+        """Append the trained ids (for audits: nothing lost, nothing trained twice)."""
+        with open(os.path.join(self.run_dir, f"trained_ids.rank{self.rank}.jsonl"), "a") as fh:
+            fh.write(json.dumps({"step": step, "version": self.version,
+                                 "ids": [t.traj_id for t in trajs]}) + "\n")
+
+    def _proximal_logp(self, batch: TrainBatch, temperature: float) -> torch.Tensor:
+        with torch.no_grad():
+            logits, _, _ = self.engine(batch.input_ids)
+        return token_logprobs(logits[:, :-1], batch.targets, temperature)
 
     def _optimise(self, batch: TrainBatch) -> dict:
         cfg = self.cfg.trainer
@@ -185,28 +231,37 @@ class TrainerRank:
         self.engine.train()
         sums: dict[str, float] = {}
         counts_total = None
-        for chunk in self._micro_slices(batch.input_ids.shape[0]):
-            mb = batch.slice(chunk.start, chunk.stop)
-            logits, aux, counts = self.engine(mb.input_ids)
-            new_logp = token_logprobs(logits[:, :-1], mb.targets, temperature)
-            ref_logp = None
-            if self.ref_model is not None:
-                with torch.no_grad():
-                    ref_logits, _, _ = self.ref_model(mb.input_ids)
-                    ref_logp = token_logprobs(ref_logits[:, :-1], mb.targets, temperature)
-            # One optimiser step per batch: the proximal policy is the current weights, so
-            # old_logp == new_logp numerically and the IS weight corrects behaviour -> proximal.
-            out = policy_loss(new_logp, new_logp.detach(), mb.behav_logp, mb.advantages, mb.mask,
-                              cfg.clip_eps, cfg.clip_eps_high, cfg.tis_cap, ref_logp, cfg.kl_coef,
-                              cfg.loss_agg)
-            loss = out.loss + self.cfg.model.aux_loss_coef * aux
-            self.engine.backward(loss)
-            self.engine.step()
-            for k, v in {**out.metrics, "loss": loss.item(), "aux_loss": aux.item()}.items():
-                sums[k] = sums.get(k, 0.0) + v
-            counts_total = counts if counts_total is None else counts_total + counts
-        steps = self.accum
-        metrics = {f"train/{k}": v / steps for k, v in sums.items()}
+        n_updates = 0
+        # With several optimiser steps per batch, the proximal policy (the weights before the
+        # first step) must be computed up front; with one it equals the current weights.
+        prox_all = self._proximal_logp(batch, temperature) if cfg.ppo_minibatches > 1 else None
+        stale_all = batch.versions < self.version
+        rows = np.array_split(np.arange(batch.input_ids.shape[0]), cfg.ppo_minibatches)
+        for minibatch in rows:
+            mb_all = batch.slice(int(minibatch[0]), int(minibatch[-1]) + 1)
+            offset = int(minibatch[0])
+            for chunk in self._micro_slices(mb_all.input_ids.shape[0]):
+                mb = mb_all.slice(chunk.start, chunk.stop)
+                logits, aux, counts = self.engine(mb.input_ids)
+                new_logp = token_logprobs(logits[:, :-1], mb.targets, temperature)
+                ref_logp = None
+                if self.ref_model is not None:
+                    with torch.no_grad():
+                        ref_logits, _, _ = self.ref_model(mb.input_ids)
+                        ref_logp = token_logprobs(ref_logits[:, :-1], mb.targets, temperature)
+                lo, hi = offset + chunk.start, offset + chunk.stop
+                old_logp = new_logp.detach() if prox_all is None else prox_all[lo:hi]
+                out = policy_loss(new_logp, old_logp, mb.behav_logp, mb.advantages, mb.mask,
+                                  cfg.clip_eps, cfg.clip_eps_high, cfg.tis_cap, ref_logp, cfg.kl_coef,
+                                  cfg.loss_agg, cfg.off_policy, stale_all[lo:hi])
+                loss = out.loss + self.cfg.model.aux_loss_coef * aux
+                self.engine.backward(loss)
+                self.engine.step()
+                for k, v in {**out.metrics, "loss": loss.item(), "aux_loss": aux.item()}.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                counts_total = counts if counts_total is None else counts_total + counts
+                n_updates += 1
+        metrics = {f"train/{k}": v / n_updates for k, v in sums.items()}
         metrics["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         frac = (counts_total.float() / counts_total.sum(dim=-1, keepdim=True)).cpu()
         for layer in range(frac.shape[0]):
@@ -217,3 +272,9 @@ class TrainerRank:
 
     def ping(self) -> int:
         return os.getpid()
+
+
+def _oldest(group: list[Trajectory]) -> int:
+    """The oldest policy version of any trainable token in the group."""
+    versions = [int(t.versions[t.loss_mask.astype(bool)].min()) for t in group if t.loss_mask.any()]
+    return min(versions) if versions else 1 << 30

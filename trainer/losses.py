@@ -44,23 +44,47 @@ class PolicyLossOutput:
     metrics: dict[str, float]
 
 
+CORRECTIONS = ("tis", "decoupled", "mask_stale", "ppo")
+
+
 def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torch.Tensor,
                 advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float, clip_eps_high: float,
                 tis_cap: float, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
-                loss_agg: str = "token_mean") -> PolicyLossOutput:
-    """PPO-clip (asymmetric clip range) x truncated IS weight, + optional k3 KL to a reference.
+                loss_agg: str = "token_mean", correction: str = "tis",
+                stale: torch.Tensor | None = None) -> PolicyLossOutput:
+    """PPO-clip (asymmetric clip range) with an off-policy correction, + optional k3 KL.
 
     All tensors are (B, T); ``advantages`` may be (B,) and is broadcast over tokens; ``mask`` is 1
-    on trainable tokens (generated, not observations or padding)."""
+    on trainable tokens (generated, not observations or padding). ``correction``:
+
+    * ``tis``: ratio against the proximal policy, times ``min(old/behav, tis_cap)`` (truncated IS);
+    * ``decoupled``: the same ratio, times the untruncated ``old/behav``; tokens whose weight
+      exceeds ``tis_cap`` are masked instead of truncated (AReaL's decoupled PPO);
+    * ``mask_stale``: tokens marked in ``stale`` (generated before the current policy segment) are
+      masked; the rest use the plain PPO ratio against the behaviour policy;
+    * ``ppo``: no correction: the ratio is taken against the behaviour policy (the baseline)."""
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction={correction!r}: must be one of {', '.join(CORRECTIONS)}")
     mask = mask.float()
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(new_logp)
-    ratio = torch.exp(new_logp - old_logp)
+    is_raw = torch.exp(old_logp - behav_logp).detach()
+    if correction in ("tis", "decoupled"):
+        base = old_logp
+        if correction == "tis":
+            is_weight = is_raw.clamp(max=tis_cap)
+        else:
+            is_weight = is_raw
+            mask = mask * (is_raw <= tis_cap).float()
+    else:
+        base = behav_logp
+        is_weight = torch.ones_like(is_raw)
+        if correction == "mask_stale" and stale is not None:
+            mask = mask * (~stale.bool()).float()
+    ratio = torch.exp(new_logp - base)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps_high)
     pg = torch.maximum(unclipped, clipped)
-    is_raw = torch.exp(old_logp - behav_logp).detach()
-    is_weight = is_raw.clamp(max=tis_cap)
     per_token = is_weight * pg
     kl = torch.zeros_like(per_token)
     if ref_logp is not None and kl_coef > 0:
