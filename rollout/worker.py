@@ -70,6 +70,7 @@ class RolloutWorker:
         self.engine = NativeEngine(cfg.model, cfg.engine, eos_id=self.env.tokenizer.eos_id,
                                    pad_id=self.env.tokenizer.pad_id, seed=cfg.seed * 1000 + index)
         self.stats = WorkerStats()
+        self._last_beat = 0.0
 
     # ------------------------------------------------------------------ weights
     def maybe_update_weights(self) -> bool:
@@ -84,12 +85,15 @@ class RolloutWorker:
         return True
 
     def _wait_for_version(self, min_version: int, timeout_s: float = 600.0) -> None:
+        """Block until the engine holds ``min_version`` (sync mode's on-policy rule); idle time."""
+        t0 = time.perf_counter()
         deadline = time.monotonic() + timeout_s
         while self.engine.version < min_version:
             if not self.maybe_update_weights():
                 if self.buffer.signal("stop") or time.monotonic() > deadline:
                     raise InterruptedError(f"{self.name}: weights v{min_version} never arrived")
-                time.sleep(0.02)
+                time.sleep(0.01)
+        self.stats.idle_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ work items
     def _item(self, delivery: Delivery) -> WorkItem:
@@ -148,6 +152,8 @@ class RolloutWorker:
                         self._ship(item)
 
                 def should_stop() -> bool:
+                    if time.time() - self._last_beat > 0.5:
+                        self._heartbeat()
                     new_version, round_now, stop = self.buffer.poll()
                     if stop:
                         why["reason"] = "stop"
@@ -237,6 +243,7 @@ class RolloutWorker:
             self._generate(train, abortable=self.cfg.mode == "april")
 
     def _heartbeat(self) -> None:
+        self._last_beat = time.time()
         self.buffer.heartbeat(self.name, {**vars(self.stats), "version": self.engine.version,
                                           "pid": os.getpid(), "now": time.time()})
 
