@@ -127,8 +127,3 @@ class ArithmeticEnv:
         correct = ended and text == answer
         return RewardResult(1.0 if correct else 0.0, {"text": text, "ended": ended})
 
-
-def make_env(cfg: EnvConfig) -> ArithmeticEnv:
-    if cfg.name == "arithmetic":
-        return ArithmeticEnv(cfg)
-    raise ValueError(f"env.name={cfg.name!r}: unknown environment")

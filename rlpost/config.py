@@ -185,12 +185,19 @@ class EnvConfig:
     reverse_answer: bool = False
     # Fraction of carrying additions whose warm-up demonstration drops the carry (a flawed teacher).
     teacher_carry_error: float = 0.0
+    # longtail: log-normal target lengths (median, shape) capped at len_max.
+    len_median: float = 6.0
+    len_sigma: float = 1.1
+    len_max: int = 120
     num_eval: int = 200
     seed: int = 1234
     reward_timeout_s: float = 5.0
 
     def validate(self, p: str = "env") -> None:
-        _check(self.name == "arithmetic", f"{p}.name", self.name, "available: arithmetic")
+        _check(self.name in ("arithmetic", "longtail"), f"{p}.name", self.name, "available: arithmetic, longtail")
+        _check(self.len_median >= 1, f"{p}.len_median", self.len_median, "must be >= 1")
+        _check(self.len_sigma >= 0, f"{p}.len_sigma", self.len_sigma, "must be >= 0")
+        _check(self.len_max >= 1, f"{p}.len_max", self.len_max, "must be >= 1")
         _check(1 <= self.min_digits <= self.max_digits, f"{p}.min_digits", self.min_digits,
                f"must be in [1, env.max_digits={self.max_digits}]")
         _check(self.max_digits <= 9, f"{p}.max_digits", self.max_digits, "must be <= 9")
@@ -200,6 +207,31 @@ class EnvConfig:
                "must be in [0, 1]")
         _check(self.num_eval > 0, f"{p}.num_eval", self.num_eval, "must be > 0")
         _check(self.reward_timeout_s > 0, f"{p}.reward_timeout_s", self.reward_timeout_s, "must be > 0")
+
+
+@dataclass
+class SandboxConfig:
+    """Where model-written code runs. ``auto``: bubblewrap if usable, else refuse (unless
+    ``allow_unsandboxed``, which runs it as a plain subprocess and warns at every start)."""
+
+    backend: str = "auto"  # auto | bwrap | none
+    allow_unsandboxed: bool = False
+    slots: int = 4
+    base_uid: int = 20000  # slot i runs as uid base_uid + i
+    python: str = "/usr/bin/python3"
+    wall_s: float = 5.0
+    cpu_s: int = 4
+    memory_mb: int = 512
+    file_mb: int = 16
+    nproc: int = 32
+    max_output_bytes: int = 65536
+
+    def validate(self, p: str = "sandbox") -> None:
+        _check(self.backend in ("auto", "bwrap", "none"), f"{p}.backend", self.backend, "must be auto, bwrap or none")
+        _check(self.slots >= 1, f"{p}.slots", self.slots, "must be >= 1")
+        _check(self.base_uid >= 1000, f"{p}.base_uid", self.base_uid, "must be >= 1000 (an unprivileged uid)")
+        for name in ("wall_s", "cpu_s", "memory_mb", "file_mb", "nproc", "max_output_bytes"):
+            _check(getattr(self, name) > 0, f"{p}.{name}", getattr(self, name), "must be > 0")
 
 
 @dataclass
@@ -262,6 +294,7 @@ class RlpostConfig:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -23,6 +23,7 @@ from rlpost.envs.base import score_with_timeout
 from rlpost.records import GroupEntry, Status, Task, Trajectory
 from rlpost.rollout.engine import GenOutput, GenRequest
 from rlpost.rollout.native import NativeEngine
+from rlpost.scheduler import too_stale
 from rlpost.weights import fetch_weights
 
 UNFINISHED = (Status.PENDING, Status.PARTIAL)
@@ -60,7 +61,7 @@ class WorkItem:
 class RolloutWorker:
     def __init__(self, cfg: RlpostConfig, index: int, buffer_url: str, run: str,
                  buffer_auth: dict | None = None):
-        from rlpost.envs.arithmetic import make_env
+        from rlpost.envs import make_env
 
         torch.set_num_threads(cfg.rollout.threads)
         self.cfg = cfg
@@ -110,8 +111,8 @@ class RolloutWorker:
         resumed more than ``rollout.max_resumes`` times."""
         bound = self.cfg.rollout.max_staleness
         for k, traj in enumerate(item.group):
-            too_stale = len(traj) and self.engine.version - int(traj.versions.min()) > bound
-            if too_stale or traj.num_resumes > self.cfg.rollout.max_resumes:
+            stale = len(traj) > 0 and too_stale(int(traj.versions.min()), self.engine.version, bound)
+            if stale or traj.num_resumes > self.cfg.rollout.max_resumes:
                 self.stats.stale_restarts += 1
                 self.stats.aborted_tokens += len(traj)
                 fresh = Trajectory.start(item.task, k)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlpost.records import SamplingParams
+from rlpost.records import SamplingParams, unpack_entry
 from rlpost.trainer.batch import collate
 from rlpost.trainer.losses import token_logprobs
 
@@ -170,3 +170,61 @@ def test_loaded_weights_survive_the_next_optimizer_step(rig):
     after = trainer.canonical_state()
     for name, value in loaded.items():
         assert torch.allclose(after[name], value, atol=1e-5), name
+
+
+def test_april_round_cut_parks_partials_and_resumes_them_with_new_versions(rig):
+    """A round is cut mid-generation: every unfinished group is parked (no prompt lost), resumed
+    first under the newer weights with the version switching mid-sequence, and the loss sees
+    exactly those per-token versions."""
+    trainer, worker, buf = rig
+    env = worker.env
+    trainer.publish()
+    worker.maybe_update_weights()
+    v_old = worker.engine.version
+    saved = (worker.cfg.mode, trainer.cfg.mode, worker.engine.cfg.chunk_tokens, worker.engine.eos_id)
+    worker.cfg.mode = trainer.cfg.mode = "april"
+    worker.engine.cfg.chunk_tokens = 2
+    worker.engine.eos_id = -1  # every sample runs to its 6-token budget
+    n = trainer.cfg.rollout.batch_prompts
+    tasks = [env.train_task(700 + i, 0, 2, SamplingParams(1.0, 1.0, 6)) for i in range(n)]
+    real_poll = worker.buffer.poll
+    calls = {"n": 0}
+
+    def trainer_has_its_batch():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            buf.advance_round()
+        return real_poll()
+
+    try:
+        buf.put_tasks(tasks)
+        worker.buffer.poll = trainer_has_its_batch
+        worker.serve(buf.read_tasks(worker.name, count=n, block_ms=200))
+        worker.buffer.poll = real_poll
+        depth = buf.depth()
+        assert depth["partials"] == n and depth["tasks"] == 0 and depth["tasks_pending"] == 0
+        assert depth["complete"] == 0
+
+        trainer.version += 1
+        trainer.publish()  # newer weights arrive before the partials are resumed
+        deliveries = buf.read_tasks(worker.name, count=n, block_ms=200)
+        assert all(d.stream.endswith(":partials") for d in deliveries)
+        worker.serve(deliveries)
+        assert buf.depth()["partials_pending"] == 0
+
+        seen = [unpack_entry(fields[b"data"]) for _, fields in buf.client.xrange(buf.key("complete"))]
+        assert sorted(e.task.task_id for e in seen) == sorted(t.task_id for t in tasks)  # none lost
+        for entry in seen:
+            for traj in entry.group:
+                assert traj.versions.tolist() == [v_old] * 2 + [v_old + 1] * 4
+                assert traj.num_resumes == 1 and traj.status.value == "truncated"
+        metrics = trainer.train_step(step=50, timeout_s=30)
+        # trained with weights v_old+1: 2 tokens per sample are one version old, 4 are current
+        samples = 2 * n
+        assert metrics["staleness/lag1_tokens"] == 2 * samples
+        assert metrics["staleness/lag0_tokens"] == 4 * samples
+        assert metrics["offpolicy/token_frac"] == pytest.approx(2 / 6)
+        assert metrics["offpolicy/resumed_sample_frac"] == 1.0
+    finally:
+        worker.buffer.poll = real_poll
+        worker.cfg.mode, trainer.cfg.mode, worker.engine.cfg.chunk_tokens, worker.engine.eos_id = saved

@@ -20,6 +20,7 @@ from rlpost.buffer import Delivery, RedisBuffer
 from rlpost.config import RlpostConfig
 from rlpost.modeling import save_pretrained
 from rlpost.records import Trajectory
+from rlpost.scheduler import too_stale
 from rlpost.weights import WeightPublisher
 from rlpost.trainer.batch import TrainBatch, collate, sft_batch
 from rlpost.trainer.ds_engine import DistEnv, build_engine, init_distributed
@@ -145,7 +146,7 @@ class TrainerRank:
                 group = d.item.group
                 if all(self.buffer.already_trained([t.traj_id for t in group])):
                     self.buffer.ack_trained([d])
-                elif self.cfg.mode != "sync" and self.version - _oldest(group) > bound:
+                elif self.cfg.mode != "sync" and too_stale(_oldest(group), self.version, bound):
                     self.buffer.requeue([d])
                     stale_restarted += 1
                 else:
@@ -217,8 +218,9 @@ class TrainerRank:
     def _log_trained(self, step: int, trajs: list[Trajectory]) -> None:
         """Append the trained ids (for audits: nothing lost, nothing trained twice)."""
         with open(os.path.join(self.run_dir, f"trained_ids.rank{self.rank}.jsonl"), "a") as fh:
-            fh.write(json.dumps({"step": step, "version": self.version,
-                                 "ids": [t.traj_id for t in trajs]}) + "\n")
+            fh.write(json.dumps({"step": step, "version": self.version, "ids": [t.traj_id for t in trajs],
+                                 "lengths": [len(t) for t in trajs],
+                                 "status": [t.status.value for t in trajs]}) + "\n")
 
     def _proximal_logp(self, batch: TrainBatch, temperature: float) -> torch.Tensor:
         with torch.no_grad():

