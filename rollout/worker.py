@@ -129,6 +129,7 @@ class RolloutWorker:
     def _generate(self, items: list[WorkItem], abortable: bool, ship: bool = True) -> str:
         """Generate until every item is done (returns "done"), or the round moves on while
         ``abortable`` (unfinished items are parked; returns "round")."""
+        self.maybe_update_weights()  # resumed partials continue under the newest weights
         self._wait_for_version(max(item.task.min_version for item in items))
         for item in items:
             self._enforce_staleness(item)
