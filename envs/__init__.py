@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from rlpost.config import EnvConfig
+from rlpost.config import EnvConfig, SandboxConfig
 
 
-def make_env(cfg: EnvConfig):
-    """The environment named by ``env.name``."""
+def make_env(cfg: EnvConfig, sandbox: SandboxConfig | None = None):
+    """The environment named by ``env.name`` (code-running envs get the sandbox settings)."""
     if cfg.name == "arithmetic":
         from rlpost.envs.arithmetic import ArithmeticEnv
 
@@ -15,4 +15,12 @@ def make_env(cfg: EnvConfig):
         from rlpost.envs.longtail import LongTailEnv
 
         return LongTailEnv(cfg)
-    raise ValueError(f"env.name={cfg.name!r}: unknown environment (arithmetic, longtail)")
+    if cfg.name == "coding":
+        from rlpost.envs.coding import CodingEnv
+
+        return CodingEnv(cfg, sandbox)
+    if cfg.name == "tools":
+        from rlpost.envs.tools import ToolEnv
+
+        return ToolEnv(cfg, sandbox)
+    raise ValueError(f"env.name={cfg.name!r}: unknown environment (arithmetic, longtail, coding, tools)")

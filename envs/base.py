@@ -36,6 +36,25 @@ def score_with_timeout(env: Env, answer: str, response_ids: list[int], timeout_s
         return future.result(timeout=timeout_s)
     except concurrent.futures.TimeoutError:
         future.cancel()
-        return RewardResult(0.0, {"error": f"reward timed out after {timeout_s}s"})
+        reason = f"reward timed out after {timeout_s}s"
     except Exception as exc:  # any env bug must not kill the worker
-        return RewardResult(0.0, {"error": f"{type(exc).__name__}: {exc}"})
+        reason = f"{type(exc).__name__}: {exc}"
+    return RewardResult(0.0, {"error": reason, "reason": reason})
+
+
+def score_group_with_timeout(env: Env, answers: list[str], responses: list[list[int]],
+                             timeout_s: float) -> list[RewardResult]:
+    """Score a group: with ``env.score_many`` in one bounded call (sandboxed envs run the group's
+    programs concurrently), else sample by sample. Errors and timeouts are reward 0 with a reason."""
+    many = getattr(env, "score_many", None)
+    if many is None:
+        return [score_with_timeout(env, a, r, timeout_s) for a, r in zip(answers, responses)]
+    future = _pool.submit(many, answers, responses)
+    try:
+        return future.result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        reason = f"reward timed out after {timeout_s}s"
+    except Exception as exc:  # any env bug must not kill the worker
+        reason = f"{type(exc).__name__}: {exc}"
+    return [RewardResult(0.0, {"error": reason, "reason": reason}) for _ in answers]

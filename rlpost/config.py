@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 MODES = ("sync", "async", "april")
+ENVS = ("arithmetic", "longtail", "coding", "tools")
 
 
 class ConfigError(ValueError):
@@ -189,12 +190,15 @@ class EnvConfig:
     len_median: float = 6.0
     len_sigma: float = 1.1
     len_max: int = 120
+    # tools: tool calls allowed per sample.
+    max_turns: int = 3
     num_eval: int = 200
     seed: int = 1234
     reward_timeout_s: float = 5.0
 
     def validate(self, p: str = "env") -> None:
-        _check(self.name in ("arithmetic", "longtail"), f"{p}.name", self.name, "available: arithmetic, longtail")
+        _check(self.name in ENVS, f"{p}.name", self.name, f"available: {', '.join(ENVS)}")
+        _check(self.max_turns >= 1, f"{p}.max_turns", self.max_turns, "must be >= 1")
         _check(self.len_median >= 1, f"{p}.len_median", self.len_median, "must be >= 1")
         _check(self.len_sigma >= 0, f"{p}.len_sigma", self.len_sigma, "must be >= 0")
         _check(self.len_max >= 1, f"{p}.len_max", self.len_max, "must be >= 1")

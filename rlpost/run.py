@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from rlpost.config import ConfigError, RlpostConfig
+from rlpost.envs.sandbox import SandboxUnavailable
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Run:
         from rlpost.envs import make_env
 
         self.cfg = cfg
-        self.env = make_env(cfg.env)
+        self.env = make_env(cfg.env, cfg.sandbox)
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.env.tokenizer.vocab_size
         elif cfg.model.vocab_size < self.env.tokenizer.vocab_size:
@@ -415,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         run = Run(cfg)
     except ConfigError as exc:
         print(f"rlpost: config error: {exc}", file=sys.stderr)
+        return 2
+    except SandboxUnavailable as exc:
+        print(f"rlpost: sandbox: {exc}", file=sys.stderr)
         return 2
     # SIGTERM (ray job stop, kubectl delete, CI timeouts) unwinds like Ctrl-C, so the private
     # redis-server and the Ray actors are stopped by execute()'s cleanup instead of leaking.

@@ -19,7 +19,7 @@ import torch
 
 from rlpost.buffer import Delivery, RedisBuffer
 from rlpost.config import RlpostConfig
-from rlpost.envs.base import score_with_timeout
+from rlpost.envs.base import score_group_with_timeout
 from rlpost.records import GroupEntry, Status, Task, Trajectory
 from rlpost.rollout.engine import GenOutput, GenRequest
 from rlpost.rollout.native import NativeEngine
@@ -67,7 +67,7 @@ class RolloutWorker:
         self.cfg = cfg
         self.name = f"worker-{index}"
         self.buffer = RedisBuffer.from_url(buffer_url, run, **(buffer_auth or {}))
-        self.env = make_env(cfg.env)
+        self.env = make_env(cfg.env, cfg.sandbox)
         self.engine = NativeEngine(cfg.model, cfg.engine, eos_id=self.env.tokenizer.eos_id,
                                    pad_id=self.env.tokenizer.pad_id, seed=cfg.seed * 1000 + index)
         self.stats = WorkerStats()
@@ -124,6 +124,8 @@ class RolloutWorker:
         items = [WorkItem(Delivery("", "", t), t, [Trajectory.start(t, i) for i in range(t.group_size)])
                  for t in tasks]
         self._generate(items, abortable=False, ship=False)
+        for item in items:
+            self._score_group(item.group)
         return [item.group for item in items]
 
     def _generate(self, items: list[WorkItem], abortable: bool, ship: bool = True) -> str:
@@ -142,14 +144,15 @@ class RolloutWorker:
                     return "done"
                 reqs = [GenRequest(prompt_ids=list(item.task.prompt_ids), prefix_ids=traj.response_ids.tolist(),
                                    max_new_tokens=item.task.sampling.max_new_tokens - len(traj),
-                                   temperature=item.task.sampling.temperature, top_p=item.task.sampling.top_p)
+                                   temperature=item.task.sampling.temperature, top_p=item.task.sampling.top_p,
+                                   stop_ids=tuple(item.task.meta.get("stop_ids", ())))
                         for item, traj in pending]
                 version = self.engine.version
                 why: dict[str, str] = {}
 
                 def on_finished(i: int, out: GenOutput) -> None:
                     item, traj = pending[i]
-                    self._absorb(traj, out, version)
+                    self._absorb(traj, out, version, item.task)
                     if ship and item.done and not item.shipped:
                         self._ship(item)
 
@@ -180,33 +183,55 @@ class RolloutWorker:
         finally:
             self.stats.gen_s += time.perf_counter() - t0
 
-    def _absorb(self, traj: Trajectory, out: GenOutput, version: int) -> None:
+    def _absorb(self, traj: Trajectory, out: GenOutput, version: int, task: Task) -> None:
         if out.token_ids:
             traj.append(out.token_ids, out.logprobs, version, out.routed_experts)
         self.stats.tokens += len(out.token_ids)
         if out.finish_reason == "stop":
             traj.status = Status.COMPLETE
+            if out.token_ids and out.token_ids[-1] in task.meta.get("stop_ids", ()):
+                self._tool_turn(traj, task, version)
         elif out.finish_reason == "length":
             traj.status = Status.TRUNCATED
         else:
             traj.status = Status.PARTIAL
             traj.num_resumes += 1
         if traj.status not in UNFINISHED:
-            self._score(traj)
             self.stats.samples += 1
 
-    def _score(self, traj: Trajectory) -> None:
+    def _tool_turn(self, traj: Trajectory, task: Task, version: int) -> None:
+        """The sample ended with a tool call: append the observation (loss mask 0, tokenized once)
+        and let it continue, unless the turn limit or the token budget is used up."""
+        turns = int(traj.env_info.get("turns", 0))
+        if turns >= int(task.meta.get("max_turns", 1)):
+            traj.env_info["reason"] = f"tool-call limit of {turns} turns reached"
+            return
+        obs = self.env.observe(traj.response_ids.tolist())
+        if len(traj) + len(obs) >= task.sampling.max_new_tokens:
+            traj.status = Status.TRUNCATED
+            return
+        shape = traj.routed_experts.shape[1:] if traj.routed_experts.size else None
+        experts = np.full((len(obs), *shape), -1, dtype=np.int16) if shape else None
+        traj.append(obs, np.zeros(len(obs)), version, experts, trainable=False)
+        traj.env_info["turns"] = turns + 1
+        traj.status = Status.PENDING  # generation continues after the observation
+
+    def _score_group(self, group: list[Trajectory]) -> None:
+        """Score a finished group in one call, so sandboxed envs run its programs concurrently."""
         t0 = time.perf_counter()
-        result = score_with_timeout(self.env, traj.answer, traj.response_ids.tolist(),
-                                    self.cfg.env.reward_timeout_s)
-        traj.reward = float(result.reward)
-        traj.env_info = result.info
-        traj.timings["reward_s"] = time.perf_counter() - t0
-        traj.timings["finished_at"] = time.time()
-        if "error" in result.info:
-            self.stats.reward_errors += 1
+        results = score_group_with_timeout(self.env, [t.answer for t in group],
+                                           [t.response_ids.tolist() for t in group], self.cfg.env.reward_timeout_s)
+        elapsed = time.perf_counter() - t0
+        for traj, result in zip(group, results):
+            traj.reward = float(result.reward)
+            traj.env_info = {**traj.env_info, **result.info}
+            traj.timings["reward_s"] = elapsed
+            traj.timings["finished_at"] = time.time()
+            if "error" in result.info:
+                self.stats.reward_errors += 1
 
     def _ship(self, item: WorkItem) -> None:
+        self._score_group(item.group)
         self.buffer.finish_task(item.delivery, item.task, item.group)
         item.shipped = True
         self.stats.tasks += 1

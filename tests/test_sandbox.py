@@ -31,10 +31,8 @@ def pool():
 def coding_env(pool):
     from rlpost.envs.coding import CodingEnv
 
-    env = CodingEnv.__new__(CodingEnv)  # share the module's pool instead of starting another
-    CodingEnv.__init__(env, EnvConfig(name="coding", num_eval=4), SandboxConfig(backend="bwrap", slots=1))
-    env.pool.close()
-    env.pool = pool
+    env = CodingEnv(EnvConfig(name="coding", num_eval=4), SandboxConfig(backend="bwrap", slots=1))
+    env.pool = pool  # share the module's pool instead of starting another
     return env
 
 
@@ -170,6 +168,10 @@ def test_no_backend_refuses_unless_opted_in(monkeypatch):
     monkeypatch.setattr("rlpost.envs.sandbox.find_bwrap", lambda: None)
     with pytest.raises(SandboxUnavailable, match="allow_unsandboxed"):
         SandboxPool(SandboxConfig(backend="auto"))
+    with pytest.raises(SandboxUnavailable, match="refusing"):  # the coding env refuses at start-up
+        from rlpost.envs.coding import CodingEnv
+
+        CodingEnv(EnvConfig(name="coding", num_eval=2), SandboxConfig(backend="auto"))
     with pytest.raises(SandboxUnavailable, match="bwrap not found"):
         SandboxPool(SandboxConfig(backend="bwrap"))
 

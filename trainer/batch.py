@@ -54,13 +54,16 @@ def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int = 0) 
     return TrainBatch(input_ids, input_ids[:, 1:].clone(), mask, behav, versions, advantages.float())
 
 
-def sft_batch(examples: list[tuple[list[int], list[int]]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, targets, mask) for supervised warm-up on (prompt, target) pairs."""
-    L = max(len(p) + len(t) for p, t in examples)
+def sft_batch(examples: list[tuple], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, targets, mask) for supervised warm-up on (prompt, target[, target loss mask])
+    examples; a target mask of 0 (tool observations) keeps those tokens out of the loss."""
+    L = max(len(ex[0]) + len(ex[1]) for ex in examples)
     b = len(examples)
     input_ids = torch.full((b, L), pad_id, dtype=torch.long)
     mask = torch.zeros((b, L - 1))
-    for row, (p, t) in enumerate(examples):
-        input_ids[row, :len(p) + len(t)] = torch.tensor(p + t)
-        mask[row, len(p) - 1:len(p) - 1 + len(t)] = 1
+    for row, ex in enumerate(examples):
+        p, t = ex[0], ex[1]
+        target_mask = ex[2] if len(ex) > 2 else [1] * len(t)
+        input_ids[row, :len(p) + len(t)] = torch.tensor(list(p) + list(t))
+        mask[row, len(p) - 1:len(p) - 1 + len(t)] = torch.tensor(target_mask, dtype=torch.float32)
     return input_ids, input_ids[:, 1:].clone(), mask
