@@ -67,3 +67,34 @@ def test_token_logprobs_uses_temperature():
     assert token_logprobs(logits, torch.tensor([[0]])).item() == pytest.approx(-math.log1p(math.exp(-2)))
     assert token_logprobs(logits, torch.tensor([[0]]), temperature=2.0).item() == pytest.approx(
         -math.log1p(math.exp(-1)))
+
+
+def test_length_bucketed_micro_batches_reproduce_the_batch_token_mean():
+    """Sorted, trimmed micro-batches weighted by their token share give the whole-batch loss."""
+    import numpy as np
+
+    from rlpost.records import SamplingParams, Task, Trajectory
+    from rlpost.trainer.batch import collate
+
+    rng = np.random.default_rng(0)
+    trajs = []
+    for i, n in enumerate([2, 9, 3, 1, 7, 4]):
+        t = Trajectory.start(Task(f"t{i}", [1, 5, 6], "x", 1, SamplingParams()), 0)
+        t.append(rng.integers(3, 10, n), rng.uniform(-2, 0, n), version=0)
+        trajs.append(t)
+    adv = torch.tensor([1.0, -1.0, 0.5, 2.0, -0.5, 0.25])
+    full = collate(trajs, adv)
+    bucketed = collate(trajs, adv, sort_by_length=True)
+    assert bucketed.lengths.tolist() == sorted(full.lengths.tolist())
+
+    def loss(b, new_logp):
+        return policy_loss(new_logp, b.behav_logp, b.behav_logp, b.advantages, b.mask, 0.2, 0.28, 2.0).loss
+
+    # same per-token values regardless of layout: use the behaviour logprobs as "new" (ratio 1)
+    whole = loss(full, full.behav_logp)
+    total = 0.0
+    for start, end in ((0, 2), (2, 4), (4, 6)):
+        mb = bucketed.slice(start, end)
+        assert mb.input_ids.shape[1] == int(mb.lengths.max())  # padding trimmed
+        total += loss(mb, mb.behav_logp) * float(mb.mask.sum()) / float(bucketed.mask.sum())
+    assert float(total) == pytest.approx(float(whole), abs=1e-6)

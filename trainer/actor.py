@@ -164,7 +164,7 @@ class TrainerRank:
         trajs = [t for g in groups for t in g]
         rewards = torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32)
         adv = grpo_advantages(rewards, self.cfg.trainer.adv_std_norm).reshape(-1)
-        batch = collate(trajs, adv).to(self.device)
+        batch = collate(trajs, adv, sort_by_length=self.accum > 1).to(self.device)
         metrics = self._optimise(batch)
         self.buffer.ack_trained(deliveries)
         self._log_trained(step, trajs)
@@ -242,7 +242,8 @@ class TrainerRank:
         for minibatch in rows:
             mb_all = batch.slice(int(minibatch[0]), int(minibatch[-1]) + 1)
             offset = int(minibatch[0])
-            for chunk in self._micro_slices(mb_all.input_ids.shape[0]):
+            micro = self._micro_slices(mb_all.input_ids.shape[0])
+            for chunk in micro:
                 mb = mb_all.slice(chunk.start, chunk.stop)
                 logits, aux, counts = self.engine(mb.input_ids)
                 new_logp = token_logprobs(logits[:, :-1], mb.targets, temperature)
@@ -252,11 +253,17 @@ class TrainerRank:
                         ref_logits, _, _ = self.ref_model(mb.input_ids)
                         ref_logp = token_logprobs(ref_logits[:, :-1], mb.targets, temperature)
                 lo, hi = offset + chunk.start, offset + chunk.stop
-                old_logp = new_logp.detach() if prox_all is None else prox_all[lo:hi]
+                old_logp = new_logp.detach() if prox_all is None else prox_all[lo:hi, :mb.mask.shape[1]]
                 out = policy_loss(new_logp, old_logp, mb.behav_logp, mb.advantages, mb.mask,
                                   cfg.clip_eps, cfg.clip_eps_high, cfg.tis_cap, ref_logp, cfg.kl_coef,
-                                  cfg.loss_agg, cfg.off_policy, stale_all[lo:hi])
-                loss = out.loss + self.cfg.model.aux_loss_coef * aux
+                                  cfg.loss_agg, cfg.off_policy, stale_all[lo:hi, :mb.mask.shape[1]])
+                # DeepSpeed averages the micro-batches; weigh each by its share of the minibatch so
+                # the step optimises the minibatch-wide token (or sequence) mean exactly.
+                if cfg.loss_agg == "token_mean":
+                    share = float(mb.mask.sum()) / max(float(mb_all.mask.sum()), 1.0)
+                else:
+                    share = mb.input_ids.shape[0] / mb_all.input_ids.shape[0]
+                loss = out.loss * share * len(micro) + self.cfg.model.aux_loss_coef * aux
                 self.engine.backward(loss)
                 self.engine.step()
                 for k, v in {**out.metrics, "loss": loss.item(), "aux_loss": aux.item()}.items():

@@ -21,21 +21,37 @@ class TrainBatch:
     behav_logp: torch.Tensor     # (B, L-1) behaviour logprobs at those positions
     versions: torch.Tensor       # (B, L-1) policy version of each scored token (-1 elsewhere)
     advantages: torch.Tensor     # (B,)
+    lengths: torch.Tensor        # (B,) prompt + response length of each row
 
     @property
     def num_tokens(self) -> int:
         return int(self.mask.sum())
 
+    def _fields(self) -> tuple[torch.Tensor, ...]:
+        return (self.input_ids, self.targets, self.mask, self.behav_logp, self.versions, self.advantages,
+                self.lengths)
+
     def to(self, device) -> "TrainBatch":
-        return TrainBatch(*(t.to(device) for t in (self.input_ids, self.targets, self.mask,
-                                                   self.behav_logp, self.versions, self.advantages)))
+        return TrainBatch(*(t.to(device) for t in self._fields()))
 
     def slice(self, start: int, end: int) -> "TrainBatch":
-        return TrainBatch(self.input_ids[start:end], self.targets[start:end], self.mask[start:end],
-                          self.behav_logp[start:end], self.versions[start:end], self.advantages[start:end])
+        """Rows ``start:end``, with the padding columns none of them uses trimmed away: sorted by
+        length, the micro-batches of a long-tail batch are mostly short and cost accordingly."""
+        width = int(self.lengths[start:end].max())
+        return TrainBatch(self.input_ids[start:end, :width], self.targets[start:end, :width - 1],
+                          self.mask[start:end, :width - 1], self.behav_logp[start:end, :width - 1],
+                          self.versions[start:end, :width - 1], self.advantages[start:end],
+                          self.lengths[start:end])
 
 
-def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int = 0) -> TrainBatch:
+def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int = 0,
+            sort_by_length: bool = False) -> TrainBatch:
+    """Pad ``trajs`` into a batch; ``sort_by_length`` orders rows shortest first (advantages move
+    with their rows) so contiguous micro-batches are length buckets."""
+    if sort_by_length:
+        order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].prompt_ids) + len(trajs[i]))
+        trajs = [trajs[i] for i in order]
+        advantages = advantages[torch.tensor(order, dtype=torch.long)]
     lengths = [len(t.prompt_ids) + len(t) for t in trajs]
     L = max(lengths)
     b = len(trajs)
@@ -51,7 +67,8 @@ def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int = 0) 
             mask[row, p - 1:p - 1 + r] = torch.from_numpy(t.loss_mask.astype("float32"))
             behav[row, p - 1:p - 1 + r] = torch.from_numpy(t.logprobs.astype("float32"))
             versions[row, p - 1:p - 1 + r] = torch.from_numpy(t.versions.astype("int64"))
-    return TrainBatch(input_ids, input_ids[:, 1:].clone(), mask, behav, versions, advantages.float())
+    return TrainBatch(input_ids, input_ids[:, 1:].clone(), mask, behav, versions, advantages.float(),
+                      torch.tensor(lengths))
 
 
 def sft_batch(examples: list[tuple], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
