@@ -86,8 +86,8 @@ class RolloutConfig:
     over_sampling: float = 1.0
     # async/april: no trained token is older than this many weight versions (AReaL's eta).
     max_staleness: int = 1
-    # A sample resumed more often than this is restarted from scratch.
-    max_resumes: int = 8
+    # APRIL: a group resumed this often is no longer parked at round cuts; it runs to the end.
+    max_resumes: int = 4
 
     def validate(self, p: str = "rollout") -> None:
         for name in ("num_workers", "batch_prompts", "group_size", "max_new_tokens", "threads"):

@@ -158,9 +158,26 @@ class Run:
         self.worker_futures = [w.run.remote() for w in self.workers]
 
     def _on_all_ranks(self, method: str, *args):
+        """Call ``method`` on every trainer rank and wait, failing fast (with the worker's own
+        traceback) if a rollout worker dies meanwhile instead of waiting for groups that never come."""
         import ray
 
-        return ray.get([getattr(r, method).remote(*args) for r in self.ranks])
+        refs = [getattr(r, method).remote(*args) for r in self.ranks]
+        while True:
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+            if len(done) == len(refs):
+                return ray.get(refs)
+            self._check_workers()
+
+    def _check_workers(self) -> None:
+        import ray
+
+        if not self.worker_futures:
+            return
+        finished, _ = ray.wait(self.worker_futures, num_returns=len(self.worker_futures), timeout=0)
+        if finished and self.buffer.signal("stop") is None:
+            ray.get(finished)  # re-raises the worker's exception with its traceback
+            raise RuntimeError("a rollout worker stopped although no stop signal was given")
 
     # ------------------------------------------------------------------ phases
     def warmup(self, log) -> dict:

@@ -144,10 +144,13 @@ class NativeEngine:
         if min(budget) <= 0:
             raise ValueError("GenRequest.max_new_tokens must be > 0")
         plen = max(len(x) for x in inputs)
+        # Positions are per row, so each row must fit the model; the cache (lock-step columns
+        # after left padding) needs the longest input plus the largest remaining budget.
+        for x, n in zip(inputs, budget):
+            if len(x) + n > self.model_cfg.max_seq_len:
+                raise ValueError(f"prompt+prefix ({len(x)}) + max_new_tokens ({n}) exceeds "
+                                 f"model.max_seq_len={self.model_cfg.max_seq_len}")
         capacity = plen + max(budget)
-        if capacity > self.model_cfg.max_seq_len:
-            raise ValueError(f"prompt+prefix ({plen}) + max_new_tokens ({max(budget)}) exceeds "
-                             f"model.max_seq_len={self.model_cfg.max_seq_len}")
         ids = torch.full((b, plen), self.pad_id, dtype=torch.long, device=self.device)
         valid = torch.zeros((b, capacity), dtype=torch.bool, device=self.device)
         pad = torch.tensor([plen - len(x) for x in inputs], device=self.device)

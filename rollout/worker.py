@@ -103,16 +103,22 @@ class RolloutWorker:
             return WorkItem(delivery, task, [Trajectory.start(task, i) for i in range(task.group_size)])
         partial: GroupEntry = delivery.item  # type: ignore[assignment]
         self.stats.resumed_groups += 1
+        for traj in partial.group:  # a resume is a park in the buffer and a pick-up from it
+            if traj.status in UNFINISHED:
+                traj.num_resumes += 1
         return WorkItem(delivery, partial.task, partial.group)
+
+    def _pinned(self, item: WorkItem) -> bool:
+        """A group resumed ``rollout.max_resumes`` times is not parked again: it runs to the end
+        (restarting it instead would starve the longest samples of a long-tail workload)."""
+        return any(t.num_resumes >= self.cfg.rollout.max_resumes for t in item.group)
 
     def _enforce_staleness(self, item: WorkItem) -> None:
         """Restart members whose oldest token is more than ``rollout.max_staleness`` versions
-        behind the weights that would continue them (they could never be trained), or that were
-        resumed more than ``rollout.max_resumes`` times."""
+        behind the weights that would continue them: they could never be trained."""
         bound = self.cfg.rollout.max_staleness
         for k, traj in enumerate(item.group):
-            stale = len(traj) > 0 and too_stale(int(traj.versions.min()), self.engine.version, bound)
-            if stale or traj.num_resumes > self.cfg.rollout.max_resumes:
+            if len(traj) > 0 and too_stale(int(traj.versions.min()), self.engine.version, bound):
                 self.stats.stale_restarts += 1
                 self.stats.aborted_tokens += len(traj)
                 fresh = Trajectory.start(item.task, k)
@@ -136,6 +142,9 @@ class RolloutWorker:
         for item in items:
             self._enforce_staleness(item)
         start_round = self.buffer.current_round()
+        # APRIL swaps weights at round boundaries (the cut already re-prefills everything);
+        # the other modes swap at the next chunk boundary, as soon as weights are published.
+        swap_at_rounds = abortable
         t0 = time.perf_counter()
         try:
             while True:
@@ -164,7 +173,7 @@ class RolloutWorker:
                         why["reason"] = "stop"
                     elif abortable and round_now != start_round:
                         why["reason"] = "round"
-                    elif new_version != self.engine.version:
+                    elif new_version != self.engine.version and not swap_at_rounds:
                         why["reason"] = "weights"
                     return bool(why)
 
@@ -173,11 +182,19 @@ class RolloutWorker:
                 if reason == "stop":
                     raise InterruptedError("stop signal while generating")
                 if reason == "round":
+                    keep = []
                     for item in items:
-                        if not item.shipped and ship:
+                        if item.shipped or not ship:
+                            continue
+                        if self._pinned(item):
+                            keep.append(item)
+                        else:
                             self.buffer.park_partial(item.delivery, GroupEntry(item.task, item.group))
                             self.stats.parked_groups += 1
-                    return "round"
+                    if not keep:
+                        return "round"
+                    items, start_round = keep, self.buffer.current_round()
+                    self.maybe_update_weights()
                 if reason == "weights":
                     self.maybe_update_weights()
         finally:
@@ -195,7 +212,6 @@ class RolloutWorker:
             traj.status = Status.TRUNCATED
         else:
             traj.status = Status.PARTIAL
-            traj.num_resumes += 1
         if traj.status not in UNFINISHED:
             self.stats.samples += 1
 

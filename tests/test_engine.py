@@ -109,3 +109,14 @@ def test_finished_rows_are_reported_at_chunk_boundaries_and_leave_the_batch(smal
     assert seen[0][0] == 1 and seen[0][1] is outs[1] and outs[1].finish_reason == "stop"
     assert polls[0] == [(1, outs[1])]  # reported at the first boundary, before the others finish
     assert [len(o.token_ids) for o in outs] == [10, 1, 10]
+
+
+def test_rows_that_fit_alone_fit_together(small_cfg):
+    """A resumed row (long prefix, small remaining budget) batched with a fresh row (short prompt,
+    full budget): each fits max_seq_len on its own, so the batch must be accepted."""
+    engine = make_engine(small_cfg, eos_id=-1)
+    limit = small_cfg.model.max_seq_len
+    fresh = GenRequest([1, 4], limit - 2, temperature=0.0)
+    resumed = GenRequest([1, 4], 4, temperature=0.0, prefix_ids=[5] * (limit - 8))
+    outs = engine.generate([fresh, resumed])
+    assert [len(o.token_ids) for o in outs] == [limit - 2, 4]

@@ -121,7 +121,7 @@ def test_worker_swaps_weights_mid_generation_and_tags_tokens(rig):
         worker.engine.eos_id = env.tokenizer.eos_id
     for traj in group:
         assert traj.versions.tolist() == [v_old] * 2 + [v_old + 1] * 4
-        assert traj.num_resumes == 1 and len(traj) == 6
+        assert traj.num_resumes == 0 and len(traj) == 6  # an in-worker swap is not a buffer resume
 
 
 def test_sft_step_lowers_the_loss(rig):
@@ -228,3 +228,34 @@ def test_april_round_cut_parks_partials_and_resumes_them_with_new_versions(rig):
     finally:
         worker.buffer.poll = real_poll
         worker.cfg.mode, trainer.cfg.mode, worker.engine.cfg.chunk_tokens, worker.engine.eos_id = saved
+
+
+def test_a_group_at_the_resume_cap_is_pinned_not_parked(rig):
+    """With rollout.max_resumes=1, a group resumed once runs through the next round cut."""
+    trainer, worker, buf = rig
+    env = worker.env
+    trainer.publish()
+    saved = (worker.cfg.mode, worker.cfg.rollout.max_resumes, worker.engine.cfg.chunk_tokens, worker.engine.eos_id)
+    worker.cfg.mode, worker.cfg.rollout.max_resumes = "april", 1
+    worker.engine.cfg.chunk_tokens, worker.engine.eos_id = 2, -1
+    real_poll = worker.buffer.poll
+
+    def cut_every_round():
+        buf.advance_round()
+        return real_poll()
+
+    try:
+        buf.put_tasks([env.train_task(900, 0, 2, SamplingParams(1.0, 1.0, 6))])
+        worker.buffer.poll = cut_every_round
+        worker.serve(buf.read_tasks(worker.name, count=1, block_ms=200))
+        assert buf.depth()["partials"] == 1  # parked at the first cut
+        worker.serve(buf.read_tasks(worker.name, count=1, block_ms=200))
+        depth = buf.depth()
+        assert depth["partials"] == 0 and depth["complete"] == 1  # pinned: ran to the end despite cuts
+        entry = unpack_entry(buf.client.xrange(buf.key("complete"))[0][1][b"data"])
+        assert [len(t) for t in entry.group] == [6, 6] and [t.num_resumes for t in entry.group] == [1, 1]
+    finally:
+        worker.buffer.poll = real_poll
+        worker.cfg.mode, worker.cfg.rollout.max_resumes, worker.engine.cfg.chunk_tokens, worker.engine.eos_id = saved
+        buf.client.delete(buf.key("complete"))
+        buf.ensure_groups()
