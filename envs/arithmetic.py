@@ -20,7 +20,7 @@ from rlpost.config import EnvConfig
 from rlpost.records import SamplingParams, Task
 from rlpost.tokenizer import CharTokenizer
 
-from rlpost.envs.base import RewardResult
+from rlpost.envs.base import RewardResult, eval_task_set
 
 ALPHABET = "0123456789+-*="
 
@@ -106,11 +106,7 @@ class ArithmeticEnv:
                           group_size, sampling)
 
     def eval_tasks(self, tag: str, min_version: int) -> list[Task]:
-        greedy = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=self.max_answer_len() + 1)
-        tasks = [self._task(p, f"eval-{tag}-{i}", f"eval:{tag}", 1, greedy) for i, p in enumerate(self._eval)]
-        for t in tasks:
-            t.min_version = min_version
-        return tasks
+        return eval_task_set(self._eval, self._task, tag, min_version, self.max_answer_len() + 1)
 
     def sft_example(self, index: int, seed: int) -> tuple[list[int], list[int]]:
         """(prompt ids, target ids incl. eos) for supervised warm-up, from the (maybe flawed) teacher."""

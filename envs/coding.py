@@ -23,7 +23,7 @@ import secrets
 from dataclasses import dataclass
 
 from rlpost.config import EnvConfig, SandboxConfig
-from rlpost.envs.base import RewardResult
+from rlpost.envs.base import RewardResult, eval_task_set
 from rlpost.records import SamplingParams, Task
 from rlpost.tokenizer import CharTokenizer
 
@@ -184,11 +184,7 @@ class CodingEnv:
         return self._task(problem, f"train-{seed}-{index}", "train", group_size, sampling)
 
     def eval_tasks(self, tag: str, min_version: int) -> list[Task]:
-        greedy = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=self.max_answer_len() + 1)
-        tasks = [self._task(p, f"eval-{tag}-{i}", f"eval:{tag}", 1, greedy) for i, p in enumerate(self._eval)]
-        for t in tasks:
-            t.min_version = min_version
-        return tasks
+        return eval_task_set(self._eval, self._task, tag, min_version, self.max_answer_len() + 1)
 
     def sft_example(self, index: int, seed: int) -> tuple[list[int], list[int]]:
         problem, reference = toy_problem(index, seed)

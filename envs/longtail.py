@@ -14,7 +14,7 @@ import math
 import random
 
 from rlpost.config import EnvConfig
-from rlpost.envs.base import RewardResult
+from rlpost.envs.base import RewardResult, eval_task_set
 from rlpost.records import SamplingParams, Task
 from rlpost.tokenizer import CharTokenizer
 
@@ -52,11 +52,7 @@ class LongTailEnv:
         return self._task(self.train_length(index, seed), f"train-{seed}-{index}", "train", group_size, sampling)
 
     def eval_tasks(self, tag: str, min_version: int) -> list[Task]:
-        greedy = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=self.cfg.len_max + 1)
-        tasks = [self._task(n, f"eval-{tag}-{i}", f"eval:{tag}", 1, greedy) for i, n in enumerate(self._eval)]
-        for t in tasks:
-            t.min_version = min_version
-        return tasks
+        return eval_task_set(self._eval, self._task, tag, min_version, self.cfg.len_max + 1)
 
     def sft_example(self, index: int, seed: int) -> tuple[list[int], list[int]]:
         n = self.train_length(index, seed)

@@ -19,7 +19,7 @@ import operator
 import random
 
 from rlpost.config import EnvConfig, SandboxConfig
-from rlpost.envs.base import RewardResult
+from rlpost.envs.base import RewardResult, eval_task_set
 from rlpost.records import SamplingParams, Task
 from rlpost.tokenizer import CharTokenizer
 
@@ -91,11 +91,8 @@ class ToolEnv:
         return self._task(a, b, f"train-{seed}-{index}", "train", group_size, sampling)
 
     def eval_tasks(self, tag: str, min_version: int) -> list[Task]:
-        greedy = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=self.max_answer_len() + 1)
-        tasks = [self._task(a, b, f"eval-{tag}-{i}", f"eval:{tag}", 1, greedy) for i, (a, b) in enumerate(self._eval)]
-        for t in tasks:
-            t.min_version = min_version
-        return tasks
+        make = lambda ab, *rest: self._task(*ab, *rest)  # noqa: E731  (items are (a, b) pairs)
+        return eval_task_set(self._eval, make, tag, min_version, self.max_answer_len() + 1)
 
     def max_answer_len(self) -> int:
         digits = 2 * self.cfg.max_digits
