@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -119,6 +120,10 @@ class Run:
             num_cpus = cfg.ray_num_cpus or max(os.cpu_count() or 1, needed)
             ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars},
                      log_to_driver=True, configure_logging=False)
+        # ray.init replaces the driver's SIGTERM handler with one that exits at once; ours unwinds
+        # through execute()'s clean-up (workers stopped, private redis-server stopped).
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_interrupt)
 
     def _start_actors(self):
         import ray

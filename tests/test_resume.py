@@ -13,7 +13,7 @@ from rlpost.buffer import RedisBuffer, connect
 from rlpost.records import unpack_entry, unpack_task
 
 ARGS = ["experiment=longtail_bench", "mode=april", "rollout.over_sampling=2", "rollout.batch_prompts=4",
-        "rollout.group_size=2", "rollout.max_new_tokens=40", "engine.chunk_tokens=4", "engine.max_batch_size=8",
+        "rollout.group_size=2", "rollout.max_new_tokens=40", "env.len_max=39", "engine.chunk_tokens=4", "engine.max_batch_size=8",
         "warmup.steps=5", "env.num_eval=8", "trainer.checkpoint_every=2", "logger.progress=false"]
 
 
