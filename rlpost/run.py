@@ -82,6 +82,8 @@ class Run:
         self.run_dir = make_run_dir(cfg)
         self.run_name = os.path.basename(self.run_dir).replace(":", "-").replace("{", "-")
         self.redis = None
+        self.buffer = None  # RedisBuffer once _start_buffer ran
+        self.buffer_url: str | None = None
         self.ranks: list = []
         self.workers: list = []
         self.worker_futures: list = []
@@ -394,16 +396,14 @@ class Run:
         import ray
 
         try:
-            if self.buffer_url and hasattr(self, "buffer"):
+            if self.buffer is not None:
                 self.buffer.set_signal("stop")
-        except Exception:
-            pass
+        except Exception as exc:  # best effort: the server may be gone already
+            print(f"rlpost: could not send the stop signal: {exc}", file=sys.stderr)
         if ray.is_initialized():
             ray.shutdown()
         if self.redis is not None:
             self.redis.stop()
-
-    buffer_url: str | None = None
 
 
 def _truncate_trained_log(run_dir: str, step: int) -> None:
