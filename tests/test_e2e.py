@@ -59,3 +59,21 @@ def test_rl_improves_held_out_accuracy(tmp_path):
              "logger.progress=false"], timeout=600)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval_accuracy_after"] >= summary["eval_accuracy_before"] + 0.10, summary
+
+
+def test_two_deepspeed_ranks_train_disjoint_whole_groups(tmp_path):
+    """trainer.num_ranks=2 (ZeRO-2 over gloo): each rank reads its own whole groups from the
+    consumer group; together they train every group of the step exactly once."""
+    run_dir = tmp_path / "ranks"
+    run_cli(["experiment=toy_moe_local", f"run_dir={run_dir}", "trainer.num_ranks=2", "trainer.zero_stage=2",
+             "warmup.steps=4", "trainer.steps=3", "env.num_eval=8", "eval.every=0", "rollout.batch_prompts=8",
+             "logger.progress=false"], timeout=400)
+    per_rank = [[json.loads(line) for line in open(run_dir / f"trained_ids.rank{r}.jsonl")] for r in (0, 1)]
+    for rank in per_rank:
+        assert [r["step"] for r in rank] == [1, 2, 3]
+        assert all(len(r["ids"]) == 4 * 8 for r in rank)  # 4 whole groups of 8 per rank per step
+    ids = [i for rank in per_rank for r in rank for i in r["ids"]]
+    assert len(ids) == len(set(ids)) == 3 * 8 * 8
+    for rank in per_rank:  # groups are never split across ranks
+        groups = {i.split("/")[0] for r in rank for i in r["ids"]}
+        assert all(sum(i.startswith(g + "/") for i in ids) == 8 for g in groups)
