@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 import time
-import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -243,10 +242,6 @@ def unpack_task(data: bytes) -> Task:
         raise
     except Exception as exc:
         raise RecordError(f"malformed task record: {exc}") from exc
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
 def pack_group(trajs: list[Trajectory]) -> bytes:

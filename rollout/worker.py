@@ -290,10 +290,3 @@ class RolloutWorker:
         self.buffer.heartbeat(self.name, {**vars(self.stats), "version": self.engine.version,
                                           "pid": os.getpid(), "now": time.time()})
 
-
-def lag_histogram(versions: np.ndarray, current: int, bound: int) -> dict[str, int]:
-    """Token counts by staleness (current version - token version), bucket ``bound+`` for beyond."""
-    lags = current - versions
-    out = {str(k): int((lags == k).sum()) for k in range(bound + 1)}
-    out[f"{bound + 1}+"] = int((lags > bound).sum())
-    return out
