@@ -61,6 +61,12 @@ class EngineConfig:
     chunk_tokens: int = 8
     max_batch_size: int = 512
     dtype: str = "float32"
+    # Keep the KV cache of a stopped generation (an APRIL cut, a weight swap) and continue from
+    # it when the same sample comes back to this engine, instead of prefilling its tokens again.
+    # The resumed tokens are sampled by the new weights over keys/values the older weights
+    # computed (PipelineRL's in-flight update); their logprobs are the true sampling ones and the
+    # trainer's importance correction sees the difference. false: recompute (exact context).
+    reuse_kv: bool = False
 
     def validate(self, p: str = "engine") -> None:
         _check(self.name in ("native", "vllm", "sglang"), f"{p}.name", self.name,
@@ -109,6 +115,9 @@ class TrainerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     grad_clip: float = 1.0
     micro_batch_size: int = 0  # 0: the whole step in one micro-batch
+    # Pack each micro-batch's sequences into rows of model.max_seq_len tokens (attention kept
+    # inside each sequence) instead of padding every row to the longest one.
+    pack_sequences: bool = True
     zero_stage: int = 1
     precision: str = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPU
     num_ranks: int = 1

@@ -23,6 +23,8 @@ class GenRequest:
     # Response tokens already generated (a resumed partial); they are prefilled, not sampled.
     prefix_ids: list[int] = field(default_factory=list)
     stop_ids: tuple[int, ...] = ()
+    # Names the sample across stops and resumes, so an engine may keep its KV cache in between.
+    cache_key: str | None = None
 
 
 @dataclass
@@ -40,6 +42,9 @@ ShouldStop = Callable[[], bool]
 # Called at chunk boundaries with (request index, output) for each request that just finished, so
 # a worker can ship a finished group before the slowest sample of the batch is done.
 OnFinished = Callable[[int, GenOutput], None]
+# Called at chunk boundaries with the number of free batch rows; returns requests to start now
+# (continuous batching: a worker tops the running batch up from its queue).
+Admit = Callable[[int], list[GenRequest]]
 
 
 class InferenceEngine(Protocol):
@@ -49,7 +54,8 @@ class InferenceEngine(Protocol):
     def version(self) -> int: ...
 
     def generate(self, requests: list[GenRequest], should_stop: ShouldStop | None = None,
-                 on_finished: OnFinished | None = None) -> list[GenOutput]:
+                 on_finished: OnFinished | None = None, admit: Admit | None = None) -> list[GenOutput]:
         """Generate for all requests; ``should_stop`` is polled at chunk boundaries and, when it
-        returns True, every unfinished request returns with finish_reason "abort"."""
+        returns True, every unfinished request returns with finish_reason "abort". Requests
+        returned by ``admit`` join the running batch and get outputs numbered after ``requests``."""
         ...

@@ -7,6 +7,9 @@ then appends one token per step to the cache. Every ``chunk_tokens`` steps the c
 
 from __future__ import annotations
 
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -14,7 +17,7 @@ from torch import nn
 
 from rlpost.config import EngineConfig, ModelConfig
 from rlpost.modeling import CausalSelfAttention, Embeddings, ExpertMLP, KVCache, init_weights, topk_route
-from rlpost.rollout.engine import GenOutput, GenRequest, OnFinished, ShouldStop
+from rlpost.rollout.engine import Admit, GenOutput, GenRequest, OnFinished, ShouldStop
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -109,6 +112,9 @@ class NativeEngine:
         self.model = ToyMoEForInference(model_cfg).to(self.device, self.dtype).eval()
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._version = -1
+        # cache_key -> KV of a stopped sample (engine.reuse_kv), oldest first, bounded
+        self.retained: OrderedDict[str, _Retained] = OrderedDict()
+        self.retained_hits = 0
 
     @property
     def version(self) -> int:
@@ -123,106 +129,294 @@ class NativeEngine:
 
     @torch.inference_mode()
     def generate(self, requests: list[GenRequest], should_stop: ShouldStop | None = None,
-                 on_finished: OnFinished | None = None) -> list[GenOutput]:
-        outputs: list[GenOutput] = []
-        step = self.cfg.max_batch_size
-        for i in range(0, len(requests), step):
-            shifted = None if on_finished is None else (lambda j, out, base=i: on_finished(base + j, out))
-            outputs.extend(self._generate_batch(requests[i:i + step], should_stop, shifted))
-            if should_stop is not None and any(o.finish_reason == "abort" for o in outputs):
-                for j in range(len(outputs), len(requests)):  # later sub-batches never started
-                    outputs.append(GenOutput([], [], None, "abort"))
-                    if on_finished is not None:
-                        on_finished(j, outputs[-1])
-                break
-        return outputs
+                 on_finished: OnFinished | None = None, admit: Admit | None = None) -> list[GenOutput]:
+        """Continuous batching: at most ``max_batch_size`` rows decode at once; when rows finish
+        (at a chunk boundary) their places go to waiting requests, first those passed in, then
+        whatever ``admit(free_rows)`` returns (appended to ``requests``, numbered after them).
+        New rows are prefilled and merged into the running batch's KV cache, so one long
+        sample never holds a batch of short ones hostage. Returns one output per request."""
+        requests = list(requests)
+        for r in requests:
+            self._check_fits(r)
+        queue = deque(range(len(requests)))
+        rows = _Rows(self)
+        outputs: list[GenOutput | None] = [None] * len(requests)
 
-    def _prefill(self, reqs: list[GenRequest]):
-        b = len(reqs)
-        inputs = [list(r.prompt_ids) + list(r.prefix_ids) for r in reqs]
-        budget = [r.max_new_tokens for r in reqs]
-        if min(budget) <= 0:
-            raise ValueError("GenRequest.max_new_tokens must be > 0")
-        plen = max(len(x) for x in inputs)
-        # Positions are per row, so each row must fit the model; the cache (lock-step columns
-        # after left padding) needs the longest input plus the largest remaining budget.
-        for x, n in zip(inputs, budget):
-            if len(x) + n > self.model_cfg.max_seq_len:
-                raise ValueError(f"prompt+prefix ({len(x)}) + max_new_tokens ({n}) exceeds "
-                                 f"model.max_seq_len={self.model_cfg.max_seq_len}")
-        capacity = plen + max(budget)
-        ids = torch.full((b, plen), self.pad_id, dtype=torch.long, device=self.device)
-        valid = torch.zeros((b, capacity), dtype=torch.bool, device=self.device)
-        pad = torch.tensor([plen - len(x) for x in inputs], device=self.device)
-        for row, x in enumerate(inputs):
-            ids[row, plen - len(x):] = torch.tensor(x, device=self.device)
-            valid[row, plen - len(x):plen] = True
-        positions = (torch.arange(plen, device=self.device)[None, :] - pad[:, None]).clamp_min(0)
-        cache = KVCache.allocate(self.model_cfg, b, capacity, self.dtype, self.device)
-        causal = torch.ones(plen, plen, dtype=torch.bool, device=self.device).tril()
-        mask = (causal[None] & valid[:, None, :plen])[:, None]
-        logits, routed = self.model(ids, positions, mask, cache)
-        return cache, valid, logits[:, -1], routed[:, -1], positions[:, -1] + 1
+        def take(free: int, allow_admit: bool) -> list[int]:
+            picked = [queue.popleft() for _ in range(min(free, len(queue)))]
+            if admit is not None and allow_admit and free > len(picked):
+                for r in admit(free - len(picked)):
+                    self._check_fits(r)
+                    requests.append(r)
+                    outputs.append(None)
+                    picked.append(len(requests) - 1)
+            return picked
 
-    def _generate_batch(self, reqs: list[GenRequest], should_stop: ShouldStop | None,
-                        on_finished: OnFinished | None) -> list[GenOutput]:
-        b = len(reqs)
-        cache, valid, last_logits, last_routed, next_pos = self._prefill(reqs)
-        temperature = torch.tensor([r.temperature for r in reqs], device=self.device, dtype=torch.float32)
-        top_p = torch.tensor([r.top_p for r in reqs], device=self.device, dtype=torch.float32)
-        stop_sets = [set(r.stop_ids) | {self.eos_id} for r in reqs]
-        budget = [r.max_new_tokens for r in reqs]
-        tokens: list[list[int]] = [[] for _ in range(b)]
-        logps: list[list[float]] = [[] for _ in range(b)]
-        experts: list[list[np.ndarray]] = [[] for _ in range(b)]
-        reason = [""] * b
-        active = list(range(b))  # original row of each batch row still decoding
-        outputs: list[GenOutput | None] = [None] * b
-
-        def finish(row: int) -> None:
-            outputs[row] = GenOutput(tokens[row], logps[row],
-                                     np.stack(experts[row]) if experts[row] else None, reason[row])
+        def finish(index: int, reason: str) -> None:
+            outputs[index] = rows.output(index, reason)
             if on_finished is not None:
-                on_finished(row, outputs[row])
+                on_finished(index, outputs[index])
 
+        first = take(self.cfg.max_batch_size, allow_admit=True)
+        if first:
+            rows.start([(i, requests[i]) for i in first], pending=None)
         t = 0
-        while active:
-            new_ids, new_logps = _sample(last_logits, temperature, top_p, self.generator)
-            new_list, lp_list = new_ids.tolist(), new_logps.tolist()
-            routed_np = last_routed.to(torch.int16).cpu().numpy()
-            for i, row in enumerate(active):
-                if reason[row]:  # finished earlier in this chunk; leaves the batch at the boundary
-                    continue
-                tokens[row].append(new_list[i])
-                logps[row].append(lp_list[i])
-                experts[row].append(routed_np[i])
-                if new_list[i] in stop_sets[row]:
-                    reason[row] = "stop"
-                elif len(tokens[row]) >= budget[row]:
-                    reason[row] = "length"
+        while rows.active:
+            pending = rows.sample_step()
             t += 1
             at_boundary = t % self.cfg.chunk_tokens == 0
-            if at_boundary or all(reason[row] for row in active):
-                keep = [i for i, row in enumerate(active) if not reason[row]]
-                for i, row in enumerate(active):
-                    if reason[row]:
-                        finish(row)
-                if not keep:
-                    break
-                if len(keep) < len(active):  # compaction: finished rows leave the batch and the cache
-                    index = torch.tensor(keep, device=self.device)
-                    active = [active[i] for i in keep]
-                    cache = cache.select(index)
-                    valid, new_ids, next_pos = valid[index], new_ids[index], next_pos[index]
-                    temperature, top_p = temperature[index], top_p[index]
+            if at_boundary or rows.all_finished():
+                for index, reason in rows.finished():
+                    finish(index, reason)
+                pending = rows.compact(pending)
                 if at_boundary and should_stop is not None and should_stop():
-                    for row in active:
-                        reason[row] = "abort"
-                        finish(row)
+                    if self.cfg.reuse_kv:
+                        rows.retain(requests)
+                    for index in rows.active + list(queue):
+                        finish(index, "abort")
+                    queue.clear()
                     break
-            valid[:, cache.length] = True
-            mask = valid[:, None, None, :cache.length + 1]
-            logits, routed = self.model(new_ids[:, None], next_pos[:, None], mask, cache)
-            last_logits, last_routed = logits[:, -1], routed[:, -1]
-            next_pos = next_pos + 1
+                new = take(self.cfg.max_batch_size - len(rows.active), allow_admit=at_boundary or not rows.active)
+                if new:  # one step: the running rows feed their token, the new rows prefill
+                    rows.start([(i, requests[i]) for i in new], pending)
+                    continue
+                if not rows.active:
+                    break
+            rows.decode(pending)
         return outputs  # type: ignore[return-value]
+
+    def _check_fits(self, r: GenRequest) -> None:
+        """Positions are per row, so each request must fit the model on its own."""
+        n = len(r.prompt_ids) + len(r.prefix_ids)
+        if r.max_new_tokens <= 0:
+            raise ValueError(f"GenRequest.max_new_tokens must be > 0, got {r.max_new_tokens}")
+        if n + r.max_new_tokens > self.model_cfg.max_seq_len:
+            raise ValueError(f"prompt+prefix ({n}) + max_new_tokens ({r.max_new_tokens}) exceeds "
+                             f"model.max_seq_len={self.model_cfg.max_seq_len}")
+
+
+@dataclass
+class _Retained:
+    """The keys/values of a stopped sample's tokens (all but its last, which was sampled and not
+    yet fed), one (heads, n, head_dim) tensor per layer."""
+
+    token_ids: list[int]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+class _Rows:
+    """The running batch: per-row decoding state plus one KV cache in lock-step columns.
+
+    Rows are left-aligned to a shared column counter (``cache.length``); a row's keys start
+    after its own left padding and its positions are its own. Admitting rows re-lays the cache:
+    columns no row still uses are dropped on the left, the new rows' inputs are prefilled so
+    that they end in the same column as the running rows' next token, and the capacity is
+    re-sized to the longest remaining budget."""
+
+    def __init__(self, engine: NativeEngine):
+        self.e = engine
+        self.active: list[int] = []  # request index of each batch row
+        self.cache: KVCache | None = None
+        self.valid = self.next_pos = self.logits = self.routed = None
+        self.temperature = self.top_p = None
+        self.stop_sets: dict[int, set[int]] = {}
+        self.budget: dict[int, int] = {}
+        self.tokens: dict[int, list[int]] = {}
+        self.logps: dict[int, list[float]] = {}
+        self.experts: dict[int, list[np.ndarray]] = {}
+        self.reason: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ per-token work
+    def sample_step(self) -> torch.Tensor:
+        """Sample one token for every running row and record it; returns the sampled ids."""
+        ids, logps = _sample(self.logits, self.temperature, self.top_p, self.e.generator)
+        id_list, lp_list = ids.tolist(), logps.tolist()
+        routed_np = self.routed.to(torch.int16).cpu().numpy()
+        for i, index in enumerate(self.active):
+            if self.reason[index]:  # finished earlier in this chunk; leaves at the boundary
+                continue
+            self.tokens[index].append(id_list[i])
+            self.logps[index].append(lp_list[i])
+            self.experts[index].append(routed_np[i])
+            if id_list[i] in self.stop_sets[index]:
+                self.reason[index] = "stop"
+            elif len(self.tokens[index]) >= self.budget[index]:
+                self.reason[index] = "length"
+        return ids
+
+    def decode(self, pending: torch.Tensor) -> None:
+        """Feed each row's sampled token; the next distribution lands in ``self.logits``."""
+        cache = self.cache
+        self.valid[:, cache.length] = True
+        mask = self.valid[:, None, None, :cache.length + 1]
+        logits, routed = self.e.model(pending[:, None], self.next_pos[:, None], mask, cache)
+        self.logits, self.routed = logits[:, -1], routed[:, -1]
+        self.next_pos = self.next_pos + 1
+
+    # ------------------------------------------------------------------ membership
+    def all_finished(self) -> bool:
+        return all(self.reason[i] for i in self.active)
+
+    def finished(self) -> list[tuple[int, str]]:
+        return [(i, self.reason[i]) for i in self.active if self.reason[i]]
+
+    def output(self, index: int, reason: str) -> GenOutput:
+        experts = self.experts.pop(index, [])
+        out = GenOutput(self.tokens.pop(index, []), self.logps.pop(index, []),
+                        np.stack(experts) if experts else None, reason)
+        for table in (self.stop_sets, self.budget, self.reason):
+            table.pop(index, None)
+        return out
+
+    def compact(self, pending: torch.Tensor) -> torch.Tensor:
+        """Finished rows (already reported) leave the batch and the cache."""
+        keep = [i for i, index in enumerate(self.active) if index in self.reason]  # output() forgot the rest
+        if len(keep) == len(self.active):
+            return pending
+        rows = torch.tensor(keep, dtype=torch.long, device=self.e.device)
+        self.active = [self.active[i] for i in keep]
+        self.cache = self.cache.select(rows)
+        for name in ("valid", "next_pos", "logits", "routed", "temperature", "top_p"):
+            setattr(self, name, getattr(self, name)[rows])
+        return pending[rows]
+
+    def retain(self, requests: list[GenRequest]) -> None:
+        """Keep the KV of every running row that has a ``cache_key`` (the batch is stopping)."""
+        e = self.e
+        for i, index in enumerate(self.active):
+            r = requests[index]
+            if r.cache_key is None:
+                continue
+            if not self.tokens[index]:
+                continue
+            # everything but the token sampled last (not fed yet) is in the cache
+            fed = list(r.prompt_ids) + list(r.prefix_ids) + self.tokens[index][:-1]
+            lo = self.cache.length - len(fed)
+            if lo < 0 or not bool(self.valid[i, lo:self.cache.length].all()) or bool(self.valid[i, :lo].any()):
+                continue  # not the layout this row should have: recompute it instead
+            e.retained.pop(r.cache_key, None)
+            e.retained[r.cache_key] = _Retained(fed, [k[i, :, lo:self.cache.length].clone() for k in self.cache.keys],
+                                                [v[i, :, lo:self.cache.length].clone() for v in self.cache.values])
+        while len(e.retained) > 4 * e.cfg.max_batch_size:
+            e.retained.popitem(last=False)
+
+    def _take_retained(self, r: GenRequest) -> _Retained | None:
+        """The retained KV of ``r`` if it covers exactly all of its input but the last token."""
+        e = self.e
+        if not e.cfg.reuse_kv or r.cache_key is None or r.cache_key not in e.retained:
+            return None
+        kept = e.retained.pop(r.cache_key)
+        inputs = list(r.prompt_ids) + list(r.prefix_ids)
+        return kept if kept.token_ids == inputs[:-1] else None
+
+    def start(self, new: list[tuple[int, GenRequest]], pending: torch.Tensor | None) -> None:
+        """Merge ``new`` requests into the batch in one step: the running rows feed their
+        ``pending`` token, resumed rows whose KV was retained feed their last input token over
+        it, and the rest are prefilled."""
+        e = self.e
+        for index, r in new:
+            self.stop_sets[index] = set(r.stop_ids) | {e.eos_id}
+            self.budget[index] = r.max_new_tokens
+            self.tokens[index], self.logps[index], self.experts[index] = [], [], []
+            self.reason[index] = ""
+        hits, fresh = [], []
+        for index, r in new:
+            kept = self._take_retained(r)
+            if kept is None:
+                fresh.append((index, r))
+            else:
+                hits.append((index, r, kept))
+        e.retained_hits += len(hits)
+        inputs = [list(r.prompt_ids) + list(r.prefix_ids) for _, r in fresh]
+        running = len(self.active) > 0
+        if running:
+            # columns left of every running row's first key are dead: drop them
+            used = self.valid[:, :self.cache.length].any(dim=0)
+            first = int(used.to(torch.int8).argmax()) if bool(used.any()) else self.cache.length
+            kept_cols = self.cache.length - first
+        else:
+            first = kept_cols = 0
+        # every row's last input (pending token, retained row's last token, prompt end) lands
+        # in column end - 1
+        end = max([len(x) for x in inputs] + [len(h[2].token_ids) + 1 for h in hits]
+                  + ([kept_cols + 1] if running else []))
+        shift = end - 1 - kept_cols
+        remaining = [self.budget[i] - len(self.tokens[i]) for i in self.active] + [r.max_new_tokens for _, r in new]
+        capacity = end + max(remaining)
+
+        # one allocation for the merged batch: running rows, then retained ones, then the prefilled
+        n_old, n_hit = len(self.active), len(hits)
+        cache = KVCache.allocate(e.model_cfg, n_old + len(new), capacity, e.dtype, e.device)
+        valid = torch.zeros((n_old + len(new), capacity), dtype=torch.bool, device=e.device)
+        heads = []
+        if running or hits:
+            feed, pos, temp, top_p = [], [], [], []
+            if running:
+                for dst, src in zip(cache.keys + cache.values, self.cache.keys + self.cache.values):
+                    dst[:n_old, :, shift:shift + kept_cols] = src[:, :, first:first + kept_cols]
+                valid[:n_old, shift:shift + kept_cols] = self.valid[:, first:first + kept_cols]
+                feed, pos, temp, top_p = [pending], [self.next_pos], [self.temperature], [self.top_p]
+            for j, (_, r, kept) in enumerate(hits):
+                n = len(kept.token_ids)
+                for dst, src in zip(cache.keys + cache.values, kept.keys + kept.values):
+                    dst[n_old + j, :, end - 1 - n:end - 1] = src
+                valid[n_old + j, end - 1 - n:end - 1] = True
+            if hits:
+                def column(values, dtype):
+                    return torch.tensor(values, dtype=dtype, device=e.device)
+                feed.append(column([(list(r.prompt_ids) + list(r.prefix_ids))[-1] for _, r, _ in hits], torch.long))
+                pos.append(column([len(kept.token_ids) for _, _, kept in hits], torch.long))
+                temp.append(column([r.temperature for _, r, _ in hits], torch.float32))
+                top_p.append(column([r.top_p for _, r, _ in hits], torch.float32))
+            rows = n_old + n_hit
+            self.cache = KVCache([k[:rows] for k in cache.keys], [v[:rows] for v in cache.values], end - 1)
+            self.valid = valid[:rows]
+            self.next_pos, self.temperature, self.top_p = torch.cat(pos), torch.cat(temp), torch.cat(top_p)
+            self.decode(torch.cat(feed))  # writes through the views into the merged cache
+            heads.append((self.next_pos, self.logits, self.routed, self.temperature, self.top_p))
+        if fresh:
+            heads.append(self._prefill(fresh, inputs, end, cache, valid, n_old + n_hit))
+        self.cache, self.valid = KVCache(cache.keys, cache.values, end), valid
+        (self.next_pos, self.logits, self.routed, self.temperature,
+         self.top_p) = (torch.cat([h[k] for h in heads]) for k in range(5))
+        self.active = self.active + [index for index, _, _ in hits] + [index for index, _ in fresh]
+
+    def _prefill(self, new: list[tuple[int, GenRequest]], inputs: list[list[int]], end: int,
+                 cache: KVCache, valid: torch.Tensor, row0: int):
+        """Prefill the new rows into rows ``row0:`` of ``cache``/``valid`` so their inputs end at
+        column ``end - 1``. Rows are prefilled in length buckets (powers of two), each into a
+        cache of its own width: a resumed sample's long prefix must not make every short prompt
+        beside it pay for padding, nor attend over the running rows' columns. Returns the new
+        rows' (next positions, logits, experts, temperatures, top-p)."""
+        e = self.e
+        order = sorted(range(len(new)), key=lambda k: len(inputs[k]))
+        new[:] = [new[k] for k in order]
+        inputs[:] = [inputs[k] for k in order]
+        outs = []
+        lo = 0
+        while lo < len(new):
+            width = 1 << (len(inputs[lo]) - 1).bit_length()
+            hi = lo
+            while hi < len(new) and len(inputs[hi]) <= width:
+                hi += 1
+            width = len(inputs[hi - 1])
+            rows = inputs[lo:hi]
+            ids = torch.full((len(rows), width), e.pad_id, dtype=torch.long, device=e.device)
+            pad = torch.tensor([width - len(x) for x in rows], device=e.device)
+            own = torch.zeros((len(rows), width), dtype=torch.bool, device=e.device)
+            for row, x in enumerate(rows):
+                ids[row, width - len(x):] = torch.tensor(x, device=e.device)
+                own[row, width - len(x):] = True
+            positions = (torch.arange(width, device=e.device)[None, :] - pad[:, None]).clamp_min(0)
+            part = KVCache.allocate(e.model_cfg, len(rows), width, e.dtype, e.device)
+            causal = torch.ones(width, width, dtype=torch.bool, device=e.device).tril()
+            logits, routed = e.model(ids, positions, (causal[None] & own[:, None, :])[:, None], part)
+            for dst, src in zip(cache.keys + cache.values, part.keys + part.values):
+                dst[row0 + lo:row0 + hi, :, end - width:end] = src
+            valid[row0 + lo:row0 + hi, end - width:end] = own
+            outs.append((positions[:, -1] + 1, logits[:, -1], routed[:, -1]))
+            lo = hi
+        temperature = torch.tensor([r.temperature for _, r in new], device=e.device, dtype=torch.float32)
+        top_p = torch.tensor([r.top_p for _, r in new], device=e.device, dtype=torch.float32)
+        return (*(torch.cat([o[k] for o in outs]) for k in range(3)), temperature, top_p)

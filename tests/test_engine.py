@@ -120,3 +120,97 @@ def test_rows_that_fit_alone_fit_together(small_cfg):
     resumed = GenRequest([1, 4], 4, temperature=0.0, prefix_ids=[5] * (limit - 8))
     outs = engine.generate([fresh, resumed])
     assert [len(o.token_ids) for o in outs] == [limit - 2, 4]
+
+
+def _alone(engine, req):
+    return engine.generate([req])[0]
+
+
+@pytest.mark.parametrize("late_prompt", [[1, 7], [1, 8, 9, 10, 13, 11, 12, 16, 4, 5, 6, 7, 8, 9]])
+def test_requests_admitted_mid_generation_match_running_alone(small_cfg, late_prompt):
+    """Continuous batching: a request admitted at a chunk boundary is prefilled into the running
+    batch (shorter input: dead cache columns trimmed; longer: running rows shifted right) and
+    every row's tokens, logprobs and experts equal generating it alone."""
+    engine = make_engine(small_cfg, chunk_tokens=3, eos_id=-1)
+    early = [GenRequest(p, 12, temperature=0.0) for p in prompts()[:2]]
+    late = [GenRequest(late_prompt, 10, temperature=0.0), GenRequest([1, 4, 5], 7, temperature=0.0)]
+    offered = []
+
+    def admit(free: int):
+        offered.append(free)
+        return [late.pop(0)] if late else []
+
+    reqs = list(early)
+    admitted = list(late)
+    outs = engine.generate(reqs, admit=admit)
+    assert len(outs) == 4 and offered[0] == engine.cfg.max_batch_size - 2
+    for req, out in zip(early + admitted, outs):
+        ref = _alone(engine, req)
+        assert out.token_ids == ref.token_ids and out.finish_reason == ref.finish_reason == "length"
+        np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+        assert np.array_equal(out.routed_experts, ref.routed_experts)
+
+
+def test_a_full_batch_starts_queued_requests_as_rows_free_up(small_cfg):
+    """max_batch_size rows at most; a finished row's place goes to the next waiting request at
+    the boundary where it finishes, not after the slowest row of the batch."""
+    torch.manual_seed(123)
+    engine = NativeEngine(small_cfg.model, EngineConfig(chunk_tokens=2, max_batch_size=2), eos_id=-1)
+    engine.load_weights(engine.model.state_dict(), version=0)
+    budgets = [2, 14, 4, 3]
+    reqs = [GenRequest(prompts()[i % 3], n, temperature=0.0) for i, n in enumerate(budgets)]
+    order = []
+    outs = engine.generate(reqs, on_finished=lambda i, o: order.append(i))
+    assert [len(o.token_ids) for o in outs] == budgets
+    assert order == [0, 2, 3, 1]  # the long row 1 runs beside 0, then 2, then 3
+    for req, out in zip(reqs, outs):
+        assert out.token_ids == _alone(engine, req).token_ids
+
+
+def test_abort_returns_queued_requests_unstarted(small_cfg):
+    torch.manual_seed(123)
+    engine = NativeEngine(small_cfg.model, EngineConfig(chunk_tokens=2, max_batch_size=1), eos_id=-1)
+    engine.load_weights(engine.model.state_dict(), version=0)
+    outs = engine.generate([GenRequest(p, 6, temperature=0.0) for p in prompts()], should_stop=lambda: True)
+    assert [o.finish_reason for o in outs] == ["abort"] * 3
+    assert [len(o.token_ids) for o in outs] == [2, 0, 0]
+
+
+def test_retained_kv_resumes_without_prefill_and_matches_recompute_with_same_weights(small_cfg):
+    """engine.reuse_kv: a stopped sample's cache is kept under its cache_key; resuming it feeds
+    only its last token. With unchanged weights that is exactly the uninterrupted generation."""
+    torch.manual_seed(123)
+    engine = NativeEngine(small_cfg.model, EngineConfig(chunk_tokens=3, reuse_kv=True), eos_id=-1)
+    engine.load_weights(engine.model.state_dict(), version=0)
+    full = greedy(engine)
+    calls = {"n": 0}
+
+    def stop_once():
+        calls["n"] += 1
+        return calls["n"] == 1
+
+    reqs = [GenRequest(p, 12, temperature=0.0, cache_key=f"s{i}") for i, p in enumerate(prompts())]
+    cut = engine.generate(reqs, should_stop=stop_once)
+    assert set(engine.retained) == {"s0", "s1", "s2"}
+    # a fresh request joins the resumed ones: retained rows and prefilled rows share the batch
+    resumed = engine.generate([GenRequest(p, 12 - len(c.token_ids), temperature=0.0, prefix_ids=c.token_ids,
+                                          cache_key=f"s{i}") for i, (p, c) in enumerate(zip(prompts(), cut))]
+                              + [GenRequest(prompts()[0], 12, temperature=0.0)])
+    assert engine.retained_hits == 3 and not engine.retained
+    for f, c, r in zip(full, cut, resumed):
+        assert c.token_ids + r.token_ids == f.token_ids
+        np.testing.assert_allclose(c.logprobs + r.logprobs, f.logprobs, atol=1e-5)
+    assert resumed[3].token_ids == full[0].token_ids
+
+
+def test_retained_kv_is_not_used_for_a_different_continuation(small_cfg):
+    """A resumed request whose tokens differ from what was cached (e.g. a tool observation was
+    appended) is prefilled from scratch, not continued from the stale cache."""
+    torch.manual_seed(123)
+    engine = NativeEngine(small_cfg.model, EngineConfig(chunk_tokens=3, reuse_kv=True), eos_id=-1)
+    engine.load_weights(engine.model.state_dict(), version=0)
+    cut = engine.generate([GenRequest(prompts()[0], 12, temperature=0.0, cache_key="a")], should_stop=lambda: True)
+    other = cut[0].token_ids + [4, 5]
+    out = engine.generate([GenRequest(prompts()[0], 6, temperature=0.0, prefix_ids=other, cache_key="a")])
+    assert engine.retained_hits == 0
+    assert out[0].token_ids == engine.generate([GenRequest(prompts()[0], 6, temperature=0.0, prefix_ids=other)])[0].token_ids
