@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from rlpost.config import ConfigError, RlpostConfig
@@ -164,17 +165,40 @@ class Run:
         and serve their previous life's unacked items first)."""
         self.worker_futures = [w.run.remote() for w in self.workers]
 
-    def _on_all_ranks(self, method: str, *args):
+    def _on_all_ranks(self, method: str, *args, while_waiting: Callable[[], bool] | None = None):
         """Call ``method`` on every trainer rank and wait, failing fast (with the worker's own
-        traceback) if a rollout worker dies meanwhile instead of waiting for groups that never come."""
+        traceback) if a rollout worker dies meanwhile instead of waiting for groups that never come.
+        ``while_waiting`` is polled every few milliseconds until it returns True."""
         import ray
 
         refs = [getattr(r, method).remote(*args) for r in self.ranks]
+        last_check = time.monotonic()
         while True:
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0.005 if while_waiting else 1.0)
             if len(done) == len(refs):
                 return ray.get(refs)
-            self._check_workers()
+            if while_waiting is not None and while_waiting():
+                while_waiting = None
+            if time.monotonic() - last_check >= 1.0:
+                self._check_workers()
+                last_check = time.monotonic()
+
+    def _train_step(self, version: int) -> dict:
+        """One training step on every rank. In april mode the step's batch stops being "in
+        flight" the moment the trainer has collected it (it advances the round), so the driver
+        tops the in-flight groups up right then: the workers get fresh prompts while the step
+        trains instead of after it."""
+        if self.cfg.mode != "april":
+            return self._on_all_ranks("train_step", self.state.step)[0]
+        start_round = self.buffer.current_round()
+
+        def top_up() -> bool:
+            if self.buffer.current_round() == start_round:
+                return False
+            self.admit(version, taken=self.cfg.rollout.batch_prompts)
+            return True
+
+        return self._on_all_ranks("train_step", self.state.step, while_waiting=top_up)[0]
 
     def _check_workers(self) -> None:
         import ray
@@ -237,12 +261,13 @@ class Run:
         self.state.task_index += count
         return tasks
 
-    def admit(self, version: int) -> int:
-        """Submit the train tasks the mode's admission rule allows (rlpost.scheduler)."""
+    def admit(self, version: int, taken: int = 0) -> int:
+        """Submit the train tasks the mode's admission rule allows (rlpost.scheduler); ``taken``
+        groups are collected by a step in progress and count as trained."""
         from rlpost.scheduler import groups_to_admit
 
         r = self.cfg.rollout
-        count = groups_to_admit(self.cfg.mode, self.state.step, self.state.task_index, self.state.trained_groups,
+        count = groups_to_admit(self.cfg.mode, self.state.step, self.state.task_index, self.state.trained_groups + taken,
                                 r.batch_prompts, r.over_sampling, r.max_staleness)
         # sync waits for the newest weights (on-policy); the others start with whatever is there.
         min_version = version if self.cfg.mode == "sync" else 0
@@ -330,7 +355,7 @@ class Run:
                     break
                 self.admit(version)
                 self.state.step += 1
-                metrics = self._on_all_ranks("train_step", self.state.step)[0]
+                metrics = self._train_step(version)
                 version = int(metrics.get("weights/version", version))
                 self.state.trained_groups += cfg.rollout.batch_prompts
                 self.state.trained_samples += int(metrics["train/samples"]) * cfg.trainer.num_ranks

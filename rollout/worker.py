@@ -43,6 +43,7 @@ class WorkerStats:
     resumed_groups: int = 0
     stale_restarts: int = 0
     aborted_tokens: int = 0
+    kv_reused: int = 0  # resumed samples continued from the engine's retained KV (engine.reuse_kv)
     started_at: float = field(default_factory=time.time)
 
 
@@ -72,6 +73,7 @@ class RolloutWorker:
                                    pad_id=self.env.tokenizer.pad_id, seed=cfg.seed * 1000 + index)
         self.stats = WorkerStats()
         self._last_beat = 0.0
+        self._backlog: list[Delivery] = []  # read, not yet startable (waits for newer weights)
 
     # ------------------------------------------------------------------ weights
     def maybe_update_weights(self) -> bool:
@@ -129,33 +131,51 @@ class RolloutWorker:
         """Generate whole groups for ``tasks`` outside the buffer (tests, offline use)."""
         items = [WorkItem(Delivery("", "", t), t, [Trajectory.start(t, i) for i in range(t.group_size)])
                  for t in tasks]
-        self._generate(items, abortable=False, ship=False)
+        self._generate(items, ship=False)
         for item in items:
             self._score_group(item.group)
         return [item.group for item in items]
 
-    def _generate(self, items: list[WorkItem], abortable: bool, ship: bool = True) -> str:
-        """Generate until every item is done (returns "done"), or the round moves on while
-        ``abortable`` (unfinished items are parked; returns "round")."""
+    def _abortable(self, item: WorkItem) -> bool:
+        """APRIL cuts training groups at round boundaries; evaluation groups always run to the end."""
+        return self.cfg.mode == "april" and item.task.purpose == "train" and not item.shipped
+
+    def _admit_from_buffer(self, free_rows: int, items: list[WorkItem]) -> list[WorkItem]:
+        """Continuous batching: read as many groups as fit the free rows (partials first). Tasks
+        that need newer weights than the engine has (sync mode) wait in the backlog."""
+        want = free_rows // self.cfg.rollout.group_size
+        if want <= 0 or self._backlog:
+            return []
+        admitted = []
+        for delivery in self.buffer.read_tasks(self.name, want, block_ms=None):
+            item = self._item(delivery)
+            if item.task.min_version > self.engine.version:
+                self._backlog.append(delivery)
+                continue
+            self._enforce_staleness(item)
+            items.append(item)
+            admitted.append(item)
+        return admitted
+
+    def _generate(self, items: list[WorkItem], ship: bool = True, admit: bool = False) -> None:
+        """Generate until every item is done, shipping each group the moment it completes.
+
+        With ``admit``, new groups from the buffer join the running batch whenever rows free up
+        (so a long sample never idles the engine). In april mode a new round (the trainer has its
+        batch) parks every unfinished training group as a partial; pinned groups and evaluations
+        keep running."""
         self.maybe_update_weights()  # resumed partials continue under the newest weights
-        self._wait_for_version(max(item.task.min_version for item in items))
+        self._wait_for_version(max((item.task.min_version for item in items), default=0))
         for item in items:
             self._enforce_staleness(item)
-        start_round = self.buffer.current_round()
+        rounds = {"seen": self.buffer.current_round()}
         # APRIL swaps weights at round boundaries (the cut already re-prefills everything);
         # the other modes swap at the next chunk boundary, as soon as weights are published.
-        swap_at_rounds = abortable
+        swap_at_rounds = self.cfg.mode == "april"
         t0 = time.perf_counter()
         try:
             while True:
                 pending = [(item, traj) for item in items for traj in item.group if traj.status in UNFINISHED]
-                if not pending:
-                    return "done"
-                reqs = [GenRequest(prompt_ids=list(item.task.prompt_ids), prefix_ids=traj.response_ids.tolist(),
-                                   max_new_tokens=item.task.sampling.max_new_tokens - len(traj),
-                                   temperature=item.task.sampling.temperature, top_p=item.task.sampling.top_p,
-                                   stop_ids=tuple(item.task.meta.get("stop_ids", ())))
-                        for item, traj in pending]
                 version = self.engine.version
                 why: dict[str, str] = {}
 
@@ -171,13 +191,24 @@ class RolloutWorker:
                     new_version, round_now, stop = self.buffer.poll()
                     if stop:
                         why["reason"] = "stop"
-                    elif abortable and round_now != start_round:
-                        why["reason"] = "round"
-                    elif new_version != self.engine.version and not swap_at_rounds:
+                    elif round_now != rounds["seen"]:
+                        rounds["seen"] = round_now
+                        if any(self._abortable(it) and not self._pinned(it) for it in items):
+                            why["reason"] = "round"
+                    if not why and new_version != self.engine.version and not swap_at_rounds:
                         why["reason"] = "weights"
                     return bool(why)
 
-                self.engine.generate(reqs, should_stop, on_finished)
+                def admit_requests(free_rows: int) -> list[GenRequest]:
+                    new = [(item, traj) for item in self._admit_from_buffer(free_rows, items)
+                           for traj in item.group if traj.status in UNFINISHED]
+                    pending.extend(new)
+                    return [self._request(item, traj) for item, traj in new]
+
+                if not pending and not (admit and admit_requests(self.engine.cfg.max_batch_size)):
+                    return
+                reqs = [self._request(item, traj) for item, traj in pending]
+                self.engine.generate(reqs, should_stop, on_finished, admit_requests if admit else None)
                 reason = why.get("reason")
                 if reason == "stop":
                     raise InterruptedError("stop signal while generating")
@@ -186,19 +217,27 @@ class RolloutWorker:
                     for item in items:
                         if item.shipped or not ship:
                             continue
-                        if self._pinned(item):
-                            keep.append(item)
-                        else:
+                        if self._abortable(item) and not self._pinned(item):
                             self.buffer.park_partial(item.delivery, GroupEntry(item.task, item.group))
                             self.stats.parked_groups += 1
-                    if not keep:
-                        return "round"
-                    items, start_round = keep, self.buffer.current_round()
+                        else:
+                            keep.append(item)
+                    items[:] = keep
                     self.maybe_update_weights()
-                if reason == "weights":
+                    if not keep:
+                        return
+                elif reason == "weights":
                     self.maybe_update_weights()
         finally:
             self.stats.gen_s += time.perf_counter() - t0
+
+    @staticmethod
+    def _request(item: WorkItem, traj: Trajectory) -> GenRequest:
+        """Continue ``traj`` from its exact tokens with the rest of its budget."""
+        return GenRequest(prompt_ids=list(item.task.prompt_ids), prefix_ids=traj.response_ids.tolist(),
+                          max_new_tokens=item.task.sampling.max_new_tokens - len(traj),
+                          temperature=item.task.sampling.temperature, top_p=item.task.sampling.top_p,
+                          stop_ids=tuple(item.task.meta.get("stop_ids", ())), cache_key=traj.traj_id)
 
     def _absorb(self, traj: Trajectory, out: GenOutput, version: int, task: Task) -> None:
         if out.token_ids:
@@ -256,12 +295,12 @@ class RolloutWorker:
     def run(self, max_tasks_per_batch: int = 0) -> dict:
         """Serve tasks until the ``stop`` signal. Returns the worker's counters."""
         batch = max_tasks_per_batch or max(1, self.cfg.engine.max_batch_size // self.cfg.rollout.group_size)
-        backlog = self.buffer.read_own_pending(self.name)  # a previous life's unacked items
+        self._backlog = self.buffer.read_own_pending(self.name)  # a previous life's unacked items
         while self.buffer.signal("stop") is None:
             self.maybe_update_weights()
             t_idle = time.perf_counter()
-            deliveries = backlog or self.buffer.read_tasks(self.name, batch, block_ms=100)
-            backlog = []
+            deliveries = self._backlog or self.buffer.read_tasks(self.name, batch, block_ms=100)
+            self._backlog = []
             if len(deliveries) < batch:
                 deliveries += self.buffer.reclaim("tasks", "workers", self.name,
                                                   self.cfg.buffer.reclaim_idle_ms, count=batch - len(deliveries))
@@ -276,17 +315,12 @@ class RolloutWorker:
         return vars(self.stats)
 
     def serve(self, deliveries: list[Delivery]) -> None:
-        """Evaluation items are never cut by an APRIL round; training items are in april mode."""
-        items = [self._item(d) for d in deliveries]
-        evals = [it for it in items if it.task.purpose != "train"]
-        train = [it for it in items if it.task.purpose == "train"]
-        if evals:
-            self._generate(evals, abortable=False)
-        if train:
-            self._generate(train, abortable=self.cfg.mode == "april")
+        """Generate ``deliveries`` and whatever joins them from the buffer while rows are free."""
+        self._generate([self._item(d) for d in deliveries], admit=True)
 
     def _heartbeat(self) -> None:
         self._last_beat = time.time()
+        self.stats.kv_reused = getattr(self.engine, "retained_hits", 0)
         self.buffer.heartbeat(self.name, {**vars(self.stats), "version": self.engine.version,
                                           "pid": os.getpid(), "now": time.time()})
 
