@@ -98,3 +98,43 @@ def test_length_bucketed_micro_batches_reproduce_the_batch_token_mean():
         assert mb.input_ids.shape[1] == int(mb.lengths.max())  # padding trimmed
         total += loss(mb, mb.behav_logp) * float(mb.mask.sum()) / float(bucketed.mask.sum())
     assert float(total) == pytest.approx(float(whole), abs=1e-6)
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean"])
+def test_packed_batch_gives_the_padded_batch_loss(agg):
+    """Packing moves sequences into shared rows; every scored token keeps its target, behaviour
+    logprob, version and advantage, and both loss aggregations are unchanged."""
+    import numpy as np
+
+    from rlpost.records import SamplingParams, Task, Trajectory
+    from rlpost.trainer.batch import collate
+
+    rng = np.random.default_rng(1)
+    trajs = []
+    for i, n in enumerate([2, 19, 3, 1, 7, 4, 11]):
+        t = Trajectory.start(Task(f"t{i}", [1, 5, 6][: 1 + i % 3], "x", 1, SamplingParams()), 0)
+        t.append(rng.integers(3, 10, n), rng.uniform(-2, 0, n), version=i % 3)
+        trajs.append(t)
+    adv = torch.tensor([1.0, -1.0, 0.5, 2.0, -0.5, 0.25, -2.0])
+    padded = collate(trajs, adv)
+    packed, _ = padded.packed(width=24)
+    assert packed.input_ids.shape[0] < padded.input_ids.shape[0] and packed.input_ids.shape[1] <= 24
+    assert packed.num_tokens == padded.num_tokens and packed.sequences == len(trajs)
+    m = packed.mask.bool()
+    for s in range(len(trajs)):
+        mine = m & (packed.seq_ids == s)
+        row = padded.mask[s].bool()
+        assert torch.equal(packed.targets[mine], padded.targets[s][row])
+        assert torch.equal(packed.behav_logp[mine], padded.behav_logp[s][row])
+        assert torch.equal(packed.versions[mine], padded.versions[s][row])
+        assert torch.all(packed.advantages[mine] == adv[s])
+        n = int(padded.lengths[s])
+        seg = packed.segments == s
+        assert torch.equal(packed.input_ids[seg], padded.input_ids[s, :n])
+        assert torch.equal(packed.positions[seg], torch.arange(n))
+
+    def loss(b):
+        return policy_loss(b.behav_logp * 0.9, b.behav_logp, b.behav_logp, b.advantages, b.mask, 0.2, 0.28,
+                           2.0, loss_agg=agg, seq_ids=b.seq_ids if b.is_packed else None).loss
+
+    assert float(loss(packed)) == pytest.approx(float(loss(padded)), abs=1e-6)

@@ -237,7 +237,6 @@ class TrainerRank:
         # With several optimiser steps per batch, the proximal policy (the weights before the
         # first step) must be computed up front; with one it equals the current weights.
         prox_all = self._proximal_logp(batch, temperature) if cfg.ppo_minibatches > 1 else None
-        stale_all = batch.versions < self.version
         rows = np.array_split(np.arange(batch.input_ids.shape[0]), cfg.ppo_minibatches)
         for minibatch in rows:
             mb_all = batch.slice(int(minibatch[0]), int(minibatch[-1]) + 1)
@@ -245,24 +244,28 @@ class TrainerRank:
             micro = self._micro_slices(mb_all.input_ids.shape[0])
             for chunk in micro:
                 mb = mb_all.slice(chunk.start, chunk.stop)
-                logits, aux, counts = self.engine(mb.input_ids)
-                new_logp = token_logprobs(logits[:, :-1], mb.targets, temperature)
-                ref_logp = None
-                if self.ref_model is not None:
-                    with torch.no_grad():
-                        ref_logits, _, _ = self.ref_model(mb.input_ids)
-                        ref_logp = token_logprobs(ref_logits[:, :-1], mb.targets, temperature)
                 lo, hi = offset + chunk.start, offset + chunk.stop
-                old_logp = new_logp.detach() if prox_all is None else prox_all[lo:hi, :mb.mask.shape[1]]
-                out = policy_loss(new_logp, old_logp, mb.behav_logp, mb.advantages, mb.mask,
-                                  cfg.clip_eps, cfg.clip_eps_high, cfg.tis_cap, ref_logp, cfg.kl_coef,
-                                  cfg.loss_agg, cfg.off_policy, stale_all[lo:hi, :mb.mask.shape[1]])
+                prox = None if prox_all is None else prox_all[lo:hi, :mb.mask.shape[1]]
                 # DeepSpeed averages the micro-batches; weigh each by its share of the minibatch so
                 # the step optimises the minibatch-wide token (or sequence) mean exactly.
                 if cfg.loss_agg == "token_mean":
                     share = float(mb.mask.sum()) / max(float(mb_all.mask.sum()), 1.0)
                 else:
                     share = mb.input_ids.shape[0] / mb_all.input_ids.shape[0]
+                if cfg.pack_sequences:
+                    mb, prox = mb.packed(self.cfg.model.max_seq_len, prox)
+                logits, aux, counts = self.engine(mb.input_ids, **mb.model_inputs())
+                new_logp = token_logprobs(logits[:, :-1], mb.targets, temperature)
+                ref_logp = None
+                if self.ref_model is not None:
+                    with torch.no_grad():
+                        ref_logits, _, _ = self.ref_model(mb.input_ids, **mb.model_inputs())
+                        ref_logp = token_logprobs(ref_logits[:, :-1], mb.targets, temperature)
+                old_logp = new_logp.detach() if prox is None else prox
+                out = policy_loss(new_logp, old_logp, mb.behav_logp, mb.advantages, mb.mask,
+                                  cfg.clip_eps, cfg.clip_eps_high, cfg.tis_cap, ref_logp, cfg.kl_coef,
+                                  cfg.loss_agg, cfg.off_policy, mb.versions < self.version,
+                                  mb.seq_ids if mb.is_packed else None)
                 loss = out.loss * share * len(micro) + self.cfg.model.aux_loss_coef * aux
                 self.engine.backward(loss)
                 self.engine.step()

@@ -20,19 +20,42 @@ class TrainBatch:
     mask: torch.Tensor           # (B, L-1) 1 where a trainable response token is scored
     behav_logp: torch.Tensor     # (B, L-1) behaviour logprobs at those positions
     versions: torch.Tensor       # (B, L-1) policy version of each scored token (-1 elsewhere)
-    advantages: torch.Tensor     # (B,)
-    lengths: torch.Tensor        # (B,) prompt + response length of each row
+    advantages: torch.Tensor     # (B,), or (B, L-1) per token once packed
+    lengths: torch.Tensor        # (B,) tokens used in each row
+    # Packed batches only (several sequences per row, see :meth:`packed`): each token's position
+    # within its own sequence and the sequence it belongs to (-1: padding).
+    positions: torch.Tensor | None = None  # (B, L)
+    segments: torch.Tensor | None = None   # (B, L)
+    num_seqs: int = 0
 
     @property
     def num_tokens(self) -> int:
         return int(self.mask.sum())
 
-    def _fields(self) -> tuple[torch.Tensor, ...]:
-        return (self.input_ids, self.targets, self.mask, self.behav_logp, self.versions, self.advantages,
-                self.lengths)
+    @property
+    def is_packed(self) -> bool:
+        return self.segments is not None
+
+    @property
+    def seq_ids(self) -> torch.Tensor:
+        """(B, L-1): the sequence each scored position belongs to (for per-sequence loss means)."""
+        if self.segments is not None:
+            return self.segments[:, :-1]
+        return torch.arange(self.input_ids.shape[0], device=self.input_ids.device)[:, None].expand_as(self.mask)
+
+    @property
+    def sequences(self) -> int:
+        return self.num_seqs if self.is_packed else self.input_ids.shape[0]
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the policy's forward for this batch."""
+        if not self.is_packed:
+            return {}
+        return {"positions": self.positions, "segments": self.segments}
 
     def to(self, device) -> "TrainBatch":
-        return TrainBatch(*(t.to(device) for t in self._fields()))
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        return TrainBatch(**moved)
 
     def slice(self, start: int, end: int) -> "TrainBatch":
         """Rows ``start:end``, with the padding columns none of them uses trimmed away: sorted by
@@ -42,6 +65,53 @@ class TrainBatch:
                           self.mask[start:end, :width - 1], self.behav_logp[start:end, :width - 1],
                           self.versions[start:end, :width - 1], self.advantages[start:end],
                           self.lengths[start:end])
+
+    def packed(self, width: int, extra: torch.Tensor | None = None) -> tuple["TrainBatch", torch.Tensor | None]:
+        """The same sequences packed into rows of at most ``width`` tokens (first-fit decreasing),
+        each attending only within itself and keeping its own positions: a long-tail batch
+        otherwise spends most of its FLOPs on padding (slime / verl pack for the same reason).
+        ``extra`` is a (B, L-1) per-position tensor (e.g. proximal logprobs) packed alongside."""
+        if self.is_packed:
+            raise ValueError("batch is already packed")
+        lengths = self.lengths.tolist()
+        if max(lengths) > width:
+            raise ValueError(f"a sequence of {max(lengths)} tokens does not fit pack width {width}")
+        bins: list[list[int]] = []
+        fill: list[int] = []
+        for row in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
+            for b, used in enumerate(fill):
+                if used + lengths[row] <= width:
+                    bins[b].append(row)
+                    fill[b] += lengths[row]
+                    break
+            else:
+                bins.append([row])
+                fill.append(lengths[row])
+        rows, cols = len(bins), max(fill)
+        dev = self.input_ids.device
+        input_ids = torch.zeros((rows, cols), dtype=self.input_ids.dtype, device=dev)
+        positions = torch.zeros((rows, cols), dtype=torch.long, device=dev)
+        segments = torch.full((rows, cols), -1, dtype=torch.long, device=dev)
+        per_pos = [self.targets, self.mask, self.behav_logp, self.versions,
+                   self.advantages[:, None].expand_as(self.mask)] + ([extra] if extra is not None else [])
+        fills = [-1 if t is self.versions else 0 for t in per_pos]
+        out = [torch.full((rows, cols - 1), f, dtype=t.dtype, device=dev) for t, f in zip(per_pos, fills)]
+        for b, members in enumerate(bins):
+            at = 0
+            for row in members:
+                n = lengths[row]
+                input_ids[b, at:at + n] = self.input_ids[row, :n]
+                positions[b, at:at + n] = torch.arange(n, device=dev)
+                segments[b, at:at + n] = row
+                # a sequence's last position would score the next sequence's first token: the
+                # (B, L-1) tensors take only its first n-1 positions, the mask is 0 past them
+                for dst, src in zip(out, per_pos):
+                    dst[b, at:at + n - 1] = src[row, :n - 1]
+                at += n
+        targets, mask, behav, versions, advantages = out[:5]
+        packed = TrainBatch(input_ids, targets, mask, behav, versions, advantages, torch.tensor(fill),
+                            positions, segments, len(lengths))
+        return packed, (out[5] if extra is not None else None)
 
 
 def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int = 0,

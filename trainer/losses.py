@@ -51,7 +51,7 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
                 advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float, clip_eps_high: float,
                 tis_cap: float, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
                 loss_agg: str = "token_mean", correction: str = "tis",
-                stale: torch.Tensor | None = None) -> PolicyLossOutput:
+                stale: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None) -> PolicyLossOutput:
     """PPO-clip (asymmetric clip range) with an off-policy correction, + optional k3 KL.
 
     All tensors are (B, T); ``advantages`` may be (B,) and is broadcast over tokens; ``mask`` is 1
@@ -62,7 +62,10 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
       exceeds ``tis_cap`` are masked instead of truncated (AReaL's decoupled PPO);
     * ``mask_stale``: tokens marked in ``stale`` (generated before the current policy segment) are
       masked; the rest use the plain PPO ratio against the behaviour policy;
-    * ``ppo``: no correction: the ratio is taken against the behaviour policy (the baseline)."""
+    * ``ppo``: no correction: the ratio is taken against the behaviour policy (the baseline).
+
+    ``seq_ids`` (B, T) names the sequence of each position when several share a row (a packed
+    batch); ``seq_mean`` then averages per sequence, not per row."""
     if correction not in CORRECTIONS:
         raise ValueError(f"correction={correction!r}: must be one of {', '.join(CORRECTIONS)}")
     mask = mask.float()
@@ -91,7 +94,7 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
         log_r = ref_logp - new_logp
         kl = torch.exp(log_r) - log_r - 1  # k3 estimator: unbiased, always >= 0
         per_token = per_token + kl_coef * kl
-    loss = _aggregate(per_token, mask, loss_agg)
+    loss = _aggregate(per_token, mask, loss_agg, seq_ids)
 
     n = mask.sum().clamp_min(1)
     with torch.no_grad():
@@ -102,15 +105,23 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
             "is_capped_frac": float(((is_raw > tis_cap).float() * mask).sum() / n),
             "kl": float((kl * mask).sum() / n),
             "approx_kl_behav": float(((old_logp - behav_logp) * mask).sum() / n),
-            "pg_loss": float(_aggregate(is_weight * pg, mask, loss_agg)),
+            "pg_loss": float(_aggregate(is_weight * pg, mask, loss_agg, seq_ids)),
         }
     return PolicyLossOutput(loss, metrics)
 
 
-def _aggregate(values: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+def _aggregate(values: torch.Tensor, mask: torch.Tensor, how: str,
+               seq_ids: torch.Tensor | None = None) -> torch.Tensor:
     if how == "token_mean":
         return (values * mask).sum() / mask.sum().clamp_min(1)
     if how == "seq_mean":
-        per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-        return per_seq.mean()
+        if seq_ids is None:
+            per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+            return per_seq.mean()
+        ids = seq_ids.reshape(-1)
+        real = ids >= 0
+        ids, num_seqs = ids.clamp_min(0), int(ids.max()) + 1
+        sums = values.new_zeros(num_seqs).index_add(0, ids, (values * mask).reshape(-1) * real)
+        counts = values.new_zeros(num_seqs).index_add(0, ids, mask.reshape(-1) * real)
+        return (sums / counts.clamp_min(1)).mean()
     raise ValueError(f"loss_agg={how!r}: must be token_mean or seq_mean")

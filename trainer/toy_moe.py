@@ -28,8 +28,8 @@ class MoEBlock(nn.Module):
             drop_tokens=False, use_rts=False, noisy_gate_policy=None, top2_2nd_expert_sampling=False,
         )
 
-    def forward(self, x: torch.Tensor):
-        x = x + self.attn(self.ln1(x), attn_mask=None)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None):
+        x = x + self.attn(self.ln1(x), attn_mask=attn_mask)
         out, aux, counts = self.moe(self.ln2(x))
         return x + out, aux, counts
 
@@ -46,15 +46,24 @@ class ToyMoE(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         init_weights(self, cfg.init_std, cfg.n_layers)
 
-    def forward(self, input_ids: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None):
         """Causal LM over right-padded ``input_ids`` (batch, seq): (logits, aux_loss, expert_counts)
-        where expert_counts has shape (n_layers, num_experts)."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        where expert_counts has shape (n_layers, num_experts). A packed batch passes each token's
+        ``positions`` within its sequence and its ``segments`` id: attention stays inside a
+        sequence (padding, id -1, attends only to padding)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        mask = None
+        if segments is not None:
+            causal = torch.ones(input_ids.shape[1], input_ids.shape[1], dtype=torch.bool,
+                                device=input_ids.device).tril()
+            mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
         x = self.embed(input_ids, positions)
         aux_total = x.new_zeros(())
         counts = []
         for block in self.layers:
-            x, aux, c = block(x)
+            x, aux, c = block(x, mask)
             aux_total = aux_total + aux
             counts.append(c)
         return self.head(self.ln_f(x)), aux_total, torch.stack(counts)
