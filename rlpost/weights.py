@@ -5,14 +5,18 @@ Redis at chunk boundaries (cheap) and fetch the tensors only when it changed. Tr
 
 * ``ray``: one ``ray.put`` by the trainer, many zero-copy gets by workers on the node. The
   reference is parked in a small named actor (:class:`WeightStore`) so the object stays alive and
-  workers can find it without pickling anything through Redis.
+  workers can find it without pickling anything through Redis. The tensors travel as one flat
+  byte buffer plus a table of (name, dtype, shape, offset): Ray stores numpy buffers without
+  pickling them, where a dict of torch tensors costs a pickle per tensor on both sides.
 * ``file``: safetensors in the run directory (a shared filesystem across nodes).
 """
 
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
+import numpy as np
 import ray
 import torch
 from safetensors.torch import load_file, save_file
@@ -44,6 +48,33 @@ def store_name(run: str) -> str:
     return f"rlpost-weights-{run}"
 
 
+FlatWeights = tuple[list[tuple[str, str, tuple[int, ...], int, int]], np.ndarray]
+
+
+def flatten_state(state: dict[str, torch.Tensor]) -> FlatWeights:
+    """One contiguous byte buffer holding every tensor, and the table to cut it up again."""
+    table, parts, offset = [], [], 0
+    for name, tensor in state.items():
+        raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        table.append((name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), offset, raw.size))
+        padding = -raw.size % 64  # every tensor starts aligned, so it can be viewed in place
+        parts += [raw, np.zeros(padding, dtype=np.uint8)]
+        offset += raw.size + padding
+    return table, (np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8))
+
+
+def unflatten_state(flat: FlatWeights) -> dict[str, torch.Tensor]:
+    table, buffer = flat
+    data = torch.from_numpy(np.array(buffer, copy=True))  # Ray hands out read-only views
+    return {name: data[offset:offset + size].view(getattr(torch, dtype)).reshape(shape)
+            for name, dtype, shape, offset, size in table}
+
+
+@lru_cache(maxsize=8)
+def _store(name: str):
+    return ray.get_actor(name)
+
+
 class WeightPublisher:
     """Trainer side: publish ``state`` as ``version`` over the configured transport."""
 
@@ -58,7 +89,7 @@ class WeightPublisher:
         if self.transport == "ray":
             if self._store is None:
                 self._store = ray.get_actor(store_name(self.buffer.run))
-            ray.get(self._store.put.remote(version, [ray.put(state)]))
+            ray.get(self._store.put.remote(version, [ray.put(flatten_state(state))]))
             location = store_name(self.buffer.run)
         elif self.transport == "file":
             folder = os.path.join(self.run_dir, "weights")
@@ -76,8 +107,7 @@ class WeightPublisher:
 def fetch_weights(wv: WeightVersion) -> dict[str, torch.Tensor]:
     """Worker side: the tensors of a published version."""
     if wv.transport == "ray":
-        store = ray.get_actor(wv.location)
-        return ray.get(ray.get(store.get.remote(wv.version))[0])
+        return unflatten_state(ray.get(ray.get(_store(wv.location).get.remote(wv.version))[0]))
     if wv.transport == "file":
         return load_file(wv.location)
     raise ValueError(f"unknown weight transport {wv.transport!r} for v{wv.version}")
