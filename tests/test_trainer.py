@@ -259,3 +259,61 @@ def test_a_group_at_the_resume_cap_is_pinned_not_parked(rig):
         worker.cfg.mode, worker.cfg.rollout.max_resumes, worker.engine.cfg.chunk_tokens, worker.engine.eos_id = saved
         buf.client.delete(buf.key("complete"))
         buf.ensure_groups()
+
+
+def test_packed_rows_score_each_sequence_as_if_it_were_alone(rig):
+    """The DeepSpeed policy on a packed batch (attention kept inside each sequence, positions
+    restarting per sequence) gives every token the logprob it gets in the padded batch."""
+    trainer, worker, buf = rig
+    trainer.publish()
+    worker.maybe_update_weights()
+    env = worker.env
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=8)
+    groups = worker.generate_groups([env.train_task(300 + i, 0, 3, sampling) for i in range(4)])
+    trajs = [t for g in groups for t in g]
+    padded = collate(trajs, torch.zeros(len(trajs)))
+    packed, _ = padded.packed(trainer.cfg.model.max_seq_len)
+    assert packed.input_ids.shape[0] < padded.input_ids.shape[0]
+    with torch.no_grad():
+        lp_padded = token_logprobs(trainer.engine(padded.input_ids)[0][:, :-1], padded.targets)
+        lp_packed = token_logprobs(trainer.engine(packed.input_ids, **packed.model_inputs())[0][:, :-1],
+                                   packed.targets)
+    for s in range(len(trajs)):
+        mine = packed.mask.bool() & (packed.seq_ids == s)
+        torch.testing.assert_close(lp_packed[mine], lp_padded[s][padded.mask[s].bool()], atol=1e-5, rtol=0)
+
+
+def test_worker_admits_queued_groups_into_the_running_batch(rig):
+    """Continuous batching: groups that reach the buffer while a long group is generating join
+    the running batch at the next chunk boundary and ship before the long group ends, all
+    within the same serve call (no tail blocks the queue)."""
+    trainer, worker, buf = rig
+    env = worker.env
+    trainer.publish()
+    worker.maybe_update_weights()
+    saved = (worker.engine.cfg.chunk_tokens, worker.engine.eos_id)
+    worker.engine.cfg.chunk_tokens, worker.engine.eos_id = 2, -1  # every sample runs to its budget
+    real_poll = worker.buffer.poll
+    short = [env.train_task(950 + i, 0, 2, SamplingParams(1.0, 1.0, 3)) for i in range(3)]
+    calls = {"n": 0}
+
+    def more_work_arrives():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            buf.put_tasks(short)
+        return real_poll()
+
+    try:
+        buf.client.delete(buf.key("complete"))
+        buf.ensure_groups()
+        buf.put_tasks([env.train_task(949, 0, 2, SamplingParams(1.0, 1.0, 16))])
+        worker.buffer.poll = more_work_arrives
+        worker.serve(buf.read_tasks(worker.name, count=1, block_ms=200))
+        shipped = [unpack_entry(f[b"data"]).task.task_id for _, f in buf.client.xrange(buf.key("complete"))]
+        assert shipped[-1] == "train-0-949" and sorted(shipped[:-1]) == sorted(t.task_id for t in short)
+        assert buf.depth()["tasks"] == 0 and buf.depth()["tasks_pending"] == 0
+    finally:
+        worker.buffer.poll = real_poll
+        worker.engine.cfg.chunk_tokens, worker.engine.eos_id = saved
+        buf.client.delete(buf.key("complete"))
+        buf.ensure_groups()
