@@ -39,9 +39,11 @@ class WeightStore:
             self._version, self._ref = version, boxed_ref[0]
 
     def get(self, version: int) -> list:
-        if version != self._version:
-            raise KeyError(f"weights v{version} not held (latest is v{self._version})")
-        return [self._ref]
+        """[held version, ref] of the newest weights, which may already be newer than the
+        ``version`` a worker read from Redis a moment ago (a worker wants the newest anyway)."""
+        if version > self._version:
+            raise KeyError(f"weights v{version} not published yet (latest is v{self._version})")
+        return [self._version, self._ref]
 
 
 def store_name(run: str) -> str:
@@ -104,10 +106,11 @@ class WeightPublisher:
         return wv
 
 
-def fetch_weights(wv: WeightVersion) -> dict[str, torch.Tensor]:
-    """Worker side: the tensors of a published version."""
+def fetch_weights(wv: WeightVersion) -> tuple[dict[str, torch.Tensor], int]:
+    """Worker side: (tensors, version) of ``wv`` or of a newer version published since."""
     if wv.transport == "ray":
-        return unflatten_state(ray.get(ray.get(_store(wv.location).get.remote(wv.version))[0]))
+        version, ref = ray.get(_store(wv.location).get.remote(wv.version))
+        return unflatten_state(ray.get(ref)), version
     if wv.transport == "file":
-        return load_file(wv.location)
+        return load_file(wv.location), wv.version
     raise ValueError(f"unknown weight transport {wv.transport!r} for v{wv.version}")

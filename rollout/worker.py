@@ -82,7 +82,7 @@ class RolloutWorker:
         if wv is None or wv.version == self.engine.version:
             return False
         t0 = time.perf_counter()
-        self.engine.load_weights(fetch_weights(wv), wv.version)
+        self.engine.load_weights(*fetch_weights(wv))
         self.stats.weight_swaps += 1
         self.stats.weight_fetch_s += time.perf_counter() - t0
         return True

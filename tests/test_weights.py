@@ -21,3 +21,23 @@ def test_flatten_round_trips_every_dtype_and_shape():
     for name, tensor in state.items():
         assert back[name].dtype == tensor.dtype and back[name].shape == tensor.shape
         assert torch.equal(back[name], tensor)
+
+
+def test_a_worker_that_read_an_old_version_gets_the_newest_weights(buffer, tmp_path):
+    """The trainer may publish again between a worker reading the version key and fetching:
+    the fetch returns the newer weights and says which version they are (no crash)."""
+    import ray
+
+    from rlpost.weights import WeightPublisher, WeightStore, fetch_weights, store_name
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        store = WeightStore.options(name=store_name(buffer.run)).remote()  # noqa: F841 (kept alive)
+        publisher = WeightPublisher(buffer, "ray", str(tmp_path))
+        publisher.publish({"w": torch.zeros(3)}, version=1)
+        seen = buffer.current_version()
+        publisher.publish({"w": torch.ones(3)}, version=2)
+        state, version = fetch_weights(seen)
+        assert seen.version == 1 and version == 2 and torch.equal(state["w"], torch.ones(3))
+    finally:
+        ray.shutdown()
