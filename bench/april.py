@@ -54,11 +54,11 @@ def run_mode(mode: str, workdir: str, steps: int, extra: list[str]) -> dict:
 
     return {
         "mode": mode,
-        "wall_s": summary["rl_seconds"],
+        "wall_s": summary["train_seconds"],
         "process_s": time.time() - t0,
         "trained_samples": summary["trained_samples"],
-        "samples_per_s": summary["trained_samples"] / summary["rl_seconds"],
-        "trained_tokens_per_s": summary["trained_tokens"] / summary["rl_seconds"],
+        "samples_per_s": summary["trained_samples"] / summary["train_seconds"],
+        "trained_tokens_per_s": summary["trained_tokens"] / summary["train_seconds"],
         "rollout_idle_frac": mean("rollout/idle_frac"),
         "trainer_idle_frac": mean("train/idle_frac"),
         "mean_staleness": mean("weights/version_lag_mean"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -65,13 +66,26 @@ def score_with_timeout(env: Env, answer: str, response_ids: list[int], timeout_s
     return result if reason is None else RewardResult(0.0, {"error": reason, "reason": reason})
 
 
+def _score_each(env: Env, answers: list[str], responses: list[list[int]]) -> list[RewardResult]:
+    results = []
+    for answer, response in zip(answers, responses):
+        try:
+            results.append(env.score(answer, response))
+        except Exception as exc:  # noqa: BLE001 - an env bug must not take the group down
+            reason = f"{type(exc).__name__}: {exc}"
+            results.append(RewardResult(0.0, {"error": reason, "reason": reason}))
+    return results
+
+
 def score_group_with_timeout(env: Env, answers: list[str], responses: list[list[int]],
                              timeout_s: float) -> list[RewardResult]:
-    """Score a group: with ``env.score_many`` in one bounded call (sandboxed envs run the group's
-    programs concurrently), else sample by sample. Errors and timeouts are reward 0 with a reason."""
+    """Score a group in one bounded call: ``env.score_many`` (sandboxed envs run the group's
+    programs concurrently), else ``env.score`` per sample inside the call, where one sample's error
+    is that sample's reward 0 and the others keep theirs (one thread hop per group, not per sample:
+    a worker ships a group every few milliseconds). Errors and timeouts are reward 0 with a reason."""
     many = getattr(env, "score_many", None)
     if many is None:
-        return [score_with_timeout(env, a, r, timeout_s) for a, r in zip(answers, responses)]
+        many = functools.partial(_score_each, env)
     results, reason = _bounded(many, (answers, responses), timeout_s)
     if reason is None:
         return results

@@ -165,13 +165,16 @@ class Run:
         and serve their previous life's unacked items first)."""
         self.worker_futures = [w.run.remote() for w in self.workers]
 
-    def _on_all_ranks(self, method: str, *args, while_waiting: Callable[[], bool] | None = None):
-        """Call ``method`` on every trainer rank and wait, failing fast (with the worker's own
-        traceback) if a rollout worker dies meanwhile instead of waiting for groups that never come.
-        ``while_waiting`` is polled every few milliseconds until it returns True."""
+    def _on_all_ranks(self, method: str, *args):
+        """Call ``method`` on every trainer rank and wait for all of them."""
+        return self._wait_all([getattr(r, method).remote(*args) for r in self.ranks])
+
+    def _wait_all(self, refs: list, while_waiting: Callable[[], bool] | None = None) -> list:
+        """Wait for ``refs``, failing fast (with the worker's own traceback) if a rollout worker
+        dies meanwhile instead of waiting for groups that never come. ``while_waiting`` is
+        polled every few milliseconds until it returns True."""
         import ray
 
-        refs = [getattr(r, method).remote(*args) for r in self.ranks]
         last_check = time.monotonic()
         while True:
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=0.005 if while_waiting else 1.0)
@@ -183,14 +186,17 @@ class Run:
                 self._check_workers()
                 last_check = time.monotonic()
 
-    def _train_step(self, version: int) -> dict:
-        """One training step on every rank. In april mode the step's batch stops being "in
-        flight" the moment the trainer has collected it (it advances the round), so the driver
-        tops the in-flight groups up right then: the workers get fresh prompts while the step
-        trains instead of after it."""
+    def _launch_step(self, version: int) -> tuple[list, Callable[[], bool] | None]:
+        """Admit the step's tasks and start ``train_step`` on every rank; returns at once with
+        the refs and, in april mode, the top-up to poll while the step runs: the batch stops
+        being "in flight" the moment the trainer has collected it (it advances the round), so
+        the workers get fresh prompts while the step trains instead of after it."""
+        self.admit(version)
+        self.state.step += 1
+        start_round = self.buffer.current_round() if self.cfg.mode == "april" else 0
+        refs = [r.train_step.remote(self.state.step) for r in self.ranks]
         if self.cfg.mode != "april":
-            return self._on_all_ranks("train_step", self.state.step)[0]
-        start_round = self.buffer.current_round()
+            return refs, None
 
         def top_up() -> bool:
             if self.buffer.current_round() == start_round:
@@ -198,7 +204,7 @@ class Run:
             self.admit(version, taken=self.cfg.rollout.batch_prompts)
             return True
 
-        return self._on_all_ranks("train_step", self.state.step, while_waiting=top_up)[0]
+        return refs, top_up
 
     def _check_workers(self) -> None:
         import ray
@@ -346,20 +352,35 @@ class Run:
                 self.state.eval_before = self.evaluate("before", version)
                 self.state.evals.append({"step": 0, "accuracy": self.state.eval_before})
                 logger.log({"eval/accuracy": self.state.eval_before}, step=0)
-            rl_start = time.time()
+            rl_start = last_step_at = time.time()
             last: dict = {}
             prev_totals, prev_t = self.worker_totals(), time.time()
-            while self.state.step < cfg.trainer.steps:
+            step_job = None
+
+            def may_start_next() -> bool:
+                if self.state.step >= cfg.trainer.steps:
+                    return False
                 if cfg.time_limit_s and time.time() - rl_start > cfg.time_limit_s:
                     summary["stopped_by_time_limit"] = True
-                    break
-                self.admit(version)
-                self.state.step += 1
-                metrics = self._train_step(version)
+                    return False
+                return True
+
+            while step_job is not None or may_start_next():
+                if step_job is None:
+                    step_job = self._launch_step(version)
+                metrics = self._wait_all(*step_job)[0]
+                step_job = None
+                last_step_at = time.time()
                 version = int(metrics.get("weights/version", version))
                 self.state.trained_groups += cfg.rollout.batch_prompts
                 self.state.trained_samples += int(metrics["train/samples"]) * cfg.trainer.num_ranks
                 self.state.trained_tokens += int(metrics["train/tokens"]) * cfg.trainer.num_ranks
+                step = self.state.step
+                eval_due = bool(cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.trainer.steps)
+                checkpoint_due = bool(cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0)
+                if not (eval_due or checkpoint_due) and may_start_next():
+                    # the trainer starts the next step now; the bookkeeping below overlaps it
+                    step_job = self._launch_step(version)
                 metrics.update({f"buffer/{k}": v for k, v in self.buffer.depth().items()})
                 totals, now = self.worker_totals(), time.time()
                 wall = max(now - prev_t, 1e-9) * max(cfg.rollout.num_workers, 1)
@@ -375,14 +396,14 @@ class Run:
                     "time/elapsed_s": now - t_start,
                 })
                 prev_totals, prev_t = totals, now
-                if cfg.eval.every and self.state.step % cfg.eval.every == 0 and self.state.step < cfg.trainer.steps:
-                    acc = self.evaluate(f"step{self.state.step}", version)
-                    self.state.evals.append({"step": self.state.step, "accuracy": acc})
+                if eval_due:
+                    acc = self.evaluate(f"step{step}", version)
+                    self.state.evals.append({"step": step, "accuracy": acc})
                     metrics["eval/accuracy"] = acc
-                if cfg.trainer.checkpoint_every and self.state.step % cfg.trainer.checkpoint_every == 0:
+                if checkpoint_due:
                     self.checkpoint()
-                logger.log(metrics, step=self.state.step)
-                logger.progress(self.state.step, metrics)
+                logger.log(metrics, step=step)
+                logger.progress(step, metrics)
                 last = metrics
             # The final weights must be the ones evaluated, whatever publish_every says.
             version = self._on_all_ranks("publish")[0].get("weights/version", version)
@@ -398,6 +419,8 @@ class Run:
                 "eval_accuracy_gain": after - self.state.eval_before,
                 "steps": self.state.step,
                 "rl_seconds": time.time() - rl_start,
+                # from the first to the end of the last training step (no final evaluation)
+                "train_seconds": last_step_at - rl_start,
                 "total_seconds": time.time() - t_start,
                 "final_train_reward": last.get("reward/mean"),
                 "trained_samples": self.state.trained_samples,

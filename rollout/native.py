@@ -25,6 +25,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class RoutedMoE(nn.Module):
     """MoE FFN that routes tokens itself and reports each token's experts."""
 
+    DENSE_MAX_TOKENS = 256
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.k = cfg.top_k
@@ -35,6 +37,13 @@ class RoutedMoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         experts, weights = topk_route(flat, self.gate.weight, self.k)
+        if flat.shape[0] <= self.DENSE_MAX_TOKENS:
+            # a decode step: every expert on every token and a gather beats per-expert index
+            # bookkeeping on small batches (same math, each token still gets its top-k experts)
+            every = torch.stack([expert(flat) for expert in self.experts], dim=1)  # (N, E, D)
+            picked = every.gather(1, experts[:, :, None].expand(-1, -1, shape[-1]))  # (N, k, D)
+            out = (picked * weights[:, :, None].to(flat.dtype)).sum(dim=1)
+            return out.view(shape), experts.view(*shape[:-1], self.k)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             rows, slot = torch.nonzero(experts == e, as_tuple=True)
