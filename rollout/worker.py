@@ -175,13 +175,17 @@ class RolloutWorker:
         t0 = time.perf_counter()
         try:
             while True:
+                items[:] = [item for item in items if not item.shipped]
                 pending = [(item, traj) for item in items for traj in item.group if traj.status in UNFINISHED]
                 version = self.engine.version
                 why: dict[str, str] = {}
+                continued: list[tuple[WorkItem, Trajectory]] = []  # back after a tool observation
 
                 def on_finished(i: int, out: GenOutput) -> None:
                     item, traj = pending[i]
                     self._absorb(traj, out, version, item.task)
+                    if traj.status in UNFINISHED and out.finish_reason != "abort":
+                        continued.append((item, traj))
                     if ship and item.done and not item.shipped:
                         self._ship(item)
 
@@ -200,15 +204,19 @@ class RolloutWorker:
                     return bool(why)
 
                 def admit_requests(free_rows: int) -> list[GenRequest]:
-                    new = [(item, traj) for item in self._admit_from_buffer(free_rows, items)
-                           for traj in item.group if traj.status in UNFINISHED]
+                    """Samples continuing after a tool turn first, then new groups (with ``admit``)."""
+                    new = continued[:free_rows]
+                    del continued[:len(new)]
+                    if admit and free_rows > len(new):
+                        new += [(item, traj) for item in self._admit_from_buffer(free_rows - len(new), items)
+                                for traj in item.group if traj.status in UNFINISHED]
                     pending.extend(new)
                     return [self._request(item, traj) for item, traj in new]
 
                 if not pending and not (admit and admit_requests(self.engine.cfg.max_batch_size)):
                     return
                 reqs = [self._request(item, traj) for item, traj in pending]
-                self.engine.generate(reqs, should_stop, on_finished, admit_requests if admit else None)
+                self.engine.generate(reqs, should_stop, on_finished, admit_requests)
                 reason = why.get("reason")
                 if reason == "stop":
                     raise InterruptedError("stop signal while generating")
