@@ -89,25 +89,33 @@ class TrainBatch:
                 fill.append(lengths[row])
         rows, cols = len(bins), max(fill)
         dev = self.input_ids.device
-        input_ids = torch.zeros((rows, cols), dtype=self.input_ids.dtype, device=dev)
-        positions = torch.zeros((rows, cols), dtype=torch.long, device=dev)
-        segments = torch.full((rows, cols), -1, dtype=torch.long, device=dev)
-        per_pos = [self.targets, self.mask, self.behav_logp, self.versions,
-                   self.advantages[:, None].expand_as(self.mask)] + ([extra] if extra is not None else [])
-        fills = [-1 if t is self.versions else 0 for t in per_pos]
-        out = [torch.full((rows, cols - 1), f, dtype=t.dtype, device=dev) for t, f in zip(per_pos, fills)]
+        # where each sequence starts: (bin, column offset), then one scatter per tensor
+        bin_of = torch.empty(len(lengths), dtype=torch.long)
+        start_of = torch.empty(len(lengths), dtype=torch.long)
         for b, members in enumerate(bins):
             at = 0
             for row in members:
-                n = lengths[row]
-                input_ids[b, at:at + n] = self.input_ids[row, :n]
-                positions[b, at:at + n] = torch.arange(n, device=dev)
-                segments[b, at:at + n] = row
-                # a sequence's last position would score the next sequence's first token: the
-                # (B, L-1) tensors take only its first n-1 positions, the mask is 0 past them
-                for dst, src in zip(out, per_pos):
-                    dst[b, at:at + n - 1] = src[row, :n - 1]
-                at += n
+                bin_of[row], start_of[row] = b, at
+                at += lengths[row]
+        bin_of, start_of, n = bin_of.to(dev), start_of.to(dev), self.lengths.to(dev)
+
+        def scatter(src: torch.Tensor, used: torch.Tensor, fill_value, shape) -> torch.Tensor:
+            span = torch.arange(src.shape[1], device=dev)
+            keep = span[None, :] < used[:, None]
+            dst = torch.full(shape, fill_value, dtype=src.dtype, device=dev)
+            dst[bin_of[:, None].expand_as(keep)[keep], (start_of[:, None] + span[None, :])[keep]] = src[keep]
+            return dst
+
+        seq_ids = torch.arange(len(lengths), device=dev)[:, None].expand_as(self.input_ids)
+        positions_src = torch.arange(self.input_ids.shape[1], device=dev)[None, :].expand_as(self.input_ids)
+        input_ids = scatter(self.input_ids, n, 0, (rows, cols))
+        positions = scatter(positions_src, n, 0, (rows, cols))
+        segments = scatter(seq_ids, n, -1, (rows, cols))
+        per_pos = [self.targets, self.mask, self.behav_logp, self.versions,
+                   self.advantages[:, None].expand_as(self.mask)] + ([extra] if extra is not None else [])
+        # a sequence's last position would score the next sequence's first token: the (B, L-1)
+        # tensors take only its first n-1 positions (the mask is 0 past them)
+        out = [scatter(t, n - 1, -1 if t is self.versions else 0, (rows, cols - 1)) for t in per_pos]
         targets, mask, behav, versions, advantages = out[:5]
         packed = TrainBatch(input_ids, targets, mask, behav, versions, advantages, torch.tensor(fill),
                             positions, segments, len(lengths))
