@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from rlpost.config import EnvConfig, SandboxConfig
 from rlpost.envs.base import RewardResult, eval_task_set
 from rlpost.records import SamplingParams, Task
-from rlpost.tokenizer import CharTokenizer
+from rlpost.tokenizer import make_tokenizer
 
 FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
 TOY_ALPHABET = "0123456789+-*%()=:;,.<>fxdeturn _#\n"
@@ -140,7 +140,8 @@ def toy_problem(index: int, seed: int, num_examples: int = 3) -> tuple[CodingPro
 
 
 class CodingEnv:
-    """Toy coding tasks (train and eval) scored in the sandbox; HumanEval through ``score_code``."""
+    """Toy coding tasks for training, toy or HumanEval problems for evaluation, all scored in the
+    sandbox."""
 
     name = "coding"
 
@@ -150,10 +151,15 @@ class CodingEnv:
         self.cfg = cfg
         self.sandbox_cfg = sandbox_cfg or SandboxConfig()
         pick_backend(self.sandbox_cfg, warn=False)  # refuse now, not at the first reward
-        self.tokenizer = CharTokenizer(TOY_ALPHABET)
+        self.tokenizer = make_tokenizer(cfg.tokenizer, TOY_ALPHABET)
         self._pool = None
-        self._eval = [toy_problem(i, seed=-1)[0] for i in range(cfg.num_eval)]
-        self._problems: dict[str, CodingProblem] = {}
+        if cfg.eval_set == "humaneval":
+            self._eval = humaneval_problems()[:cfg.num_eval]
+            self._eval_budget = cfg.eval_max_new_tokens or 300
+        else:
+            self._eval = [toy_problem(i, seed=-1)[0] for i in range(cfg.num_eval)]
+            self._eval_budget = cfg.eval_max_new_tokens or self.max_answer_len() + 1
+        self._prompt_ids: dict[str, list[int]] = {}  # prompts are tokenized once
 
     @property
     def pool(self):
@@ -173,8 +179,9 @@ class CodingEnv:
 
     def _task(self, problem: CodingProblem, task_id: str, purpose: str, group_size: int,
               sampling: SamplingParams) -> Task:
-        self._problems[problem.prompt] = problem
-        return Task(task_id=task_id, prompt_ids=self.tokenizer.encode(problem.prompt, bos=True),
+        if problem.prompt not in self._prompt_ids:
+            self._prompt_ids[problem.prompt] = self.tokenizer.encode(problem.prompt, bos=True)
+        return Task(task_id=task_id, prompt_ids=list(self._prompt_ids[problem.prompt]),
                     answer=json.dumps({"prompt": problem.prompt, "tests": problem.tests, "entry": problem.entry_point,
                                        "style": problem.style}),
                     group_size=group_size, sampling=sampling, purpose=purpose, env=self.name)
@@ -184,7 +191,9 @@ class CodingEnv:
         return self._task(problem, f"train-{seed}-{index}", "train", group_size, sampling)
 
     def eval_tasks(self, tag: str, min_version: int) -> list[Task]:
-        return eval_task_set(self._eval, self._task, tag, min_version, self.max_answer_len() + 1)
+        """The held-out toy problems, or HumanEval (``env.eval_set``): prompts tokenized once with
+        the env's tokenizer, completions scored by the same sandboxed tests as training."""
+        return eval_task_set(self._eval, self._task, tag, min_version, self._eval_budget)
 
     def sft_example(self, index: int, seed: int) -> tuple[list[int], list[int]]:
         problem, reference = toy_problem(index, seed)

@@ -201,6 +201,13 @@ class EnvConfig:
     len_max: int = 120
     # tools: tool calls allowed per sample.
     max_turns: int = 3
+    # Tokenizer of the env's text: char (the toy envs' alphabets) or gpt2 (byte-level BPE; coding).
+    tokenizer: str = "char"
+    # coding: the eval set, toy (procedural, held out) or humaneval (the 164 HumanEval problems,
+    # up to env.num_eval of them; needs a real tokenizer), and its completion budget (0: the set's
+    # default, 13 for toy, 300 for humaneval).
+    eval_set: str = "toy"
+    eval_max_new_tokens: int = 0
     num_eval: int = 200
     seed: int = 1234
     reward_timeout_s: float = 5.0
@@ -208,6 +215,13 @@ class EnvConfig:
     def validate(self, p: str = "env") -> None:
         _check(self.name in ENVS, f"{p}.name", self.name, f"available: {', '.join(ENVS)}")
         _check(self.max_turns >= 1, f"{p}.max_turns", self.max_turns, "must be >= 1")
+        _check(self.tokenizer in ("char", "gpt2"), f"{p}.tokenizer", self.tokenizer, "must be char or gpt2")
+        _check(self.tokenizer == "char" or self.name == "coding", f"{p}.tokenizer", self.tokenizer,
+               f"env.name={self.name} works on its character alphabet; gpt2 is for the coding env")
+        _check(self.eval_set in ("toy", "humaneval"), f"{p}.eval_set", self.eval_set, "must be toy or humaneval")
+        _check(self.eval_set == "toy" or (self.name == "coding" and self.tokenizer != "char"), f"{p}.eval_set",
+               self.eval_set, "humaneval is an eval set of env.name=coding with a real tokenizer (env.tokenizer=gpt2)")
+        _check(self.eval_max_new_tokens >= 0, f"{p}.eval_max_new_tokens", self.eval_max_new_tokens, "must be >= 0")
         _check(self.len_median >= 1, f"{p}.len_median", self.len_median, "must be >= 1")
         _check(self.len_sigma >= 0, f"{p}.len_sigma", self.len_sigma, "must be >= 0")
         _check(self.len_max >= 1, f"{p}.len_max", self.len_max, "must be >= 1")

@@ -80,6 +80,10 @@ class Run:
         if cfg.rollout.max_new_tokens < needed:
             raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}: answers of this env "
                               f"need up to {needed} tokens (incl. eos)")
+        longest = max(len(t.prompt_ids) + t.sampling.max_new_tokens for t in self.env.eval_tasks("check", 0))
+        if longest > cfg.model.max_seq_len:
+            raise ConfigError(f"model.max_seq_len={cfg.model.max_seq_len}: the eval set needs {longest} "
+                              f"(its longest prompt + its completion budget)")
         self.run_dir = make_run_dir(cfg)
         self.run_name = os.path.basename(self.run_dir).replace(":", "-").replace("{", "-")
         self.redis = None

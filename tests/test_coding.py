@@ -63,3 +63,37 @@ def test_humaneval_canonical_pass_and_stub_fails(env):
     wrong = env.score_code([(p.prompt + "    return None\n", p.tests) for p in sample])
     assert [r.reward for r in right] == [1.0] * 6
     assert [r.reward for r in wrong] == [0.0] * 6
+
+
+@needs_bwrap
+def test_humaneval_is_an_in_run_eval_set_with_a_real_tokenizer():
+    """env.eval_set=humaneval with GPT-2's BPE: the 164 problems become eval tasks whose prompts
+    are tokenized once; a completion travels as token ids through the same decode, extraction
+    and sandboxed tests as any model output (canonical solutions pass, a stub does not)."""
+    from rlpost.tokenizer import Gpt2Tokenizer
+
+    env = CodingEnv(EnvConfig(name="coding", tokenizer="gpt2", eval_set="humaneval", num_eval=164),
+                    SandboxConfig(backend="bwrap", slots=2))
+    try:
+        tasks = env.eval_tasks("before", 0)
+        assert len(tasks) == 164 and all(t.sampling.max_new_tokens == 300 for t in tasks)
+        tok = env.tokenizer
+        assert isinstance(tok, Gpt2Tokenizer) and tasks[0].prompt_ids[0] == tok.bos_id
+        assert tok.decode(tasks[0].prompt_ids[1:]) == humaneval_problems()[0].prompt
+        picked = tasks[::16]  # 11 problems spread over the set keep the test quick
+        right = [tok.encode(humaneval_canonical(humaneval_problems()[i].task_id)) + [tok.eos_id]
+                 for i in range(0, 164, 16)]
+        stub = [tok.encode("    pass\n") + [tok.eos_id]] * len(picked)
+        assert [r.reward for r in env.score_many([t.answer for t in picked], right)] == [1.0] * len(picked)
+        assert [r.reward for r in env.score_many([t.answer for t in picked], stub)] == [0.0] * len(picked)
+    finally:
+        env.pool.close()
+
+
+def test_humaneval_needs_the_coding_env_and_a_real_tokenizer():
+    from rlpost.config import ConfigError
+
+    with pytest.raises(ConfigError, match="env.eval_set"):
+        EnvConfig(name="coding", eval_set="humaneval").validate()
+    with pytest.raises(ConfigError, match="env.tokenizer"):
+        EnvConfig(name="arithmetic", tokenizer="gpt2").validate()

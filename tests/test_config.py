@@ -49,3 +49,17 @@ def test_cfg_flag_prints_resolved_config():
                            "trainer.lr=0.002"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert "lr: 0.002" in proc.stdout and "name: toy_moe_local" in proc.stdout
+
+
+@pytest.mark.skipif(__import__("rlpost.envs.sandbox", fromlist=["find_bwrap"]).find_bwrap() is None,
+                    reason="the coding env refuses to start without a sandbox")
+def test_a_model_too_short_for_the_eval_set_is_refused_at_start_up(tmp_path):
+    """HumanEval prompts are long: the driver checks prompt + budget against model.max_seq_len
+    before starting anything, instead of failing inside a worker at the first evaluation."""
+    from rlpost.run import Run
+
+    cfg = load_config(["experiment=toy_moe_humaneval", "model.max_seq_len=512", f"run_dir={tmp_path}/run"])
+    with pytest.raises(ConfigError, match=r"model.max_seq_len=512: the eval set needs \d+"):
+        Run(cfg)
+    cfg = load_config(["experiment=toy_moe_humaneval", f"run_dir={tmp_path}/run2"])
+    assert Run(cfg).cfg.model.vocab_size == 50257  # the GPT-2 tokenizer's
