@@ -1,13 +1,16 @@
 """APRIL vs async vs sync on a long-tail workload, same model, hardware and trained samples.
 
-    python bench/april.py            # ~6 minutes on 2 CPU cores
-    python bench/april.py --steps 20 # quicker, noisier
+    python bench/april.py                # 3 interleaved repeats of sync/async/april, ~9 minutes
+    python bench/april.py --repeats 1    # quicker, noisier
+    python bench/april.py --configs sync,april,april_recompute   # APRIL re-prefilling resumes
 
-Each mode is a full `python -m rlpost.run experiment=longtail_bench mode=...` run (Ray actors,
-private redis-server, DeepSpeed trainer) from the same cached warm-up, training the same number of
-samples. Response lengths come from the model's own EOS decisions on a heavy-tailed counting
-task; the table reports their p50/p99 as measured on the sync run's trained samples.
-Writes bench/results/april.json; the last line is `RESULT april <april/sync samples-per-s ratio>`.
+Each configuration is a full `python -m rlpost.run experiment=longtail_bench mode=...` run (Ray
+actors, private redis-server, DeepSpeed trainer) from the same cached warm-up, training the same
+number of samples; the repeats are interleaved so a slow spell of the machine hits every mode.
+Throughput is trained samples per second of training (first step to last; the final evaluation
+is not counted). Response lengths come from the model's own EOS decisions on a heavy-tailed
+counting task; the table reports their p50/p99 as measured on the sync runs' trained samples.
+Writes bench/results/april.json; the last line is `RESULT april <mean april / mean sync samples/s>`.
 """
 
 from __future__ import annotations
@@ -25,13 +28,15 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = {
     "sync": ["mode=sync"],
-    "async": ["mode=async", "rollout.max_staleness=1"],
-    "april": ["mode=april", "rollout.over_sampling=2"],
+    "async": ["mode=async", "rollout.max_staleness=1", "engine.reuse_kv=true"],
+    "april": ["mode=april", "rollout.over_sampling=2", "engine.reuse_kv=true"],
+    # APRIL re-prefilling every resumed sample under the new weights instead of reusing its KV
+    "april_recompute": ["mode=april", "rollout.over_sampling=2", "engine.reuse_kv=false"],
 }
 
 
-def run_mode(mode: str, workdir: str, steps: int, extra: list[str]) -> dict:
-    run_dir = os.path.join(workdir, mode)
+def run_mode(mode: str, workdir: str, steps: int, extra: list[str], repeat: int) -> dict:
+    run_dir = os.path.join(workdir, f"{mode}-{repeat}")
     cmd = [sys.executable, "-m", "rlpost.run", "experiment=longtail_bench", *MODES[mode], f"run_dir={run_dir}",
            f"trainer.steps={steps}", f"warmup.cache_dir={os.path.join(workdir, 'warmup')}",
            "logger.progress=false", *extra]
@@ -67,37 +72,65 @@ def run_mode(mode: str, workdir: str, steps: int, extra: list[str]) -> dict:
         "stale_restarts": steps_rows[-1].get("rollout/stale_restarts", 0) if steps_rows else 0,
         "eval_reward_before": summary["eval_accuracy_before"],
         "final_eval_reward": summary["eval_accuracy_after"],
-        "len_p50": float(np.percentile(lengths, 50)),
-        "len_p99": float(np.percentile(lengths, 99)),
+        "lengths": lengths,
     }
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and std over the repeats of one configuration."""
+    out: dict = {"repeats": len(runs)}
+    for key in ("wall_s", "samples_per_s", "trained_tokens_per_s", "rollout_idle_frac", "trainer_idle_frac",
+                "mean_staleness", "offpolicy_token_frac", "resumed_sample_frac", "eval_reward_before",
+                "final_eval_reward"):
+        vals = np.array([r[key] for r in runs], dtype=float)
+        out[key] = float(vals.mean())
+        out[key + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+    out["stale_restarts"] = float(np.mean([r["stale_restarts"] for r in runs]))
+    lengths = [n for r in runs for n in r["lengths"]]
+    out["len_p50"], out["len_p99"] = float(np.percentile(lengths, 50)), float(np.percentile(lengths, 99))
+    out["trained_samples"] = runs[0]["trained_samples"]
+    out["runs"] = [{k: v for k, v in r.items() if k != "lengths"} for r in runs]
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--configs", default="sync,async,april",
+                        help=f"comma-separated, from: {', '.join(MODES)} (sync and april are required)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for every mode")
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="rlpost-bench-april-")
-    results = {}
-    for mode in MODES:
-        results[mode] = run_mode(mode, workdir, args.steps, args.overrides)
-        print(f"{mode}: {results[mode]['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in MODES]
+    if unknown or "sync" not in configs or "april" not in configs:
+        parser.error(f"--configs={args.configs!r}: choose from {', '.join(MODES)}, including sync and april")
+    runs: dict[str, list[dict]] = {mode: [] for mode in configs}
+    for repeat in range(args.repeats):
+        for mode in configs:
+            runs[mode].append(run_mode(mode, workdir, args.steps, args.overrides, repeat))
+            print(f"{mode} #{repeat}: {runs[mode][-1]['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
+    results = {mode: summarise(r) for mode, r in runs.items()}
     sync = results["sync"]
     cols = ["wall_s", "samples_per_s", "trained_tokens_per_s", "rollout_idle_frac", "trainer_idle_frac",
             "mean_staleness", "final_eval_reward"]
     print(f"long-tail workload: response length p50={sync['len_p50']:.0f} p99={sync['len_p99']:.0f} "
-          f"(p99/p50={sync['len_p99'] / max(sync['len_p50'], 1):.1f}), {sync['trained_samples']} trained samples per mode")
-    print("| mode | " + " | ".join(cols) + " | speed-up |")
+          f"(p99/p50={sync['len_p99'] / max(sync['len_p50'], 1):.1f}), {sync['trained_samples']} trained "
+          f"samples per run, mean +- std of {args.repeats} runs")
+    print("| mode | " + " | ".join(cols) + " | vs sync |")
     print("|" + "---|" * (len(cols) + 2))
     for mode, r in results.items():
-        cells = [f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
+        cells = [f"{r[c]:.2f} +- {r[c + '_std']:.2f}" for c in cols]
         print(f"| {mode} | " + " | ".join(cells) + f" | {r['samples_per_s'] / sync['samples_per_s']:.2f}x |")
     ratio = results["april"]["samples_per_s"] / sync["samples_per_s"]
+    paired = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(runs["april"], runs["sync"])]
+    print("april/sync per repeat (runs adjacent in time): " + ", ".join(f"{r:.2f}x" for r in paired))
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "results", "april.json"), "w") as fh:
-        json.dump({"results": results, "april_over_sync": ratio, "steps": args.steps,
-                   "command": "python bench/april.py " + " ".join(sys.argv[1:])}, fh, indent=2)
+        json.dump({"results": results, "april_over_sync": ratio, "april_over_sync_per_repeat": paired, "steps": args.steps, "repeats": args.repeats,
+                   "modes": {c: MODES[c] for c in configs}, "command": "python bench/april.py " + " ".join(sys.argv[1:])}, fh, indent=2)
     print(f"RESULT april {ratio:.2f}")
 
 
