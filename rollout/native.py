@@ -1,8 +1,10 @@
-"""The native torch inference engine: batched sampling with a KV cache, for small models.
+"""The native torch inference engine: continuous batching with a KV cache, for small models.
 
-Prompts (plus any resumed prefix) are left-padded into one batch and prefilled once; decoding
-then appends one token per step to the cache. Every ``chunk_tokens`` steps the caller's
-``should_stop`` is polled: that is where APRIL stops a round and where a worker swaps weights.
+Rows share one KV cache in lock-step columns (left-padded, per-row positions). Every
+``chunk_tokens`` steps the caller's ``should_stop`` is polled (where APRIL stops a round and a
+worker swaps weights), finished rows leave the batch, and waiting requests are prefilled into the
+freed rows. With ``engine.reuse_kv`` a stopped row's KV is kept and a resumed request continues
+from it instead of prefilling its tokens again.
 """
 
 from __future__ import annotations
