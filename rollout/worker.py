@@ -148,10 +148,11 @@ class RolloutWorker:
             return []
         admitted = []
         for delivery in self.buffer.read_tasks(self.name, want, block_ms=None):
-            item = self._item(delivery)
-            if item.task.min_version > self.engine.version:
-                self._backlog.append(delivery)
+            task = delivery.item if isinstance(delivery.item, Task) else delivery.item.task
+            if task.min_version > self.engine.version:
+                self._backlog.append(delivery)  # made into a work item (resume counted) when served
                 continue
+            item = self._item(delivery)
             self._enforce_staleness(item)
             items.append(item)
             admitted.append(item)
