@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
+from rlpost.tokenizer import TOKENIZERS
+
 MODES = ("sync", "async", "april")
 ENVS = ("arithmetic", "longtail", "coding", "tools")
 
@@ -215,7 +217,7 @@ class EnvConfig:
     def validate(self, p: str = "env") -> None:
         _check(self.name in ENVS, f"{p}.name", self.name, f"available: {', '.join(ENVS)}")
         _check(self.max_turns >= 1, f"{p}.max_turns", self.max_turns, "must be >= 1")
-        _check(self.tokenizer in ("char", "gpt2"), f"{p}.tokenizer", self.tokenizer, "must be char or gpt2")
+        _check(self.tokenizer in TOKENIZERS, f"{p}.tokenizer", self.tokenizer, f"must be one of {', '.join(TOKENIZERS)}")
         _check(self.tokenizer == "char" or self.name == "coding", f"{p}.tokenizer", self.tokenizer,
                f"env.name={self.name} works on its character alphabet; gpt2 is for the coding env")
         _check(self.eval_set in ("toy", "humaneval"), f"{p}.eval_set", self.eval_set, "must be toy or humaneval")

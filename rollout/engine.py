@@ -26,6 +26,11 @@ class GenRequest:
     # Names the sample across stops and resumes, so an engine may keep its KV cache in between.
     cache_key: str | None = None
 
+    @property
+    def input_ids(self) -> list[int]:
+        """What the engine feeds before sampling: the prompt, then any resumed response."""
+        return list(self.prompt_ids) + list(self.prefix_ids)
+
 
 @dataclass
 class GenOutput:

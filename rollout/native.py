@@ -198,7 +198,7 @@ class NativeEngine:
 
     def _check_fits(self, r: GenRequest) -> None:
         """Positions are per row, so each request must fit the model on its own."""
-        n = len(r.prompt_ids) + len(r.prefix_ids)
+        n = len(r.input_ids)
         if r.max_new_tokens <= 0:
             raise ValueError(f"GenRequest.max_new_tokens must be > 0, got {r.max_new_tokens}")
         if n + r.max_new_tokens > self.model_cfg.max_seq_len:
@@ -297,12 +297,10 @@ class _Rows:
         e = self.e
         for i, index in enumerate(self.active):
             r = requests[index]
-            if r.cache_key is None:
-                continue
-            if not self.tokens[index]:
+            if r.cache_key is None or not self.tokens[index]:
                 continue
             # everything but the token sampled last (not fed yet) is in the cache
-            fed = list(r.prompt_ids) + list(r.prefix_ids) + self.tokens[index][:-1]
+            fed = r.input_ids + self.tokens[index][:-1]
             lo = self.cache.length - len(fed)
             if lo < 0 or not bool(self.valid[i, lo:self.cache.length].all()) or bool(self.valid[i, :lo].any()):
                 continue  # not the layout this row should have: recompute it instead
@@ -318,8 +316,7 @@ class _Rows:
         if not e.cfg.reuse_kv or r.cache_key is None or r.cache_key not in e.retained:
             return None
         kept = e.retained.pop(r.cache_key)
-        inputs = list(r.prompt_ids) + list(r.prefix_ids)
-        return kept if kept.token_ids == inputs[:-1] else None
+        return kept if kept.token_ids == r.input_ids[:-1] else None
 
     def start(self, new: list[tuple[int, GenRequest]], pending: torch.Tensor | None) -> None:
         """Merge ``new`` requests into the batch in one step: the running rows feed their
@@ -339,7 +336,7 @@ class _Rows:
             else:
                 hits.append((index, r, kept))
         e.retained_hits += len(hits)
-        inputs = [list(r.prompt_ids) + list(r.prefix_ids) for _, r in fresh]
+        inputs = [r.input_ids for _, r in fresh]
         running = len(self.active) > 0
         if running:
             # columns left of every running row's first key are dead: drop them
@@ -376,7 +373,7 @@ class _Rows:
             if hits:
                 def column(values, dtype):
                     return torch.tensor(values, dtype=dtype, device=e.device)
-                feed.append(column([(list(r.prompt_ids) + list(r.prefix_ids))[-1] for _, r, _ in hits], torch.long))
+                feed.append(column([r.input_ids[-1] for _, r, _ in hits], torch.long))
                 pos.append(column([len(kept.token_ids) for _, _, kept in hits], torch.long))
                 temp.append(column([r.temperature for _, r, _ in hits], torch.float32))
                 top_p.append(column([r.top_p for _, r, _ in hits], torch.float32))

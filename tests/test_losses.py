@@ -135,6 +135,6 @@ def test_packed_batch_gives_the_padded_batch_loss(agg):
 
     def loss(b):
         return policy_loss(b.behav_logp * 0.9, b.behav_logp, b.behav_logp, b.advantages, b.mask, 0.2, 0.28,
-                           2.0, loss_agg=agg, seq_ids=b.seq_ids if b.is_packed else None).loss
+                           2.0, loss_agg=agg, seq_ids=b.seq_ids).loss
 
     assert float(loss(packed)) == pytest.approx(float(loss(padded)), abs=1e-6)

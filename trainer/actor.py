@@ -265,7 +265,7 @@ class TrainerRank:
                 out = policy_loss(new_logp, old_logp, mb.behav_logp, mb.advantages, mb.mask,
                                   cfg.clip_eps, cfg.clip_eps_high, cfg.tis_cap, ref_logp, cfg.kl_coef,
                                   cfg.loss_agg, cfg.off_policy, mb.versions < self.version,
-                                  mb.seq_ids if mb.is_packed else None)
+                                  mb.seq_ids)
                 loss = out.loss * share * len(micro) + self.cfg.model.aux_loss_coef * aux
                 self.engine.backward(loss)
                 self.engine.step()

@@ -37,11 +37,10 @@ class TrainBatch:
         return self.segments is not None
 
     @property
-    def seq_ids(self) -> torch.Tensor:
-        """(B, L-1): the sequence each scored position belongs to (for per-sequence loss means)."""
-        if self.segments is not None:
-            return self.segments[:, :-1]
-        return torch.arange(self.input_ids.shape[0], device=self.input_ids.device)[:, None].expand_as(self.mask)
+    def seq_ids(self) -> torch.Tensor | None:
+        """(B, L-1) for a packed batch: the sequence each scored position belongs to (for
+        per-sequence loss means); None when every row is one sequence."""
+        return None if self.segments is None else self.segments[:, :-1]
 
     @property
     def sequences(self) -> int:
