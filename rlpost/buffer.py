@@ -272,11 +272,18 @@ class RedisBuffer:
         return {k: v for k, v in zip(keys, pipe.execute()) if v is not None}
 
     def restore(self, snapshot: dict[bytes, bytes]) -> None:
-        """Replace the run's keys with a snapshot (RESTORE, Redis's own format: nothing unpickled)."""
+        """Replace the run's keys with a snapshot (RESTORE, Redis's own format: nothing unpickled).
+
+        The weight-version pointer is not restored: it names weights the snapshotting process held
+        (its Ray object store, its publish), which a resumed run no longer has. Workers of the
+        resumed run wait for the trainer to republish the checkpoint's weights instead of fetching
+        a version nobody holds."""
         self.reset()
+        version_key = self.key("version").encode()
         pipe = self.client.pipeline(transaction=True)
         for key, payload in snapshot.items():
-            pipe.restore(key, 0, payload, replace=True)
+            if key != version_key:
+                pipe.restore(key, 0, payload, replace=True)
         pipe.execute()
 
     # ----------------------------------------------------------------- helpers

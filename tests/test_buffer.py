@@ -99,3 +99,17 @@ def test_depth_counts_unread_and_pending(buffer):
     buffer.read_tasks("w0", count=1)
     depth = buffer.depth()
     assert depth["tasks"] == 4 and depth["tasks_pending"] == 1 and depth["complete"] == 0
+
+
+def test_restore_brings_back_queues_but_not_the_weight_pointer(buffer):
+    """A resumed run's workers must not fetch the weights the killed process had published."""
+    buffer.put_tasks([make_task(i) for i in range(3)])
+    buffer.read_tasks("w0", count=1)  # one pending: must come back pending for whoever resumes
+    buffer.publish_version(WeightVersion(version=2, transport="ray", location="gone", num_bytes=1))
+    snapshot = buffer.snapshot()
+    buffer.put_tasks([make_task(9)])  # after the checkpoint: lost with the process
+    buffer.restore(snapshot)
+    assert buffer.current_version() is None
+    assert buffer.depth()["tasks"] == 3 and buffer.depth()["tasks_pending"] == 1
+    reclaimed = buffer.read_tasks("w1", count=10, block_ms=100)
+    assert [d.item.task_id for d in reclaimed][-2:] == ["t1", "t2"]
