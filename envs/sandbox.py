@@ -23,11 +23,13 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rlpost.config import SandboxConfig
 
@@ -94,7 +96,7 @@ class _Slot:
     index: int
     uid: int
     scratch: str
-    extra: dict = field(default_factory=dict)
+    launcher: "_Launcher | None" = None
 
 
 Program = tuple  # (code, files: dict[str, str], stdin)
@@ -135,6 +137,14 @@ class SandboxPool:
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        for slot in self._slots:  # a launcher exits when its socket closes
+            if slot.launcher is not None:
+                slot.launcher.sock.close()
+                try:
+                    slot.launcher.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    _kill_group(slot.launcher.proc)
+                slot.launcher = None
         shutil.rmtree(self.root, ignore_errors=True)
 
     # ------------------------------------------------------------------ running
@@ -213,78 +223,141 @@ class SandboxPool:
             if self.backend == "bwrap":
                 os.chown(path, slot.uid, slot.uid)
         t0 = time.monotonic()
-        status_r, status_w = os.pipe()
-        if self.backend == "bwrap":
-            spec = {"uid": slot.uid, "argv": self._bwrap_argv(slot), "rlimits": self._rlimits(), "wall_s": wall_s,
-                    "status_fd": status_w}
-            argv = [self._launcher_python, "-I", "-S", LAUNCHER, json.dumps(spec)]
-            env = {"PATH": "/usr/bin:/bin"}
-        else:
-            argv = [self.cfg.python, "-I", "-B", os.path.join(slot.scratch, "main.py")]
-            env = {"PATH": "/usr/bin:/bin", "HOME": slot.scratch}
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env=env, cwd=slot.scratch,
-                pass_fds=(status_w,) if self.backend == "bwrap" else (), start_new_session=True)
-        finally:
-            os.close(status_w)
-        out, err, truncated, killed_for_output, hard_killed = await self._communicate(
-            proc, stdin.encode(), wall_s + 2.0)
-        status = _read_status(status_r)
-        if hard_killed and self.backend == "bwrap":  # the launcher could not clean up: do it now
-            cleanup = await asyncio.create_subprocess_exec(self._launcher_python, "-I", "-S", LAUNCHER, "--kill-uid",
-                                                           str(slot.uid))
-            await cleanup.wait()
+        # stdin from an unlinked file outside the scratch dir: any size, no writer to schedule
+        with tempfile.TemporaryFile(dir=self.root) as stdin_file:
+            stdin_file.write(stdin.encode())
+            stdin_file.flush()
+            stdin_file.seek(0)
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            try:
+                if self.backend == "bwrap":
+                    launcher = await self._launcher(slot)
+                    spec = {"uid": slot.uid, "argv": self._bwrap_argv(slot), "rlimits": self._rlimits(),
+                            "wall_s": wall_s}
+                    socket.send_fds(launcher.sock, [json.dumps(spec).encode()], [stdin_file.fileno(), out_w, err_w])
+                    finished = asyncio.ensure_future(self._launcher_status(launcher))
+                    stop = launcher.stop
+                else:
+                    proc = await asyncio.create_subprocess_exec(
+                        self.cfg.python, "-I", "-B", os.path.join(slot.scratch, "main.py"), stdin=stdin_file,
+                        stdout=out_w, stderr=err_w, env={"PATH": "/usr/bin:/bin", "HOME": slot.scratch},
+                        cwd=slot.scratch, start_new_session=True)
+                    finished = asyncio.ensure_future(_plain_status(proc, wall_s))
+                    stop = lambda: _kill_group(proc)  # noqa: E731
+            except BaseException:
+                os.close(out_r)
+                os.close(err_r)
+                raise
+            finally:
+                os.close(out_w)
+                os.close(err_w)
+        out, err, truncated, status = await self._collect(out_r, err_r, finished, stop, wall_s + 2.0)
+        if status is None:  # the launcher did not answer in time: kill it and the slot's processes
+            status = {"timed_out": True}
+            await self._kill_launcher(slot)
         duration = time.monotonic() - t0
-        timed_out = bool(status.get("timed_out"))
-        if proc.returncode is None:
-            timed_out = True
-        rc = status.get("returncode", proc.returncode if self.backend == "none" else None)
-        result = ExecResult(rc, out.decode(errors="replace"), err.decode(errors="replace"), duration,
-                            timed_out=timed_out, output_truncated=truncated)
-        result.reason = _reason(result, status, killed_for_output, self.cfg)
+        result = ExecResult(status.get("returncode"), out.decode(errors="replace"), err.decode(errors="replace"),
+                            duration, timed_out=bool(status.get("timed_out")), output_truncated=truncated)
+        result.reason = _reason(result, status, truncated, self.cfg, wall_s)
         return result
 
-    async def _communicate(self, proc, stdin: bytes, timeout: float):
+    async def _collect(self, out_fd: int, err_fd: int, finished: asyncio.Future, stop, timeout: float):
+        """Read the program's stdout/stderr (each capped at max_output_bytes; past the cap the
+        program is stopped) until both close and ``finished`` gives its status; (out, err,
+        truncated, status), status None if that took longer than ``timeout``."""
         cap = self.cfg.max_output_bytes
         bufs = {"out": bytearray(), "err": bytearray()}
-        state = {"truncated": False, "killed": False, "hard": False}
+        state = {"truncated": False}
+        loop = asyncio.get_running_loop()
 
-        async def pump(stream, key):
-            while True:
-                chunk = await stream.read(65536)
-                if not chunk:
-                    return
-                room = cap - len(bufs[key])
-                if room > 0:
-                    bufs[key] += chunk[:room]
-                if len(chunk) > max(room, 0):
-                    state["truncated"] = True
-                    if not state["killed"]:  # flooding output: the launcher stops and cleans up
-                        state["killed"] = True
-                        if self.backend == "bwrap":
-                            proc.send_signal(signal.SIGTERM)
-                        else:
-                            _kill_group(proc)
-
-        async def feed():
+        async def pump(fd, key):
+            reader = asyncio.StreamReader(limit=1 << 20)
+            transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                        os.fdopen(fd, "rb", buffering=0))
             try:
-                proc.stdin.write(stdin)
-                await proc.stdin.drain()
-            except (BrokenPipeError, ConnectionResetError):
-                pass
+                while chunk := await reader.read(65536):
+                    room = cap - len(bufs[key])
+                    if room > 0:
+                        bufs[key] += chunk[:room]
+                    if len(chunk) > max(room, 0) and not state["truncated"]:
+                        state["truncated"] = True  # flooding output: stop the program
+                        stop()
             finally:
-                proc.stdin.close()
+                transport.close()
 
         try:
-            await asyncio.wait_for(asyncio.gather(feed(), pump(proc.stdout, "out"), pump(proc.stderr, "err"),
-                                                  proc.wait()), timeout)
+            status = await asyncio.wait_for(
+                asyncio.gather(pump(out_fd, "out"), pump(err_fd, "err"), finished), timeout)
+            status = status[-1]
         except asyncio.TimeoutError:
-            state["hard"] = True
-            _kill_group(proc)
-            await proc.wait()
-        return bytes(bufs["out"]), bytes(bufs["err"]), state["truncated"], state["killed"], state["hard"]
+            status = None
+        return bytes(bufs["out"]), bytes(bufs["err"]), state["truncated"], status
+
+    # ------------------------------------------------------------------ per-slot launchers
+    async def _launcher(self, slot: _Slot) -> "_Launcher":
+        """The slot's long-lived launcher, (re)started if it is not running."""
+        launcher = slot.launcher
+        if launcher is not None and launcher.proc.poll() is None:
+            return launcher
+        if launcher is not None:
+            launcher.sock.close()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = subprocess.Popen(
+                [self._launcher_python, "-I", "-S", LAUNCHER, "--serve", str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin"},
+                cwd=self.root, pass_fds=(theirs.fileno(),), start_new_session=True)
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        slot.launcher = _Launcher(proc, ours)
+        return slot.launcher
+
+    async def _launcher_status(self, launcher: "_Launcher") -> dict:
+        message = await asyncio.get_running_loop().sock_recv(launcher.sock, 65536)
+        if not message:
+            return {"error": f"launcher exited (code {launcher.proc.poll()})"}
+        try:
+            return json.loads(message)
+        except ValueError:
+            return {"error": f"bad launcher status {message[:100]!r}"}
+
+    async def _kill_launcher(self, slot: _Slot) -> None:
+        """Last resort (the launcher stopped answering): kill it, then every process of the uid."""
+        launcher, slot.launcher = slot.launcher, None
+        if launcher is None:
+            return
+        launcher.sock.close()
+        _kill_group(launcher.proc)
+        await asyncio.get_running_loop().run_in_executor(None, launcher.proc.wait)
+        cleanup = await asyncio.create_subprocess_exec(self._launcher_python, "-I", "-S", LAUNCHER, "--kill-uid",
+                                                       str(slot.uid))
+        await cleanup.wait()
+
+
+@dataclass
+class _Launcher:
+    proc: subprocess.Popen
+    sock: socket.socket
+
+    def stop(self) -> None:
+        """Ask for the running program to be stopped (output flood); the launcher cleans up."""
+        try:
+            self.sock.send(json.dumps({"stop": True}).encode())
+        except OSError:
+            pass
+
+
+async def _plain_status(proc, wall_s: float) -> dict:
+    """Status of an unsandboxed run (backend none): its exit, or a kill at the wall clock."""
+    try:
+        code = await asyncio.wait_for(proc.wait(), wall_s)
+        return {"returncode": code} if code >= 0 else {"returncode": code, "signal": -code}
+    except asyncio.TimeoutError:
+        _kill_group(proc)
+        await proc.wait()
+        return {"timed_out": True}
 
 
 def _kill_group(proc) -> None:
@@ -294,24 +367,13 @@ def _kill_group(proc) -> None:
         pass
 
 
-def _read_status(fd: int) -> dict:
-    try:
-        raw = os.read(fd, 65536)
-    finally:
-        os.close(fd)
-    try:
-        return json.loads(raw) if raw else {}
-    except ValueError:
-        return {"error": f"bad launcher status {raw[:100]!r}"}
-
-
-def _reason(result: ExecResult, status: dict, killed_for_output: bool, cfg: SandboxConfig) -> str:
+def _reason(result: ExecResult, status: dict, killed_for_output: bool, cfg: SandboxConfig, wall_s: float) -> str:
     if "error" in status:
         return f"sandbox error: {status['error']}"
     if killed_for_output:
         return f"output limit: more than {cfg.max_output_bytes} bytes"
     if result.timed_out:
-        return f"timeout: wall clock over {cfg.wall_s}s"
+        return f"timeout: wall clock over {wall_s}s"
     sig = status.get("signal")
     if sig is not None:
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)

@@ -1,19 +1,26 @@
-"""Per-execution launcher of the bubblewrap sandbox (trusted code; run as ``python3 -I -S``).
+"""Per-slot launcher of the bubblewrap sandbox (trusted code; run as ``python3 -I -S``).
 
 Why a separate process: it makes itself a *child subreaper*, so every process the untrusted code
 leaves behind (double forks, daemons) is re-parented to it and reaped here; otherwise zombies
 owned by the slot's uid pile up and exhaust RLIMIT_NPROC for the next execution in that slot.
+Why a long-lived one (``--serve``): an execution then costs a fork, not a Python start-up (which
+was about half of the ~65 ms an execution cost with a fresh launcher per run).
 
-Protocol: argv[1] is a JSON spec ``{uid, argv, rlimits, wall_s}``; stdin/stdout/stderr are passed
-through to the sandboxed program; one JSON status line is written to fd ``status_fd`` at the end.
-Imports only the standard library, so nothing of rlpost (or its environment) reaches the child.
+Protocol, over a SOCK_SEQPACKET socket (one message per read): a request is a JSON spec
+``{uid, argv, rlimits, wall_s}`` with three file descriptors attached (the sandboxed program's
+stdin, stdout and stderr); while it runs, a message ``{"stop": true}`` asks for an early stop (the
+pool saw an output flood); the reply is one JSON status message. EOF on the socket ends the
+launcher. Imports only the standard library, so nothing of rlpost (or its environment) reaches
+the child.
 """
 
 import ctypes
 import json
 import os
 import resource
+import select
 import signal
+import socket
 import sys
 import time
 
@@ -57,65 +64,59 @@ def _kill_uid(uid):
         pass
 
 
-def _reap_all():
-    while True:
+def _reap_all(deadline_s=2.0):
+    """Reap every child that is left (orphans re-parented to us); at most ``deadline_s``."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
-            return
+            time.sleep(0.002)
 
 
-_stop_requested = []
-
-
-def main():
-    if sys.argv[1] == "--kill-uid":  # clean-up fallback used by the pool
-        _kill_uid(int(sys.argv[2]))
-        return 0
-    spec = json.loads(sys.argv[1])
-    # The pool asks for an early stop (output flood) with SIGTERM: clean up, then report.
-    signal.signal(signal.SIGTERM, lambda *_: _stop_requested.append(True))
-    status_fd = spec["status_fd"]
-    libc = _libc()
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        os.write(status_fd, json.dumps({"error": "prctl(PR_SET_CHILD_SUBREAPER) failed"}).encode())
-        return 2
+def _run_one(sock, spec, fds):
+    """Run one sandboxed program with ``fds`` as its stdin/stdout/stderr; its status dict, or
+    None when the pool went away mid-run (the launcher then exits)."""
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
         try:
-            os.close(status_fd)
+            sock.close()
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+            for fd in fds:
+                if fd > 2:
+                    os.close(fd)
             _child(spec)
         except BaseException as exc:  # noqa: BLE001 - report any set-up failure
             os.write(2, f"sandbox launcher: {type(exc).__name__}: {exc}\n".encode())
         os._exit(127)
+    for fd in fds:  # the program holds them now; the pool sees EOF when it (and its children) end
+        os.close(fd)
     deadline = start + spec["wall_s"]
-    status = None
-    timed_out = False
-    while status is None:
-        done, st = os.waitpid(pid, os.WNOHANG)
+    stopped = timed_out = pool_gone = False
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            status = st
             break
-        if _stop_requested or time.monotonic() > deadline:
-            timed_out = not _stop_requested
+        if time.monotonic() > deadline:
+            timed_out = True
+        elif select.select([sock], [], [], 0.001)[0]:
+            message = sock.recv(65536)
+            pool_gone = not message
+            stopped = True
+        if stopped or timed_out:
             _kill_uid(spec["uid"])
             _, status = os.waitpid(pid, 0)
             break
-        time.sleep(0.002)
     # Whatever the program left behind (busy children, daemons) dies with it.
     _kill_uid(spec["uid"])
-    deadline_reap = time.monotonic() + 2
-    while time.monotonic() < deadline_reap:
-        _reap_all()
-        try:
-            os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        time.sleep(0.005)
-    result = {"timed_out": timed_out, "stopped": bool(_stop_requested), "duration_s": time.monotonic() - start}
+    _reap_all()
+    if pool_gone:
+        return None
+    result = {"timed_out": timed_out, "stopped": stopped, "duration_s": time.monotonic() - start}
     if os.WIFEXITED(status):
         code = os.WEXITSTATUS(status)
         if code > 128:  # bwrap's init exits with 128 + the signal that killed the program
@@ -123,8 +124,44 @@ def main():
         result["returncode"] = code
     elif os.WIFSIGNALED(status):
         result["signal"] = os.WTERMSIG(status)
-    os.write(status_fd, json.dumps(result).encode())
-    return 0
+    return result
+
+
+def serve(sock_fd):
+    sock = socket.socket(fileno=sock_fd)
+    os.set_inheritable(sock_fd, False)  # never reaches the sandboxed program
+    setup_error = None
+    if _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        setup_error = "prctl(PR_SET_CHILD_SUBREAPER) failed"
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(sock, 65536, 3)
+        except ConnectionResetError:
+            return 0
+        if not message:
+            return 0
+        request = json.loads(message)
+        if "stop" in request:  # a stop that crossed the reply of a run that had ended
+            continue
+        if setup_error or len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            sock.send(json.dumps({"error": setup_error or f"expected 3 descriptors, got {len(fds)}"}).encode())
+            continue
+        result = _run_one(sock, request, fds)
+        if result is None:
+            return 0
+        sock.send(json.dumps(result).encode())
+
+
+def main():
+    if sys.argv[1] == "--kill-uid":  # clean-up fallback used by the pool
+        _kill_uid(int(sys.argv[2]))
+        return 0
+    if sys.argv[1] == "--serve":
+        return serve(int(sys.argv[2]))
+    print(f"usage: {sys.argv[0]} --serve FD | --kill-uid UID", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

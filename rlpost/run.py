@@ -390,6 +390,9 @@ class Run:
                 wall = max(now - prev_t, 1e-9) * max(cfg.rollout.num_workers, 1)
                 metrics.update({
                     "rollout/idle_frac": min(1.0, (totals.get("idle_s", 0) - prev_totals.get("idle_s", 0)) / wall),
+                    # engine speed: tokens generated per second spent generating, all workers (cumulative:
+                    # heartbeats come every 0.5 s, a per-step difference would be mostly zeros)
+                    "rollout/tokens_per_s": totals.get("tokens", 0) / max(totals.get("gen_s", 0), 1e-9),
                     "rollout/aborted_tokens": totals.get("aborted_tokens", 0),
                     "rollout/parked_groups": totals.get("parked_groups", 0),
                     "rollout/resumed_groups": totals.get("resumed_groups", 0),

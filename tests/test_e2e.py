@@ -42,6 +42,7 @@ def test_short_loop_writes_a_complete_run_dir(tmp_path):
     for key in REQUIRED_METRICS:
         assert key in steps[-1], key
     assert steps[-1]["weights/version"] == 4
+    assert steps[-1]["rollout/tokens_per_s"] > 0 and steps[-1]["train/tokens_per_s"] > 0
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2, 4]
     resolved = (run_dir / "config.yaml").read_text()
     assert "vocab_size: 17" in resolved and "num_workers: 2" in resolved  # resolved, with overrides

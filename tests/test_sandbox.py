@@ -4,6 +4,7 @@ score 0 with a reason, and leave its slot working for the next execution."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -102,6 +103,33 @@ def test_busy_child_left_behind_is_killed(pool):
     res = pool.run_sync(code)
     assert res.stdout.strip() == "parent done"
     assert uid_processes(pool.cfg.base_uid) == []  # the orphan died with the run
+    assert_slot_still_works(pool)
+
+
+@needs_bwrap
+def test_slot_launcher_is_reused_and_replaced_when_it_dies(pool):
+    """One long-lived launcher per slot (an execution is a fork, not a Python start-up); if it
+    dies, the execution it had is an error with a reason and the next one gets a new launcher."""
+    assert_slot_still_works(pool)
+    first = pool._slots[0].launcher.proc.pid
+    assert_slot_still_works(pool)
+    assert pool._slots[0].launcher.proc.pid == first
+    os.kill(first, signal.SIGKILL)
+    pool._slots[0].launcher.proc.wait()
+    assert_slot_still_works(pool)
+    assert pool._slots[0].launcher.proc.pid != first
+
+
+@needs_bwrap
+def test_unresponsive_launcher_is_killed_with_its_programs(pool):
+    """A launcher that stops answering (here: SIGSTOP) is killed after the wall clock plus a
+    grace period, every process of the slot's uid with it; the slot then works again."""
+    assert_slot_still_works(pool)
+    stuck = pool._slots[0].launcher.proc
+    os.kill(stuck.pid, signal.SIGSTOP)
+    res = pool.run_sync("print('never')", wall_s=0.5)
+    assert res.timed_out and res.reason.startswith("timeout") and res.stdout == ""
+    assert stuck.poll() is not None  # killed, not left stopped
     assert_slot_still_works(pool)
 
 

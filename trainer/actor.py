@@ -192,7 +192,6 @@ class TrainerRank:
         versions = batch.versions[trained].cpu().numpy()
         lags = version - versions
         lengths = np.array([len(t) for t in trajs])
-        gen_s = max((t.timings.get("gen_s", 0.0) for t in trajs), default=0.0)
         resumes = np.array([t.num_resumes for t in trajs])
         out = {
             "reward/mean": float(rewards.mean()),
@@ -202,7 +201,6 @@ class TrainerRank:
             "response/len_max": int(lengths.max()),
             "response/truncated_frac": float(np.mean([t.status.value == "truncated" for t in trajs])),
             "train/tokens": batch.num_tokens,
-            "rollout/tokens_per_s": float(lengths.sum()) / gen_s if gen_s > 0 else 0.0,
             "weights/version_lag_mean": float(lags.mean()) if lags.size else 0.0,
             "weights/version_lag_max": int(lags.max()) if lags.size else 0,
             "offpolicy/token_frac": float((lags > 0).mean()) if lags.size else 0.0,
