@@ -34,15 +34,34 @@ class RoutedMoE(nn.Module):
         self.k = cfg.top_k
         self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(ExpertMLP(cfg.d_model, cfg.d_ff) for _ in range(cfg.num_experts))
+        self._stack_key: tuple = ()
+        self._stack: tuple[torch.Tensor, ...] = ()
+
+    def _stacked(self) -> tuple[torch.Tensor, ...]:
+        """(fc1 weights (E, D, F), fc1 biases (E, 1, F), fc2 weights (E, F, D), fc2 biases (E, 1, D)):
+        every expert in one batched matmul. Rebuilt when an expert weight changed (loading weights
+        copies into the parameters in place, which bumps their version counters)."""
+        params = [p for e in self.experts for p in (e.fc1.weight, e.fc1.bias, e.fc2.weight, e.fc2.bias)]
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if key != self._stack_key:
+            self._stack = (torch.stack([e.fc1.weight.t() for e in self.experts]).contiguous(),
+                           torch.stack([e.fc1.bias for e in self.experts])[:, None, :],
+                           torch.stack([e.fc2.weight.t() for e in self.experts]).contiguous(),
+                           torch.stack([e.fc2.bias for e in self.experts])[:, None, :])
+            self._stack_key = key
+        return self._stack
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         experts, weights = topk_route(flat, self.gate.weight, self.k)
         if flat.shape[0] <= self.DENSE_MAX_TOKENS:
-            # a decode step: every expert on every token and a gather beats per-expert index
-            # bookkeeping on small batches (same math, each token still gets its top-k experts)
-            every = torch.stack([expert(flat) for expert in self.experts], dim=1)  # (N, E, D)
+            # a decode step: every expert on every token (two batched matmuls) and a gather beat
+            # per-expert index bookkeeping on small batches (same math: each token still gets
+            # its top-k experts)
+            w1, b1, w2, b2 = self._stacked()
+            hidden = F.gelu(torch.baddbmm(b1, flat.expand(w1.shape[0], -1, -1), w1))
+            every = torch.baddbmm(b2, hidden, w2).transpose(0, 1)  # (N, E, D)
             picked = every.gather(1, experts[:, :, None].expand(-1, -1, shape[-1]))  # (N, k, D)
             out = (picked * weights[:, :, None].to(flat.dtype)).sum(dim=1)
             return out.view(shape), experts.view(*shape[:-1], self.k)
@@ -223,12 +242,19 @@ class _Rows:
     after its own left padding and its positions are its own. Admitting rows re-lays the cache:
     columns no row still uses are dropped on the left, the new rows' inputs are prefilled so
     that they end in the same column as the running rows' next token, and the capacity is
-    re-sized to the longest remaining budget."""
+    sized to the inputs plus a little headroom (most samples of a long-tail workload end early, and
+    the next admission re-lays the cache anyway); it grows by half when a row reaches its end.
+    Rows that finish leave the per-row state at once but the cache lazily: the next admission
+    copies only the surviving rows' used columns, so a finish followed by an admission costs one
+    copy of the cache, not two."""
+
+    MIN_HEADROOM = 16  # columns beyond the inputs at a re-lay
 
     def __init__(self, engine: NativeEngine):
         self.e = engine
         self.active: list[int] = []  # request index of each batch row
         self.cache: KVCache | None = None
+        self.cache_rows: torch.Tensor | None = None  # cache row of each batch row, None: the same
         self.valid = self.next_pos = self.logits = self.routed = None
         self.temperature = self.top_p = None
         self.stop_sets: dict[int, set[int]] = {}
@@ -258,12 +284,27 @@ class _Rows:
 
     def decode(self, pending: torch.Tensor) -> None:
         """Feed each row's sampled token; the next distribution lands in ``self.logits``."""
+        if self.cache_rows is not None:
+            self.cache, self.cache_rows = self.cache.select(self.cache_rows), None
+        if self.cache.length >= self.valid.shape[1]:
+            self._grow()
         cache = self.cache
         self.valid[:, cache.length] = True
         mask = self.valid[:, None, None, :cache.length + 1]
         logits, routed = self.e.model(pending[:, None], self.next_pos[:, None], mask, cache)
         self.logits, self.routed = logits[:, -1], routed[:, -1]
         self.next_pos = self.next_pos + 1
+
+    def _grow(self) -> None:
+        """Half as many columns again (at least MIN_HEADROOM): a row decodes past the headroom."""
+        extra = max(self.MIN_HEADROOM, self.valid.shape[1] // 2)
+
+        def wider(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], dim=2)
+
+        c = self.cache
+        self.cache = KVCache([wider(k) for k in c.keys], [wider(v) for v in c.values], c.length)
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.shape[0], extra)], dim=1)
 
     # ------------------------------------------------------------------ membership
     def all_finished(self) -> bool:
@@ -287,7 +328,7 @@ class _Rows:
             return pending
         rows = torch.tensor(keep, dtype=torch.long, device=self.e.device)
         self.active = [self.active[i] for i in keep]
-        self.cache = self.cache.select(rows)
+        self.cache_rows = rows if self.cache_rows is None else self.cache_rows[rows]
         for name in ("valid", "next_pos", "logits", "routed", "temperature", "top_p"):
             setattr(self, name, getattr(self, name)[rows])
         return pending[rows]
@@ -304,9 +345,10 @@ class _Rows:
             lo = self.cache.length - len(fed)
             if lo < 0 or not bool(self.valid[i, lo:self.cache.length].all()) or bool(self.valid[i, :lo].any()):
                 continue  # not the layout this row should have: recompute it instead
+            row = i if self.cache_rows is None else int(self.cache_rows[i])
             e.retained.pop(r.cache_key, None)
-            e.retained[r.cache_key] = _Retained(fed, [k[i, :, lo:self.cache.length].clone() for k in self.cache.keys],
-                                                [v[i, :, lo:self.cache.length].clone() for v in self.cache.values])
+            e.retained[r.cache_key] = _Retained(fed, [k[row, :, lo:self.cache.length].clone() for k in self.cache.keys],
+                                                [v[row, :, lo:self.cache.length].clone() for v in self.cache.values])
         while len(e.retained) > 4 * e.cfg.max_batch_size:
             e.retained.popitem(last=False)
 
@@ -351,7 +393,7 @@ class _Rows:
                   + ([kept_cols + 1] if running else []))
         shift = end - 1 - kept_cols
         remaining = [self.budget[i] - len(self.tokens[i]) for i in self.active] + [r.max_new_tokens for _, r in new]
-        capacity = end + max(remaining)
+        capacity = end + min(max(remaining), max(self.MIN_HEADROOM, 2 * e.cfg.chunk_tokens))
 
         # one allocation for the merged batch: running rows, then retained ones, then the prefilled
         n_old, n_hit = len(self.active), len(hits)
@@ -362,7 +404,10 @@ class _Rows:
             feed, pos, temp, top_p = [], [], [], []
             if running:
                 for dst, src in zip(cache.keys + cache.values, self.cache.keys + self.cache.values):
-                    dst[:n_old, :, shift:shift + kept_cols] = src[:, :, first:first + kept_cols]
+                    used_cols = src[:, :, first:first + kept_cols]
+                    if self.cache_rows is not None:  # finished rows are still in the old cache
+                        used_cols = used_cols.index_select(0, self.cache_rows)
+                    dst[:n_old, :, shift:shift + kept_cols] = used_cols
                 valid[:n_old, shift:shift + kept_cols] = self.valid[:, first:first + kept_cols]
                 feed, pos, temp, top_p = [pending], [self.next_pos], [self.temperature], [self.top_p]
             for j, (_, r, kept) in enumerate(hits):
@@ -378,6 +423,7 @@ class _Rows:
                 temp.append(column([r.temperature for _, r, _ in hits], torch.float32))
                 top_p.append(column([r.top_p for _, r, _ in hits], torch.float32))
             rows = n_old + n_hit
+            self.cache_rows = None
             self.cache = KVCache([k[:rows] for k in cache.keys], [v[:rows] for v in cache.values], end - 1)
             self.valid = valid[:rows]
             self.next_pos, self.temperature, self.top_p = torch.cat(pos), torch.cat(temp), torch.cat(top_p)
@@ -385,7 +431,7 @@ class _Rows:
             heads.append((self.next_pos, self.logits, self.routed, self.temperature, self.top_p))
         if fresh:
             heads.append(self._prefill(fresh, inputs, end, cache, valid, n_old + n_hit))
-        self.cache, self.valid = KVCache(cache.keys, cache.values, end), valid
+        self.cache, self.valid, self.cache_rows = KVCache(cache.keys, cache.values, end), valid, None
         (self.next_pos, self.logits, self.routed, self.temperature,
          self.top_p) = (torch.cat([h[k] for h in heads]) for k in range(5))
         self.active = self.active + [index for index, _, _ in hits] + [index for index, _ in fresh]

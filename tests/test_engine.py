@@ -214,3 +214,35 @@ def test_retained_kv_is_not_used_for_a_different_continuation(small_cfg):
     out = engine.generate([GenRequest(prompts()[0], 6, temperature=0.0, prefix_ids=other, cache_key="a")])
     assert engine.retained_hits == 0
     assert out[0].token_ids == engine.generate([GenRequest(prompts()[0], 6, temperature=0.0, prefix_ids=other)])[0].token_ids
+
+
+def test_rows_leaving_and_a_cache_growing_past_its_headroom_match_running_alone(small_cfg):
+    """Finished rows leave the cache lazily and the cache starts with little headroom and grows:
+    neither may change what the surviving rows generate."""
+    engine = make_engine(small_cfg, chunk_tokens=4, eos_id=-1)
+    budgets = [3, 45, 9, 26]
+    reqs = [GenRequest(p, b, temperature=0.0) for p, b in zip(prompts() + [[1, 5, 6]], budgets)]
+    outs = engine.generate(reqs)
+    for req, out in zip(reqs, outs):
+        ref = _alone(engine, req)
+        assert len(out.token_ids) == req.max_new_tokens and out.token_ids == ref.token_ids
+        np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+
+
+def test_stacked_experts_equal_the_per_expert_path_and_follow_new_weights(small_cfg):
+    """Small batches run every expert in one batched matmul on stacked weights; the result must
+    equal routing tokens to each expert, and loading new weights must rebuild the stack."""
+    from rlpost.rollout.native import RoutedMoE
+
+    torch.manual_seed(0)
+    moe, other = RoutedMoE(small_cfg.model), RoutedMoE(small_cfg.model)
+    x = torch.randn(3, 7, small_cfg.model.d_model)
+    with torch.inference_mode():
+        dense, experts = moe(x)
+        moe.DENSE_MAX_TOKENS = 0  # the per-expert (index) path
+        routed, same_experts = moe(x)
+        moe.DENSE_MAX_TOKENS = RoutedMoE.DENSE_MAX_TOKENS
+        torch.testing.assert_close(dense, routed, atol=1e-5, rtol=1e-5)
+        assert torch.equal(experts, same_experts)
+        moe.load_state_dict(other.state_dict())
+        torch.testing.assert_close(moe(x)[0], other(x)[0], atol=1e-5, rtol=1e-5)
