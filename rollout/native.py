@@ -34,21 +34,26 @@ class RoutedMoE(nn.Module):
         self.k = cfg.top_k
         self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(ExpertMLP(cfg.d_model, cfg.d_ff) for _ in range(cfg.num_experts))
-        self._stack_key: tuple = ()
-        self._stack: tuple[torch.Tensor, ...] = ()
+        self._stack: tuple[torch.Tensor, ...] | None = None
+        # loading weights copies into the parameters: the stack is rebuilt on next use
+        self.register_load_state_dict_post_hook(RoutedMoE._forget_stack)
+
+    @staticmethod
+    def _forget_stack(module: "RoutedMoE", _incompatible=None) -> None:
+        module._stack = None
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .float(): the stack must follow
+        self._stack = None
+        return super()._apply(fn, *args, **kwargs)
 
     def _stacked(self) -> tuple[torch.Tensor, ...]:
         """(fc1 weights (E, D, F), fc1 biases (E, 1, F), fc2 weights (E, F, D), fc2 biases (E, 1, D)):
-        every expert in one batched matmul. Rebuilt when an expert weight changed (loading weights
-        copies into the parameters in place, which bumps their version counters)."""
-        params = [p for e in self.experts for p in (e.fc1.weight, e.fc1.bias, e.fc2.weight, e.fc2.bias)]
-        key = tuple((p.data_ptr(), p._version) for p in params)
-        if key != self._stack_key:
+        every expert in one batched matmul; built on first use after a weight load."""
+        if self._stack is None:
             self._stack = (torch.stack([e.fc1.weight.t() for e in self.experts]).contiguous(),
                            torch.stack([e.fc1.bias for e in self.experts])[:, None, :],
                            torch.stack([e.fc2.weight.t() for e in self.experts]).contiguous(),
                            torch.stack([e.fc2.bias for e in self.experts])[:, None, :])
-            self._stack_key = key
         return self._stack
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
