@@ -141,24 +141,34 @@ class RedisBuffer:
         decoder = unpack_task if stream == "tasks" else unpack_entry
         return self._decode([[self.key(stream).encode(), entries]], decoder)
 
-    def park_partial(self, delivery: Delivery, partial: GroupEntry) -> None:
-        """Put an unfinished group back for resumption and ack what it came from, atomically."""
+    def park_partials(self, parked: list[tuple[Delivery, GroupEntry]]) -> None:
+        """Put unfinished groups back for resumption and ack what they came from, in one
+        transaction (a round cut parks every in-flight group at once)."""
+        if not parked:
+            return
         pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(self.key("partials"), {"data": pack_entry(partial)})
-        pipe.xack(delivery.stream, WORKER_GROUP, delivery.entry_id)
-        pipe.xdel(delivery.stream, delivery.entry_id)
+        for delivery, partial in parked:
+            pipe.xadd(self.key("partials"), {"data": pack_entry(partial)})
+            pipe.xack(delivery.stream, WORKER_GROUP, delivery.entry_id)
+            pipe.xdel(delivery.stream, delivery.entry_id)
+        pipe.execute()
+
+    def finish_tasks(self, finished: list[tuple[Delivery, Task, list[Trajectory]]]) -> None:
+        """Write each task's group of trajectories and ack the task, all in one transaction, so a
+        crash can neither lose the samples nor leave a task acked without them."""
+        if not finished:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        for delivery, task, group in finished:
+            purpose = group[0].purpose
+            stream = "complete" if purpose == "train" else f"eval:{purpose.removeprefix('eval:')}"
+            pipe.xadd(self.key(stream), {"data": pack_entry(GroupEntry(task, group))})
+            pipe.xack(delivery.stream, WORKER_GROUP, delivery.entry_id)
+            pipe.xdel(delivery.stream, delivery.entry_id)
         pipe.execute()
 
     def finish_task(self, delivery: Delivery, task: Task, group: list[Trajectory]) -> None:
-        """Write a task's group of trajectories and ack the task in one transaction, so a crash
-        between the two can neither lose the samples nor leave the task acked without them."""
-        purpose = group[0].purpose
-        stream = "complete" if purpose == "train" else f"eval:{purpose.removeprefix('eval:')}"
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(self.key(stream), {"data": pack_entry(GroupEntry(task, group))})
-        pipe.xack(delivery.stream, WORKER_GROUP, delivery.entry_id)
-        pipe.xdel(delivery.stream, delivery.entry_id)
-        pipe.execute()
+        self.finish_tasks([(delivery, task, group)])
 
     # ----------------------------------------------------------------- complete
     def read_complete(self, consumer: str, count: int, block_ms: int | None = None) -> list[Delivery]:

@@ -10,6 +10,7 @@ not when the slowest sample of the batch does.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import time
 from dataclasses import dataclass, field
@@ -74,6 +75,9 @@ class RolloutWorker:
         self.stats = WorkerStats()
         self._last_beat = 0.0
         self._backlog: list[Delivery] = []  # read, not yet startable (waits for newer weights)
+        # APRIL fetches published weights in the background and loads them at the round cut
+        self._fetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
+        self._prefetch: tuple[int, concurrent.futures.Future] | None = None
 
     # ------------------------------------------------------------------ weights
     def maybe_update_weights(self) -> bool:
@@ -82,10 +86,30 @@ class RolloutWorker:
         if wv is None or wv.version == self.engine.version:
             return False
         t0 = time.perf_counter()
-        self.engine.load_weights(*fetch_weights(wv))
+        self.engine.load_weights(*(self._take_prefetched(wv.version) or fetch_weights(wv)))
         self.stats.weight_swaps += 1
         self.stats.weight_fetch_s += time.perf_counter() - t0
         return True
+
+    def _prefetch_weights(self, version: int) -> None:
+        """Start fetching ``version`` (just published) on a background thread, so the swap at the
+        next round cut only loads tensors instead of also waiting for the transfer."""
+        if version == self.engine.version or (self._prefetch is not None and self._prefetch[0] >= version):
+            return
+        wv = self.buffer.current_version()
+        if wv is not None:
+            self._prefetch = (wv.version, self._fetcher.submit(fetch_weights, wv))
+
+    def _take_prefetched(self, version: int) -> tuple[dict, int] | None:
+        """The prefetched (state, version) if it is at least ``version``; a failed or older fetch
+        is dropped (the caller fetches synchronously)."""
+        prefetch, self._prefetch = self._prefetch, None
+        if prefetch is None or prefetch[0] < version:
+            return None
+        try:
+            return prefetch[1].result()
+        except Exception:  # noqa: BLE001 - e.g. the store moved on; fetch again in the foreground
+            return None
 
     def _wait_for_version(self, min_version: int, timeout_s: float = 600.0) -> None:
         """Block until the engine holds ``min_version`` (sync mode's on-policy rule); idle time."""
@@ -181,16 +205,18 @@ class RolloutWorker:
                 version = self.engine.version
                 why: dict[str, str] = {}
                 continued: list[tuple[WorkItem, Trajectory]] = []  # back after a tool observation
+                ready: list[WorkItem] = []  # complete groups, shipped together at the chunk boundary
 
                 def on_finished(i: int, out: GenOutput) -> None:
                     item, traj = pending[i]
                     self._absorb(traj, out, version, item.task)
                     if traj.status in UNFINISHED and out.finish_reason != "abort":
                         continued.append((item, traj))
-                    if ship and item.done and not item.shipped:
-                        self._ship(item)
+                    if ship and item.done and not item.shipped and not any(r is item for r in ready):
+                        ready.append(item)
 
                 def should_stop() -> bool:
+                    self._ship(ready)
                     if time.time() - self._last_beat > 0.5:
                         self._heartbeat()
                     new_version, round_now, stop = self.buffer.poll()
@@ -200,8 +226,11 @@ class RolloutWorker:
                         rounds["seen"] = round_now
                         if any(self._abortable(it) and not self._pinned(it) for it in items):
                             why["reason"] = "round"
-                    if not why and new_version != self.engine.version and not swap_at_rounds:
-                        why["reason"] = "weights"
+                    if not why and new_version != self.engine.version:
+                        if swap_at_rounds:
+                            self._prefetch_weights(new_version)
+                        else:
+                            why["reason"] = "weights"
                     return bool(why)
 
                 def admit_requests(free_rows: int) -> list[GenRequest]:
@@ -218,19 +247,21 @@ class RolloutWorker:
                     return
                 reqs = [self._request(item, traj) for item, traj in pending]
                 self.engine.generate(reqs, should_stop, on_finished, admit_requests)
+                self._ship(ready)
                 reason = why.get("reason")
                 if reason == "stop":
                     raise InterruptedError("stop signal while generating")
                 if reason == "round":
-                    keep = []
+                    keep, parked = [], []
                     for item in items:
                         if item.shipped or not ship:
                             continue
                         if self._abortable(item) and not self._pinned(item):
-                            self.buffer.park_partial(item.delivery, GroupEntry(item.task, item.group))
-                            self.stats.parked_groups += 1
+                            parked.append((item.delivery, GroupEntry(item.task, item.group)))
                         else:
                             keep.append(item)
+                    self.buffer.park_partials(parked)
+                    self.stats.parked_groups += len(parked)
                     items[:] = keep
                     self.maybe_update_weights()
                     if not keep:
@@ -294,10 +325,17 @@ class RolloutWorker:
             if "error" in result.info:
                 self.stats.reward_errors += 1
 
-    def _ship(self, item: WorkItem) -> None:
-        self._score_group(item.group)
-        self.buffer.finish_task(item.delivery, item.task, item.group)
-        item.shipped = True
+    def _ship(self, ready: list[WorkItem]) -> None:
+        """Score the complete groups and write them to the buffer in one transaction (several
+        groups often complete at the same chunk boundary); empties ``ready``."""
+        if not ready:
+            return
+        for item in ready:
+            self._score_group(item.group)
+        self.buffer.finish_tasks([(item.delivery, item.task, item.group) for item in ready])
+        for item in ready:
+            item.shipped = True
+        ready.clear()
         self.stats.tasks += 1
 
     # ------------------------------------------------------------------ main loop

@@ -113,3 +113,23 @@ def test_restore_brings_back_queues_but_not_the_weight_pointer(buffer):
     assert buffer.depth()["tasks"] == 3 and buffer.depth()["tasks_pending"] == 1
     reclaimed = buffer.read_tasks("w1", count=10, block_ms=100)
     assert [d.item.task_id for d in reclaimed][-2:] == ["t1", "t2"]
+
+
+def test_a_round_cut_parks_all_groups_in_one_transaction(buffer):
+    from rlpost.records import GroupEntry
+
+    buffer.put_tasks([make_task(i) for i in range(3)])
+    got = buffer.read_tasks("w0", count=3)
+    parked = []
+    for d in got[:2]:
+        group = [Trajectory.start(d.item, k) for k in range(d.item.group_size)]
+        group[0].append([7], [-0.5], version=3)
+        group[0].status = Status.PARTIAL
+        parked.append((d, GroupEntry(d.item, group)))
+    buffer.park_partials(parked)
+    depth = buffer.depth()
+    assert depth["tasks"] == 1 and depth["tasks_pending"] == 1 and depth["partials"] == 2
+    resumed = buffer.read_tasks("w1", count=10)
+    assert [d.item.task.task_id for d in resumed] == ["t0", "t1"]  # partials first, in order
+    assert resumed[0].item.group[0].response_ids.tolist() == [7]
+    assert resumed[0].item.group[0].versions.tolist() == [3]

@@ -124,6 +124,42 @@ def test_worker_swaps_weights_mid_generation_and_tags_tokens(rig):
         assert traj.num_resumes == 0 and len(traj) == 6  # an in-worker swap is not a buffer resume
 
 
+def test_april_prefetches_published_weights_and_swaps_only_at_the_round_cut(rig, monkeypatch):
+    """APRIL: weights published mid-round are fetched in the background and not swapped in
+    mid-sequence; the swap at the round cut uses the prefetched tensors."""
+    trainer, worker, buf = rig
+    trainer.publish()
+    worker.maybe_update_weights()
+    v_old = worker.engine.version
+    saved = (worker.cfg.mode, worker.engine.cfg.chunk_tokens, worker.engine.eos_id)
+    worker.cfg.mode, worker.engine.cfg.chunk_tokens, worker.engine.eos_id = "april", 2, -1
+    calls = {"n": 0}
+    real_poll = worker.buffer.poll
+
+    def publish_during_generation():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            trainer.version += 1
+            trainer.publish()
+        return real_poll()
+
+    worker.buffer.poll = publish_during_generation
+    try:
+        group = worker.generate_groups([worker.env.train_task(520, 0, 2, SamplingParams(1.0, 1.0, 6))])[0]
+    finally:
+        worker.buffer.poll = real_poll
+        worker.cfg.mode, worker.engine.cfg.chunk_tokens, worker.engine.eos_id = saved
+    assert all(traj.versions.tolist() == [v_old] * 6 for traj in group)
+    assert worker._prefetch is not None and worker._prefetch[0] == v_old + 1
+
+    def no_foreground_fetch(wv):
+        raise AssertionError("the round cut must use the prefetched weights")
+
+    monkeypatch.setattr("rlpost.rollout.worker.fetch_weights", no_foreground_fetch)
+    assert worker.maybe_update_weights() and worker.engine.version == v_old + 1
+    assert worker._prefetch is None
+
+
 def test_sft_step_lowers_the_loss(rig):
     trainer, worker, _ = rig
     examples = [worker.env.sft_example(i, seed=5) for i in range(16)]
