@@ -335,8 +335,8 @@ class RolloutWorker:
         self.buffer.finish_tasks([(item.delivery, item.task, item.group) for item in ready])
         for item in ready:
             item.shipped = True
+        self.stats.tasks += len(ready)
         ready.clear()
-        self.stats.tasks += 1
 
     # ------------------------------------------------------------------ main loop
     def run(self, max_tasks_per_batch: int = 0) -> dict:

@@ -93,6 +93,38 @@ def test_train_step_changes_weights_and_publishes_a_new_version(rig):
     assert set(new[0][0].versions.tolist()) == {v0 + 1}
 
 
+def test_trainer_skips_trained_duplicates_and_sends_stale_groups_back(rig):
+    """Collecting a batch: a group already trained (redelivered after a crash) is acked away, a
+    group older than max_staleness goes back as a fresh task; only the rest is trained."""
+    trainer, worker, buf = rig
+    trainer.publish()
+    worker.maybe_update_weights()
+    n = trainer.cfg.rollout.batch_prompts
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=4)
+    tasks = [worker.env.train_task(300 + i, 0, 2, sampling) for i in range(n + 2)]
+    buf.put_tasks(tasks)
+    deliveries = buf.read_tasks("w-test", count=len(tasks), block_ms=200)
+    groups = worker.generate_groups([d.item for d in deliveries])
+    buf.client.sadd(buf.key("trained"), *[t.traj_id for t in groups[0]])  # trained before
+    for t in groups[1]:
+        t.versions[:] = trainer.version - trainer.cfg.rollout.max_staleness - 1  # too old
+    for d, g in zip(deliveries, groups):
+        buf.finish_task(d, d.item, g)
+    saved = trainer.cfg.mode
+    trainer.cfg.mode = "async"
+    try:
+        metrics = trainer.train_step(step=1, timeout_s=30)
+    finally:
+        trainer.cfg.mode = saved
+    assert metrics["train/samples"] == 2 * n and metrics["staleness/restarted_groups"] == 1
+    assert buf.depth()["complete"] == 0
+    requeued = buf.read_tasks("w-test", count=10, block_ms=200)
+    assert [d.item.task_id for d in requeued] == [tasks[1].task_id]  # a fresh task again
+    buf.finish_task(requeued[0], requeued[0].item, worker.generate_groups([requeued[0].item])[0])
+    buf.client.delete(buf.key("complete"))
+    buf.ensure_groups()
+
+
 def test_worker_swaps_weights_mid_generation_and_tags_tokens(rig):
     """A publish between chunks: tokens before it carry the old version, tokens after the new."""
     trainer, worker, buf = rig

@@ -136,21 +136,32 @@ class TrainerRank:
         stale_restarted = 0
         bound = self.cfg.rollout.max_staleness
         deadline = time.monotonic() + timeout_s
+        reclaim = True  # at the start, then whenever a read comes back empty
         while len(got) < want:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"trainer rank {self.rank}: {len(got)}/{want} groups after {timeout_s}s")
             fresh = self.buffer.read_complete(self.consumer, want - len(got), block_ms=200)
-            fresh += self.buffer.reclaim("complete", "trainer", self.consumer,
-                                         self.cfg.buffer.reclaim_idle_ms, count=want - len(got))
+            if reclaim or not fresh:
+                fresh += self.buffer.reclaim("complete", "trainer", self.consumer,
+                                             self.cfg.buffer.reclaim_idle_ms, count=want - len(got))
+                reclaim = False
+            if not fresh:
+                continue
+            # one round trip for the trained-set check of every group read, one for each outcome
+            ids = [t.traj_id for d in fresh for t in d.item.group]
+            trained = iter(self.buffer.already_trained(ids))
+            duplicates, stale = [], []
             for d in fresh:
                 group = d.item.group
-                if all(self.buffer.already_trained([t.traj_id for t in group])):
-                    self.buffer.ack_trained([d])
+                if all([next(trained) for _ in group]):
+                    duplicates.append(d)
                 elif self.cfg.mode != "sync" and too_stale(_oldest(group), self.version, bound):
-                    self.buffer.requeue([d])
-                    stale_restarted += 1
+                    stale.append(d)
                 else:
                     got.append(d)
+            self.buffer.ack_trained(duplicates)
+            self.buffer.requeue(stale)
+            stale_restarted += len(stale)
         return got[:want], stale_restarted
 
     def train_step(self, step: int, timeout_s: float = 600.0) -> dict:
