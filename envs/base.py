@@ -59,11 +59,9 @@ def _bounded(fn, args: tuple, timeout_s: float):
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def score_with_timeout(env: Env, answer: str, response_ids: list[int], timeout_s: float) -> RewardResult:
-    """Run ``env.score`` bounded by ``timeout_s``; an error or a timeout is reward 0 with a reason,
-    never an exception that would crash the rollout worker."""
-    result, reason = _bounded(env.score, (answer, response_ids), timeout_s)
-    return result if reason is None else RewardResult(0.0, {"error": reason, "reason": reason})
+def _failed(reason: str) -> RewardResult:
+    """Reward 0 for a sample whose scoring failed, with the reason in its record."""
+    return RewardResult(0.0, {"error": reason, "reason": reason})
 
 
 def _score_each(env: Env, answers: list[str], responses: list[list[int]]) -> list[RewardResult]:
@@ -72,8 +70,7 @@ def _score_each(env: Env, answers: list[str], responses: list[list[int]]) -> lis
         try:
             results.append(env.score(answer, response))
         except Exception as exc:  # noqa: BLE001 - an env bug must not take the group down
-            reason = f"{type(exc).__name__}: {exc}"
-            results.append(RewardResult(0.0, {"error": reason, "reason": reason}))
+            results.append(_failed(f"{type(exc).__name__}: {exc}"))
     return results
 
 
@@ -89,4 +86,4 @@ def score_group_with_timeout(env: Env, answers: list[str], responses: list[list[
     results, reason = _bounded(many, (answers, responses), timeout_s)
     if reason is None:
         return results
-    return [RewardResult(0.0, {"error": reason, "reason": reason}) for _ in answers]
+    return [_failed(reason) for _ in answers]

@@ -84,15 +84,12 @@ class WeightPublisher:
         self.buffer = buffer
         self.transport = transport
         self.run_dir = run_dir
-        self._store = None
 
     def publish(self, state: dict[str, torch.Tensor], version: int) -> WeightVersion:
         num_bytes = sum(t.numel() * t.element_size() for t in state.values())
         if self.transport == "ray":
-            if self._store is None:
-                self._store = ray.get_actor(store_name(self.buffer.run))
-            ray.get(self._store.put.remote(version, [ray.put(flatten_state(state))]))
             location = store_name(self.buffer.run)
+            ray.get(_store(location).put.remote(version, [ray.put(flatten_state(state))]))
         elif self.transport == "file":
             folder = os.path.join(self.run_dir, "weights")
             os.makedirs(folder, exist_ok=True)

@@ -243,7 +243,7 @@ class _Retained:
 class _Rows:
     """The running batch: per-row decoding state plus one KV cache in lock-step columns.
 
-    Rows are left-aligned to a shared column counter (``cache.length``); a row's keys start
+    Rows are left-padded to a shared column counter (``cache.length``); a row's keys start
     after its own left padding and its positions are its own. Admitting rows re-lays the cache:
     columns no row still uses are dropped on the left, the new rows' inputs are prefilled so
     that they end in the same column as the running rows' next token, and the capacity is
@@ -327,7 +327,8 @@ class _Rows:
         return out
 
     def compact(self, pending: torch.Tensor) -> torch.Tensor:
-        """Finished rows (already reported) leave the batch and the cache."""
+        """Finished rows (already reported) leave the batch now and the cache at the next decode
+        or admission (``cache_rows`` says which cache rows are still in use)."""
         keep = [i for i, index in enumerate(self.active) if index in self.reason]  # output() forgot the rest
         if len(keep) == len(self.active):
             return pending

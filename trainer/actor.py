@@ -148,12 +148,12 @@ class TrainerRank:
             if not fresh:
                 continue
             # one round trip for the trained-set check of every group read, one for each outcome
-            ids = [t.traj_id for d in fresh for t in d.item.group]
-            trained = iter(self.buffer.already_trained(ids))
-            duplicates, stale = [], []
+            trained = self.buffer.already_trained([t.traj_id for d in fresh for t in d.item.group])
+            duplicates, stale, at = [], [], 0
             for d in fresh:
                 group = d.item.group
-                if all([next(trained) for _ in group]):
+                at += len(group)
+                if all(trained[at - len(group):at]):
                     duplicates.append(d)
                 elif self.cfg.mode != "sync" and too_stale(_oldest(group), self.version, bound):
                     stale.append(d)
