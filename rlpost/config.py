@@ -27,30 +27,43 @@ def _check(cond: bool, key: str, value: Any, rule: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """Toy decoder-only MoE. ``vocab_size=0`` takes the environment tokenizer's size."""
+    """A Qwen3-MoE (Hugging Face ``qwen3_moe``) configuration; the defaults are a tiny one.
+    ``vocab_size=0`` takes the environment tokenizer's size. ``path`` names a local Hugging Face
+    checkpoint folder (``config.json`` + safetensors): its architecture replaces these fields and
+    its weights are the starting point."""
 
-    type: str = "toy_moe"
+    type: str = "qwen3_moe"
+    path: Optional[str] = None
     vocab_size: int = 0
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    d_ff: int = 128
+    d_model: int = 64          # hidden_size
+    n_layers: int = 2          # num_hidden_layers
+    n_heads: int = 4           # num_attention_heads
+    n_kv_heads: int = 2        # num_key_value_heads (grouped-query attention)
+    head_dim: int = 32         # vLLM's CPU attention needs 32, 64, 80, 96, 112, 128, ...
+    d_ff: int = 128            # moe_intermediate_size (each expert's SwiGLU width)
     num_experts: int = 4
-    top_k: int = 2
-    max_seq_len: int = 64
+    top_k: int = 2             # num_experts_per_tok
+    max_seq_len: int = 64      # max_position_embeddings
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
     aux_loss_coef: float = 0.01
     init_std: float = 0.02
 
     def validate(self, p: str = "model") -> None:
-        _check(self.type == "toy_moe", f"{p}.type", self.type, "only 'toy_moe' is available")
-        for name in ("d_model", "n_layers", "n_heads", "d_ff", "num_experts", "max_seq_len"):
+        _check(self.type == "qwen3_moe", f"{p}.type", self.type, "supported: qwen3_moe")
+        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "num_experts",
+                     "max_seq_len"):
             _check(getattr(self, name) > 0, f"{p}.{name}", getattr(self, name), "must be > 0")
         _check(self.vocab_size >= 0, f"{p}.vocab_size", self.vocab_size, "must be >= 0 (0 = tokenizer's)")
-        _check(self.d_model % self.n_heads == 0, f"{p}.d_model", self.d_model,
-               f"must be divisible by model.n_heads={self.n_heads}")
+        _check(self.n_heads % self.n_kv_heads == 0, f"{p}.n_heads", self.n_heads,
+               f"must be a multiple of model.n_kv_heads={self.n_kv_heads}")
+        _check(self.head_dim % 2 == 0, f"{p}.head_dim", self.head_dim, "must be even (rotary embedding)")
         _check(self.top_k in (1, 2), f"{p}.top_k", self.top_k, "DeepSpeed top-k gating here supports 1 or 2")
         _check(self.top_k <= self.num_experts, f"{p}.top_k", self.top_k,
                f"must be <= model.num_experts={self.num_experts}")
+        _check(self.rope_theta > 0, f"{p}.rope_theta", self.rope_theta, "must be > 0")
+        _check(self.rms_norm_eps > 0, f"{p}.rms_norm_eps", self.rms_norm_eps, "must be > 0")
         _check(self.aux_loss_coef >= 0, f"{p}.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
 
 

@@ -1,39 +1,67 @@
-"""Building blocks of the toy MoE shared by the trainer and the native inference engine.
+"""The policy model: Qwen3-MoE (Hugging Face's ``qwen3_moe`` architecture), written once.
 
-The trainer wraps :class:`ExpertMLP` in DeepSpeed's MoE layer; the engine routes tokens itself
-(and records which experts each token used). Both use the attention and block code here and one
-canonical weight naming (:func:`canonical_name`), which is also the safetensors format on disk, so
-a published state dict loads into either side unchanged.
+The DeepSpeed trainer and the native inference engine build the same :class:`Qwen3MoeForCausalLM`
+and differ only in the sparse MoE block they plug in: the trainer wraps the experts in
+DeepSpeed's MoE layer (expert parallelism, load-balancing loss), the engine routes tokens itself
+and reports which experts each token used. Parameter names are Hugging Face's
+(``model.layers.0.mlp.experts.3.gate_proj.weight``), ``config.json`` is a ``qwen3_moe`` config and
+the weights are safetensors, so a checkpoint or a published state dict loads unchanged into the
+trainer, the native engine, vLLM, SGLang or ``transformers``.
+
+The math follows the reference implementation: RMSNorm (fp32), grouped-query attention with
+per-head RMSNorm on queries and keys before rotary embeddings (neox layout), SwiGLU experts,
+softmax top-k routing over fp32 logits with the top-k weights renormalised for k > 1
+(``norm_topk_prob``), no shared expert, untied head.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rlpost.config import ModelConfig
+from rlpost.config import ConfigError, ModelConfig
+
+HF_MODEL_TYPE = "qwen3_moe"
+HF_ARCHITECTURE = "Qwen3MoeForCausalLM"
 
 
-class ExpertMLP(nn.Module):
-    def __init__(self, d_model: int, d_ff: int):
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.fc1 = nn.Linear(d_model, d_ff)
-        self.fc2 = nn.Linear(d_ff, d_model)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding of ``x`` (B, heads, T, D) at ``positions`` (B, T), neox layout (the
+    two halves of the head dimension rotate together, as in HF's ``rotate_half``)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    freqs = positions.float()[:, None, :, None] * inv_freq  # (B, 1, T, D/2)
+    cos, sin = freqs.cos(), freqs.sin()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 @dataclass
 class KVCache:
-    """Per-layer key/value tensors of shape (batch, heads, capacity, head_dim)."""
+    """Per-layer key/value tensors of shape (batch, kv_heads, capacity, head_dim); keys are stored
+    after the rotary embedding."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -41,10 +69,9 @@ class KVCache:
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, batch: int, capacity: int, dtype, device) -> "KVCache":
-        shape = (batch, cfg.n_heads, capacity, cfg.d_model // cfg.n_heads)
+        shape = (batch, cfg.n_kv_heads, capacity, cfg.head_dim)
         return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)],
                    [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)])
-
 
     def select(self, rows: torch.Tensor) -> "KVCache":
         """The cache restricted to batch ``rows`` (finished sequences leave the batch)."""
@@ -52,70 +79,66 @@ class KVCache:
                        [v.index_select(0, rows) for v in self.values], self.length)
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int):
+class Qwen3MoeAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
+        self.n_heads, self.n_kv, self.head_dim, self.theta = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         """``attn_mask`` is a boolean (batch, 1, q, k) mask, or None for plain causal attention.
         With a cache, the new keys/values are written at ``cache.length`` and attention covers the
         whole cache prefix."""
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
         if cache is not None:
             start = cache.length
             cache.keys[layer][:, :, start:start + t] = k
             cache.values[layer][:, :, start:start + t] = v
             k = cache.keys[layer][:, :, :start + t]
             v = cache.values[layer][:, :, :start + t]
+        gqa = self.n_heads != self.n_kv
         if attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
-class Embeddings(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+class SwiGLUExpert(nn.Module):
+    """One expert: ``down(silu(gate(x)) * up(x))``, no biases (HF ``Qwen3MoeMLP``)."""
+
+    def __init__(self, d_model: int, d_ff: int):
         super().__init__()
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.embed(ids) + self.pos(positions)
-
-
-def init_weights(module: nn.Module, std: float, n_layers: int) -> None:
-    """GPT-2 style init; output projections scaled by depth so the residual stream stays bounded."""
-    for name, p in module.named_parameters():
-        if p.dim() >= 2:
-            scale = 1.0 / math.sqrt(2 * n_layers) if name.endswith(("proj.weight", "fc2.weight")) else 1.0
-            nn.init.normal_(p, mean=0.0, std=std * scale)
-        elif name.endswith("bias"):
-            nn.init.zeros_(p)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-_DEEPSPEED_TO_CANONICAL = (
-    ("moe.deepspeed_moe.gate.wg.", "moe.gate."),
-    ("moe.deepspeed_moe.experts.deepspeed_experts.", "moe.experts."),
-)
-
-
-def canonical_name(name: str) -> str:
-    """The on-disk / on-the-wire name of a parameter (DeepSpeed's MoE wrappers stripped)."""
-    for src, dst in _DEEPSPEED_TO_CANONICAL:
-        name = name.replace(src, dst)
-    return name
+class MoEResult(NamedTuple):
+    out: torch.Tensor
+    aux_loss: torch.Tensor | None        # load-balancing loss (training blocks)
+    expert_counts: torch.Tensor | None   # (num_experts,) tokens per expert (training blocks)
+    experts: torch.Tensor | None         # (..., top_k) experts of each token (routing blocks)
 
 
 def topk_route(hidden: torch.Tensor, gate_weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k softmax gating, identical to DeepSpeed's TopKGate with drop_tokens=False, no noise
-    and no second-expert sampling: fp32 logits; k=1 weighs by the top probability, k=2
-    renormalises the two. Returns (expert ids (N, k), weights (N, k))."""
+    """Softmax top-k gating over fp32 logits, identical to DeepSpeed's TopKGate with
+    drop_tokens=False, no noise and no second-expert sampling, and to Qwen3-MoE's router: k=1
+    weighs by the top probability, k=2 renormalises the two (``norm_topk_prob``). Returns
+    (expert ids (N, k), weights (N, k))."""
     logits = F.linear(hidden.float(), gate_weight.float())
     probs = torch.softmax(logits, dim=-1)
     weights, experts = torch.topk(probs, k, dim=-1)
@@ -124,17 +147,250 @@ def topk_route(hidden: torch.Tensor, gate_weight: torch.Tensor, k: int) -> tuple
     return experts, weights
 
 
-def save_pretrained(state: dict[str, torch.Tensor], cfg: ModelConfig, path: str) -> None:
-    """Write ``model.safetensors`` + ``config.json`` (the model section) into ``path``."""
+class RoutedSparseMoe(nn.Module):
+    """HF's ``Qwen3MoeSparseMoeBlock`` (``gate`` + ``experts.{i}``) that routes tokens itself and
+    reports each token's experts: the inference block."""
+
+    DENSE_MAX_TOKENS = 256
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.k = cfg.top_k
+        self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert(cfg.d_model, cfg.d_ff) for _ in range(cfg.num_experts))
+        self._stack: tuple[torch.Tensor, torch.Tensor] | None = None
+        # loading weights copies into the parameters: the stack is rebuilt on next use
+        self.register_load_state_dict_post_hook(RoutedSparseMoe._forget_stack)
+
+    @staticmethod
+    def _forget_stack(module: "RoutedSparseMoe", _incompatible=None) -> None:
+        module._stack = None
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .float(): the stack must follow
+        self._stack = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate|up weights (E, D, 2F), down weights (E, F, D)): every expert in one batched
+        matmul; built on first use after a weight load."""
+        if self._stack is None:
+            self._stack = (torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]).t()
+                                        for e in self.experts]).contiguous(),
+                           torch.stack([e.down_proj.weight.t() for e in self.experts]).contiguous())
+        return self._stack
+
+    def forward(self, x: torch.Tensor) -> MoEResult:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        experts, weights = topk_route(flat, self.gate.weight, self.k)
+        if flat.shape[0] <= self.DENSE_MAX_TOKENS:
+            # a decode step: every expert on every token (two batched matmuls) and a gather beat
+            # per-expert index bookkeeping on small batches (same math: each token still gets
+            # its top-k experts)
+            w13, w2 = self._stacked()
+            gate, up = torch.bmm(flat.expand(w13.shape[0], -1, -1), w13).chunk(2, dim=-1)
+            every = torch.bmm(F.silu(gate) * up, w2).transpose(0, 1)  # (N, E, D)
+            picked = every.gather(1, experts[:, :, None].expand(-1, -1, shape[-1]))  # (N, k, D)
+            out = (picked * weights[:, :, None].to(flat.dtype)).sum(dim=1)
+        else:
+            out = torch.zeros_like(flat)
+            for e, expert in enumerate(self.experts):
+                rows, slot = torch.nonzero(experts == e, as_tuple=True)
+                if rows.numel():
+                    out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot, None].to(flat.dtype))
+        return MoEResult(out.view(shape), None, None, experts.view(*shape[:-1], self.k))
+
+
+MoEFactory = Callable[[ModelConfig], nn.Module]
+
+
+class Qwen3MoeDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe_factory: MoEFactory):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.self_attn = Qwen3MoeAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.mlp = moe_factory(cfg)
+
+    def forward(self, x, positions, attn_mask, cache, layer) -> tuple[torch.Tensor, MoEResult]:
+        x = x + self.self_attn(self.input_layernorm(x), positions, attn_mask, cache, layer)
+        moe = self.mlp(self.post_attention_layernorm(x))
+        return x + moe.out, moe
+
+
+class Qwen3MoeModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe_factory: MoEFactory):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Qwen3MoeDecoderLayer(cfg, moe_factory) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+
+
+class CausalLMOutput(NamedTuple):
+    logits: torch.Tensor                 # (B, T, V)
+    aux_loss: torch.Tensor               # summed load-balancing loss (0 for routing blocks)
+    expert_counts: torch.Tensor | None   # (n_layers, num_experts), training blocks
+    routed_experts: torch.Tensor | None  # (B, T, n_layers, top_k), routing blocks
+
+
+class Qwen3MoeForCausalLM(nn.Module):
+    """The policy. ``moe_factory`` builds each layer's sparse block (default: the routing block
+    of the native engine; the trainer passes DeepSpeed's)."""
+
+    def __init__(self, cfg: ModelConfig, moe_factory: MoEFactory = RoutedSparseMoe):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError(f"model.vocab_size={cfg.vocab_size}: resolve it from the tokenizer first")
+        self.cfg = cfg
+        self.model = Qwen3MoeModel(cfg, moe_factory)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        init_weights(self, cfg.init_std, cfg.n_layers)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> CausalLMOutput:
+        """Causal LM over ``input_ids`` (B, T). ``positions`` (B, T) default to 0..T-1. A packed
+        batch passes each token's ``segments`` id: attention stays inside a sequence (padding,
+        id -1, attends only to padding). The engine passes its own ``attn_mask`` and ``cache``
+        (new keys/values are written at ``cache.length``, which advances by T)."""
+        b, t = input_ids.shape
+        if positions is None:
+            positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        if segments is not None:
+            causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+            attn_mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
+        x = self.model.embed_tokens(input_ids)
+        aux_total = x.new_zeros(())
+        counts, routed = [], []
+        for i, layer in enumerate(self.model.layers):
+            x, moe = layer(x, positions, attn_mask, cache, i)
+            if moe.aux_loss is not None:
+                aux_total = aux_total + moe.aux_loss
+            if moe.expert_counts is not None:
+                counts.append(moe.expert_counts)
+            if moe.experts is not None:
+                routed.append(moe.experts)
+        if cache is not None:
+            cache.length += t
+        return CausalLMOutput(self.lm_head(self.model.norm(x)), aux_total,
+                              torch.stack(counts) if counts else None,
+                              torch.stack(routed, dim=2) if routed else None)
+
+    def canonical_state_dict(self) -> dict[str, torch.Tensor]:
+        """Detached CPU copies under Hugging Face names (the publish / safetensors format)."""
+        state = {canonical_name(k): v.detach().to("cpu", copy=True).contiguous()
+                 for k, v in self.state_dict().items()}
+        if self.cfg.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        return state
+
+    def load_canonical_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = {canonical_name(k): k for k in self.state_dict()}
+        if self.cfg.tie_word_embeddings:
+            own.pop("lm_head.weight", None)
+        missing = set(own) - set(state)
+        unexpected = set(state) - set(own)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match model: missing={sorted(missing)[:5]} "
+                             f"unexpected={sorted(unexpected)[:5]}")
+        self.load_state_dict({own[k]: v for k, v in state.items()}, strict=not self.cfg.tie_word_embeddings)
+
+
+def init_weights(module: nn.Module, std: float, n_layers: int) -> None:
+    """Normal init of every matrix; output projections (``o_proj``, ``down_proj``) scaled by depth
+    so the residual stream stays bounded; norms start at one."""
+    for name, p in module.named_parameters():
+        if p.dim() >= 2:
+            scale = 1.0 / math.sqrt(2 * n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+            nn.init.normal_(p, mean=0.0, std=std * scale)
+
+
+# DeepSpeed's MoE wrappers -> Hugging Face names (the trainer's block is ``mlp.moe``)
+_DEEPSPEED_TO_CANONICAL = (
+    ("mlp.moe.deepspeed_moe.gate.wg.", "mlp.gate."),
+    ("mlp.moe.deepspeed_moe.experts.deepspeed_experts.", "mlp.experts."),
+)
+
+
+def canonical_name(name: str) -> str:
+    """The on-disk / on-the-wire (Hugging Face) name of a parameter."""
+    for src, dst in _DEEPSPEED_TO_CANONICAL:
+        name = name.replace(src, dst)
+    return name
+
+
+# ---------------------------------------------------------------------- Hugging Face checkpoints
+_HF_FIELDS = {  # ModelConfig field -> config.json key
+    "vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+    "d_ff": "moe_intermediate_size", "num_experts": "num_experts", "top_k": "num_experts_per_tok",
+    "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta", "rms_norm_eps": "rms_norm_eps",
+    "tie_word_embeddings": "tie_word_embeddings", "aux_loss_coef": "router_aux_loss_coef",
+    "init_std": "initializer_range",
+}
+
+
+def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """``config.json`` of a ``qwen3_moe`` checkpoint for ``cfg`` (every layer sparse)."""
+    out = {"architectures": [HF_ARCHITECTURE], "model_type": HF_MODEL_TYPE, "torch_dtype": dtype,
+           "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0,
+           "intermediate_size": cfg.d_ff, "decoder_sparse_step": 1, "mlp_only_layers": [],
+           "norm_topk_prob": cfg.top_k > 1, "output_router_logits": False, "use_cache": True,
+           "use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers,
+           "rope_scaling": None}
+    out.update({hf: getattr(cfg, ours) for ours, hf in _HF_FIELDS.items()})
+    return out
+
+
+def model_config_from_hf(path: str, base: ModelConfig | None = None) -> ModelConfig:
+    """The ModelConfig of the checkpoint at ``path`` (its ``config.json``); fields the file does
+    not set keep ``base``'s values. Refuses, naming the field, what this model cannot express."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise ConfigError(f"model.path={path!r}: no config.json there (a Hugging Face checkpoint folder)")
+    with open(file) as fh:
+        hf = json.load(fh)
+    if hf.get("model_type") != HF_MODEL_TYPE:
+        raise ConfigError(f"model.path={path!r}: model_type={hf.get('model_type')!r} is not supported "
+                          f"(supported: {HF_MODEL_TYPE})")
+    unsupported = {"mlp_only_layers": [], "decoder_sparse_step": 1, "use_sliding_window": False,
+                   "attention_bias": False, "rope_scaling": None}
+    for key, wanted in unsupported.items():
+        if hf.get(key, wanted) != wanted:
+            raise ConfigError(f"model.path={path!r}: config.json {key}={hf[key]!r} is not supported "
+                              f"(needs {wanted!r})")
+    cfg = ModelConfig(**vars(base)) if base is not None else ModelConfig()
+    for ours, key in _HF_FIELDS.items():
+        if key in hf and hf[key] is not None:
+            setattr(cfg, ours, type(getattr(cfg, ours))(hf[key]))
+    if "head_dim" not in hf:
+        cfg.head_dim = cfg.d_model // cfg.n_heads
+    if cfg.top_k > 1 and hf.get("norm_topk_prob") is False:
+        raise ConfigError(f"model.path={path!r}: norm_topk_prob=false with top_k={cfg.top_k} is not "
+                          f"supported (DeepSpeed's top-2 gate renormalises)")
+    cfg.path = path
+    return cfg
+
+
+def save_pretrained(state: dict[str, torch.Tensor], cfg: ModelConfig, path: str, dtype: str = "float32") -> None:
+    """Write a Hugging Face checkpoint: ``model.safetensors`` + ``config.json``."""
     os.makedirs(path, exist_ok=True)
     tmp = os.path.join(path, "model.safetensors.tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as fh:
-        json.dump(asdict(cfg), fh, indent=2)
+        json.dump(hf_config(cfg, dtype), fh, indent=2)
 
 
-def load_pretrained(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    with open(os.path.join(path, "config.json")) as fh:
-        cfg = ModelConfig(**json.load(fh))
-    return load_file(os.path.join(path, "model.safetensors")), cfg
+def load_pretrained(path: str, base: ModelConfig | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """(state dict, config) of the checkpoint at ``path`` (one or several safetensors files)."""
+    cfg = model_config_from_hf(path, base)
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ConfigError(f"model.path={path!r}: no *.safetensors weights there")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    return state, cfg

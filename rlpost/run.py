@@ -58,8 +58,12 @@ def warmup_key(cfg: RlpostConfig) -> str:
     """Hash of everything that determines the warm-up weights."""
     warm = asdict(cfg.warmup)
     warm.pop("cache_dir")
+    start = None
+    if cfg.model.path:  # the checkpoint's weights are the warm-up's starting point
+        weights = sorted(glob.glob(os.path.join(cfg.model.path, "*.safetensors")))
+        start = [(os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)) for f in weights]
     blob = json.dumps({"model": asdict(cfg.model), "warmup": warm, "env": asdict(cfg.env),
-                       "seed": cfg.seed, "v": 1}, sort_keys=True)
+                       "seed": cfg.seed, "start": start, "v": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -71,6 +75,11 @@ class Run:
 
         self.cfg = cfg
         self.env = make_env(cfg.env, cfg.sandbox)
+        if cfg.model.path:  # a local Hugging Face checkpoint: its architecture, then its weights
+            from rlpost.modeling import model_config_from_hf
+
+            cfg.model = model_config_from_hf(os.path.abspath(cfg.model.path), cfg.model)
+            cfg.model.validate()
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.env.tokenizer.vocab_size
         elif cfg.model.vocab_size < self.env.tokenizer.vocab_size:
@@ -232,6 +241,9 @@ class Run:
             state, _ = load_pretrained(folder)
             self._on_all_ranks("load_state", state)
             return {"warmup/cached": True, "warmup/path": folder}
+        if cfg.model.path:
+            state, _ = load_pretrained(cfg.model.path)
+            self._on_all_ranks("load_state", state)
         t0 = time.perf_counter()
         losses = []
         for step in range(cfg.warmup.steps):

@@ -15,104 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from rlpost.config import EngineConfig, ModelConfig
-from rlpost.modeling import CausalSelfAttention, Embeddings, ExpertMLP, KVCache, init_weights, topk_route
+from rlpost.modeling import KVCache, Qwen3MoeForCausalLM
 from rlpost.rollout.engine import Admit, GenOutput, GenRequest, OnFinished, ShouldStop
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class RoutedMoE(nn.Module):
-    """MoE FFN that routes tokens itself and reports each token's experts."""
-
-    DENSE_MAX_TOKENS = 256
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.k = cfg.top_k
-        self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
-        self.experts = nn.ModuleList(ExpertMLP(cfg.d_model, cfg.d_ff) for _ in range(cfg.num_experts))
-        self._stack: tuple[torch.Tensor, ...] | None = None
-        # loading weights copies into the parameters: the stack is rebuilt on next use
-        self.register_load_state_dict_post_hook(RoutedMoE._forget_stack)
-
-    @staticmethod
-    def _forget_stack(module: "RoutedMoE", _incompatible=None) -> None:
-        module._stack = None
-
-    def _apply(self, fn, *args, **kwargs):  # .to() / .float(): the stack must follow
-        self._stack = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def _stacked(self) -> tuple[torch.Tensor, ...]:
-        """(fc1 weights (E, D, F), fc1 biases (E, 1, F), fc2 weights (E, F, D), fc2 biases (E, 1, D)):
-        every expert in one batched matmul; built on first use after a weight load."""
-        if self._stack is None:
-            self._stack = (torch.stack([e.fc1.weight.t() for e in self.experts]).contiguous(),
-                           torch.stack([e.fc1.bias for e in self.experts])[:, None, :],
-                           torch.stack([e.fc2.weight.t() for e in self.experts]).contiguous(),
-                           torch.stack([e.fc2.bias for e in self.experts])[:, None, :])
-        return self._stack
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        experts, weights = topk_route(flat, self.gate.weight, self.k)
-        if flat.shape[0] <= self.DENSE_MAX_TOKENS:
-            # a decode step: every expert on every token (two batched matmuls) and a gather beat
-            # per-expert index bookkeeping on small batches (same math: each token still gets
-            # its top-k experts)
-            w1, b1, w2, b2 = self._stacked()
-            hidden = F.gelu(torch.baddbmm(b1, flat.expand(w1.shape[0], -1, -1), w1))
-            every = torch.baddbmm(b2, hidden, w2).transpose(0, 1)  # (N, E, D)
-            picked = every.gather(1, experts[:, :, None].expand(-1, -1, shape[-1]))  # (N, k, D)
-            out = (picked * weights[:, :, None].to(flat.dtype)).sum(dim=1)
-            return out.view(shape), experts.view(*shape[:-1], self.k)
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            rows, slot = torch.nonzero(experts == e, as_tuple=True)
-            if rows.numel():
-                out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot, None].to(flat.dtype))
-        return out.view(shape), experts.view(*shape[:-1], self.k)
-
-
-class InferenceBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.moe = RoutedMoE(cfg)
-
-    def forward(self, x, attn_mask, cache, layer):
-        x = x + self.attn(self.ln1(x), attn_mask, cache, layer)
-        out, experts = self.moe(self.ln2(x))
-        return x + out, experts
-
-
-class ToyMoEForInference(nn.Module):
-    """Same function and canonical weight names as the trainer's DeepSpeed model."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = Embeddings(cfg)
-        self.layers = nn.ModuleList(InferenceBlock(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        init_weights(self, cfg.init_std, cfg.n_layers)
-
-    def forward(self, ids, positions, attn_mask, cache):
-        """Returns logits (B, T, V) and routed experts (B, T, n_layers, k)."""
-        x = self.embed(ids, positions)
-        routed = []
-        for i, block in enumerate(self.layers):
-            x, experts = block(x, attn_mask, cache, i)
-            routed.append(experts)
-        cache.length += ids.shape[1]
-        return self.head(self.ln_f(x)), torch.stack(routed, dim=2)
 
 
 def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -134,7 +42,7 @@ def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
 
 
 class NativeEngine:
-    """Batched KV-cache generation for a torch causal LM with ToyMoEForInference's interface."""
+    """Batched KV-cache generation for the shared Qwen3-MoE definition (its routing MoE block)."""
 
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, eos_id: int,
                  pad_id: int = 0, device: str = "cpu", seed: int = 0):
@@ -144,7 +52,7 @@ class NativeEngine:
         self.pad_id = pad_id
         self.device = torch.device(device)
         self.dtype = _DTYPES[engine_cfg.dtype]
-        self.model = ToyMoEForInference(model_cfg).to(self.device, self.dtype).eval()
+        self.model = Qwen3MoeForCausalLM(model_cfg).to(self.device, self.dtype).eval()
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._version = -1
         # cache_key -> KV of a stopped sample (engine.reuse_kv), oldest first, bounded
@@ -296,7 +204,7 @@ class _Rows:
         cache = self.cache
         self.valid[:, cache.length] = True
         mask = self.valid[:, None, None, :cache.length + 1]
-        logits, routed = self.e.model(pending[:, None], self.next_pos[:, None], mask, cache)
+        logits, _, _, routed = self.e.model(pending[:, None], self.next_pos[:, None], attn_mask=mask, cache=cache)
         self.logits, self.routed = logits[:, -1], routed[:, -1]
         self.next_pos = self.next_pos + 1
 
@@ -471,7 +379,7 @@ class _Rows:
             positions = (torch.arange(width, device=e.device)[None, :] - pad[:, None]).clamp_min(0)
             part = KVCache.allocate(e.model_cfg, len(rows), width, e.dtype, e.device)
             causal = torch.ones(width, width, dtype=torch.bool, device=e.device).tril()
-            logits, routed = e.model(ids, positions, (causal[None] & own[:, None, :])[:, None], part)
+            logits, _, _, routed = e.model(ids, positions, attn_mask=(causal[None] & own[:, None, :])[:, None], cache=part)
             for dst, src in zip(cache.keys + cache.values, part.keys + part.values):
                 dst[row0 + lo:row0 + hi, :, end - width:end] = src
             valid[row0 + lo:row0 + hi, end - width:end] = own

@@ -36,7 +36,7 @@ def small_cfg():
     from rlpost.cli_config import load_config
     from rlpost.envs.arithmetic import make_tokenizer
 
-    cfg = load_config(["model.d_model=32", "model.d_ff=64", "model.n_heads=2", "rollout.batch_prompts=4",
+    cfg = load_config(["model.d_model=32", "model.d_ff=64", "model.n_heads=2", "model.n_kv_heads=1", "rollout.batch_prompts=4",
                        "rollout.group_size=4", "trainer.weight_transport=file"])
     cfg.model.vocab_size = make_tokenizer().vocab_size
     return cfg

@@ -13,7 +13,7 @@ def test_experiment_composes_into_typed_dataclasses():
     cfg = load_config(["experiment=toy_moe_local", "trainer.lr=5e-4", "rollout.num_workers=2"])
     assert isinstance(cfg, RlpostConfig)
     assert cfg.name == "toy_moe_local" and cfg.trainer.lr == 5e-4 and cfg.rollout.num_workers == 2
-    assert cfg.model.type == "toy_moe" and cfg.engine.name == "native"
+    assert cfg.model.type == "qwen3_moe" and cfg.engine.name == "native"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -22,7 +22,8 @@ def test_experiment_composes_into_typed_dataclasses():
     ("rollout.group_size=1.5", "rollout.group_size"),
     ("trainer.lr=-1", "trainer.lr=-1.0: must be > 0"),
     ("trainer.zero_stage=3", "trainer.zero_stage=3"),
-    ("model.d_model=30", "model.d_model=30: must be divisible by model.n_heads=4"),
+    ("model.n_heads=3", "model.n_heads=3: must be a multiple of model.n_kv_heads=2"),
+    ("model.head_dim=33", "model.head_dim=33: must be even"),
     ("model.top_k=3", "model.top_k=3"),
     ("mode=turbo", "mode='turbo': must be one of sync, async, april"),
     ("buffer.url=http://x", "buffer.url='http://x'"),

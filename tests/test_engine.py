@@ -232,16 +232,16 @@ def test_rows_leaving_and_a_cache_growing_past_its_headroom_match_running_alone(
 def test_stacked_experts_equal_the_per_expert_path_and_follow_new_weights(small_cfg):
     """Small batches run every expert in one batched matmul on stacked weights; the result must
     equal routing tokens to each expert, and loading new weights must rebuild the stack."""
-    from rlpost.rollout.native import RoutedMoE
+    from rlpost.modeling import RoutedSparseMoe
 
     torch.manual_seed(0)
-    moe, other = RoutedMoE(small_cfg.model), RoutedMoE(small_cfg.model)
+    moe, other = RoutedSparseMoe(small_cfg.model), RoutedSparseMoe(small_cfg.model)
     x = torch.randn(3, 7, small_cfg.model.d_model)
     with torch.inference_mode():
-        dense, experts = moe(x)
+        dense, _, _, experts = moe(x)
         moe.DENSE_MAX_TOKENS = 0  # the per-expert (index) path
-        routed, same_experts = moe(x)
-        moe.DENSE_MAX_TOKENS = RoutedMoE.DENSE_MAX_TOKENS
+        routed, _, _, same_experts = moe(x)
+        moe.DENSE_MAX_TOKENS = RoutedSparseMoe.DENSE_MAX_TOKENS
         torch.testing.assert_close(dense, routed, atol=1e-5, rtol=1e-5)
         assert torch.equal(experts, same_experts)
         moe.load_state_dict(other.state_dict())

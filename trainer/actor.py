@@ -25,7 +25,8 @@ from rlpost.weights import WeightPublisher
 from rlpost.trainer.batch import TrainBatch, collate, sft_batch
 from rlpost.trainer.ds_engine import DistEnv, build_engine, init_distributed
 from rlpost.trainer.losses import grpo_advantages, policy_loss, token_logprobs
-from rlpost.trainer.toy_moe import ToyMoE
+from rlpost.modeling import Qwen3MoeForCausalLM
+from rlpost.trainer.policy import build_policy
 
 
 class TrainerRank:
@@ -37,7 +38,7 @@ class TrainerRank:
         self.rank = dist_env.rank
         self.world = dist_env.world_size
         self.device = init_distributed(dist_env)
-        self.model = ToyMoE(cfg.model)
+        self.model = build_policy(cfg.model)
         samples = cfg.rollout.batch_prompts * cfg.rollout.group_size
         self.engine, self.precision, self.accum = build_engine(
             self.model, cfg.trainer, cfg.trainer.lr, samples, self.device, self.world)
@@ -45,7 +46,7 @@ class TrainerRank:
         self.publisher = WeightPublisher(self.buffer, cfg.trainer.weight_transport, run_dir)
         self.run_dir = run_dir
         self.version = 0
-        self.ref_model: ToyMoE | None = None
+        self.ref_model: Qwen3MoeForCausalLM | None = None
         self.consumer = f"trainer-{self.rank}"
 
     # ------------------------------------------------------------------ weights
@@ -103,7 +104,7 @@ class TrainerRank:
         nll_sum = aux_sum = 0.0
         for chunk in self._micro_slices(len(mine)):
             input_ids, targets, mask = (t.to(self.device) for t in sft_batch(mine[chunk]))
-            logits, aux, _ = self.engine(input_ids)
+            logits, aux, _, _ = self.engine(input_ids)
             nll = -(token_logprobs(logits[:, :-1], targets) * mask).sum() / mask.sum()
             self.engine.backward(nll + self.cfg.model.aux_loss_coef * aux)
             self.engine.step()
@@ -233,7 +234,7 @@ class TrainerRank:
 
     def _proximal_logp(self, batch: TrainBatch, temperature: float) -> torch.Tensor:
         with torch.no_grad():
-            logits, _, _ = self.engine(batch.input_ids)
+            logits = self.engine(batch.input_ids).logits
         return token_logprobs(logits[:, :-1], batch.targets, temperature)
 
     def _optimise(self, batch: TrainBatch) -> dict:
@@ -263,12 +264,12 @@ class TrainerRank:
                     share = mb.input_ids.shape[0] / mb_all.input_ids.shape[0]
                 if cfg.pack_sequences:
                     mb, prox = mb.packed(self.cfg.model.max_seq_len, prox)
-                logits, aux, counts = self.engine(mb.input_ids, **mb.model_inputs())
+                logits, aux, counts, _ = self.engine(mb.input_ids, **mb.model_inputs())
                 new_logp = token_logprobs(logits[:, :-1], mb.targets, temperature)
                 ref_logp = None
                 if self.ref_model is not None:
                     with torch.no_grad():
-                        ref_logits, _, _ = self.ref_model(mb.input_ids, **mb.model_inputs())
+                        ref_logits = self.ref_model(mb.input_ids, **mb.model_inputs()).logits
                         ref_logp = token_logprobs(ref_logits[:, :-1], mb.targets, temperature)
                 old_logp = new_logp.detach() if prox is None else prox
                 out = policy_loss(new_logp, old_logp, mb.behav_logp, mb.advantages, mb.mask,

@@ -1,0 +1,80 @@
+"""The one model definition: Hugging Face names and config, the same function as transformers'
+Qwen3-MoE, the trainer's DeepSpeed block and the engine's routing block interchangeable."""
+
+import json
+
+import pytest
+import torch
+
+from rlpost.config import ConfigError, ModelConfig
+from rlpost.modeling import Qwen3MoeForCausalLM, load_pretrained, model_config_from_hf, save_pretrained
+
+
+def tiny(**kw) -> ModelConfig:
+    return ModelConfig(**{"vocab_size": 100, "max_seq_len": 64, "init_std": 0.2, **kw})
+
+
+def test_checkpoint_is_a_hugging_face_qwen3_moe(tmp_path):
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(cfg)
+    save_pretrained(model.canonical_state_dict(), cfg, str(tmp_path))
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["model_type"] == "qwen3_moe" and meta["architectures"] == ["Qwen3MoeForCausalLM"]
+    assert meta["hidden_size"] == 64 and meta["num_experts_per_tok"] == 2 and meta["norm_topk_prob"] is True
+    state, loaded = load_pretrained(str(tmp_path))
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in state
+    assert "model.layers.0.self_attn.q_norm.weight" in state and "lm_head.weight" in state
+    assert loaded.d_model == cfg.d_model and loaded.head_dim == cfg.head_dim and loaded.path == str(tmp_path)
+    again = Qwen3MoeForCausalLM(loaded)
+    again.load_canonical_state_dict(state)
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_same_function_as_transformers_qwen3_moe(tmp_path):
+    """transformers loads our checkpoint as is and computes the same logits (fp32)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny()
+    torch.manual_seed(1)
+    model = Qwen3MoeForCausalLM(cfg).eval()
+    save_pretrained(model.canonical_state_dict(), cfg, str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ids = torch.randint(0, 100, (3, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_trainer_block_has_the_engines_names_and_function():
+    """The DeepSpeed-wrapped policy publishes exactly the routing model's (HF) names, and with
+    the same weights both compute the same logits."""
+    from rlpost.trainer.ds_engine import DistEnv, init_distributed
+    from rlpost.trainer.policy import build_policy
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    init_distributed(DistEnv(0, 1, "127.0.0.1", port))
+    cfg = tiny()
+    torch.manual_seed(2)
+    trainer_model = build_policy(cfg).eval()
+    engine_model = Qwen3MoeForCausalLM(cfg).eval()
+    state = trainer_model.canonical_state_dict()
+    assert set(state) == set(engine_model.canonical_state_dict())
+    engine_model.load_canonical_state_dict(state)
+    ids = torch.randint(0, 100, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(trainer_model(ids).logits, engine_model(ids).logits, atol=2e-5, rtol=0)
+
+
+def test_model_path_refuses_other_architectures_naming_the_field(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(ConfigError, match=r"model.path=.*model_type='llama' is not supported"):
+        model_config_from_hf(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"model.path=.*no config.json"):
+        model_config_from_hf(str(tmp_path / "missing"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "mlp_only_layers": [0]}))
+    with pytest.raises(ConfigError, match="mlp_only_layers"):
+        model_config_from_hf(str(tmp_path))
