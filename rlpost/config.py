@@ -82,6 +82,14 @@ class EngineConfig:
     # computed (PipelineRL's in-flight update); their logprobs are the true sampling ones and the
     # trainer's importance correction sees the difference. false: recompute (exact context).
     reuse_kv: bool = False
+    # vLLM / SGLang: KV cache size on CPU (GiB; VLLM_CPU_KVCACHE_SPACE), share of GPU memory,
+    # prefix caching (reset at every weight update), CUDA graphs off (enforce_eager) by default,
+    # and the routed experts per token where the engine returns them.
+    kv_cache_gb: int = 1
+    gpu_memory_utilization: float = 0.3
+    prefix_caching: bool = True
+    enforce_eager: bool = True
+    return_routed_experts: bool = False
 
     def validate(self, p: str = "engine") -> None:
         _check(self.name in ("native", "vllm", "sglang"), f"{p}.name", self.name,
@@ -90,6 +98,11 @@ class EngineConfig:
         _check(self.max_batch_size > 0, f"{p}.max_batch_size", self.max_batch_size, "must be > 0")
         _check(self.dtype in ("float32", "bfloat16", "float16"), f"{p}.dtype", self.dtype,
                "must be float32, bfloat16 or float16")
+        _check(self.kv_cache_gb > 0, f"{p}.kv_cache_gb", self.kv_cache_gb, "must be > 0")
+        _check(0 < self.gpu_memory_utilization <= 1, f"{p}.gpu_memory_utilization",
+               self.gpu_memory_utilization, "must be in (0, 1]")
+        _check(not (self.reuse_kv and self.name != "native"), f"{p}.reuse_kv", self.reuse_kv,
+               "KV retention across stops is a native-engine feature (vLLM/SGLang use prefix caching)")
 
 
 @dataclass
@@ -345,8 +358,8 @@ class RlpostConfig:
         if self.mode == "sync":
             _check(self.rollout.over_sampling == 1, "rollout.over_sampling", self.rollout.over_sampling,
                    "over-sampling needs mode=april")
-        _check(self.engine.name == "native", "engine.name", self.engine.name,
-               "only the native engine is wired into the run driver in this release")
+        _check(self.engine.name != "sglang" or _has_cuda(), "engine.name", self.engine.name,
+               "SGLang needs a CUDA GPU (no CPU build); use engine=native or engine=vllm here")
         _check(self.ray_num_cpus >= 0, "ray_num_cpus", self.ray_num_cpus, "must be >= 0")
         _check(self.time_limit_s >= 0, "time_limit_s", self.time_limit_s, "must be >= 0")
         for f in fields(self):
@@ -356,6 +369,12 @@ class RlpostConfig:
         _check(self.rollout.max_new_tokens < self.model.max_seq_len, "rollout.max_new_tokens",
                self.rollout.max_new_tokens, f"must be < model.max_seq_len={self.model.max_seq_len}")
         return self
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def register_schema() -> None:

@@ -53,14 +53,85 @@ Admit = Callable[[int], list[GenRequest]]
 
 
 class InferenceEngine(Protocol):
-    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None: ...
+    """What every engine implements (AReaL's InferenceEngine shape, token ids only).
+
+    Requests are submitted under caller-chosen integer ids; ``step()`` advances generation by
+    about ``engine.chunk_tokens`` tokens per running request and returns the requests that
+    finished meanwhile; ``abort(ids)`` stops requests and returns what they generated so far
+    (resumable: submit prompt + those tokens again). Weights are swapped in place under a
+    version number. The APRIL cut, the weight swap and the admission policy are not the
+    engine's business: :meth:`EngineBase.generate` drives any engine through these calls."""
 
     @property
     def version(self) -> int: ...
 
+    def submit(self, rid: int, request: GenRequest) -> None: ...
+
+    def step(self) -> list[tuple[int, GenOutput]]: ...
+
+    def abort(self, rids: list[int]) -> list[tuple[int, GenOutput]]: ...
+
+    def has_unfinished(self) -> bool: ...
+
+    def free_slots(self) -> int: ...
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None: ...
+
+    def stats(self) -> dict[str, float]: ...
+
+
+class EngineBase:
+    """The one driving loop over :class:`InferenceEngine` calls, shared by every engine."""
+
     def generate(self, requests: list[GenRequest], should_stop: ShouldStop | None = None,
                  on_finished: OnFinished | None = None, admit: Admit | None = None) -> list[GenOutput]:
-        """Generate for all requests; ``should_stop`` is polled at chunk boundaries and, when it
-        returns True, every unfinished request returns with finish_reason "abort". Requests
-        returned by ``admit`` join the running batch and get outputs numbered after ``requests``."""
-        ...
+        """Generate for all requests, one chunk at a time. After every chunk the requests that
+        finished are reported through ``on_finished``, ``should_stop`` is polled (True: every
+        unfinished request is aborted and returns with finish_reason "abort", its tokens kept),
+        and ``admit(free_slots)`` may return requests that join the running batch (numbered
+        after ``requests``). Returns one output per request."""
+        requests = list(requests)
+        outputs: list[GenOutput | None] = [None] * len(requests)
+        for i, r in enumerate(requests):
+            self.submit(i, r)
+
+        def report(done: list[tuple[int, GenOutput]]) -> None:
+            for i, out in done:
+                outputs[i] = out
+                if on_finished is not None:
+                    on_finished(i, out)
+
+        def top_up() -> None:
+            free = self.free_slots()
+            if admit is not None and free > 0:
+                for r in admit(free):
+                    requests.append(r)
+                    outputs.append(None)
+                    self.submit(len(requests) - 1, r)
+
+        top_up()
+        while self.has_unfinished():
+            report(self.step())
+            if should_stop is not None and should_stop():
+                report(self.abort([i for i, out in enumerate(outputs) if out is None]))
+                break
+            top_up()
+        return outputs  # type: ignore[return-value]
+
+
+def make_engine(model_cfg, engine_cfg, eos_id: int, pad_id: int = 0, seed: int = 0,
+                device: str = "cpu") -> InferenceEngine:
+    """The engine ``engine.name`` names (imported only when chosen: vLLM is an optional extra)."""
+    if engine_cfg.name == "native":
+        from rlpost.rollout.native import NativeEngine
+
+        return NativeEngine(model_cfg, engine_cfg, eos_id=eos_id, pad_id=pad_id, device=device, seed=seed)
+    if engine_cfg.name == "vllm":
+        from rlpost.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_cfg, engine_cfg, eos_id=eos_id, pad_id=pad_id, device=device, seed=seed)
+    if engine_cfg.name == "sglang":
+        from rlpost.rollout.sglang_engine import SGLangEngine
+
+        return SGLangEngine(model_cfg, engine_cfg, eos_id=eos_id, pad_id=pad_id, device=device, seed=seed)
+    raise ValueError(f"engine.name={engine_cfg.name!r}: must be native, vllm or sglang")

@@ -1,9 +1,9 @@
 """The native torch inference engine: continuous batching with a KV cache, for small models.
 
-Rows share one KV cache in lock-step columns (left-padded, per-row positions). Every
-``chunk_tokens`` steps the caller's ``should_stop`` is polled (where APRIL stops a round and a
-worker swaps weights), finished rows leave the batch, and waiting requests are prefilled into the
-freed rows. With ``engine.reuse_kv`` a stopped row's KV is kept and a resumed request continues
+Rows share one KV cache in lock-step columns (left-padded, per-row positions). One ``step()``
+decodes ``chunk_tokens`` tokens per row (where the caller polls for an APRIL cut or new weights),
+finished rows leave the batch, and submitted requests are prefilled into the freed rows at the
+next step. With ``engine.reuse_kv`` an aborted row's KV is kept and a resumed request continues
 from it instead of prefilling its tokens again.
 """
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from rlpost.config import EngineConfig, ModelConfig
 from rlpost.modeling import KVCache, Qwen3MoeForCausalLM
-from rlpost.rollout.engine import Admit, GenOutput, GenRequest, OnFinished, ShouldStop
+from rlpost.rollout.engine import EngineBase, GenOutput, GenRequest
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,8 +41,13 @@ def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
     return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
 
 
-class NativeEngine:
-    """Batched KV-cache generation for the shared Qwen3-MoE definition (its routing MoE block)."""
+class NativeEngine(EngineBase):
+    """Batched KV-cache generation for the shared Qwen3-MoE definition (its routing MoE block).
+
+    Continuous batching: at most ``max_batch_size`` rows decode at once; a request submitted
+    while the batch runs is prefilled into a free row at the start of the next step and merged
+    into the running batch's KV cache, so one long sample never holds a batch of short ones
+    hostage."""
 
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, eos_id: int,
                  pad_id: int = 0, device: str = "cpu", seed: int = 0):
@@ -58,6 +63,10 @@ class NativeEngine:
         # cache_key -> KV of a stopped sample (engine.reuse_kv), oldest first, bounded
         self.retained: OrderedDict[str, _Retained] = OrderedDict()
         self.retained_hits = 0
+        self._rows = _Rows(self)
+        self._queue: deque[int] = deque()
+        self._requests: dict[int, GenRequest] = {}
+        self._pending: torch.Tensor | None = None  # sampled ids the running rows have not fed yet
 
     @property
     def version(self) -> int:
@@ -70,63 +79,66 @@ class NativeEngine:
                              f"unexpected={unexpected[:5]}")
         self._version = version
 
+    # ------------------------------------------------------------------ the engine seam
+    def submit(self, rid: int, request: GenRequest) -> None:
+        self._check_fits(request)
+        if rid in self._requests:
+            raise ValueError(f"request id {rid} is already running")
+        self._requests[rid] = request
+        self._queue.append(rid)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._rows.active or self._queue)
+
+    def free_slots(self) -> int:
+        return max(0, self.cfg.max_batch_size - len(self._rows.active) - len(self._queue))
+
     @torch.inference_mode()
-    def generate(self, requests: list[GenRequest], should_stop: ShouldStop | None = None,
-                 on_finished: OnFinished | None = None, admit: Admit | None = None) -> list[GenOutput]:
-        """Continuous batching: at most ``max_batch_size`` rows decode at once; when rows finish
-        (at a chunk boundary) their places go to waiting requests, first those passed in, then
-        whatever ``admit(free_rows)`` returns (appended to ``requests``, numbered after them).
-        New rows are prefilled and merged into the running batch's KV cache, so one long
-        sample never holds a batch of short ones hostage. Returns one output per request."""
-        requests = list(requests)
-        for r in requests:
-            self._check_fits(r)
-        queue = deque(range(len(requests)))
-        rows = _Rows(self)
-        outputs: list[GenOutput | None] = [None] * len(requests)
-
-        def take(free: int, allow_admit: bool) -> list[int]:
-            picked = [queue.popleft() for _ in range(min(free, len(queue)))]
-            if admit is not None and allow_admit and free > len(picked):
-                for r in admit(free - len(picked)):
-                    self._check_fits(r)
-                    requests.append(r)
-                    outputs.append(None)
-                    picked.append(len(requests) - 1)
-            return picked
-
-        def finish(index: int, reason: str) -> None:
-            outputs[index] = rows.output(index, reason)
-            if on_finished is not None:
-                on_finished(index, outputs[index])
-
-        first = take(self.cfg.max_batch_size, allow_admit=True)
-        if first:
-            rows.start([(i, requests[i]) for i in first], pending=None)
-        t = 0
-        while rows.active:
+    def step(self) -> list[tuple[int, GenOutput]]:
+        """Start queued requests in free rows, decode up to ``chunk_tokens`` tokens per row (less
+        if every row finishes first), and return the requests that finished."""
+        rows = self._rows
+        free = self.cfg.max_batch_size - len(rows.active)
+        new = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
+        if new:  # one forward: running rows feed their pending token, new rows prefill
+            rows.start([(i, self._requests[i]) for i in new], self._pending)
+        elif self._pending is not None and rows.active:
+            rows.decode(self._pending)
+        if not rows.active:
+            return []
+        for t in range(self.cfg.chunk_tokens):
             pending = rows.sample_step()
-            t += 1
-            at_boundary = t % self.cfg.chunk_tokens == 0
-            if at_boundary or rows.all_finished():
-                for index, reason in rows.finished():
-                    finish(index, reason)
-                pending = rows.compact(pending)
-                if at_boundary and should_stop is not None and should_stop():
-                    if self.cfg.reuse_kv:
-                        rows.retain(requests)
-                    for index in rows.active + list(queue):
-                        finish(index, "abort")
-                    queue.clear()
-                    break
-                new = take(self.cfg.max_batch_size - len(rows.active), allow_admit=at_boundary or not rows.active)
-                if new:  # one step: the running rows feed their token, the new rows prefill
-                    rows.start([(i, requests[i]) for i in new], pending)
-                    continue
-                if not rows.active:
-                    break
+            if t == self.cfg.chunk_tokens - 1 or rows.all_finished():
+                break
             rows.decode(pending)
-        return outputs  # type: ignore[return-value]
+        done = [(i, rows.output(i, reason)) for i, reason in rows.finished()]
+        self._pending = rows.compact(pending)
+        for i, _ in done:
+            del self._requests[i]
+        return done
+
+    @torch.inference_mode()
+    def abort(self, rids: list[int]) -> list[tuple[int, GenOutput]]:
+        """Stop ``rids`` (queued or running); each returns its tokens so far, finish_reason
+        "abort". With ``engine.reuse_kv`` a running row's KV is kept for its resumption."""
+        wanted = set(rids)
+        rows = self._rows
+        out = []
+        for i in [i for i in self._queue if i in wanted]:
+            self._queue.remove(i)
+            out.append((i, GenOutput([], [], None, "abort")))
+        running = [i for i in rows.active if i in wanted]
+        if running:
+            if self.cfg.reuse_kv:
+                rows.retain(self._requests, only=set(running))
+            out += [(i, rows.output(i, "abort")) for i in running]
+            self._pending = rows.compact(self._pending)
+        for i, _ in out:
+            self._requests.pop(i, None)
+        return out
+
+    def stats(self) -> dict[str, float]:
+        return {"kv_reused": self.retained_hits, "running": len(self._rows.active), "queued": len(self._queue)}
 
     def _check_fits(self, r: GenRequest) -> None:
         """Positions are per row, so each request must fit the model on its own."""
@@ -247,12 +259,12 @@ class _Rows:
             setattr(self, name, getattr(self, name)[rows])
         return pending[rows]
 
-    def retain(self, requests: list[GenRequest]) -> None:
-        """Keep the KV of every running row that has a ``cache_key`` (the batch is stopping)."""
+    def retain(self, requests: dict[int, GenRequest], only: set[int]) -> None:
+        """Keep the KV of the running rows ``only`` that have a ``cache_key`` (being stopped)."""
         e = self.e
         for i, index in enumerate(self.active):
             r = requests[index]
-            if r.cache_key is None or not self.tokens[index]:
+            if index not in only or r.cache_key is None or not self.tokens[index]:
                 continue
             # everything but the token sampled last (not fed yet) is in the cache
             fed = r.input_ids + self.tokens[index][:-1]

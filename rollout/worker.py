@@ -22,8 +22,7 @@ from rlpost.buffer import Delivery, RedisBuffer
 from rlpost.config import RlpostConfig
 from rlpost.envs.base import score_group_with_timeout
 from rlpost.records import GroupEntry, Status, Task, Trajectory
-from rlpost.rollout.engine import GenOutput, GenRequest
-from rlpost.rollout.native import NativeEngine
+from rlpost.rollout.engine import GenOutput, GenRequest, make_engine
 from rlpost.scheduler import too_stale
 from rlpost.weights import fetch_weights
 
@@ -70,8 +69,8 @@ class RolloutWorker:
         self.name = f"worker-{index}"
         self.buffer = RedisBuffer.from_url(buffer_url, run, **(buffer_auth or {}))
         self.env = make_env(cfg.env, cfg.sandbox)
-        self.engine = NativeEngine(cfg.model, cfg.engine, eos_id=self.env.tokenizer.eos_id,
-                                   pad_id=self.env.tokenizer.pad_id, seed=cfg.seed * 1000 + index)
+        self.engine = make_engine(cfg.model, cfg.engine, eos_id=self.env.tokenizer.eos_id,
+                                  pad_id=self.env.tokenizer.pad_id, seed=cfg.seed * 1000 + index)
         self.stats = WorkerStats()
         self._last_beat = 0.0
         self._backlog: list[Delivery] = []  # read, not yet startable (waits for newer weights)
@@ -243,7 +242,7 @@ class RolloutWorker:
                     pending.extend(new)
                     return [self._request(item, traj) for item, traj in new]
 
-                if not pending and not (admit and admit_requests(self.engine.cfg.max_batch_size)):
+                if not pending and not (admit and admit_requests(self.cfg.engine.max_batch_size)):
                     return
                 reqs = [self._request(item, traj) for item, traj in pending]
                 self.engine.generate(reqs, should_stop, on_finished, admit_requests)
@@ -367,7 +366,7 @@ class RolloutWorker:
 
     def _heartbeat(self) -> None:
         self._last_beat = time.time()
-        self.stats.kv_reused = getattr(self.engine, "retained_hits", 0)
+        self.stats.kv_reused = int(self.engine.stats().get("kv_reused", 0))
         self.buffer.heartbeat(self.name, {**vars(self.stats), "version": self.engine.version,
                                           "pid": os.getpid(), "now": time.time()})
 

