@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from rlpost.config import EnvConfig
 from rlpost.records import SamplingParams, Task
 from rlpost.tokenizer import CharTokenizer
+from rlpost.tokenizer import make_tokenizer as tokenizer_named
 
 from rlpost.envs.base import RewardResult, eval_task_set
 
@@ -64,7 +65,7 @@ class ArithmeticEnv:
 
     def __init__(self, cfg: EnvConfig):
         self.cfg = cfg
-        self.tokenizer = make_tokenizer()
+        self.tokenizer = tokenizer_named(cfg.tokenizer, ALPHABET)
         rng = random.Random(cfg.seed)
         self._eval = []
         seen: set[str] = set()

@@ -229,7 +229,8 @@ class EnvConfig:
     len_max: int = 120
     # tools: tool calls allowed per sample.
     max_turns: int = 3
-    # Tokenizer of the env's text: char (the toy envs' alphabets) or gpt2 (byte-level BPE; coding).
+    # Tokenizer of the env's text: char (the toy envs' alphabets), gpt2 or qwen3 (byte-level BPE;
+    # coding and arithmetic).
     tokenizer: str = "char"
     # coding: the eval set, toy (procedural, held out) or humaneval (the 164 HumanEval problems,
     # up to env.num_eval of them; needs a real tokenizer), and its completion budget (0: the set's
@@ -244,8 +245,9 @@ class EnvConfig:
         _check(self.name in ENVS, f"{p}.name", self.name, f"available: {', '.join(ENVS)}")
         _check(self.max_turns >= 1, f"{p}.max_turns", self.max_turns, "must be >= 1")
         _check(self.tokenizer in TOKENIZERS, f"{p}.tokenizer", self.tokenizer, f"must be one of {', '.join(TOKENIZERS)}")
-        _check(self.tokenizer == "char" or self.name == "coding", f"{p}.tokenizer", self.tokenizer,
-               f"env.name={self.name} works on its character alphabet; gpt2 is for the coding env")
+        _check(self.tokenizer == "char" or self.name in ("coding", "arithmetic"), f"{p}.tokenizer", self.tokenizer,
+               f"env.name={self.name} works on its character alphabet; real tokenizers are for the coding "
+               f"and arithmetic envs")
         _check(self.eval_set in ("toy", "humaneval"), f"{p}.eval_set", self.eval_set, "must be toy or humaneval")
         _check(self.eval_set == "toy" or (self.name == "coding" and self.tokenizer != "char"), f"{p}.eval_set",
                self.eval_set, "humaneval is an eval set of env.name=coding with a real tokenizer (env.tokenizer=gpt2)")
@@ -358,8 +360,8 @@ class RlpostConfig:
         if self.mode == "sync":
             _check(self.rollout.over_sampling == 1, "rollout.over_sampling", self.rollout.over_sampling,
                    "over-sampling needs mode=april")
-        _check(self.engine.name != "sglang" or _has_cuda(), "engine.name", self.engine.name,
-               "SGLang needs a CUDA GPU (no CPU build); use engine=native or engine=vllm here")
+        _check(self.engine.name != "sglang", "engine.name", self.engine.name,
+               "the SGLang engine is not implemented yet; use engine=native or engine=vllm")
         _check(self.ray_num_cpus >= 0, "ray_num_cpus", self.ray_num_cpus, "must be >= 0")
         _check(self.time_limit_s >= 0, "time_limit_s", self.time_limit_s, "must be >= 0")
         for f in fields(self):
@@ -369,12 +371,6 @@ class RlpostConfig:
         _check(self.rollout.max_new_tokens < self.model.max_seq_len, "rollout.max_new_tokens",
                self.rollout.max_new_tokens, f"must be < model.max_seq_len={self.model.max_seq_len}")
         return self
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def register_schema() -> None:

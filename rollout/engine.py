@@ -130,8 +130,4 @@ def make_engine(model_cfg, engine_cfg, eos_id: int, pad_id: int = 0, seed: int =
         from rlpost.rollout.vllm_engine import VLLMEngine
 
         return VLLMEngine(model_cfg, engine_cfg, eos_id=eos_id, pad_id=pad_id, device=device, seed=seed)
-    if engine_cfg.name == "sglang":
-        from rlpost.rollout.sglang_engine import SGLangEngine
-
-        return SGLangEngine(model_cfg, engine_cfg, eos_id=eos_id, pad_id=pad_id, device=device, seed=seed)
     raise ValueError(f"engine.name={engine_cfg.name!r}: must be native, vllm or sglang")

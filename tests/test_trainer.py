@@ -84,6 +84,9 @@ def test_train_step_changes_weights_and_publishes_a_new_version(rig):
     assert buf.current_version().version == v0 + 1
     assert metrics["train/tokens"] > 0 and np.isfinite(metrics["train/loss"])
     assert metrics["weights/version_lag_max"] == 0
+    # every token is on-policy: the train-inference mismatch is logged and tiny for the native engine
+    assert metrics["mismatch/tokens"] == metrics["train/tokens"]
+    assert 0 <= metrics["mismatch/logprob_abs_mean"] <= metrics["mismatch/logprob_abs_max"] < 1e-4
     # the groups were acked and recorded: nothing left for the trainer
     assert buf.depth()["complete_pending"] == 0
     assert all(buf.already_trained([t.traj_id for g in groups for t in g]))

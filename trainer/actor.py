@@ -244,6 +244,7 @@ class TrainerRank:
         sums: dict[str, float] = {}
         counts_total = None
         n_updates = 0
+        mismatch = [0.0, 0.0, 0]  # sum, max, tokens of |trainer - engine| logprob, on-policy tokens
         # With several optimiser steps per batch, the proximal policy (the weights before the
         # first step) must be computed up front; with one it equals the current weights.
         prox_all = self._proximal_logp(batch, temperature) if cfg.ppo_minibatches > 1 else None
@@ -276,6 +277,13 @@ class TrainerRank:
                                   cfg.clip_eps, cfg.clip_eps_high, cfg.tis_cap, ref_logp, cfg.kl_coef,
                                   cfg.loss_agg, cfg.off_policy, mb.versions < self.version,
                                   mb.seq_ids)
+                # train-inference mismatch on on-policy tokens (made by the weights being trained)
+                on_policy = mb.mask.bool() & (mb.versions == self.version)
+                if bool(on_policy.any()):
+                    gap = (old_logp - mb.behav_logp)[on_policy].abs()
+                    mismatch[0] += float(gap.sum())
+                    mismatch[1] = max(mismatch[1], float(gap.max()))
+                    mismatch[2] += int(on_policy.sum())
                 loss = out.loss * share * len(micro) + self.cfg.model.aux_loss_coef * aux
                 self.engine.backward(loss)
                 self.engine.step()
@@ -285,6 +293,9 @@ class TrainerRank:
                 n_updates += 1
         metrics = {f"train/{k}": v / n_updates for k, v in sums.items()}
         metrics["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        if mismatch[2]:
+            metrics.update({"mismatch/logprob_abs_mean": mismatch[0] / mismatch[2],
+                            "mismatch/logprob_abs_max": mismatch[1], "mismatch/tokens": mismatch[2]})
         frac = (counts_total.float() / counts_total.sum(dim=-1, keepdim=True)).cpu()
         for layer in range(frac.shape[0]):
             for e in range(frac.shape[1]):
