@@ -73,10 +73,10 @@ class NativeEngine(EngineBase):
         return self._version
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"weights v{version} do not fit the engine's model: missing={missing[:5]} "
-                             f"unexpected={unexpected[:5]}")
+        try:
+            self.model.load_canonical_state_dict(state_dict)
+        except ValueError as exc:
+            raise ValueError(f"weights v{version} do not fit the engine's model: {exc}") from None
         self._version = version
 
     # ------------------------------------------------------------------ the engine seam

@@ -78,3 +78,20 @@ def test_model_path_refuses_other_architectures_naming_the_field(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "mlp_only_layers": [0]}))
     with pytest.raises(ConfigError, match="mlp_only_layers"):
         model_config_from_hf(str(tmp_path))
+
+
+def test_tied_embeddings_publish_without_lm_head_and_load_into_the_engine():
+    from rlpost.config import EngineConfig
+    from rlpost.rollout.native import NativeEngine
+
+    cfg = tiny(tie_word_embeddings=True)
+    torch.manual_seed(4)
+    model = Qwen3MoeForCausalLM(cfg)
+    state = model.canonical_state_dict()
+    assert "lm_head.weight" not in state and "model.embed_tokens.weight" in state
+    engine = NativeEngine(cfg, EngineConfig(), eos_id=-1)
+    engine.load_weights(state, version=3)
+    assert engine.version == 3
+    assert torch.equal(engine.model.lm_head.weight, state["model.embed_tokens.weight"])
+    with pytest.raises(ValueError, match="weights v4 do not fit"):
+        engine.load_weights({k: v for k, v in state.items() if "q_norm" not in k}, version=4)
