@@ -31,6 +31,15 @@ class GenRequest:
         """What the engine feeds before sampling: the prompt, then any resumed response."""
         return list(self.prompt_ids) + list(self.prefix_ids)
 
+    def check_fits(self, max_seq_len: int) -> None:
+        """Every engine keeps positions per request: each must fit the model on its own."""
+        n = len(self.prompt_ids) + len(self.prefix_ids)
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"GenRequest.max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if n + self.max_new_tokens > max_seq_len:
+            raise ValueError(f"prompt+prefix ({n}) + max_new_tokens ({self.max_new_tokens}) exceeds "
+                             f"model.max_seq_len={max_seq_len}")
+
 
 @dataclass
 class GenOutput:

@@ -81,7 +81,7 @@ class NativeEngine(EngineBase):
 
     # ------------------------------------------------------------------ the engine seam
     def submit(self, rid: int, request: GenRequest) -> None:
-        self._check_fits(request)
+        request.check_fits(self.model_cfg.max_seq_len)
         if rid in self._requests:
             raise ValueError(f"request id {rid} is already running")
         self._requests[rid] = request
@@ -139,15 +139,6 @@ class NativeEngine(EngineBase):
 
     def stats(self) -> dict[str, float]:
         return {"kv_reused": self.retained_hits, "running": len(self._rows.active), "queued": len(self._queue)}
-
-    def _check_fits(self, r: GenRequest) -> None:
-        """Positions are per row, so each request must fit the model on its own."""
-        n = len(r.input_ids)
-        if r.max_new_tokens <= 0:
-            raise ValueError(f"GenRequest.max_new_tokens must be > 0, got {r.max_new_tokens}")
-        if n + r.max_new_tokens > self.model_cfg.max_seq_len:
-            raise ValueError(f"prompt+prefix ({n}) + max_new_tokens ({r.max_new_tokens}) exceeds "
-                             f"model.max_seq_len={self.model_cfg.max_seq_len}")
 
 
 @dataclass

@@ -113,10 +113,7 @@ class VLLMEngine(EngineBase):
     def submit(self, rid: int, request: GenRequest) -> None:
         if rid in self._streams:
             raise ValueError(f"request id {rid} is already running")
-        n = len(request.input_ids)
-        if request.max_new_tokens <= 0 or n + request.max_new_tokens > self.model_cfg.max_seq_len:
-            raise ValueError(f"prompt+prefix ({n}) + max_new_tokens ({request.max_new_tokens}) must be "
-                             f"within model.max_seq_len={self.model_cfg.max_seq_len} and the budget > 0")
+        request.check_fits(self.model_cfg.max_seq_len)
         from vllm.inputs import TokensPrompt
 
         params = self._SamplingParams(
