@@ -350,8 +350,13 @@ def model_config_from_hf(path: str, base: ModelConfig | None = None) -> ModelCon
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise ConfigError(f"model.path={path!r}: no config.json there (a Hugging Face checkpoint folder)")
-    with open(file) as fh:
-        hf = json.load(fh)
+    try:
+        with open(file) as fh:
+            hf = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"model.path={path!r}: config.json is not readable JSON ({exc})") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"model.path={path!r}: config.json is not a JSON object")
     if hf.get("model_type") != HF_MODEL_TYPE:
         raise ConfigError(f"model.path={path!r}: model_type={hf.get('model_type')!r} is not supported "
                           f"(supported: {HF_MODEL_TYPE})")

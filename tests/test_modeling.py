@@ -95,3 +95,12 @@ def test_tied_embeddings_publish_without_lm_head_and_load_into_the_engine():
     assert torch.equal(engine.model.lm_head.weight, state["model.embed_tokens.weight"])
     with pytest.raises(ValueError, match="weights v4 do not fit"):
         engine.load_weights({k: v for k, v in state.items() if "q_norm" not in k}, version=4)
+
+
+def test_model_path_with_a_broken_config_json_is_a_one_line_config_error(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"model.path=.*config.json is not readable JSON"):
+        model_config_from_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not a JSON object"):
+        model_config_from_hf(str(tmp_path))
