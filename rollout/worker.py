@@ -110,6 +110,14 @@ class RolloutWorker:
         except Exception:  # noqa: BLE001 - e.g. the store moved on; fetch again in the foreground
             return None
 
+    def _must_swap(self, published: int) -> bool:
+        """APRIL defers swaps to the next round cut, but not past the staleness bound: the next
+        step trains with the ``published`` weights and refuses tokens more than
+        ``rollout.max_staleness`` versions older, so tokens made now could never be trained.
+        Without this, a trainer waiting for trainable groups never cuts a round and the worker
+        keeps regenerating stale ones (a livelock, seen with vLLM's steady admission)."""
+        return too_stale(self.engine.version, published, self.cfg.rollout.max_staleness)
+
     def _wait_for_version(self, min_version: int, timeout_s: float = 600.0) -> None:
         """Block until the engine holds ``min_version`` (sync mode's on-policy rule); idle time."""
         t0 = time.perf_counter()
@@ -226,7 +234,7 @@ class RolloutWorker:
                         if any(self._abortable(it) and not self._pinned(it) for it in items):
                             why["reason"] = "round"
                     if not why and new_version != self.engine.version:
-                        if swap_at_rounds:
+                        if swap_at_rounds and not self._must_swap(new_version):
                             self._prefetch_weights(new_version)
                         else:
                             why["reason"] = "weights"

@@ -16,10 +16,19 @@ REQUIRED_METRICS = [
 ]
 
 
+def _text(data) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+
+
 def run_cli(args, timeout):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "rlpost.run", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "rlpost.run", *args], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as exc:  # show where it hung, not only that it did
+        tail = "\n".join(line for line in _text(exc.stdout).splitlines()[-40:] if "loggers.py" not in line)
+        pytest.fail(f"rlpost.run timed out after {timeout} s; stdout tail:\n{tail}\nstderr tail:\n"
+                    f"{_text(exc.stderr)[-3000:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

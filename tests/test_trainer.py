@@ -159,10 +159,9 @@ def test_worker_swaps_weights_mid_generation_and_tags_tokens(rig):
         assert traj.num_resumes == 0 and len(traj) == 6  # an in-worker swap is not a buffer resume
 
 
-def test_april_prefetches_published_weights_and_swaps_only_at_the_round_cut(rig, monkeypatch):
-    """APRIL: weights published mid-round are fetched in the background and not swapped in
-    mid-sequence; the swap at the round cut uses the prefetched tensors."""
-    trainer, worker, buf = rig
+def april_group_with_a_publish_after_the_first_chunk(trainer, worker, versions_ahead, task_id):
+    """Generate one 6-token group in april mode (2-token chunks, no EOS) while the trainer
+    publishes ``versions_ahead`` newer weights during the first chunk. Returns (group, v_old)."""
     trainer.publish()
     worker.maybe_update_weights()
     v_old = worker.engine.version
@@ -174,16 +173,24 @@ def test_april_prefetches_published_weights_and_swaps_only_at_the_round_cut(rig,
     def publish_during_generation():
         calls["n"] += 1
         if calls["n"] == 1:
-            trainer.version += 1
+            trainer.version += versions_ahead
             trainer.publish()
         return real_poll()
 
     worker.buffer.poll = publish_during_generation
     try:
-        group = worker.generate_groups([worker.env.train_task(520, 0, 2, SamplingParams(1.0, 1.0, 6))])[0]
+        group = worker.generate_groups([worker.env.train_task(task_id, 0, 2, SamplingParams(1.0, 1.0, 6))])[0]
     finally:
         worker.buffer.poll = real_poll
         worker.cfg.mode, worker.engine.cfg.chunk_tokens, worker.engine.eos_id = saved
+    return group, v_old
+
+
+def test_april_prefetches_published_weights_and_swaps_only_at_the_round_cut(rig, monkeypatch):
+    """APRIL: weights published mid-round are fetched in the background and not swapped in
+    mid-sequence; the swap at the round cut uses the prefetched tensors."""
+    trainer, worker, buf = rig
+    group, v_old = april_group_with_a_publish_after_the_first_chunk(trainer, worker, 1, 520)
     assert all(traj.versions.tolist() == [v_old] * 6 for traj in group)
     assert worker._prefetch is not None and worker._prefetch[0] == v_old + 1
 
@@ -193,6 +200,18 @@ def test_april_prefetches_published_weights_and_swaps_only_at_the_round_cut(rig,
     monkeypatch.setattr("rlpost.rollout.worker.fetch_weights", no_foreground_fetch)
     assert worker.maybe_update_weights() and worker.engine.version == v_old + 1
     assert worker._prefetch is None
+
+
+def test_april_swaps_mid_round_when_its_tokens_could_no_longer_be_trained(rig):
+    """APRIL defers swaps to the round cut, but a publish that leaves the engine more than
+    ``rollout.max_staleness`` versions behind swaps at the next chunk: tokens made under the old
+    weights would be refused by every later step, and a trainer waiting for trainable groups
+    never cuts a round (the livelock seen with vLLM in CI)."""
+    trainer, worker, buf = rig
+    ahead = worker.cfg.rollout.max_staleness + 1  # several steps trained while this worker generated
+    group, v_old = april_group_with_a_publish_after_the_first_chunk(trainer, worker, ahead, 521)
+    assert worker.engine.version == v_old + ahead
+    assert all(traj.versions.tolist() == [v_old] * 2 + [v_old + ahead] * 4 for traj in group)
 
 
 def test_sft_step_lowers_the_loss(rig):
