@@ -240,6 +240,9 @@ class EnvConfig:
     num_eval: int = 200
     seed: int = 1234
     reward_timeout_s: float = 5.0
+    # Groups a rollout worker scores at once, on threads beside generation (sandboxed programs
+    # of one group run concurrently as well, up to sandbox.slots).
+    reward_workers: int = 4
 
     def validate(self, p: str = "env") -> None:
         _check(self.name in ENVS, f"{p}.name", self.name, f"available: {', '.join(ENVS)}")
@@ -264,6 +267,7 @@ class EnvConfig:
                "must be in [0, 1]")
         _check(self.num_eval > 0, f"{p}.num_eval", self.num_eval, "must be > 0")
         _check(self.reward_timeout_s > 0, f"{p}.reward_timeout_s", self.reward_timeout_s, "must be > 0")
+        _check(self.reward_workers > 0, f"{p}.reward_workers", self.reward_workers, "must be > 0")
 
 
 @dataclass
@@ -360,8 +364,6 @@ class RlpostConfig:
         if self.mode == "sync":
             _check(self.rollout.over_sampling == 1, "rollout.over_sampling", self.rollout.over_sampling,
                    "over-sampling needs mode=april")
-        _check(self.engine.name != "sglang", "engine.name", self.engine.name,
-               "the SGLang engine is not implemented yet; use engine=native or engine=vllm")
         _check(self.ray_num_cpus >= 0, "ray_num_cpus", self.ray_num_cpus, "must be >= 0")
         _check(self.time_limit_s >= 0, "time_limit_s", self.time_limit_s, "must be >= 0")
         for f in fields(self):

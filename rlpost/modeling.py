@@ -20,6 +20,7 @@ import glob
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -387,6 +388,15 @@ def save_pretrained(state: dict[str, torch.Tensor], cfg: ModelConfig, path: str,
     os.replace(tmp, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as fh:
         json.dump(hf_config(cfg, dtype), fh, indent=2)
+
+
+def random_checkpoint(cfg: ModelConfig) -> tempfile.TemporaryDirectory:
+    """A random-init checkpoint of ``cfg`` in a temporary folder, for engines that can only start
+    from a checkpoint (vLLM, SGLang) before the trainer's first publish. The folder is removed
+    when the returned object is (keep it as long as the engine may re-read it)."""
+    folder = tempfile.TemporaryDirectory(prefix="rlpost-init-")
+    save_pretrained(Qwen3MoeForCausalLM(cfg).canonical_state_dict(), cfg, folder.name)
+    return folder
 
 
 def load_pretrained(path: str, base: ModelConfig | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:

