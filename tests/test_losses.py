@@ -113,7 +113,8 @@ def test_packed_batch_gives_the_padded_batch_loss(agg):
     trajs = []
     for i, n in enumerate([2, 19, 3, 1, 7, 4, 11]):
         t = Trajectory.start(Task(f"t{i}", [1, 5, 6][: 1 + i % 3], "x", 1, SamplingParams()), 0)
-        t.append(rng.integers(3, 10, n), rng.uniform(-2, 0, n), version=i % 3)
+        t.append(rng.integers(3, 10, n), rng.uniform(-2, 0, n), version=i % 3,
+                 experts=rng.integers(0, 4, (n, 2, 2)))  # the engine's routing travels with its token
         trajs.append(t)
     adv = torch.tensor([1.0, -1.0, 0.5, 2.0, -0.5, 0.25, -2.0])
     padded = collate(trajs, adv)
@@ -127,6 +128,8 @@ def test_packed_batch_gives_the_padded_batch_loss(agg):
         assert torch.equal(packed.targets[mine], padded.targets[s][row])
         assert torch.equal(packed.behav_logp[mine], padded.behav_logp[s][row])
         assert torch.equal(packed.versions[mine], padded.versions[s][row])
+        assert torch.equal(packed.engine_experts[mine], padded.engine_experts[s][row])
+        assert torch.equal(padded.engine_experts[s][row], torch.from_numpy(trajs[s].routed_experts))
         assert torch.all(packed.advantages[mine] == adv[s])
         n = int(padded.lengths[s])
         seg = packed.segments == s
@@ -138,3 +141,27 @@ def test_packed_batch_gives_the_padded_batch_loss(agg):
                            2.0, loss_agg=agg, seq_ids=b.seq_ids).loss
 
     assert float(loss(packed)) == pytest.approx(float(loss(padded)), abs=1e-6)
+
+
+def test_mismatch_meter_counts_tokens_routed_through_another_expert_set():
+    """Routing is compared as sets per layer (top-k order is irrelevant), only on on-policy tokens
+    whose engine routing is known; a token differs if any layer does."""
+    from rlpost.trainer.mismatch import MismatchMeter
+
+    # 1 row, 4 input positions -> 3 scored positions, 2 layers, top-2
+    trainer = torch.tensor([[[[0, 1], [2, 3]], [[0, 1], [2, 3]], [[1, 2], [0, 3]], [[0, 0], [0, 0]]]])
+    engine = torch.tensor([[[[1, 0], [3, 2]],     # same sets, other order: equal
+                            [[0, 1], [2, 1]],     # layer 1 differs
+                            [[-1, -1], [-1, -1]]]], dtype=torch.int16)  # unknown: not counted
+    logp = torch.zeros(1, 3)
+    meter = MismatchMeter()
+    meter.add(logp, logp + 0.5, torch.tensor([[True, True, True]]), trainer, engine)
+    m = meter.metrics()
+    assert m["mismatch/tokens"] == 3 and m["mismatch/logprob_abs_mean"] == 0.5
+    assert m["mismatch/routing_tokens"] == 2 and m["mismatch/routing_token_frac"] == 0.5
+    assert m["mismatch/routing_layer_frac"] == 0.25
+    # off-policy tokens are left out entirely
+    meter = MismatchMeter()
+    meter.add(logp, logp, torch.tensor([[False, True, False]]), trainer, engine)
+    assert meter.metrics()["mismatch/routing_token_frac"] == 1.0
+    assert MismatchMeter().metrics() == {}

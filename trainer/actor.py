@@ -25,6 +25,7 @@ from rlpost.weights import WeightPublisher
 from rlpost.trainer.batch import TrainBatch, collate, sft_batch
 from rlpost.trainer.ds_engine import DistEnv, build_engine, init_distributed
 from rlpost.trainer.losses import grpo_advantages, policy_loss, token_logprobs
+from rlpost.trainer.mismatch import MismatchMeter
 from rlpost.modeling import Qwen3MoeForCausalLM
 from rlpost.trainer.policy import build_policy
 
@@ -244,7 +245,7 @@ class TrainerRank:
         sums: dict[str, float] = {}
         counts_total = None
         n_updates = 0
-        mismatch = [0.0, 0.0, 0]  # sum, max, tokens of |trainer - engine| logprob, on-policy tokens
+        mismatch = MismatchMeter()
         # With several optimiser steps per batch, the proximal policy (the weights before the
         # first step) must be computed up front; with one it equals the current weights.
         prox_all = self._proximal_logp(batch, temperature) if cfg.ppo_minibatches > 1 else None
@@ -265,7 +266,7 @@ class TrainerRank:
                     share = mb.input_ids.shape[0] / mb_all.input_ids.shape[0]
                 if cfg.pack_sequences:
                     mb, prox = mb.packed(self.cfg.model.max_seq_len, prox)
-                logits, aux, counts, _ = self.engine(mb.input_ids, **mb.model_inputs())
+                logits, aux, counts, routed = self.engine(mb.input_ids, **mb.model_inputs())
                 new_logp = token_logprobs(logits[:, :-1], mb.targets, temperature)
                 ref_logp = None
                 if self.ref_model is not None:
@@ -278,12 +279,8 @@ class TrainerRank:
                                   cfg.loss_agg, cfg.off_policy, mb.versions < self.version,
                                   mb.seq_ids)
                 # train-inference mismatch on on-policy tokens (made by the weights being trained)
-                on_policy = mb.mask.bool() & (mb.versions == self.version)
-                if bool(on_policy.any()):
-                    gap = (old_logp - mb.behav_logp)[on_policy].abs()
-                    mismatch[0] += float(gap.sum())
-                    mismatch[1] = max(mismatch[1], float(gap.max()))
-                    mismatch[2] += int(on_policy.sum())
+                mismatch.add(old_logp, mb.behav_logp, mb.mask.bool() & (mb.versions == self.version),
+                             routed, mb.engine_experts)
                 loss = out.loss * share * len(micro) + self.cfg.model.aux_loss_coef * aux
                 self.engine.backward(loss)
                 self.engine.step()
@@ -293,9 +290,7 @@ class TrainerRank:
                 n_updates += 1
         metrics = {f"train/{k}": v / n_updates for k, v in sums.items()}
         metrics["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
-        if mismatch[2]:
-            metrics.update({"mismatch/logprob_abs_mean": mismatch[0] / mismatch[2],
-                            "mismatch/logprob_abs_max": mismatch[1], "mismatch/tokens": mismatch[2]})
+        metrics.update(mismatch.metrics())
         frac = (counts_total.float() / counts_total.sum(dim=-1, keepdim=True)).cpu()
         for layer in range(frac.shape[0]):
             for e in range(frac.shape[1]):

@@ -27,6 +27,9 @@ class TrainBatch:
     positions: torch.Tensor | None = None  # (B, L)
     segments: torch.Tensor | None = None   # (B, L)
     num_seqs: int = 0
+    # (B, L-1, n_layers, top_k): the experts the engine routed the hidden state at each position
+    # through (-1 where it did not report them); None when no sample carries routing.
+    engine_experts: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -60,10 +63,11 @@ class TrainBatch:
         """Rows ``start:end``, with the padding columns none of them uses trimmed away: sorted by
         length, the micro-batches of a long-tail batch are mostly short and cost accordingly."""
         width = int(self.lengths[start:end].max())
+        experts = None if self.engine_experts is None else self.engine_experts[start:end, :width - 1]
         return TrainBatch(self.input_ids[start:end, :width], self.targets[start:end, :width - 1],
                           self.mask[start:end, :width - 1], self.behav_logp[start:end, :width - 1],
                           self.versions[start:end, :width - 1], self.advantages[start:end],
-                          self.lengths[start:end])
+                          self.lengths[start:end], engine_experts=experts)
 
     def packed(self, width: int, extra: torch.Tensor | None = None) -> tuple["TrainBatch", torch.Tensor | None]:
         """The same sequences packed into rows of at most ``width`` tokens (first-fit decreasing),
@@ -116,8 +120,11 @@ class TrainBatch:
         # tensors take only its first n-1 positions (the mask is 0 past them)
         out = [scatter(t, n - 1, -1 if t is self.versions else 0, (rows, cols - 1)) for t in per_pos]
         targets, mask, behav, versions, advantages = out[:5]
+        experts = None
+        if self.engine_experts is not None:
+            experts = scatter(self.engine_experts, n - 1, -1, (rows, cols - 1, *self.engine_experts.shape[2:]))
         packed = TrainBatch(input_ids, targets, mask, behav, versions, advantages, torch.tensor(fill),
-                            positions, segments, len(lengths))
+                            positions, segments, len(lengths), engine_experts=experts)
         return packed, (out[5] if extra is not None else None)
 
 
@@ -136,6 +143,8 @@ def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int = 0,
     mask = torch.zeros((b, L - 1), dtype=torch.float32)
     behav = torch.zeros((b, L - 1), dtype=torch.float32)
     versions = torch.full((b, L - 1), -1, dtype=torch.long)
+    shapes = {t.routed_experts.shape[1:] for t in trajs if t.routed_experts.size}
+    experts = torch.full((b, L - 1, *shapes.pop()), -1, dtype=torch.int16) if len(shapes) == 1 else None
     for row, t in enumerate(trajs):
         p, r = len(t.prompt_ids), len(t)
         input_ids[row, :p] = torch.from_numpy(t.prompt_ids.astype("int64"))
@@ -144,8 +153,10 @@ def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int = 0,
             mask[row, p - 1:p - 1 + r] = torch.from_numpy(t.loss_mask.astype("float32"))
             behav[row, p - 1:p - 1 + r] = torch.from_numpy(t.logprobs.astype("float32"))
             versions[row, p - 1:p - 1 + r] = torch.from_numpy(t.versions.astype("int64"))
+            if experts is not None and t.routed_experts.size:
+                experts[row, p - 1:p - 1 + r] = torch.from_numpy(t.routed_experts.astype("int16"))
     return TrainBatch(input_ids, input_ids[:, 1:].clone(), mask, behav, versions, advantages.float(),
-                      torch.tensor(lengths))
+                      torch.tensor(lengths), engine_experts=experts)
 
 
 def sft_batch(examples: list[tuple], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
