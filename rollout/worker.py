@@ -20,9 +20,9 @@ import torch
 
 from rlpost.buffer import Delivery, RedisBuffer
 from rlpost.config import RlpostConfig
-from rlpost.envs.base import score_group_with_timeout
 from rlpost.records import GroupEntry, Status, Task, Trajectory
 from rlpost.rollout.engine import GenOutput, GenRequest, make_engine
+from rlpost.rollout.scoring import GroupScorer
 from rlpost.scheduler import too_stale
 from rlpost.weights import fetch_weights
 
@@ -39,6 +39,7 @@ class WorkerStats:
     weight_swaps: int = 0
     weight_fetch_s: float = 0.0
     reward_errors: int = 0
+    reward_s: float = 0.0  # scoring time, summed over groups (off the decode path)
     parked_groups: int = 0
     resumed_groups: int = 0
     stale_restarts: int = 0
@@ -53,6 +54,7 @@ class WorkItem:
     task: Task
     group: list[Trajectory]
     shipped: bool = False
+    scoring: bool = False  # complete, its rewards being computed off the decode path
 
     @property
     def done(self) -> bool:
@@ -77,6 +79,7 @@ class RolloutWorker:
         # APRIL fetches published weights in the background and loads them at the round cut
         self._fetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
         self._prefetch: tuple[int, concurrent.futures.Future] | None = None
+        self.scorer: GroupScorer[WorkItem] = GroupScorer(self.env, cfg.env.reward_timeout_s, cfg.env.reward_workers)
 
     # ------------------------------------------------------------------ weights
     def maybe_update_weights(self) -> bool:
@@ -164,12 +167,13 @@ class RolloutWorker:
                  for t in tasks]
         self._generate(items, ship=False)
         for item in items:
-            self._score_group(item.group)
+            self.scorer.submit(item, item.group)
+        self.scorer.collect(wait=True)
         return [item.group for item in items]
 
     def _abortable(self, item: WorkItem) -> bool:
         """APRIL cuts training groups at round boundaries; evaluation groups always run to the end."""
-        return self.cfg.mode == "april" and item.task.purpose == "train" and not item.shipped
+        return self.cfg.mode == "april" and item.task.purpose == "train" and not (item.shipped or item.scoring)
 
     def _admit_from_buffer(self, free_rows: int, items: list[WorkItem]) -> list[WorkItem]:
         """Continuous batching: read as many groups as fit the free rows (partials first). Tasks
@@ -190,7 +194,8 @@ class RolloutWorker:
         return admitted
 
     def _generate(self, items: list[WorkItem], ship: bool = True, admit: bool = False) -> None:
-        """Generate until every item is done, shipping each group the moment it completes.
+        """Generate until every item is done, shipping each group once it is scored (scoring runs
+        off the decode path: a group that completes is scored while generation goes on).
 
         With ``admit``, new groups from the buffer join the running batch whenever rows free up
         (so a long sample never idles the engine). In april mode a new round (the trainer has its
@@ -212,18 +217,18 @@ class RolloutWorker:
                 version = self.engine.version
                 why: dict[str, str] = {}
                 continued: list[tuple[WorkItem, Trajectory]] = []  # back after a tool observation
-                ready: list[WorkItem] = []  # complete groups, shipped together at the chunk boundary
 
                 def on_finished(i: int, out: GenOutput) -> None:
                     item, traj = pending[i]
                     self._absorb(traj, out, version, item.task)
                     if traj.status in UNFINISHED and out.finish_reason != "abort":
                         continued.append((item, traj))
-                    if ship and item.done and not item.shipped and not any(r is item for r in ready):
-                        ready.append(item)
+                    if ship and item.done and not (item.shipped or item.scoring):
+                        item.scoring = True
+                        self.scorer.submit(item, item.group)
 
                 def should_stop() -> bool:
-                    self._ship(ready)
+                    self._ship(self.scorer.collect())
                     if time.time() - self._last_beat > 0.5:
                         self._heartbeat()
                     new_version, round_now, stop = self.buffer.poll()
@@ -251,10 +256,11 @@ class RolloutWorker:
                     return [self._request(item, traj) for item, traj in new]
 
                 if not pending and not (admit and admit_requests(self.cfg.engine.max_batch_size)):
+                    self._ship(self.scorer.collect(wait=True))  # nothing left to generate meanwhile
                     return
                 reqs = [self._request(item, traj) for item, traj in pending]
                 self.engine.generate(reqs, should_stop, on_finished, admit_requests)
-                self._ship(ready)
+                self._ship(self.scorer.collect())
                 reason = why.get("reason")
                 if reason == "stop":
                     raise InterruptedError("stop signal while generating")
@@ -272,6 +278,7 @@ class RolloutWorker:
                     items[:] = keep
                     self.maybe_update_weights()
                     if not keep:
+                        self._ship(self.scorer.collect(wait=True))
                         return
                 elif reason == "weights":
                     self.maybe_update_weights()
@@ -318,32 +325,15 @@ class RolloutWorker:
         traj.env_info["turns"] = turns + 1
         traj.status = Status.PENDING  # generation continues after the observation
 
-    def _score_group(self, group: list[Trajectory]) -> None:
-        """Score a finished group in one call, so sandboxed envs run its programs concurrently."""
-        t0 = time.perf_counter()
-        results = score_group_with_timeout(self.env, [t.answer for t in group],
-                                           [t.response_ids.tolist() for t in group], self.cfg.env.reward_timeout_s)
-        elapsed = time.perf_counter() - t0
-        for traj, result in zip(group, results):
-            traj.reward = float(result.reward)
-            traj.env_info = {**traj.env_info, **result.info}
-            traj.timings["reward_s"] = elapsed
-            traj.timings["finished_at"] = time.time()
-            if "error" in result.info:
-                self.stats.reward_errors += 1
-
-    def _ship(self, ready: list[WorkItem]) -> None:
-        """Score the complete groups and write them to the buffer in one transaction (several
-        groups often complete at the same chunk boundary); empties ``ready``."""
-        if not ready:
+    def _ship(self, scored: list[WorkItem]) -> None:
+        """Write scored groups to the buffer in one transaction (several groups often finish
+        scoring between two chunk boundaries)."""
+        if not scored:
             return
-        for item in ready:
-            self._score_group(item.group)
-        self.buffer.finish_tasks([(item.delivery, item.task, item.group) for item in ready])
-        for item in ready:
-            item.shipped = True
-        self.stats.tasks += len(ready)
-        ready.clear()
+        self.buffer.finish_tasks([(item.delivery, item.task, item.group) for item in scored])
+        for item in scored:
+            item.shipped, item.scoring = True, False
+        self.stats.tasks += len(scored)
 
     # ------------------------------------------------------------------ main loop
     def run(self, max_tasks_per_batch: int = 0) -> dict:
@@ -375,6 +365,7 @@ class RolloutWorker:
     def _heartbeat(self) -> None:
         self._last_beat = time.time()
         self.stats.kv_reused = int(self.engine.stats().get("kv_reused", 0))
+        self.stats.reward_errors, self.stats.reward_s = self.scorer.errors, self.scorer.busy_s
         self.buffer.heartbeat(self.name, {**vars(self.stats), "version": self.engine.version,
                                           "pid": os.getpid(), "now": time.time()})
 

@@ -50,7 +50,7 @@ def test_tool_turn_appends_masked_observation_and_continues(worker):
     worker._absorb(traj, out(env, str(int(a) * int(b))[1:], "stop", eos=True), 4, task)
     assert traj.status == Status.COMPLETE
     assert traj.versions.tolist()[-1] == 4 and traj.versions.tolist()[0] == 3
-    worker._score_group([traj])
+    worker.scorer.score_now([traj])
     assert traj.reward == 1.0 and traj.env_info["tool_calls"] == 1
 
 
@@ -64,7 +64,7 @@ def test_turn_limit_and_bad_calls(worker):
     assert env.tokenizer.decode(traj.response_ids).endswith("[1//0]?;")
     worker._absorb(traj, out(env, "[2*2]", "stop"), 0, task)
     assert traj.status == Status.COMPLETE and "limit" in traj.env_info["reason"]
-    worker._score_group([traj])
+    worker.scorer.score_now([traj])
     assert traj.reward == 0.0 and traj.env_info["reason"]
 
 

@@ -87,6 +87,9 @@ def test_train_step_changes_weights_and_publishes_a_new_version(rig):
     # every token is on-policy: the train-inference mismatch is logged and tiny for the native engine
     assert metrics["mismatch/tokens"] == metrics["train/tokens"]
     assert 0 <= metrics["mismatch/logprob_abs_mean"] <= metrics["mismatch/logprob_abs_max"] < 1e-4
+    # the native engine reports its routing: the DeepSpeed policy routes every token the same way
+    assert metrics["mismatch/routing_tokens"] == metrics["train/tokens"]
+    assert metrics["mismatch/routing_token_frac"] == 0.0 and metrics["mismatch/routing_layer_frac"] == 0.0
     # the groups were acked and recorded: nothing left for the trainer
     assert buf.depth()["complete_pending"] == 0
     assert all(buf.already_trained([t.traj_id for g in groups for t in g]))
@@ -405,5 +408,68 @@ def test_worker_admits_queued_groups_into_the_running_batch(rig):
     finally:
         worker.buffer.poll = real_poll
         worker.engine.cfg.chunk_tokens, worker.engine.eos_id = saved
+        buf.client.delete(buf.key("complete"))
+        buf.ensure_groups()
+
+
+def test_a_slow_reward_never_stalls_generation(rig):
+    """A finished group is scored on a thread beside the engine: while its (slow) scoring runs,
+    the engine keeps stepping the other group, and both ship with their rewards."""
+    import threading
+    import time
+
+    trainer, worker, buf = rig
+    env = worker.env
+    trainer.publish()
+    worker.maybe_update_weights()
+    saved = (worker.engine.cfg.chunk_tokens, worker.engine.eos_id, worker.scorer.env)
+    worker.engine.cfg.chunk_tokens, worker.engine.eos_id = 2, -1  # every sample runs to its budget
+    window: dict[str, float] = {}
+    steps: list[float] = []
+    real_step = worker.engine.step
+
+    class SlowFirstGroup:
+        """The real env, except that scoring the short group takes 1 s (a slow sandboxed program)."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def score(self, answer, response):
+            return self.inner.score(answer, response)
+
+        def score_many(self, answers, responses):
+            if len(responses[0]) == 2 and "start" not in window:
+                window["start"] = time.perf_counter()
+                time.sleep(1.0)
+                window["end"] = time.perf_counter()
+            return [self.inner.score(a, r) for a, r in zip(answers, responses)]
+
+    def timed_step():
+        steps.append(time.perf_counter())
+        return real_step()
+
+    try:
+        buf.client.delete(buf.key("complete"))
+        buf.ensure_groups()
+        worker.scorer.env = SlowFirstGroup(env)
+        worker.engine.step = timed_step
+        buf.put_tasks([env.train_task(960, 0, 2, SamplingParams(1.0, 1.0, 2)),    # done after 1 chunk
+                       env.train_task(961, 0, 2, SamplingParams(1.0, 1.0, 40))])  # 20 chunks
+        main = threading.current_thread()
+        worker.serve(buf.read_tasks(worker.name, count=2, block_ms=200))
+        assert threading.current_thread() is main
+        during = [t for t in steps if window["start"] < t < window["end"]]
+        assert len(during) >= 3, f"the engine stepped {len(during)} times while a group was being scored"
+        shipped = {unpack_entry(f[b"data"]).task.task_id: unpack_entry(f[b"data"]).group
+                   for _, f in buf.client.xrange(buf.key("complete"))}
+        assert set(shipped) == {"train-0-960", "train-0-961"}
+        assert all(t.timings["reward_s"] >= 1.0 for t in shipped["train-0-960"])
+        assert all(len(t) == 40 and "reward_s" in t.timings for t in shipped["train-0-961"])
+    finally:
+        del worker.engine.step
+        worker.engine.cfg.chunk_tokens, worker.engine.eos_id, worker.scorer.env = saved
         buf.client.delete(buf.key("complete"))
         buf.ensure_groups()
