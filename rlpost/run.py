@@ -79,7 +79,7 @@ class Run:
             from rlpost.modeling import model_config_from_hf
 
             cfg.model = model_config_from_hf(os.path.abspath(cfg.model.path), cfg.model)
-            cfg.model.validate()
+            cfg.validate()  # the whole config again: cross-field rules see the checkpoint's sizes
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.env.tokenizer.vocab_size
         elif cfg.model.vocab_size < self.env.tokenizer.vocab_size:

@@ -104,3 +104,16 @@ def test_model_path_with_a_broken_config_json_is_a_one_line_config_error(tmp_pat
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="not a JSON object"):
         model_config_from_hf(str(tmp_path))
+
+
+def test_model_path_sizes_are_checked_against_the_rest_of_the_config(tmp_path):
+    """A checkpoint shorter than the configured completion budget is refused at start-up, naming
+    the field, not at the first generation."""
+    from rlpost.cli_config import load_config
+    from rlpost.run import Run
+
+    cfg = tiny(max_seq_len=16)
+    save_pretrained(Qwen3MoeForCausalLM(cfg).canonical_state_dict(), cfg, str(tmp_path))
+    run_cfg = load_config([f"model.path={tmp_path}", "rollout.max_new_tokens=20"])
+    with pytest.raises(ConfigError, match=r"rollout.max_new_tokens=20: must be < model.max_seq_len=16"):
+        Run(run_cfg)
