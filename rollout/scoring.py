@@ -56,12 +56,7 @@ class GroupScorer(Generic[Item]):
 
     def score_now(self, group: list[Trajectory]) -> None:
         """Score ``group`` on the caller's thread (offline use and tests)."""
-        results, elapsed = _score(self.env, group, self.timeout_s)
-        self.errors += apply_rewards(group, results, elapsed)
-        self.busy_s += elapsed
-
-    def __len__(self) -> int:
-        return len(self._running)
+        self._apply(group, *_score(self.env, group, self.timeout_s))
 
     def collect(self, wait: bool = False) -> list[Item]:
         """Items scored so far (all of them with ``wait``), their rewards applied."""
@@ -72,10 +67,9 @@ class GroupScorer(Generic[Item]):
             (done if entry[2].done() else still).append(entry)
         self._running = still
         for _, group, future in done:
-            results, elapsed = future.result()  # score_group_with_timeout never raises
-            self.errors += apply_rewards(group, results, elapsed)
-            self.busy_s += elapsed
+            self._apply(group, *future.result())  # score_group_with_timeout never raises
         return [item for item, _, _ in done]
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def _apply(self, group: list[Trajectory], results: list[RewardResult], elapsed_s: float) -> None:
+        self.errors += apply_rewards(group, results, elapsed_s)
+        self.busy_s += elapsed_s

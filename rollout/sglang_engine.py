@@ -159,7 +159,6 @@ class SGLangEngine(ServedEngineBase):
         self._manager = self.llm.tokenizer_manager
         self._loop: asyncio.AbstractEventLoop = self.llm.loop
         self._progress = asyncio.Event()
-        self.paused = False
 
     # ------------------------------------------------------------------ the engine seam
     def submit(self, rid: int, request: GenRequest) -> None:
@@ -221,11 +220,9 @@ class SGLangEngine(ServedEngineBase):
     def pause(self) -> None:
         """Stop decoding in place (requests keep their KV cache) until :meth:`resume`."""
         self._loop.run_until_complete(self._manager.pause_generation(self._Pause(mode="in_place")))
-        self.paused = True
 
     def resume(self) -> None:
         self._loop.run_until_complete(self._manager.continue_generation(self._Continue()))
-        self.paused = False
 
     def _load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """The radix cache is flushed with the update (its entries hold the old weights' KV)."""
