@@ -165,3 +165,8 @@ def test_mismatch_meter_counts_tokens_routed_through_another_expert_set():
     meter.add(logp, logp, torch.tensor([[False, True, False]]), trainer, engine)
     assert meter.metrics()["mismatch/routing_token_frac"] == 1.0
     assert MismatchMeter().metrics() == {}
+    # routing of another (layers, top_k) shape (foreign data in the buffer) is counted, not a crash
+    meter = MismatchMeter()
+    meter.add(logp, logp, torch.tensor([[True, True, False]]), trainer, torch.zeros(1, 3, 3, 1, dtype=torch.int16))
+    assert meter.metrics() == {"mismatch/logprob_abs_mean": 0.0, "mismatch/logprob_abs_max": 0.0,
+                               "mismatch/tokens": 2, "mismatch/routing_incomparable_tokens": 2}

@@ -23,6 +23,7 @@ class MismatchMeter:
         self.routing_token_diff = 0    # ... routed through another expert set in some layer
         self.routing_pairs = 0         # (token, layer) pairs compared
         self.routing_pair_diff = 0
+        self.routing_incomparable = 0  # tokens whose engine routing has another (layers, top_k) shape
 
     def add(self, trainer_logp: torch.Tensor, engine_logp: torch.Tensor, on_policy: torch.Tensor,
             trainer_experts: torch.Tensor | None = None, engine_experts: torch.Tensor | None = None) -> None:
@@ -36,6 +37,11 @@ class MismatchMeter:
         self.logprob_max = max(self.logprob_max, float(gap.max()))
         self.tokens += int(on_policy.sum())
         if trainer_experts is None or engine_experts is None:
+            return
+        if engine_experts.shape[2:] != trainer_experts.shape[2:]:
+            # routing of another shape (another model's, or foreign data in the buffer) cannot be
+            # compared: counted, never a crash of the training step
+            self.routing_incomparable += int(on_policy.sum())
             return
         ours = trainer_experts[:, :engine_experts.shape[1]].sort(dim=-1).values  # the set, not the order
         theirs = engine_experts.to(ours.device, torch.long).sort(dim=-1).values
@@ -57,4 +63,6 @@ class MismatchMeter:
             out.update({"mismatch/routing_token_frac": self.routing_token_diff / self.routing_tokens,
                         "mismatch/routing_layer_frac": self.routing_pair_diff / self.routing_pairs,
                         "mismatch/routing_tokens": self.routing_tokens})
+        if self.routing_incomparable:
+            out["mismatch/routing_incomparable_tokens"] = self.routing_incomparable
         return out
