@@ -228,7 +228,7 @@ class Qwen3MoeModel(nn.Module):
 
 
 class CausalLMOutput(NamedTuple):
-    logits: torch.Tensor                 # (B, T, V)
+    logits: torch.Tensor                 # (B, T, V), or (N, V) at the N positions of ``logits_at``
     aux_loss: torch.Tensor               # summed load-balancing loss (0 for routing blocks)
     expert_counts: torch.Tensor | None   # (n_layers, num_experts), training blocks
     routed_experts: torch.Tensor | None  # (B, T, n_layers, top_k), routing blocks
@@ -251,11 +251,16 @@ class Qwen3MoeForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 segments: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> CausalLMOutput:
+                cache: KVCache | None = None, logits_at: torch.Tensor | None = None) -> CausalLMOutput:
         """Causal LM over ``input_ids`` (B, T). ``positions`` (B, T) default to 0..T-1. A packed
         batch passes each token's ``segments`` id: attention stays inside a sequence (padding,
         id -1, attends only to padding). The engine passes its own ``attn_mask`` and ``cache``
-        (new keys/values are written at ``cache.length``, which advances by T)."""
+        (new keys/values are written at ``cache.length``, which advances by T).
+
+        ``logits_at`` (B, T) bool selects the positions whose logits are wanted (returned as
+        (N, V), row-major): with a real vocabulary (151,936 for Qwen3) the LM head over every
+        prompt position costs more than the rest of a small model, and the loss scores only
+        response tokens, an engine's prefill only the last position."""
         b, t = input_ids.shape
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
@@ -275,7 +280,10 @@ class Qwen3MoeForCausalLM(nn.Module):
                 routed.append(moe.experts)
         if cache is not None:
             cache.length += t
-        return CausalLMOutput(self.lm_head(self.model.norm(x)), aux_total,
+        hidden = self.model.norm(x)
+        if logits_at is not None:
+            hidden = hidden[logits_at]
+        return CausalLMOutput(self.lm_head(hidden), aux_total,
                               torch.stack(counts) if counts else None,
                               torch.stack(routed, dim=2) if routed else None)
 

@@ -382,11 +382,14 @@ class _Rows:
             positions = (torch.arange(width, device=e.device)[None, :] - pad[:, None]).clamp_min(0)
             part = KVCache.allocate(e.model_cfg, len(rows), width, e.dtype, e.device)
             causal = torch.ones(width, width, dtype=torch.bool, device=e.device).tril()
-            logits, _, _, routed = e.model(ids, positions, attn_mask=(causal[None] & own[:, None, :])[:, None], cache=part)
+            last = torch.zeros((len(rows), width), dtype=torch.bool, device=e.device)
+            last[:, -1] = True  # only the last position's distribution is sampled from
+            logits, _, _, routed = e.model(ids, positions, attn_mask=(causal[None] & own[:, None, :])[:, None],
+                                           cache=part, logits_at=last)
             for dst, src in zip(cache.keys + cache.values, part.keys + part.values):
                 dst[row0 + lo:row0 + hi, :, end - width:end] = src
             valid[row0 + lo:row0 + hi, end - width:end] = own
-            outs.append((positions[:, -1] + 1, logits[:, -1], routed[:, -1]))
+            outs.append((positions[:, -1] + 1, logits, routed[:, -1]))
             lo = hi
         temperature = torch.tensor([r.temperature for _, r in new], device=e.device, dtype=torch.float32)
         top_p = torch.tensor([r.top_p for _, r in new], device=e.device, dtype=torch.float32)

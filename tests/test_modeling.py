@@ -46,6 +46,28 @@ def test_same_function_as_transformers_qwen3_moe(tmp_path):
         torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_logits_at_selects_positions_and_scattered_logprobs_match_the_full_head():
+    """The LM head on the selected positions only (what the loss and a prefill need) gives the
+    same logits, in row-major order, and the same per-token logprobs scattered back."""
+    from rlpost.trainer.losses import scattered_logprobs, scored_positions, token_logprobs
+
+    torch.manual_seed(3)
+    model = Qwen3MoeForCausalLM(tiny()).eval()
+    ids = torch.randint(0, 100, (3, 12))
+    mask = torch.zeros(3, 11)
+    mask[0, 4:9] = 1
+    mask[2, 2:11] = 1
+    with torch.no_grad():
+        full = model(ids).logits
+        sel = model(ids, logits_at=scored_positions(mask)).logits
+    assert sel.shape == (14, 100)
+    torch.testing.assert_close(sel, full[:, :-1][mask.bool()], atol=1e-6, rtol=0)
+    scattered = scattered_logprobs(sel, ids[:, 1:], mask, temperature=0.7)
+    expected = token_logprobs(full[:, :-1], ids[:, 1:], temperature=0.7) * mask
+    torch.testing.assert_close(scattered, expected, atol=1e-6, rtol=0)
+    assert scattered[1].abs().sum() == 0 and not scattered.isnan().any()
+
+
 def test_trainer_block_has_the_engines_names_and_function():
     """The DeepSpeed-wrapped policy publishes exactly the routing model's (HF) names, and with
     the same weights both compute the same logits."""

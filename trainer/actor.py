@@ -24,7 +24,8 @@ from rlpost.scheduler import too_stale
 from rlpost.weights import WeightPublisher
 from rlpost.trainer.batch import TrainBatch, collate, sft_batch
 from rlpost.trainer.ds_engine import DistEnv, build_engine, init_distributed
-from rlpost.trainer.losses import grpo_advantages, policy_loss, token_logprobs
+from rlpost.trainer.losses import (grpo_advantages, policy_loss, scattered_logprobs, scored_positions,
+                                   token_logprobs)
 from rlpost.trainer.mismatch import MismatchMeter
 from rlpost.modeling import Qwen3MoeForCausalLM
 from rlpost.trainer.policy import build_policy
@@ -105,8 +106,8 @@ class TrainerRank:
         nll_sum = aux_sum = 0.0
         for chunk in self._micro_slices(len(mine)):
             input_ids, targets, mask = (t.to(self.device) for t in sft_batch(mine[chunk]))
-            logits, aux, _, _ = self.engine(input_ids)
-            nll = -(token_logprobs(logits[:, :-1], targets) * mask).sum() / mask.sum()
+            logits, aux, _, _ = self.engine(input_ids, logits_at=scored_positions(mask))
+            nll = -token_logprobs(logits, targets[mask.bool()]).sum() / mask.sum()
             self.engine.backward(nll + self.cfg.model.aux_loss_coef * aux)
             self.engine.step()
             nll_sum, aux_sum = nll_sum + nll.item(), aux_sum + aux.item()
@@ -235,8 +236,8 @@ class TrainerRank:
 
     def _proximal_logp(self, batch: TrainBatch, temperature: float) -> torch.Tensor:
         with torch.no_grad():
-            logits = self.engine(batch.input_ids).logits
-        return token_logprobs(logits[:, :-1], batch.targets, temperature)
+            logits = self.engine(batch.input_ids, logits_at=scored_positions(batch.mask)).logits
+        return scattered_logprobs(logits, batch.targets, batch.mask, temperature)
 
     def _optimise(self, batch: TrainBatch) -> dict:
         cfg = self.cfg.trainer
@@ -266,13 +267,14 @@ class TrainerRank:
                     share = mb.input_ids.shape[0] / mb_all.input_ids.shape[0]
                 if cfg.pack_sequences:
                     mb, prox = mb.packed(self.cfg.model.max_seq_len, prox)
-                logits, aux, counts, routed = self.engine(mb.input_ids, **mb.model_inputs())
-                new_logp = token_logprobs(logits[:, :-1], mb.targets, temperature)
+                at = scored_positions(mb.mask)
+                logits, aux, counts, routed = self.engine(mb.input_ids, **mb.model_inputs(), logits_at=at)
+                new_logp = scattered_logprobs(logits, mb.targets, mb.mask, temperature)
                 ref_logp = None
                 if self.ref_model is not None:
                     with torch.no_grad():
-                        ref_logits = self.ref_model(mb.input_ids, **mb.model_inputs()).logits
-                        ref_logp = token_logprobs(ref_logits[:, :-1], mb.targets, temperature)
+                        ref_logits = self.ref_model(mb.input_ids, **mb.model_inputs(), logits_at=at).logits
+                        ref_logp = scattered_logprobs(ref_logits, mb.targets, mb.mask, temperature)
                 old_logp = new_logp.detach() if prox is None else prox
                 out = policy_loss(new_logp, old_logp, mb.behav_logp, mb.advantages, mb.mask,
                                   cfg.clip_eps, cfg.clip_eps_high, cfg.tis_cap, ref_logp, cfg.kl_coef,

@@ -31,11 +31,27 @@ def grpo_advantages(rewards: torch.Tensor, std_norm: bool = True, eps: float = 1
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(target) per position, with logits shaped (B, T, V) and targets (B, T)."""
+    """log p(target) per position, with logits shaped (..., V) and targets (...)."""
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logp = F.log_softmax(logits.float(), dim=-1)
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def scored_positions(mask: torch.Tensor) -> torch.Tensor:
+    """The (B, L) ``logits_at`` selection of the policy's forward for a (B, L-1) loss mask:
+    position j's logits score the token at j+1."""
+    return F.pad(mask.bool(), (0, 1))
+
+
+def scattered_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """(B, L-1) log p(target) from the (N, V) logits of the N positions where ``mask`` is set
+    (a forward with ``logits_at=scored_positions(mask)``); 0 elsewhere, never NaN, so ratios of
+    unscored positions stay 1."""
+    selected = mask.bool()
+    flat = token_logprobs(logits, targets[selected], temperature)
+    return torch.zeros(selected.shape, dtype=flat.dtype, device=flat.device).masked_scatter(selected, flat)
 
 
 @dataclass
