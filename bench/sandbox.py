@@ -56,11 +56,11 @@ def pool_rate(pool, n: int) -> float:
 
 
 def humaneval(env) -> dict:
-    from rlpost.envs.coding import humaneval_canonical, humaneval_problems
+    from rlpost.envs.coding import Submission, humaneval_canonical, humaneval_problems
 
     problems = humaneval_problems()
-    right = [(p.prompt + humaneval_canonical(p.task_id), p.tests) for p in problems]
-    wrong = [(p.prompt + "    return None\n", p.tests) for p in problems]
+    right = [Submission(p.prompt + humaneval_canonical(p.task_id), p.tests, p.entry_point, p.prompt) for p in problems]
+    wrong = [Submission(p.prompt + "    return None\n", p.tests, p.entry_point, p.prompt) for p in problems]
     t0 = time.perf_counter()
     right_scores = env.score_code(right)
     wrong_scores = env.score_code(wrong)

@@ -9,9 +9,9 @@ Two task sources behind one scorer:
   fraction passed.
 
 The completion's code is extracted robustly (fenced blocks, a bare ``def``, or a body that
-continues the prompt) and only ever executed inside the sandbox. The harness learns a per-run
-nonce from stdin before the candidate runs and prints its verdict with it, so a completion cannot
-fake a result by printing one.
+continues the prompt) and only ever executed inside the sandbox, where a trusted judge
+(envs/judge.py) in a separate process runs the tests against it and alone holds the nonce its
+verdict is signed with: the candidate cannot reach the tests, the pass count or the verdict.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import random
 import re
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 from rlpost.config import EnvConfig, SandboxConfig
 from rlpost.envs.base import RewardResult, eval_task_set
@@ -46,59 +47,60 @@ def extract_code(prompt: str, completion: str, entry_point: str, style: str = "c
     """The program a completion stands for.
 
     Fenced blocks win (the last one that defines ``entry_point``, else the last one); then a
-    completion that defines ``entry_point`` itself; otherwise the completion continues the prompt."""
+    completion that defines ``entry_point`` itself; otherwise the completion continues the prompt.
+    A ``continue``-style prompt (HumanEval: imports, helpers, the signature and a docstring) stays
+    in front of a completion that restates the function, so ``List`` and the helpers are defined."""
+    keep = prompt.rstrip("\n") + "\n\n" if style == "continue" else ""
     blocks = FENCE.findall(completion)
     if blocks:
         defining = [b for b in blocks if re.search(rf"def\s+{re.escape(entry_point)}\s*\(", b)]
         chosen = (defining or blocks)[-1]
         if defining:
-            return chosen
+            return keep + chosen
         return prompt + chosen
     if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", completion, re.M):
-        return completion
+        return keep + completion
     if style == "expression":
         return prompt + completion.strip().splitlines()[0] if completion.strip() else prompt
     return prompt + completion
 
 
-HARNESS = r'''
-import sys, json
-_nonce = sys.stdin.readline().strip()
-_tests = json.loads(sys.stdin.readline())
-_out = sys.stdout
-_ns = {"__name__": "candidate"}
-_passed = 0
-_first_error = ""
-try:
-    exec(compile(open("candidate.py").read(), "candidate.py", "exec"), _ns)
-    _ok = True
-except BaseException as _e:
-    _ok = False
-    _first_error = "code failed to load: " + type(_e).__name__ + ": " + str(_e)[:200]
-if _ok:
-    for _t in _tests:
-        try:
-            exec(_t, dict(_ns))
-            _passed += 1
-        except BaseException as _e:
-            _first_error = _first_error or ("test failed: " + type(_e).__name__ + ": " + str(_e)[:200])
-_out.write("\n" + _nonce + " " + json.dumps({"passed": _passed, "total": len(_tests), "error": _first_error}) + "\n")
-_out.flush()
-'''
+JUDGE_SOURCE = (Path(__file__).parent / "judge.py").read_text()
 
 
-def build_program(code: str, tests: list[str]) -> tuple[str, str, str]:
-    """(harness source, candidate source, stdin) for one scoring run; stdin carries the nonce."""
+@dataclass
+class Submission:
+    """One program to score: the candidate's code, the tests (trusted), the name of the function
+    the tests call, and trusted ``context`` the tests need (a HumanEval prompt's imports and helpers)."""
+
+    code: str
+    tests: list[str]
+    entry: str
+    context: str = ""
+
+
+def build_program(sub: Submission, deadline_s: float) -> tuple[str, str, str, str]:
+    """(judge source, candidate source, stdin, nonce) for one scoring run. The nonce and the tests
+    travel on stdin, which only the judge reads (see envs/judge.py)."""
     nonce = secrets.token_hex(16)
-    return HARNESS, code, nonce + "\n" + json.dumps(tests) + "\n"
+    spec = {"entry": sub.entry, "context": sub.context, "tests": sub.tests, "deadline_s": deadline_s}
+    return JUDGE_SOURCE, sub.code, nonce + "\n" + json.dumps(spec) + "\n", nonce
 
 
-def parse_verdict(stdout: str, nonce: str) -> tuple[int, int, str] | None:
-    for line in reversed(stdout.splitlines()):
+def parse_verdict(stdout: str, nonce: str, total: int) -> tuple[int, str]:
+    """(passed, first error) from the judge's verdict: the first line carrying the nonce (only the
+    judge can write one). A verdict that is not plain, bounded data is a ValueError with the reason."""
+    for line in stdout.splitlines():
         if line.startswith(nonce + " "):
-            body = json.loads(line[len(nonce) + 1:])
-            return int(body["passed"]), int(body["total"]), str(body.get("error", ""))
-    return None
+            try:
+                body = json.loads(line[len(nonce) + 1:])
+                passed, claimed, error = body["passed"], body["total"], body.get("error", "")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"malformed verdict: {exc}") from None
+            if type(passed) is not int or type(claimed) is not int or claimed != total or not 0 <= passed <= total:
+                raise ValueError(f"invalid verdict: passed={passed!r} total={claimed!r} for {total} tests")
+            return passed, str(error)[:300]
+    raise ValueError("no test verdict")
 
 
 def humaneval_problems() -> list[CodingProblem]:
@@ -205,28 +207,31 @@ class CodingEnv:
 
     def score_many(self, answers: list[str], responses: list[list[int]]) -> list[RewardResult]:
         """Score a group at once: its programs run concurrently in the sandbox pool."""
-        jobs = []
+        subs = []
         for answer, ids in zip(answers, responses):
             spec = json.loads(answer)
             code = extract_code(spec["prompt"], self.tokenizer.decode(ids), spec["entry"], spec["style"])
-            jobs.append((code, spec["tests"]))
-        return self.score_code(jobs)
+            # a HumanEval prompt is trusted code the tests rely on (imports, helpers such as poly)
+            context = spec["prompt"] if spec["style"] == "continue" else ""
+            subs.append(Submission(code, spec["tests"], spec["entry"], context))
+        return self.score_code(subs)
 
-    def score_code(self, jobs: list[tuple[str, list[str]]]) -> list[RewardResult]:
-        programs = []
-        for code, tests in jobs:
-            harness, candidate, stdin = build_program(code, tests)
-            programs.append((harness, {"candidate.py": candidate}, stdin))
-        results = self.pool.run_many(programs)
+    def score_code(self, subs: list[Submission]) -> list[RewardResult]:
+        """Reward = passed / total from the trusted judge's verdict; anything else is reward 0
+        with the reason (killed, crashed, no verdict, a malformed verdict)."""
+        # the judge reports (with the tests passed so far) before the sandbox's wall clock kills it
+        deadline = max(self.sandbox_cfg.wall_s - 0.5, 0.5 * self.sandbox_cfg.wall_s)
+        built = [build_program(sub, deadline) for sub in subs]
+        results = self.pool.run_many([(judge, {"candidate.py": code}, stdin) for judge, code, stdin, _ in built])
         out = []
-        for (_, _, stdin), res in zip(programs, results):
-            nonce = stdin.split("\n", 1)[0]
-            verdict = parse_verdict(res.stdout, nonce)
-            if verdict is None:  # the program never reached the verdict: killed, crashed, flooded
-                reason = res.reason or "no test verdict"
+        for sub, (_, _, _, nonce), res in zip(subs, built, results):
+            try:
+                passed, first_error = parse_verdict(res.stdout, nonce, len(sub.tests))
+            except ValueError as exc:  # the judge never reported: killed, crashed, flooded
+                reason = res.reason or str(exc)
                 out.append(RewardResult(0.0, {"error": reason, "reason": reason, "stderr": res.stderr[-300:]}))
                 continue
-            passed, total, first_error = verdict
+            total = len(sub.tests)
             info = {"passed": passed, "total": total, "sandbox_s": round(res.duration_s, 4)}
             if passed < total:
                 info["reason"] = f"{passed}/{total} tests passed; {first_error}"

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from rlpost.config import EnvConfig, SandboxConfig
+from rlpost.envs.coding import Submission
 from rlpost.envs.sandbox import SandboxPool, SandboxUnavailable, find_bwrap
 
 needs_bwrap = pytest.mark.skipif(find_bwrap() is None or os.geteuid() != 0,
@@ -78,7 +79,7 @@ ATTACKS = {
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_attack_is_contained_and_scored_zero(pool, coding_env, name):
     t0 = time.monotonic()
-    result = coding_env.score_code([(ATTACKS[name], ["assert f(2) == 4"])])[0]
+    result = coding_env.score_code([Submission(ATTACKS[name], ["assert f(2) == 4"], "f")])[0]
     assert result.reward == 0.0
     assert result.info.get("reason"), result.info  # a reason, not a silent zero
     assert time.monotonic() - t0 < pool.cfg.wall_s + 5
