@@ -62,6 +62,7 @@ class Problem:
 
 class ArithmeticEnv:
     name = "arithmetic"
+    reward_range = (0.0, 1.0)
 
     def __init__(self, cfg: EnvConfig):
         self.cfg = cfg

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,6 +23,8 @@ class Env(Protocol):
 
     name: str
     tokenizer: Any
+    # [low, high] of a valid reward; anything outside (or not finite) is that sample's reward 0
+    reward_range: tuple[float, float]
 
     def train_task(self, index: int, seed: int, group_size: int, sampling: SamplingParams) -> Task: ...
 
@@ -74,16 +77,39 @@ def _score_each(env: Env, answers: list[str], responses: list[list[int]]) -> lis
     return results
 
 
+def checked(result: Any, reward_range: tuple[float, float]) -> RewardResult:
+    """``result`` if it is a RewardResult with a finite reward inside ``reward_range``, else reward
+    0 with the reason: a forged or buggy reward (100, -1000, 2e39 = inf in float32, NaN) must
+    not reach the group's advantages, nor take its correct members down with it."""
+    if not isinstance(result, RewardResult):
+        return _failed(f"env returned {type(result).__name__}, not a RewardResult")
+    lo, hi = reward_range
+    value = result.reward
+    if type(value) not in (int, float) or not math.isfinite(value) or not lo <= value <= hi:
+        return _failed(f"invalid reward {value!r}: must be a finite number in [{lo}, {hi}]")
+    return result
+
+
 def score_group_with_timeout(env: Env, answers: list[str], responses: list[list[int]],
                              timeout_s: float) -> list[RewardResult]:
     """Score a group in one bounded call: ``env.score_many`` (sandboxed envs run the group's
-    programs concurrently), else ``env.score`` per sample inside the call, where one sample's error
-    is that sample's reward 0 and the others keep theirs (one thread hop per group, not per sample:
-    a worker ships a group every few milliseconds). Errors and timeouts are reward 0 with a reason."""
+    programs concurrently, each under its own wall clock), else ``env.score`` per sample inside the
+    call, where one sample's error is that sample's reward 0 and the others keep theirs (one thread
+    hop per group, not per sample: a worker ships a group every few milliseconds).
+
+    ``timeout_s`` is a budget per sample: the call may take ``timeout_s`` x the group size (the
+    group scored one sample after another), so seven programs that loop until their wall clock
+    do not cost the eighth, correct one its reward. Each result is checked (:func:`checked`);
+    errors and a call over budget are reward 0 with a reason."""
     many = getattr(env, "score_many", None)
     if many is None:
         many = functools.partial(_score_each, env)
-    results, reason = _bounded(many, (answers, responses), timeout_s)
-    if reason is None:
-        return results
-    return [_failed(reason) for _ in answers]
+    # + 2 s: the sandboxed envs spend exactly the budget themselves, and report before this bound
+    results, reason = _bounded(many, (answers, responses), timeout_s * max(len(answers), 1) + 2.0)
+    if reason is None and (not isinstance(results, list) or len(results) != len(answers)):
+        reason = f"env returned {len(results) if isinstance(results, list) else type(results).__name__} results " \
+                 f"for {len(answers)} samples"
+    if reason is not None:
+        return [_failed(reason) for _ in answers]
+    bounds = getattr(env, "reward_range", (0.0, 1.0))
+    return [checked(r, bounds) for r in results]

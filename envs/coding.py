@@ -146,6 +146,7 @@ class CodingEnv:
     sandbox."""
 
     name = "coding"
+    reward_range = (0.0, 1.0)
 
     def __init__(self, cfg: EnvConfig, sandbox_cfg: SandboxConfig | None = None):
         from rlpost.envs.sandbox import pick_backend
@@ -222,7 +223,11 @@ class CodingEnv:
         # the judge reports (with the tests passed so far) before the sandbox's wall clock kills it
         deadline = max(self.sandbox_cfg.wall_s - 0.5, 0.5 * self.sandbox_cfg.wall_s)
         built = [build_program(sub, deadline) for sub in subs]
-        results = self.pool.run_many([(judge, {"candidate.py": code}, stdin) for judge, code, stdin, _ in built])
+        # env.reward_timeout_s is a budget per sample; programs still running when the group's
+        # budget is spent are killed (an abandoned program must not keep a slot busy)
+        budget = self.cfg.reward_timeout_s * max(len(subs), 1)
+        results = self.pool.run_many([(judge, {"candidate.py": code}, stdin) for judge, code, stdin, _ in built],
+                                     timeout_s=budget)
         out = []
         for sub, (_, _, _, nonce), res in zip(subs, built, results):
             try:

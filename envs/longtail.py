@@ -27,6 +27,7 @@ def counting(n: int) -> str:
 
 class LongTailEnv:
     name = "longtail"
+    reward_range = (0.0, 1.0)
 
     def __init__(self, cfg: EnvConfig):
         self.cfg = cfg

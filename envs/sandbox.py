@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from rlpost.config import SandboxConfig
 
@@ -97,6 +98,7 @@ class _Slot:
     uid: int
     scratch: str
     launcher: "_Launcher | None" = None
+    stop: "Callable[[], None] | None" = None  # stops the program now running in the slot
 
 
 Program = tuple  # (code, files: dict[str, str], stdin)
@@ -161,15 +163,29 @@ class SandboxPool:
                  wall_s: float | None = None) -> ExecResult:
         return self.submit(code, stdin, files, wall_s).result()
 
-    def run_many(self, programs: list[Program]) -> list[ExecResult]:
-        """Run (code, files, stdin) programs concurrently on the pool's slots, in order."""
+    def run_many(self, programs: list[Program], timeout_s: float | None = None) -> list[ExecResult]:
+        """Run (code, files, stdin) programs concurrently on the pool's slots, in order. Programs
+        not finished within ``timeout_s`` (waiting for a slot included) are abandoned, and an
+        abandoned program is killed, not left running in its slot."""
         futures = [self.submit(code, stdin, files) for code, files, stdin in programs]
-        return [f.result() for f in futures]
+        done, _ = concurrent.futures.wait(futures, timeout=timeout_s)
+        out = []
+        for future in futures:
+            if future in done:
+                out.append(future.result())
+                continue
+            future.cancel()  # the task kills its program (see _run)
+            out.append(ExecResult(None, "", "", float(timeout_s or 0.0), timed_out=True,
+                                  reason=f"abandoned: not finished within the {timeout_s}s budget"))
+        return out
 
     async def _run(self, code: str, stdin: str, files: dict[str, str], wall_s: float | None) -> ExecResult:
         slot = await self._free.get()
         try:
             result = await self._run_in_slot(slot, code, stdin, files, wall_s or self.cfg.wall_s)
+        except asyncio.CancelledError:  # abandoned by the caller: kill what runs, then free the slot
+            await self._abandon(slot)
+            raise
         except Exception as exc:  # a sandbox failure is a result, never a crash of the caller
             self.stats["errors"] += 1
             result = ExecResult(None, "", "", 0.0, reason=f"sandbox error: {type(exc).__name__}: {exc}")
@@ -245,6 +261,7 @@ class SandboxPool:
                         cwd=slot.scratch, start_new_session=True)
                     finished = asyncio.ensure_future(_plain_status(proc, wall_s))
                     stop = lambda: _kill_group(proc)  # noqa: E731
+                slot.stop = stop
             except BaseException:
                 os.close(out_r)
                 os.close(err_r)
@@ -322,6 +339,15 @@ class SandboxPool:
             return json.loads(message)
         except ValueError:
             return {"error": f"bad launcher status {message[:100]!r}"}
+
+    async def _abandon(self, slot: _Slot) -> None:
+        """Kill a program whose caller gave up on it: its launcher is killed too (its status
+        message must not be read as the next program's) and every process of the slot's uid."""
+        if self.backend == "bwrap":
+            await self._kill_launcher(slot)
+        elif slot.stop is not None:
+            slot.stop()
+        slot.stop = None
 
     async def _kill_launcher(self, slot: _Slot) -> None:
         """Last resort (the launcher stopped answering): kill it, then every process of the uid."""

@@ -65,6 +65,7 @@ class ToolEnv:
     """Multiplication the toy cannot do in its head, solved with a calculator tool."""
 
     name = "tools"
+    reward_range = (0.0, 1.0)
 
     def __init__(self, cfg: EnvConfig, sandbox_cfg: SandboxConfig | None = None):
         self.cfg = cfg

@@ -35,6 +35,7 @@ from rlpost.records import (
     WeightVersion,
     pack_entry,
     pack_task,
+    unpack_complete,
     unpack_entry,
     unpack_task,
 )
@@ -138,7 +139,7 @@ class RedisBuffer:
         resp = self.client.xautoclaim(self.key(stream), group, consumer, min_idle_time=min_idle_ms,
                                       start_id="0-0", count=count)
         entries = resp[1]
-        decoder = unpack_task if stream == "tasks" else unpack_entry
+        decoder = {"tasks": unpack_task, "complete": unpack_complete}.get(stream, unpack_entry)
         return self._decode([[self.key(stream).encode(), entries]], decoder)
 
     def park_partials(self, parked: list[tuple[Delivery, GroupEntry]]) -> None:
@@ -174,7 +175,7 @@ class RedisBuffer:
     def read_complete(self, consumer: str, count: int, block_ms: int | None = None) -> list[Delivery]:
         resp = self.client.xreadgroup(TRAINER_GROUP, consumer, {self.key("complete"): ">"},
                                       count=count, block=block_ms)
-        return self._decode(resp, unpack_entry)
+        return self._decode(resp, unpack_complete)
 
     def requeue(self, deliveries: list[Delivery]) -> None:
         """Send complete groups back as fresh tasks (too stale to train) and ack them, atomically."""
@@ -308,8 +309,9 @@ class RedisBuffer:
                     continue
                 try:
                     item = decoder(fields[b"data"])
-                except (RecordError, KeyError) as exc:
-                    self._dead_letter(stream, entry_id, fields, str(exc))
+                except Exception as exc:  # noqa: BLE001 - any undecodable or invalid entry, never a crash
+                    reason = str(exc) if isinstance(exc, RecordError) else f"{type(exc).__name__}: {exc}"
+                    self._dead_letter(stream, entry_id, fields, reason)
                     continue
                 out.append(Delivery(stream=stream, entry_id=entry_id, item=item))
         return out

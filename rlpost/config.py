@@ -372,6 +372,9 @@ class RlpostConfig:
                 sub.validate(f.name)
         _check(self.rollout.max_new_tokens < self.model.max_seq_len, "rollout.max_new_tokens",
                self.rollout.max_new_tokens, f"must be < model.max_seq_len={self.model.max_seq_len}")
+        if self.env.name == "coding":  # a sample's program must fit in its reward budget
+            _check(self.sandbox.wall_s <= self.env.reward_timeout_s, "sandbox.wall_s", self.sandbox.wall_s,
+                   f"must be <= env.reward_timeout_s={self.env.reward_timeout_s} (the per-sample reward budget)")
         return self
 
 

@@ -10,6 +10,7 @@ from Redis can execute code.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -283,3 +284,19 @@ def unpack_entry(data: bytes) -> GroupEntry:
     except Exception as exc:
         raise RecordError(f"malformed partial group: {exc}") from exc
     return GroupEntry(unpack_task(task_bytes), unpack_group(group_bytes))
+
+
+def unpack_complete(data: bytes) -> GroupEntry:
+    """A finished group from the ``complete`` stream, checked before a trainer sees it: exactly
+    ``task.group_size`` members (GRPO normalises within the group) and a finite reward on each
+    (one inf or NaN reward makes NaN advantages for the whole group). Failures are RecordErrors
+    naming the sample, so the buffer dead-letters the entry and the run goes on."""
+    entry = unpack_entry(data)
+    if len(entry.group) != entry.task.group_size:
+        raise RecordError(f"group {entry.task.task_id}: {len(entry.group)} samples, task.group_size="
+                          f"{entry.task.group_size} (a ragged group cannot be normalised)")
+    for traj in entry.group:
+        reward = traj.reward
+        if type(reward) not in (int, float) or not math.isfinite(reward):
+            raise RecordError(f"trajectory {traj.traj_id}: reward={reward!r} is not a finite number")
+    return entry

@@ -82,6 +82,32 @@ def test_undecodable_entry_goes_to_dead_letters_not_unpickled(buffer):
     assert buffer.client.xpending(buffer.key("tasks"), WORKER_GROUP)["pending"] == 1  # only t1
 
 
+def test_poisoned_complete_groups_are_dead_lettered_and_valid_ones_still_train(buffer):
+    """A NaN or infinite reward (NaN advantages for the whole group) or a ragged group (GRPO
+    cannot normalise it) in ``complete`` goes to dead letters with its reason, read or reclaimed;
+    it never reaches the trainer, and the valid group beside it does."""
+    from rlpost.records import GroupEntry, pack_entry
+
+    good, nan, ragged, inf = make_task(0), make_task(1), make_task(2, group_size=3), make_task(3)
+    bad_nan = finished_group(nan)
+    bad_nan[1].reward = float("nan")
+    bad_inf = finished_group(inf)
+    bad_inf[0].reward = float("inf")
+    for task, group in ((nan, bad_nan), (good, finished_group(good)), (ragged, finished_group(ragged)[:2]),
+                        (inf, bad_inf)):
+        buffer.client.xadd(buffer.key("complete"), {"data": pack_entry(GroupEntry(task, group))})
+    got = buffer.read_complete("trainer-0", count=2, block_ms=100)
+    got += buffer.reclaim("complete", TRAINER_GROUP, "trainer-1", min_idle_ms=0)
+    got += buffer.read_complete("trainer-0", count=10, block_ms=100)
+    assert {d.item.task.task_id for d in got} == {"t0"}  # (t0 itself reclaimed once more: pending)
+    reasons = [f[b"reason"].decode() for _, f in buffer.client.xrange(buffer.key("dead"))]
+    assert len(reasons) == 3
+    assert "t1/1: reward=nan is not a finite number" in reasons[0]
+    assert "group t2: 2 samples, task.group_size=3" in reasons[1]
+    assert "t3/0: reward=inf" in reasons[2]
+    assert buffer.client.xpending(buffer.key("complete"), TRAINER_GROUP)["pending"] == 1  # only t0
+
+
 def test_version_and_signals(buffer):
     assert buffer.current_version() is None
     buffer.publish_version(WeightVersion(version=3, transport="file", location="/x", num_bytes=10))

@@ -102,3 +102,24 @@ def test_humaneval_needs_the_coding_env_and_a_real_tokenizer():
         EnvConfig(name="coding", eval_set="humaneval").validate()
     with pytest.raises(ConfigError, match="env.tokenizer"):
         EnvConfig(name="longtail", tokenizer="gpt2").validate()  # works on its character alphabet
+
+
+@pytest.mark.parametrize("body, why", [
+    ('{"passed": NaN, "total": 2}', "invalid verdict"),
+    ('{"passed": 100, "total": 2}', "invalid verdict"),
+    ('{"passed": -1, "total": 2}', "invalid verdict"),
+    ('{"passed": 2, "total": 5}', "invalid verdict"),   # total is the number of tests we sent
+    ('{"passed": true, "total": 2}', "invalid verdict"),
+    ('{"passed": 2.0, "total": 2}', "invalid verdict"),
+    ('[2, 2]', "malformed verdict"),
+    ('{"passed": 2', "malformed verdict"),
+])
+def test_a_verdict_that_is_not_plain_bounded_data_is_refused(body, why):
+    from rlpost.envs.coding import parse_verdict
+
+    nonce = "ab" * 16
+    with pytest.raises(ValueError, match=why):
+        parse_verdict(f"noise\n{nonce} {body}\n", nonce, total=2)
+    # only the first verdict counts: a later (forged) one cannot replace it
+    out = f"{nonce} " + '{"passed": 1, "total": 2, "error": "x"}' + f"\n{nonce} " + '{"passed": 2, "total": 2}'
+    assert parse_verdict(out, nonce, total=2) == (1, "x")

@@ -170,3 +170,8 @@ def test_mismatch_meter_counts_tokens_routed_through_another_expert_set():
     meter.add(logp, logp, torch.tensor([[True, True, False]]), trainer, torch.zeros(1, 3, 3, 1, dtype=torch.int16))
     assert meter.metrics() == {"mismatch/logprob_abs_mean": 0.0, "mismatch/logprob_abs_max": 0.0,
                                "mismatch/tokens": 2, "mismatch/routing_incomparable_tokens": 2}
+
+
+def test_grpo_advantages_refuse_non_finite_rewards_with_a_clear_error():
+    with pytest.raises(ValueError, match=r"rewards must be finite, got \[nan\]"):
+        grpo_advantages(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))

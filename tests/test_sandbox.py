@@ -214,3 +214,19 @@ def test_unsandboxed_opt_in_warns_every_start(capfd):
         pool.close()
     SandboxPool(SandboxConfig(backend="none", allow_unsandboxed=True)).close()
     assert "UNSANDBOXED" in capfd.readouterr().err
+
+
+@needs_bwrap
+def test_abandoned_programs_are_killed_and_their_slot_works(pool):
+    """Programs still running when the caller's budget runs out (a group's reward budget) are
+    killed, not left running: no process of the slot's uid survives, and the slot serves the
+    next program."""
+    sleeper = "import time\nprint('started', flush=True)\ntime.sleep(30)\n"
+    t0 = time.monotonic()
+    results = pool.run_many([(sleeper, {}, ""), (sleeper, {}, "")], timeout_s=1.0)
+    assert time.monotonic() - t0 < 2.0
+    assert all(r.reason.startswith("abandoned") for r in results)
+    deadline = time.monotonic() + 3
+    while uid_processes(pool.cfg.base_uid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert_slot_still_works(pool)

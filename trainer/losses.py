@@ -24,6 +24,9 @@ def grpo_advantages(rewards: torch.Tensor, std_norm: bool = True, eps: float = 1
     """Group-normalised advantages for rewards shaped (groups, group_size)."""
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be (groups, group_size), got shape {tuple(rewards.shape)}")
+    if not torch.isfinite(rewards).all():
+        bad = rewards[~torch.isfinite(rewards)].tolist()[:4]
+        raise ValueError(f"rewards must be finite, got {bad} (NaN advantages would poison the whole group)")
     centered = rewards - rewards.mean(dim=1, keepdim=True)
     if std_norm:
         centered = centered / (rewards.std(dim=1, keepdim=True, unbiased=True) + eps)
