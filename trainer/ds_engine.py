@@ -71,7 +71,10 @@ def build_engine(model: torch.nn.Module, cfg: TrainerConfig, lr: float, samples_
     groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": [p for p in model.parameters() if p.requires_grad], "name": "params",
          "weight_decay": cfg.weight_decay})
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    # fused: one kernel over all tensors (CPU and CUDA); the per-tensor loop cost 0.15 s of a
+    # 0.58 s warm-up step with a 152k vocabulary on one CPU thread
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                  fused=True)
     ds_config = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
@@ -85,4 +88,8 @@ def build_engine(model: torch.nn.Module, cfg: TrainerConfig, lr: float, samples_
     }
     model.to(device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if world_size == 1 and cfg.zero_stage == 0:
+        # nothing to all-reduce with one rank, but DeepSpeed still flattens every gradient into a
+        # bucket and back (0.05 s a step with a 152k vocabulary); ZeRO-1/2 need that path, 0 not
+        engine.enable_backward_allreduce = False
     return engine, precision, accum
