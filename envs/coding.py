@@ -147,6 +147,7 @@ class CodingEnv:
 
     name = "coding"
     reward_range = (0.0, 1.0)
+    sandboxed = True  # runs model-written code: the driver smoke-tests the sandbox first
 
     def __init__(self, cfg: EnvConfig, sandbox_cfg: SandboxConfig | None = None):
         from rlpost.envs.sandbox import pick_backend

@@ -66,6 +66,7 @@ class ToolEnv:
 
     name = "tools"
     reward_range = (0.0, 1.0)
+    sandboxed = True  # runs model-written code: the driver smoke-tests the sandbox first
 
     def __init__(self, cfg: EnvConfig, sandbox_cfg: SandboxConfig | None = None):
         self.cfg = cfg

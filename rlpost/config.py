@@ -284,6 +284,8 @@ class SandboxConfig:
     cpu_s: int = 4
     memory_mb: int = 512
     file_mb: int = 16
+    # per-execution disk budget: sized tmpfs for the working dir (1/2), /tmp and /dev/shm (1/4 each)
+    disk_mb: int = 64
     nproc: int = 32
     max_output_bytes: int = 65536
 
@@ -291,7 +293,7 @@ class SandboxConfig:
         _check(self.backend in ("auto", "bwrap", "none"), f"{p}.backend", self.backend, "must be auto, bwrap or none")
         _check(self.slots >= 1, f"{p}.slots", self.slots, "must be >= 1")
         _check(self.base_uid >= 1000, f"{p}.base_uid", self.base_uid, "must be >= 1000 (an unprivileged uid)")
-        for name in ("wall_s", "cpu_s", "memory_mb", "file_mb", "nproc", "max_output_bytes"):
+        for name in ("wall_s", "cpu_s", "memory_mb", "file_mb", "disk_mb", "nproc", "max_output_bytes"):
             _check(getattr(self, name) > 0, f"{p}.{name}", getattr(self, name), "must be > 0")
 
 

@@ -75,6 +75,10 @@ class Run:
 
         self.cfg = cfg
         self.env = make_env(cfg.env, cfg.sandbox)
+        if getattr(self.env, "sandboxed", False):  # one smoke execution before anything starts
+            from rlpost.envs.sandbox import verify_sandbox
+
+            verify_sandbox(cfg.sandbox)
         if cfg.model.path:  # a local Hugging Face checkpoint: its architecture, then its weights
             from rlpost.modeling import model_config_from_hf
 

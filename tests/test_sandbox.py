@@ -54,7 +54,7 @@ def uid_processes(uid: int) -> list[int]:
 def assert_slot_still_works(pool):
     res = pool.run_sync("print(6 * 7)")
     assert res.ok and res.stdout.strip() == "42", res
-    assert uid_processes(pool.cfg.base_uid) == []
+    assert uid_processes(pool.uids[0]) == []
 
 
 @needs_bwrap
@@ -103,7 +103,7 @@ def test_busy_child_left_behind_is_killed(pool):
     code = "import os\nif os.fork() == 0:\n    os.setsid()\n    while True: pass\nprint('parent done')\n"
     res = pool.run_sync(code)
     assert res.stdout.strip() == "parent done"
-    assert uid_processes(pool.cfg.base_uid) == []  # the orphan died with the run
+    assert uid_processes(pool.uids[0]) == []  # the orphan died with the run
     assert_slot_still_works(pool)
 
 
@@ -143,9 +143,9 @@ def test_no_network_even_to_host_loopback(pool):
     port = server.getsockname()[1]
     accepted = []
     threading.Thread(target=lambda: accepted.append(_accept(server)), daemon=True).start()
-    code = (f"import socket\ns = socket.socket()\ns.settimeout(1)\n"
-            f"try:\n    s.connect(('127.0.0.1', {port}))\n    print('CONNECTED')\n"
-            f"except OSError as e:\n    print('blocked', type(e).__name__)\n")
+    code = (f"import socket\n"
+            f"try:\n    s = socket.socket()\n    s.settimeout(1)\n    s.connect(('127.0.0.1', {port}))\n"
+            f"    print('CONNECTED')\nexcept OSError as e:\n    print('blocked', type(e).__name__, e.errno)\n")
     res = pool.run_sync(code)
     assert "blocked" in res.stdout and "CONNECTED" not in res.stdout, res
     time.sleep(0.2)
@@ -227,6 +227,125 @@ def test_abandoned_programs_are_killed_and_their_slot_works(pool):
     assert time.monotonic() - t0 < 2.0
     assert all(r.reason.startswith("abandoned") for r in results)
     deadline = time.monotonic() + 3
-    while uid_processes(pool.cfg.base_uid) and time.monotonic() < deadline:
+    while uid_processes(pool.uids[0]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert_slot_still_works(pool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Isolation beyond namespaces (issue: nested user namespaces, seccomp, sized tmpfs, stdin, disk,
+# a slot that survives anything, uids unique per host). Each probe printed the unsafe outcome on
+# the old sandbox.
+
+X86_64 = {"keyctl": 250, "bpf": 321, "perf_event_open": 298, "mount": 165, "setns": 308}
+PROBES = {
+    "unshare(NEWUSER|NEWNS|NEWNET)": "print(libc.unshare(0x10000000 | 0x00020000 | 0x40000000))",
+    "ptrace attach to the sandbox's init": "print(libc.ptrace(16, 1, 0, 0))",
+    "socket(AF_INET)": "import socket\ntry:\n    socket.socket(socket.AF_INET); print(0)\nexcept OSError: print(-1)",
+    "socket(AF_INET6)": "import socket\ntry:\n    socket.socket(socket.AF_INET6); print(0)\nexcept OSError: print(-1)",
+    "socket(AF_NETLINK)": "import socket\ntry:\n    socket.socket(socket.AF_NETLINK, socket.SOCK_RAW); print(0)\n"
+                          "except OSError: print(-1)",
+    **{f"syscall {name}": f"print(libc.syscall({nr}, 0, 0, 0, 0, 0))" for name, nr in X86_64.items()},
+}
+
+
+@needs_bwrap
+@pytest.mark.parametrize("name", list(PROBES))
+def test_dangerous_kernel_interfaces_are_refused(pool, name):
+    if name.startswith("syscall") and os.uname().machine != "x86_64":
+        pytest.skip("syscall numbers of x86_64")
+    res = pool.run_sync("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n" + PROBES[name])
+    assert res.ok and res.stdout.split() == ["-1"], res
+
+
+@needs_bwrap
+def test_seccomp_is_in_force_and_unix_sockets_still_work(pool):
+    res = pool.run_sync("import socket\na, b = socket.socketpair()\na.send(b'ok')\nprint(b.recv(2).decode())\n"
+                        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('Seccomp:')][0])")
+    assert res.ok and res.stdout.split() == ["ok", "2"], res
+
+
+@needs_bwrap
+def test_tmpfs_are_sized_and_nothing_stays_on_the_host():
+    """/tmp, /dev/shm and the working dir are sized tmpfs (sandbox.disk_mb, in memory, outside
+    RLIMIT_AS): filling one ends in ENOSPC, and after the run the host holds nothing of it."""
+    pool = SandboxPool(SandboxConfig(backend="bwrap", slots=1, disk_mb=8, file_mb=16))
+    try:
+        fill = ("import errno\nfor path in ('/tmp/x', '/dev/shm/x', 'x'):\n    n = 0\n    try:\n"
+                "        with open(path, 'wb') as fh:\n            for _ in range(64):\n"
+                "                fh.write(b'0' * 2**20); fh.flush(); n += 1\n"
+                "    except OSError as e:\n        print(path, n, e.errno == errno.ENOSPC)\n")
+        res = pool.run_sync(fill)
+        lines = [line.split() for line in res.stdout.splitlines()]
+        assert [(path, ok) for path, _, ok in lines] == [("/tmp/x", "True"), ("/dev/shm/x", "True"), ("x", "True")], res
+        assert [int(n) for _, n, _ in lines] == [2, 2, 4] or all(int(n) <= 4 for _, n, _ in lines), res
+        leftover = [os.path.join(d, f) for d, _, fs in os.walk(pool.root) for f in fs]
+        assert leftover == []
+    finally:
+        pool.close()
+
+
+@needs_bwrap
+def test_stdin_is_read_only_and_names_no_host_path(pool):
+    res = pool.run_sync("import os\nprint(os.read(0, 5).decode())\nprint(os.readlink('/proc/self/fd/0'))\n"
+                        "try:\n    os.write(0, b'x'); print('writable')\nexcept OSError: print('read-only')",
+                        stdin="hello")
+    lines = res.stdout.splitlines()
+    assert res.ok and lines[0] == "hello" and lines[2] == "read-only", res
+    assert "rlpost" not in lines[1] and not lines[1].startswith(("/tmp", "/root", "/work")), lines[1]
+
+
+@needs_bwrap
+def test_a_slot_survives_2000_nested_directories(pool):
+    res = pool.run_sync("import os\nfor _ in range(2000):\n    os.mkdir('d'); os.chdir('d')\nprint('deep')")
+    assert res.stdout.strip() == "deep", res
+    assert_slot_still_works(pool)
+    assert_slot_still_works(pool)
+
+
+def test_a_wrong_sandbox_python_refuses_at_start_up():
+    if find_bwrap() is None or os.geteuid() != 0:
+        cfg = SandboxConfig(backend="none", allow_unsandboxed=True, python="/nonexistent/python3")
+    else:
+        cfg = SandboxConfig(backend="bwrap", slots=1, python="/usr/bin/python-nope")
+    with pytest.raises(SandboxUnavailable, match=r"smoke test failed with sandbox.python='/"):
+        SandboxPool(cfg)
+
+
+@needs_bwrap
+def test_two_pools_on_one_host_never_share_a_uid_and_a_busy_uid_is_skipped():
+    """Two rollout workers on one machine each start a pool from the same base_uid: their slot
+    uids differ (host-wide leases), and a uid some other process runs as is never taken (the
+    clean-up kill(-1) as that uid would kill it)."""
+    import subprocess
+
+    base = 23000
+    bystander = subprocess.Popen(["sleep", "30"], user=base, group=base)
+    a = b = None
+    try:
+        a = SandboxPool(SandboxConfig(backend="bwrap", slots=2, base_uid=base))
+        b = SandboxPool(SandboxConfig(backend="bwrap", slots=2, base_uid=base))
+        assert base not in a.uids + b.uids
+        assert len(set(a.uids + b.uids)) == 4
+        for pool in (a, b):  # both work, and a's clean-up did not touch the bystander
+            assert pool.run_sync("print(1)").stdout.strip() == "1"
+        assert bystander.poll() is None
+    finally:
+        for pool in (a, b):
+            if pool is not None:
+                pool.close()
+        bystander.kill()
+        bystander.wait()
+
+
+@needs_bwrap
+def test_the_run_refuses_at_start_up_when_the_sandbox_cannot_run_code(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "rlpost.run", "experiment=toy_moe_code", "sandbox.python=/usr/bin/nope",
+                           f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "rlpost: sandbox: sandbox smoke test failed with sandbox.python='/usr/bin/nope'"), proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()  # nothing started
