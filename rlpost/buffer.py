@@ -40,6 +40,10 @@ from rlpost.records import (
     unpack_task,
 )
 
+class BufferDataError(ValueError):
+    """A control key of the run (version, round, heartbeats) holds something we did not write."""
+
+
 WORKER_GROUP = "workers"
 TRAINER_GROUP = "trainer"
 
@@ -217,7 +221,7 @@ class RedisBuffer:
                 raise TimeoutError(f"eval '{tag}': {n}/{expected} tasks answered after {timeout_s}s")
             time.sleep(0.05)
         entries = self.client.xrange(stream)
-        return [t for _, fields in entries for t in unpack_entry(fields[b"data"]).group]
+        return [t for d in self._decode([(stream, entries)], unpack_entry) for t in d.item.group]
 
     # ----------------------------------------------------------------- weights & control
     def publish_version(self, version: WeightVersion) -> None:
@@ -225,7 +229,27 @@ class RedisBuffer:
 
     def current_version(self) -> WeightVersion | None:
         raw = self.client.get(self.key("version"))
-        return WeightVersion(**msgpack.unpackb(raw)) if raw else None
+        return self._weight_version(raw) if raw else None
+
+    def _weight_version(self, raw: bytes) -> WeightVersion:
+        """The ``version`` key, checked: junk there (another program writing our keys) is a
+        BufferDataError naming the key, not a TypeError in a worker's poll loop."""
+        try:
+            body = msgpack.unpackb(raw)
+            wv = WeightVersion(**body)
+            ok = (type(wv.version) is int and wv.version >= 0 and isinstance(wv.transport, str)
+                  and isinstance(wv.location, str) and type(wv.num_bytes) is int)
+        except Exception:  # noqa: BLE001 - msgpack and the constructor raise several types
+            ok = False
+        if not ok:
+            raise BufferDataError(f"{self.key('version')} holds {raw[:60]!r}: not a weight version record")
+        return wv
+
+    def _int_field(self, key: str, field: str, raw: bytes | None) -> int:
+        try:
+            return int(raw or 0)
+        except ValueError:
+            raise BufferDataError(f"{self.key(key)} field {field!r} holds {raw[:60]!r}: not an integer") from None
 
     def set_signal(self, name: str, value: str = "1") -> None:
         self.client.hset(self.key("control"), name, value)
@@ -243,22 +267,32 @@ class RedisBuffer:
         pipe.get(self.key("version"))
         pipe.hmget(self.key("control"), ["round", "stop"])
         raw_version, (raw_round, raw_stop) = pipe.execute()
-        version = msgpack.unpackb(raw_version)["version"] if raw_version else -1
-        return version, int(raw_round or 0), raw_stop is not None
+        version = self._weight_version(raw_version).version if raw_version else -1
+        return version, self._int_field("control", "round", raw_round), raw_stop is not None
 
     def advance_round(self) -> int:
         """APRIL: the trainer has its batch; workers stop the round's unfinished generations."""
         return int(self.client.hincrby(self.key("control"), "round", 1))
 
     def current_round(self) -> int:
-        return int(self.client.hget(self.key("control"), "round") or 0)
+        return self._int_field("control", "round", self.client.hget(self.key("control"), "round"))
 
     def heartbeat(self, worker: str, info: dict) -> None:
         self.client.hset(self.key("workers"), worker, msgpack.packb({**info, "t": time.time()}))
 
     def workers(self) -> dict[str, dict]:
-        raw = self.client.hgetall(self.key("workers"))
-        return {k.decode(): msgpack.unpackb(v) for k, v in raw.items()}
+        """Heartbeats by worker; an entry that is not a heartbeat is a BufferDataError naming it."""
+        out = {}
+        for name, raw in self.client.hgetall(self.key("workers")).items():
+            try:
+                beat = msgpack.unpackb(raw)
+                ok = isinstance(beat, dict) and isinstance(beat.get("t"), (int, float))
+            except Exception:  # noqa: BLE001
+                ok = False
+            if not ok:
+                raise BufferDataError(f"{self.key('workers')} field {name[:60]!r} holds {raw[:60]!r}: not a heartbeat")
+            out[name.decode(errors="replace")] = beat
+        return out
 
     def depth(self) -> dict[str, int]:
         """Queue depths for metrics: unread + pending per stream."""
@@ -322,8 +356,9 @@ class RedisBuffer:
     def _dead_letter(self, stream: str, entry_id: str, fields: dict, reason: str) -> None:
         """Move an undecodable entry aside with its reason; it is kept, not lost, and not retried."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(self.key("dead"), {"stream": stream, "entry_id": entry_id, "reason": reason,
+        pipe.xadd(self.key("dead"), {"stream": stream, "entry_id": entry_id, "reason": reason[:1000],
                                      "data": fields.get(b"data", b"")})
-        pipe.xack(stream, self._group_of(stream), entry_id)
+        if ":eval:" not in stream:  # eval streams are read with XRANGE, without a consumer group
+            pipe.xack(stream, self._group_of(stream), entry_id)
         pipe.xdel(stream, entry_id)
         pipe.execute()

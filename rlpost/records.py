@@ -162,17 +162,36 @@ def _pack_array(arr: np.ndarray) -> dict[str, Any]:
     return {"dtype": arr.dtype.str, "shape": list(arr.shape), "data": arr.tobytes()}
 
 
+# Dimensions of each array field (token arrays are per response token).
+_ARRAY_NDIM = {**{name: 1 for name in TOKEN_ARRAYS}, "prompt_ids": 1, "routed_experts": 3}
+
+
 def _unpack_array(obj: Any, name: str) -> np.ndarray:
+    """A packed array, checked field by field: foreign or poisoned entries (a dtype of 123, a
+    shape of "ab", a 0-d array, bytes that do not fit) are RecordErrors, never a numpy error
+    raised in a consumer's loop."""
     if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
         raise RecordError(f"field '{name}' is not a packed array: {type(obj).__name__}")
-    dtype = np.dtype(obj["dtype"])
-    if dtype.kind not in "iuf":
-        raise RecordError(f"field '{name}' has unsupported dtype {obj['dtype']!r}")
-    arr = np.frombuffer(obj["data"], dtype=dtype)
-    try:
-        return arr.reshape(obj["shape"]).copy()
-    except ValueError as exc:
-        raise RecordError(f"field '{name}': {len(obj['data'])} bytes do not fit shape {obj['shape']}") from exc
+    raw_dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if not isinstance(raw_dtype, str) or raw_dtype not in _ALLOWED_DTYPES:
+        raise RecordError(f"field '{name}' has unsupported dtype {raw_dtype!r}")
+    ndim = _ARRAY_NDIM[name]
+    if not isinstance(shape, list) or len(shape) != ndim or not all(type(d) is int and 0 <= d < 1 << 31 for d in shape):
+        raise RecordError(f"field '{name}' has shape {shape!r:.40}, expected {ndim} non-negative ints")
+    if not isinstance(data, bytes):
+        raise RecordError(f"field '{name}' data is {type(data).__name__}, not bytes")
+    dtype = np.dtype(raw_dtype)
+    if len(data) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+        raise RecordError(f"field '{name}': {len(data)} bytes do not fit shape {shape} of {raw_dtype}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+
+
+_ALLOWED_DTYPES = {np.dtype(t).str for t in ("i1", "<i2", "<i4", "<i8", "u1", "<u2", "<u4", "<f2", "<f4", "<f8")}
+# Scalar fields of a trajectory and the types they must have.
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {
+    "traj_id": (str,), "task_id": (str,), "group_id": (str,), "reward": (int, float), "env_info": (dict,),
+    "num_resumes": (int,), "timings": (dict,), "answer": (str,), "purpose": (str,),
+}
 
 
 _ARRAY_FIELDS = set(TOKEN_ARRAYS) | {"prompt_ids", "routed_experts"}
@@ -209,8 +228,11 @@ def unpack_trajectory(data: bytes) -> Trajectory:
         elif f.name == "status":
             try:
                 value = Status(value)
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:
                 raise RecordError(f"field 'status' has unknown value {value!r}") from exc
+        elif f.name in _SCALAR_TYPES and (type(value) not in _SCALAR_TYPES[f.name] or type(value) is bool):
+            raise RecordError(f"trajectory field '{f.name}' is {type(value).__name__} {value!r:.40}, "
+                              f"expected {'/'.join(t.__name__ for t in _SCALAR_TYPES[f.name])}")
         kwargs[f.name] = value
     traj = Trajectory(**kwargs)
     traj.validate()
@@ -234,15 +256,46 @@ def pack_task(task: Task) -> bytes:
 
 
 def unpack_task(data: bytes) -> Task:
+    """A task, type- and range-checked field by field (a task from a foreign writer must be a
+    clear dead letter, not a negative group size or a string of prompt ids in a worker)."""
     try:
         body = msgpack.unpackb(data, raw=False)
-        body.pop("schema")
-        body["sampling"] = SamplingParams(**body["sampling"])
-        return Task(**body)
-    except RecordError:
-        raise
-    except Exception as exc:
+    except Exception as exc:  # msgpack raises several unrelated types
         raise RecordError(f"malformed task record: {exc}") from exc
+    if not isinstance(body, dict) or body.get("schema") != SCHEMA_VERSION:
+        raise RecordError("malformed task record: not a task of schema "
+                          f"{SCHEMA_VERSION} ({type(body).__name__})")
+    expected = {"schema", "task_id", "prompt_ids", "answer", "group_size", "sampling", "purpose", "min_version",
+                "env", "meta"}
+    if set(body) != expected:
+        raise RecordError(f"malformed task record: fields {sorted(map(str, body))} != {sorted(expected)}")
+
+    def need(ok: bool, key: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise RecordError(f"malformed task record: {key}={value!r:.60} {rule}")
+
+    ids, sampling = body["prompt_ids"], body["sampling"]
+    need(isinstance(body["task_id"], str) and 0 < len(body["task_id"]) <= 512, "task_id", body["task_id"],
+         "must be a non-empty string")
+    need(isinstance(ids, list) and 0 < len(ids) <= 1 << 20 and all(type(i) is int and 0 <= i < 1 << 31 for i in ids),
+         "prompt_ids", ids, "must be a non-empty list of token ids in [0, 2^31)")
+    need(isinstance(body["answer"], str), "answer", body["answer"], "must be a string")
+    need(type(body["group_size"]) is int and 1 <= body["group_size"] <= 4096, "group_size", body["group_size"],
+         "must be an int in [1, 4096]")
+    need(isinstance(sampling, dict) and set(sampling) == {"temperature", "top_p", "max_new_tokens"}, "sampling",
+         sampling, "must have temperature, top_p, max_new_tokens")
+    t, p, n = sampling["temperature"], sampling["top_p"], sampling["max_new_tokens"]
+    need(type(t) in (int, float) and math.isfinite(t) and 0 <= t <= 100, "sampling.temperature", t, "must be in [0, 100]")
+    need(type(p) in (int, float) and 0 < p <= 1, "sampling.top_p", p, "must be in (0, 1]")
+    need(type(n) is int and 1 <= n <= 1 << 20, "sampling.max_new_tokens", n, "must be an int in [1, 2^20]")
+    need(isinstance(body["purpose"], str), "purpose", body["purpose"], "must be a string")
+    need(type(body["min_version"]) is int and body["min_version"] >= 0, "min_version", body["min_version"],
+         "must be an int >= 0")
+    need(isinstance(body["env"], str), "env", body["env"], "must be a string")
+    need(isinstance(body["meta"], dict), "meta", body["meta"], "must be a map")
+    body.pop("schema")
+    body["sampling"] = SamplingParams(**sampling)
+    return Task(**body)
 
 
 def pack_group(trajs: list[Trajectory]) -> bytes:

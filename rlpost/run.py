@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -52,6 +53,26 @@ def make_run_dir(cfg: RlpostConfig) -> str:
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def run_id(run_dir: str, name: str) -> str:
+    """The run's id: its name plus a random suffix, created once and kept in the run dir, so a
+    resumed run finds its own keys and two runs on one shared Redis never see each other's
+    (two run dirs with the same basename used to share a namespace; the second followed the
+    first one's ``version`` key and hung)."""
+    path = os.path.join(run_dir, "run_id")
+    try:
+        with open(path) as fh:
+            existing = fh.read().strip()
+        if existing:
+            return existing
+    except FileNotFoundError:
+        pass
+    new = f"{name}-{secrets.token_hex(4)}"
+    with open(path + ".tmp", "w") as fh:
+        fh.write(new + "\n")
+    os.replace(path + ".tmp", path)
+    return new
 
 
 def warmup_key(cfg: RlpostConfig) -> str:
@@ -99,6 +120,7 @@ class Run:
                               f"(its longest prompt + its completion budget)")
         self.run_dir = make_run_dir(cfg)
         self.run_name = os.path.basename(self.run_dir).replace(":", "-").replace("{", "-")
+        self.run_id = run_id(self.run_dir, self.run_name)  # the Redis namespace and actor names
         self.redis = None
         self.buffer = None  # RedisBuffer once _start_buffer ran
         self.buffer_url: str | None = None
@@ -121,7 +143,7 @@ class Run:
         self.buffer_url = url
         self.buffer_auth = {k: v for k, v in (("username", b.username), ("password", b.password),
                                               ("ssl_ca_certs", b.ssl_ca_certs)) if v}
-        self.buffer = RedisBuffer.from_url(url, self.run_name, **self.buffer_auth)
+        self.buffer = RedisBuffer.from_url(url, self.run_id, **self.buffer_auth)
         self.buffer.client.ping()
         self.buffer.ensure_groups()
         self.buffer.clear_signal("stop")
@@ -156,7 +178,7 @@ class Run:
         from rlpost.weights import WeightStore, store_name
 
         cfg = self.cfg
-        self.store = WeightStore.options(name=store_name(self.run_name)).remote()
+        self.store = WeightStore.options(name=store_name(self.run_id)).remote()
         gpus_per_rank = cfg.trainer.num_gpus / cfg.trainer.num_ranks if cfg.trainer.num_gpus else 0
         bundles = [{"CPU": cfg.trainer.threads, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
                    for _ in range(cfg.trainer.num_ranks)]
@@ -169,12 +191,12 @@ class Run:
                 num_cpus=cfg.trainer.threads, num_gpus=gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
             ).remote(cfg, DistEnv(r, cfg.trainer.num_ranks, "127.0.0.1", port), self.buffer_url,
-                     self.run_name, self.run_dir, self.buffer_auth)
+                     self.run_id, self.run_dir, self.buffer_auth)
             for r in range(cfg.trainer.num_ranks)
         ]
         worker_cls = ray.remote(RolloutWorker)
         self.workers = [worker_cls.options(num_cpus=cfg.rollout.threads).remote(
-            cfg, i, self.buffer_url, self.run_name, self.buffer_auth) for i in range(cfg.rollout.num_workers)]
+            cfg, i, self.buffer_url, self.run_id, self.buffer_auth) for i in range(cfg.rollout.num_workers)]
         ray.get([r.ping.remote() for r in self.ranks])
 
     def _start_workers(self):

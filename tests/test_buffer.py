@@ -159,3 +159,88 @@ def test_a_round_cut_parks_all_groups_in_one_transaction(buffer):
     assert [d.item.task.task_id for d in resumed] == ["t0", "t1"]  # partials first, in order
     assert resumed[0].item.group[0].response_ids.tolist() == [7]
     assert resumed[0].item.group[0].versions.tolist() == [3]
+
+
+def _poisoned_group(task, field, value):
+    """A finished group whose first trajectory's ``field`` was replaced in its msgpack body."""
+    import msgpack
+
+    from rlpost.records import pack_group, pack_task, pack_trajectory
+
+    group = finished_group(task)
+    body = msgpack.unpackb(pack_trajectory(group[0]), raw=False)
+    if field in ("dtype", "shape", "data"):
+        body["response_ids"][field] = value
+    else:
+        body[field] = value
+    first = msgpack.packb(body, use_bin_type=True)
+    rest = msgpack.unpackb(pack_group(group[1:]), raw=False)
+    return msgpack.packb({"task": pack_task(task), "group": msgpack.packb([first, *rest], use_bin_type=True)},
+                         use_bin_type=True)
+
+
+POISON = {
+    "wrong-length array": ("data", b"\x00" * 3),
+    "dtype 123": ("dtype", 123),
+    "dtype object": ("dtype", "|O"),
+    "shape 'ab'": ("shape", "ab"),
+    "0-d array": ("shape", []),
+    "reward a string": ("reward", "1.0"),
+    "status a list": ("status", [1]),
+}
+
+
+def test_poisoned_entries_in_every_stream_are_dead_lettered_and_the_run_goes_on(buffer):
+    """Valid msgpack with wrong contents used to raise ValueError/TypeError/IndexError outside
+    the dead-letter path and crash the trainer (and any consumer that reclaimed the entry)."""
+    import msgpack
+
+    from rlpost.records import GroupEntry, pack_entry, pack_task
+
+    good = make_task(0)
+    for i, (field, value) in enumerate(POISON.values()):
+        buffer.client.xadd(buffer.key("complete"), {"data": _poisoned_group(make_task(10 + i), field, value)})
+    buffer.client.xadd(buffer.key("complete"), {"data": pack_entry(GroupEntry(good, finished_group(good)))})
+    got = buffer.read_complete("trainer-0", count=20, block_ms=100)
+    assert [d.item.task.task_id for d in got] == ["t0"]
+    # tasks: wrong types and ranges
+    bad_tasks = []
+    for key, value in {"group_size": -1, "prompt_ids": ["a"], "answer": 5, "min_version": "x"}.items():
+        body = msgpack.unpackb(pack_task(make_task(1)), raw=False)
+        body[key] = value
+        bad_tasks.append(msgpack.packb(body, use_bin_type=True))
+    body = msgpack.unpackb(pack_task(make_task(1)), raw=False)
+    body["sampling"]["max_new_tokens"] = "many"
+    bad_tasks.append(msgpack.packb(body, use_bin_type=True))
+    for raw in bad_tasks:
+        buffer.client.xadd(buffer.key("tasks"), {"data": raw})
+    buffer.put_tasks([make_task(2)])
+    assert [d.item.task_id for d in buffer.read_tasks("w0", count=20, block_ms=100)] == ["t2"]
+    # a reclaiming consumer meets nothing poisoned either (it was moved aside, not left pending)
+    assert buffer.reclaim("complete", TRAINER_GROUP, "trainer-1", min_idle_ms=0)[0].item.task.task_id == "t0"
+    # eval streams
+    buffer.client.xadd(buffer.key("eval:x"), {"data": _poisoned_group(make_task(30), "shape", "ab")})
+    buffer.client.xadd(buffer.key("eval:x"), {"data": pack_entry(GroupEntry(make_task(31), finished_group(make_task(31))))})
+    assert [t.task_id for t in buffer.read_eval("x", expected=2, timeout_s=1)] == ["t31", "t31"]
+    dead = [f[b"reason"].decode() for _, f in buffer.client.xrange(buffer.key("dead"))]
+    assert len(dead) == len(POISON) + len(bad_tasks) + 1
+    assert any("group_size=-1" in r for r in dead) and any("max_new_tokens='many'" in r for r in dead)
+    assert any("unsupported dtype 123" in r for r in dead) and any("shape 'ab'" in r for r in dead)
+
+
+def test_junk_in_control_keys_is_a_clear_error_naming_the_key(buffer):
+    import pytest
+
+    from rlpost.buffer import BufferDataError
+
+    buffer.client.set(buffer.key("version"), b"not msgpack \xc1")
+    with pytest.raises(BufferDataError, match=r"rlpost:.*:version holds .*not a weight version record"):
+        buffer.poll()
+    buffer.client.delete(buffer.key("version"))
+    buffer.client.hset(buffer.key("control"), "round", "seven")
+    with pytest.raises(BufferDataError, match=r":control field 'round' holds b'seven': not an integer"):
+        buffer.poll()
+    buffer.client.hdel(buffer.key("control"), "round")
+    buffer.client.hset(buffer.key("workers"), "w9", b"\x01\x02")
+    with pytest.raises(BufferDataError, match=r":workers field b'w9' holds .*not a heartbeat"):
+        buffer.workers()

@@ -65,3 +65,18 @@ def test_a_model_too_short_for_the_eval_set_is_refused_at_start_up(tmp_path):
         Run(cfg)
     cfg = load_config(["experiment=toy_moe_humaneval", f"run_dir={tmp_path}/run2"])
     assert Run(cfg).cfg.model.vocab_size == 50257  # the GPT-2 tokenizer's
+
+
+def test_two_runs_with_the_same_name_get_separate_redis_namespaces_and_a_resume_keeps_its_own(tmp_path):
+    """Two run dirs with the same basename used to share ``rlpost:{name}:`` on a shared Redis:
+    the second run followed the first one's version key and hung. The id is the name plus a
+    random suffix, kept in the run dir, so a resume finds its own keys."""
+    from rlpost.run import Run
+
+    first = Run(load_config(["experiment=toy_moe_local", f"run_dir={tmp_path}/a/exp"]))
+    second = Run(load_config(["experiment=toy_moe_local", f"run_dir={tmp_path}/b/exp"]))
+    assert first.run_id != second.run_id
+    assert first.run_id.startswith("exp-") and second.run_id.startswith("exp-")
+    resumed = Run(load_config(["experiment=toy_moe_local", f"run_dir={tmp_path}/a/exp"]))
+    assert resumed.run_id == first.run_id
+    assert (tmp_path / "a" / "exp" / "run_id").read_text().strip() == first.run_id

@@ -58,7 +58,9 @@ def test_april_run_survives_a_kill_and_resume(tmp_path, redis_url):
 
     # every prompt ever submitted is trained or still waiting in the buffer
     state = json.load(open(os.path.join(run_dir, "checkpoints", f"step{total}", "driver_state.json")))
-    buf = RedisBuffer(connect(redis_url), os.path.basename(run_dir))
+    run_id = open(os.path.join(run_dir, "run_id")).read().strip()  # kept across the resume
+    assert run_id.startswith(os.path.basename(run_dir) + "-")
+    buf = RedisBuffer(connect(redis_url), run_id)
     waiting = {unpack_task(f[b"data"]).task_id for _, f in buf.client.xrange(buf.key("tasks"))}
     for stream in ("partials", "complete"):
         waiting |= {unpack_entry(f[b"data"]).task.task_id for _, f in buf.client.xrange(buf.key(stream))}
