@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import msgpack
 import redis
@@ -209,8 +209,10 @@ class RedisBuffer:
             return []
         return [bool(x) for x in self.client.smismember(self.key("trained"), traj_ids)]
 
-    def read_eval(self, tag: str, expected: int, timeout_s: float) -> list[Trajectory]:
-        """Block until ``expected`` eval groups for ``tag`` arrived (or time out); their samples."""
+    def read_eval(self, tag: str, expected: int, timeout_s: float,
+                  while_waiting: Callable[[], None] | None = None) -> list[Trajectory]:
+        """Block until ``expected`` eval groups for ``tag`` arrived (or time out); their samples.
+        ``while_waiting`` runs between polls (the driver checks its workers are alive there)."""
         stream = self.key(f"eval:{tag}")
         deadline = time.monotonic() + timeout_s
         while True:
@@ -219,6 +221,8 @@ class RedisBuffer:
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"eval '{tag}': {n}/{expected} tasks answered after {timeout_s}s")
+            if while_waiting is not None:
+                while_waiting()
             time.sleep(0.05)
         entries = self.client.xrange(stream)
         return [t for d in self._decode([(stream, entries)], unpack_entry) for t in d.item.group]

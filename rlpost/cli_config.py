@@ -57,8 +57,26 @@ def load_config(overrides: list[str]) -> RlpostConfig:
     return cfg.validate()
 
 
+SECRET_MASK = "***"
+
+
+def public(cfg: RlpostConfig) -> RlpostConfig:
+    """A copy safe to print, write to config.yaml and send to wandb: the Redis password (and a
+    password inside buffer.url) replaced by ``***``."""
+    import copy
+    import re
+
+    out = copy.deepcopy(cfg)
+    if out.buffer.password:
+        out.buffer.password = SECRET_MASK
+    if out.buffer.url:
+        out.buffer.url = re.sub(r"(://[^:/@]*:)[^@/]*@", rf"\g<1>{SECRET_MASK}@", out.buffer.url)
+    return out
+
+
 def to_yaml(cfg: RlpostConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config as YAML, secrets masked (``--cfg`` and the run dir's config.yaml)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(public(cfg)))
 
 
 def env_overrides() -> list[str]:

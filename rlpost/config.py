@@ -131,6 +131,8 @@ class RolloutConfig:
         _check(self.over_sampling >= 1, f"{p}.over_sampling", self.over_sampling, "must be >= 1")
         _check(self.max_staleness >= 0, f"{p}.max_staleness", self.max_staleness, "must be >= 0")
         _check(self.max_resumes >= 0, f"{p}.max_resumes", self.max_resumes, "must be >= 0")
+        _check(self.group_size >= 2, f"{p}.group_size", self.group_size,
+               "must be >= 2 (GRPO normalises each reward against its group: one sample has no baseline)")
 
 
 @dataclass
@@ -167,6 +169,8 @@ class TrainerConfig:
     publish_every: int = 1
     checkpoint_every: int = 0
     weight_transport: str = "ray"  # ray | file
+    # Steps in a row with a non-finite loss or gradient norm before the run stops (exit code 1).
+    max_nonfinite_steps: int = 3
 
     def validate(self, p: str = "trainer") -> None:
         _check(self.steps >= 0, f"{p}.steps", self.steps, "must be >= 0")
@@ -194,6 +198,7 @@ class TrainerConfig:
         _check(self.checkpoint_every >= 0, f"{p}.checkpoint_every", self.checkpoint_every, "must be >= 0")
         _check(self.weight_transport in ("ray", "file"), f"{p}.weight_transport",
                self.weight_transport, "must be ray or file")
+        _check(self.max_nonfinite_steps >= 1, f"{p}.max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 1")
 
 
 @dataclass
@@ -266,6 +271,12 @@ class EnvConfig:
         _check(0 <= self.teacher_carry_error <= 1, f"{p}.teacher_carry_error", self.teacher_carry_error,
                "must be in [0, 1]")
         _check(self.num_eval > 0, f"{p}.num_eval", self.num_eval, "must be > 0")
+        if self.name == "arithmetic":  # held-out prompts must leave the training stream its share
+            numbers = sum(10 if d == 1 else 9 * 10 ** (d - 1) for d in range(self.min_digits, self.max_digits + 1))
+            space = numbers * numbers * len(set(self.ops))
+            _check(self.num_eval <= space // 2, f"{p}.num_eval", self.num_eval,
+                   f"must be <= {space // 2}: env.min_digits={self.min_digits}..env.max_digits={self.max_digits} "
+                   f"with ops {self.ops} has only {space} distinct problems, half of them kept for training")
         _check(self.reward_timeout_s > 0, f"{p}.reward_timeout_s", self.reward_timeout_s, "must be > 0")
         _check(self.reward_workers > 0, f"{p}.reward_workers", self.reward_workers, "must be > 0")
 
@@ -303,6 +314,7 @@ class BufferConfig:
 
     url: Optional[str] = None
     username: Optional[str] = None
+    # Prefer the RLPOST_REDIS_PASSWORD environment variable; printed and logged configs mask it.
     password: Optional[str] = None
     ssl_ca_certs: Optional[str] = None
     # Items a consumer read but did not ack for this long are reclaimed by another consumer.
@@ -374,6 +386,9 @@ class RlpostConfig:
                 sub.validate(f.name)
         _check(self.rollout.max_new_tokens < self.model.max_seq_len, "rollout.max_new_tokens",
                self.rollout.max_new_tokens, f"must be < model.max_seq_len={self.model.max_seq_len}")
+        ranks, prompts = self.trainer.num_ranks, self.rollout.batch_prompts
+        _check(prompts >= ranks and prompts % ranks == 0, "rollout.batch_prompts", prompts,
+               f"must be a multiple of trainer.num_ranks={ranks} (each rank trains whole groups)")
         if self.env.name == "coding":  # a sample's program must fit in its reward budget
             _check(self.sandbox.wall_s <= self.env.reward_timeout_s, "sandbox.wall_s", self.sandbox.wall_s,
                    f"must be <= env.reward_timeout_s={self.env.reward_timeout_s} (the per-sample reward budget)")

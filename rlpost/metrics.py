@@ -35,11 +35,13 @@ class MetricsLogger:
                          disable=not cfg.progress, mininterval=1.0)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        clean = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
-        record = {"step": step, "time_s": round(time.time() - self._t0, 3), **clean}
+        # A non-finite value stays visible (as "nan" / "inf", strict JSON), never silently dropped:
+        # a NaN loss is exactly what a reader of metrics.jsonl must see.
+        shown = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        record = {"step": step, "time_s": round(time.time() - self._t0, 3), **shown}
         self._fh.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._wandb.log(clean, step=step)
+            self._wandb.log(metrics, step=step)
 
     def progress(self, step: int, metrics: dict[str, Any]) -> None:
         self._bar.n = step

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import secrets
 import signal
@@ -88,6 +89,14 @@ def warmup_key(cfg: RlpostConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+class RunFailed(RuntimeError):
+    """The run cannot go on (a worker died, training diverged); main() prints it as one line."""
+
+
+class NonFiniteTraining(RunFailed):
+    """The loss or gradient norm stayed non-finite: the run stops instead of training on NaN."""
+
+
 class Run:
     """One RL run; ``execute()`` does everything and returns the summary."""
 
@@ -124,6 +133,8 @@ class Run:
         self.redis = None
         self.buffer = None  # RedisBuffer once _start_buffer ran
         self.buffer_url: str | None = None
+        self._last_liveness_check = 0.0
+        self._nonfinite_steps = 0  # consecutive steps with a non-finite loss or gradient norm
         self.ranks: list = []
         self.workers: list = []
         self.worker_futures: list = []
@@ -141,7 +152,9 @@ class Run:
             self.redis = start_private_redis(os.path.join(self.run_dir, "redis"))
             url = self.redis.url
         self.buffer_url = url
-        self.buffer_auth = {k: v for k, v in (("username", b.username), ("password", b.password),
+        # the password from the environment keeps it off command lines (ps, ray job metadata)
+        password = b.password or os.environ.get("RLPOST_REDIS_PASSWORD")
+        self.buffer_auth = {k: v for k, v in (("username", b.username), ("password", password),
                                               ("ssl_ca_certs", b.ssl_ca_certs)) if v}
         self.buffer = RedisBuffer.from_url(url, self.run_id, **self.buffer_auth)
         self.buffer.client.ping()
@@ -214,16 +227,23 @@ class Run:
         polled every few milliseconds until it returns True."""
         import ray
 
-        last_check = time.monotonic()
         while True:
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=0.005 if while_waiting else 1.0)
             if len(done) == len(refs):
+                self._check_workers_every(1.0)  # also between short calls (warm-up steps)
                 return ray.get(refs)
             if while_waiting is not None and while_waiting():
                 while_waiting = None
-            if time.monotonic() - last_check >= 1.0:
-                self._check_workers()
-                last_check = time.monotonic()
+            self._check_workers_every(1.0)
+
+    def _check_workers_every(self, period_s: float) -> None:
+        """Liveness check at most every ``period_s``, wherever the driver waits. The clock is
+        the run's, not the call's: a check timer reset on every call never fired during the
+        warm-up's sub-second steps, and a worker that died then was noticed only at the
+        evaluation's 300 s timeout."""
+        if time.monotonic() - self._last_liveness_check >= period_s:
+            self._last_liveness_check = time.monotonic()
+            self._check_workers()
 
     def _launch_step(self, version: int) -> tuple[list, Callable[[], bool] | None]:
         """Admit the step's tasks and start ``train_step`` on every rank; returns at once with
@@ -245,6 +265,18 @@ class Run:
 
         return refs, top_up
 
+    def _check_finite(self, metrics: dict) -> None:
+        """Count steps whose loss or gradient norm is not finite (logged as ``train/nonfinite``);
+        ``trainer.max_nonfinite_steps`` of them in a row stop the run with an error (exit code
+        1), instead of training on NaN to the end and exiting 0."""
+        bad = [k for k in ("train/loss", "train/grad_norm") if not math.isfinite(float(metrics.get(k, 0.0)))]
+        metrics["train/nonfinite"] = int(bool(bad))
+        self._nonfinite_steps = self._nonfinite_steps + 1 if bad else 0
+        limit = self.cfg.trainer.max_nonfinite_steps
+        if self._nonfinite_steps >= limit:
+            raise NonFiniteTraining(f"{', '.join(bad)} not finite for {self._nonfinite_steps} steps in a row "
+                                    f"(step {self.state.step}; trainer.max_nonfinite_steps={limit})")
+
     def _check_workers(self) -> None:
         import ray
 
@@ -252,8 +284,14 @@ class Run:
             return
         finished, _ = ray.wait(self.worker_futures, num_returns=len(self.worker_futures), timeout=0)
         if finished and self.buffer.signal("stop") is None:
-            ray.get(finished)  # re-raises the worker's exception with its traceback
-            raise RuntimeError("a rollout worker stopped although no stop signal was given")
+            index = self.worker_futures.index(finished[0])
+            try:
+                ray.get(finished)
+            except ray.exceptions.RayActorError as exc:  # killed, OOM, node lost
+                first = str(exc).strip().splitlines()[0][:300]
+                raise RunFailed(f"rollout worker {index} died: {type(exc).__name__}: {first}") from exc
+            # (any other exception of the worker re-raises above with its own traceback)
+            raise RunFailed(f"rollout worker {index} stopped although no stop signal was given")
 
     # ------------------------------------------------------------------ phases
     def warmup(self, log) -> dict:
@@ -292,7 +330,8 @@ class Run:
         """Greedy accuracy on the held-out prompts, generated by the rollout workers at ``version``."""
         tasks = self.env.eval_tasks(tag, min_version=version)
         self.buffer.put_tasks(tasks)
-        trajs = self.buffer.read_eval(tag, expected=len(tasks), timeout_s=self.cfg.eval.timeout_s)
+        trajs = self.buffer.read_eval(tag, expected=len(tasks), timeout_s=self.cfg.eval.timeout_s,
+                                      while_waiting=lambda: self._check_workers_every(1.0))
         self.buffer.client.delete(self.buffer.key(f"eval:{tag}"))
         return sum(t.reward for t in trajs) / len(trajs)
 
@@ -370,14 +409,14 @@ class Run:
     def execute(self) -> dict:
         import ray
 
-        from rlpost.cli_config import to_yaml
+        from rlpost.cli_config import public, to_yaml
         from rlpost.metrics import MetricsLogger
         from rlpost.plot import plot_run
 
         cfg = self.cfg
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as fh:
             fh.write(to_yaml(cfg))
-        logger = MetricsLogger(cfg.logger, self.run_dir, self.run_name, cfg.trainer.steps, asdict(cfg))
+        logger = MetricsLogger(cfg.logger, self.run_dir, self.run_name, cfg.trainer.steps, asdict(public(cfg)))
         t_start = time.time()
         summary: dict = {"run_dir": self.run_dir, "name": cfg.name, "mode": cfg.mode}
         try:
@@ -412,6 +451,7 @@ class Run:
                     step_job = self._launch_step(version)
                 metrics = self._wait_all(*step_job)[0]
                 step_job = None
+                self._check_finite(metrics)
                 last_step_at = time.time()
                 version = int(metrics.get("weights/version", version))
                 self.state.trained_groups += cfg.rollout.batch_prompts
@@ -543,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rlpost: interrupted; run dir {run.run_dir}", file=sys.stderr)
         return 130
+    except RunFailed as exc:
+        print(f"rlpost: run failed: {exc}; run dir {run.run_dir}", file=sys.stderr)
+        return 1
     print(json.dumps({k: summary.get(k) for k in ("run_dir", "eval_accuracy_before", "eval_accuracy_after",
                                                   "steps", "rl_seconds")}))
     return 0

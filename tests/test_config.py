@@ -29,6 +29,12 @@ def test_experiment_composes_into_typed_dataclasses():
     ("engine.name=tgi", "engine.name='tgi': must be one of native, vllm, sglang"),
     ("buffer.url=http://x", "buffer.url='http://x'"),
     ("experiment=nope", "Could not find 'experiment/nope'"),
+    # GRPO with one sample per prompt trained on NaN advantages and exited 0
+    ("rollout.group_size=1", "rollout.group_size=1: must be >= 2"),
+    # 100 one-digit additions cannot hold 200 held-out prompts: the env spun forever
+    ("env.max_digits=1", "env.num_eval=200: must be <= 50"),
+    ("trainer.num_ranks=3", "rollout.batch_prompts=16: must be a multiple of trainer.num_ranks=3"),
+    ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps=0: must be >= 1"),
 ])
 def test_bad_config_raises_config_error_naming_it(override, message):
     with pytest.raises(ConfigError) as info:
@@ -80,3 +86,43 @@ def test_two_runs_with_the_same_name_get_separate_redis_namespaces_and_a_resume_
     resumed = Run(load_config(["experiment=toy_moe_local", f"run_dir={tmp_path}/a/exp"]))
     assert resumed.run_id == first.run_id
     assert (tmp_path / "a" / "exp" / "run_id").read_text().strip() == first.run_id
+
+
+def test_the_redis_password_is_masked_in_printed_and_logged_configs():
+    from rlpost.cli_config import public, to_yaml
+
+    cfg = load_config(["buffer=shared", "buffer.url=redis://rl:hunter2@redis.example:6379/0", "buffer.password=s3cret"])
+    text = to_yaml(cfg)
+    assert "s3cret" not in text and "hunter2" not in text
+    assert "password: '***'" in text and "redis://rl:***@redis.example:6379/0" in text
+    assert cfg.buffer.password == "s3cret"  # the run itself still has it
+    assert public(cfg).buffer.password == "***"
+    proc = subprocess.run([sys.executable, "-m", "rlpost.run", "buffer.password=s3cret", "--cfg"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "s3cret" not in proc.stdout and "***" in proc.stdout
+
+
+def test_non_finite_training_is_logged_and_stops_the_run_after_n_steps_in_a_row(tmp_path):
+    """A NaN loss was dropped from metrics.jsonl and the run went on to exit 0. Now it is logged
+    ("nan") and trainer.max_nonfinite_steps in a row stop the run (main() exits 1)."""
+    import json
+
+    from rlpost.cli_config import load_config as load
+    from rlpost.config import LoggerConfig
+    from rlpost.metrics import MetricsLogger
+    from rlpost.run import NonFiniteTraining, Run
+
+    run = Run(load(["experiment=toy_moe_local", f"run_dir={tmp_path}/run", "trainer.max_nonfinite_steps=2"]))
+    nan = {"train/loss": float("nan"), "train/grad_norm": 1.0}
+    run._check_finite(dict(nan))
+    run._check_finite({"train/loss": 0.5, "train/grad_norm": 1.0})  # a finite step resets the count
+    first = dict(nan)
+    run._check_finite(first)
+    assert first["train/nonfinite"] == 1
+    with pytest.raises(NonFiniteTraining, match=r"train/loss, train/grad_norm not finite for 2 steps in a row"):
+        run._check_finite({"train/loss": float("nan"), "train/grad_norm": float("inf")})
+    logger = MetricsLogger(LoggerConfig(progress=False), str(tmp_path), "x", 1, {})
+    logger.log({"train/loss": float("nan"), "train/grad_norm": float("inf")}, step=1)
+    logger.close()
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["train/loss"] == "nan" and record["train/grad_norm"] == "inf"

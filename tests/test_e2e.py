@@ -106,3 +106,40 @@ def test_vllm_engine_end_to_end(tmp_path, mode):
     assert [r["step"] for r in steps] == list(range(1, 7)) and steps[-1]["weights/version"] == 6
     on_policy = [r for r in steps if r.get("mismatch/tokens")]
     assert on_policy and max(r["mismatch/logprob_abs_max"] for r in on_policy) < 1e-3
+
+
+@pytest.mark.slow
+def test_a_worker_killed_during_warm_up_is_noticed_within_seconds(tmp_path, redis_url):
+    """The driver checks its workers wherever it waits: a rollout worker SIGKILLed while the
+    trainer runs sub-second warm-up steps used to go unnoticed until the evaluation's 300 s
+    timeout. Now the run fails within seconds, with one line naming the worker."""
+    import signal
+    import time
+
+    from rlpost.buffer import RedisBuffer, connect
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, "-m", "rlpost.run", "experiment=toy_moe_local", f"run_dir={run_dir}",
+                             f"buffer.url={redis_url}", "warmup.steps=100000", "logger.progress=false"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        pid = None
+        while pid is None:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            if (run_dir / "run_id").exists() and (run_dir / "metrics.jsonl").exists():  # warm-up started
+                workers = RedisBuffer(connect(redis_url), (run_dir / "run_id").read_text().strip()).workers()
+                pid = next((int(info["pid"]) for info in workers.values() if "pid" in info), None)
+            time.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.time()
+        code = proc.wait(timeout=60)
+        noticed_s = time.time() - killed_at
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 1, err[-3000:]
+    assert noticed_s < 15, noticed_s
+    assert "rlpost: run failed: rollout worker 0 died" in err, err[-3000:]
