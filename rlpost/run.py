@@ -15,7 +15,6 @@ import math
 import os
 import secrets
 import signal
-import socket
 import sys
 import threading
 import time
@@ -39,19 +38,30 @@ class DriverState:
     evals: list[dict] = field(default_factory=list)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _node_address() -> str:
+    """This node's address as the other nodes of the cluster see it (the private Redis binds it)."""
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+RAY_WORKING_DIR_MARK = os.sep + "runtime_resources" + os.sep  # Ray's per-job copies of --working-dir
 
 
 def make_run_dir(cfg: RlpostConfig) -> str:
+    """``run_dir``, else ``<run_root>/<date>/<time>-<name>`` with run_root from the config, then
+    $RLPOST_RUN_ROOT, then ./outputs. Inside a ``ray job submit --working-dir`` copy, ./outputs
+    would vanish with Ray's session (checkpoints and the final model with it): refused."""
     if cfg.run_dir:
         path = cfg.run_dir
     else:
+        root = cfg.run_root or os.environ.get("RLPOST_RUN_ROOT") or "outputs"
         stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
-        path = os.path.join("outputs", f"{stamp}-{cfg.name}")
+        path = os.path.join(root, f"{stamp}-{cfg.name}")
     path = os.path.abspath(path)
+    if RAY_WORKING_DIR_MARK in path:
+        raise ConfigError(f"run_dir={path}: inside Ray's temporary copy of the job's working dir, deleted with "
+                          f"the session; set run_root=/shared/path (or RLPOST_RUN_ROOT) or run_dir=...")
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -134,6 +144,8 @@ class Run:
         self.buffer = None  # RedisBuffer once _start_buffer ran
         self.buffer_url: str | None = None
         self._last_liveness_check = 0.0
+        self._stopping = threading.Event()
+        self.redis_restarts = 0
         self._nonfinite_steps = 0  # consecutive steps with a non-finite loss or gradient norm
         self.ranks: list = []
         self.workers: list = []
@@ -146,14 +158,19 @@ class Run:
         from rlpost.redis_server import start_private_redis
 
         b = self.cfg.buffer
+        password = None
         if b.url:
             url = b.url
         else:
-            self.redis = start_private_redis(os.path.join(self.run_dir, "redis"))
-            url = self.redis.url
+            tcp = b.listen == "tcp" or (b.listen == "auto" and bool(self._ray_address()))
+            host = _node_address() if tcp else None
+            self.redis = start_private_redis(os.path.join(self.run_dir, "redis"), host=host, appendonly=True,
+                                             appendfsync=b.appendfsync)
+            url, password = self.redis.url, self.redis.password or None
+            threading.Thread(target=self._supervise_redis, name="redis-supervisor", daemon=True).start()
         self.buffer_url = url
         # the password from the environment keeps it off command lines (ps, ray job metadata)
-        password = b.password or os.environ.get("RLPOST_REDIS_PASSWORD")
+        password = password or b.password or os.environ.get("RLPOST_REDIS_PASSWORD")
         self.buffer_auth = {k: v for k, v in (("username", b.username), ("password", password),
                                               ("ssl_ca_certs", b.ssl_ca_certs)) if v}
         self.buffer = RedisBuffer.from_url(url, self.run_id, **self.buffer_auth)
@@ -164,10 +181,15 @@ class Run:
     def _start_ray(self):
         import ray
 
+        # torch before ray.init: a job driver on a multi-node cluster that imported torch after
+        # ray.init died with "Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so" (measured
+        # with `ray job submit` to two `ray start` nodes on one machine; importing it first works)
+        import torch  # noqa: F401
+
         cfg = self.cfg
         env_vars = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                     "PYTHONWARNINGS": "ignore::UserWarning"}
-        address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+        address = self._ray_address()
         if address:
             ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
         else:
@@ -180,11 +202,34 @@ class Run:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_interrupt)
 
-    def _start_actors(self):
-        import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    def _supervise_redis(self) -> None:
+        """Restart the private redis-server if it dies (same directory, socket or port, password):
+        its append-only file brings the buffer back and every actor's client reconnects on its
+        own. Restarts are counted in the summary (``redis_restarts``)."""
+        while not self._stopping.wait(0.25):
+            server = self.redis
+            if server is None or server.process.poll() is None:
+                continue
+            code = server.process.returncode
+            try:
+                self.redis = server.restart()
+            except Exception as exc:  # noqa: BLE001 - the run's own calls will fail and say why
+                print(f"rlpost: private redis-server exited (code {code}) and could not be restarted: {exc}",
+                      file=sys.stderr)
+                return
+            self.redis_restarts += 1
+            print(f"rlpost: private redis-server exited (code {code}); restarted from its append-only file",
+                  file=sys.stderr, flush=True)
 
+    def _ray_address(self) -> str | None:
+        return self.cfg.ray_address or os.environ.get("RAY_ADDRESS")
+
+    def _start_actors(self):
+        """Trainer ranks and rollout workers in their placement-group bundles (rlpost/placement.py),
+        the DeepSpeed rendezvous on rank 0's node, and where everything landed in placement.json."""
+        import ray
+
+        from rlpost.placement import place
         from rlpost.rollout.worker import RolloutWorker
         from rlpost.trainer.actor import TrainerRank
         from rlpost.trainer.ds_engine import DistEnv
@@ -192,25 +237,23 @@ class Run:
 
         cfg = self.cfg
         self.store = WeightStore.options(name=store_name(self.run_id)).remote()
-        gpus_per_rank = cfg.trainer.num_gpus / cfg.trainer.num_ranks if cfg.trainer.num_gpus else 0
-        bundles = [{"CPU": cfg.trainer.threads, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
-                   for _ in range(cfg.trainer.num_ranks)]
-        self.pg = placement_group(bundles, strategy="PACK")
-        ray.get(self.pg.ready())
-        port = _free_port()
+        self.placement = place(cfg)
+        p = self.placement
         trainer_cls = ray.remote(TrainerRank)
         self.ranks = [
-            trainer_cls.options(
-                num_cpus=cfg.trainer.threads, num_gpus=gpus_per_rank,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
-            ).remote(cfg, DistEnv(r, cfg.trainer.num_ranks, "127.0.0.1", port), self.buffer_url,
-                     self.run_id, self.run_dir, self.buffer_auth)
+            trainer_cls.options(**p.trainer_options(cfg, r)).remote(
+                cfg, DistEnv(r, cfg.trainer.num_ranks, p.master_addr, p.master_port), self.buffer_url,
+                self.run_id, self.run_dir, self.buffer_auth)
             for r in range(cfg.trainer.num_ranks)
         ]
         worker_cls = ray.remote(RolloutWorker)
-        self.workers = [worker_cls.options(num_cpus=cfg.rollout.threads).remote(
+        self.workers = [worker_cls.options(**p.worker_options(cfg, i)).remote(
             cfg, i, self.buffer_url, self.run_id, self.buffer_auth) for i in range(cfg.rollout.num_workers)]
         ray.get([r.ping.remote() for r in self.ranks])
+        actors = {"trainer": ray.get([r.where.remote() for r in self.ranks]),
+                  "workers": ray.get([w.where.remote() for w in self.workers])}
+        with open(os.path.join(self.run_dir, "placement.json"), "w") as fh:
+            json.dump({**p.describe(), "actors": actors, "buffer": self.buffer_url}, fh, indent=1)
 
     def _start_workers(self):
         """Start the workers' loops (after a checkpoint restore, so they see the restored buffer
@@ -463,7 +506,9 @@ class Run:
                 if not (eval_due or checkpoint_due) and may_start_next():
                     # the trainer starts the next step now; the bookkeeping below overlaps it
                     step_job = self._launch_step(version)
-                metrics.update({f"buffer/{k}": v for k, v in self.buffer.depth().items()})
+                depth = self.buffer.depth()
+                metrics.update({f"buffer/{k}": v for k, v in depth.items()})
+                metrics["buffer/complete_depth"] = depth["complete"]  # bounded by buffer.max_complete
                 totals, now = self.worker_totals(), time.time()
                 wall = max(now - prev_t, 1e-9) * max(cfg.rollout.num_workers, 1)
                 metrics.update({
@@ -475,6 +520,8 @@ class Run:
                     "rollout/parked_groups": totals.get("parked_groups", 0),
                     "rollout/resumed_groups": totals.get("resumed_groups", 0),
                     "rollout/stale_restarts": totals.get("stale_restarts", 0),
+                    "rollout/backpressure_s": totals.get("backpressure_s", 0),
+                    "rollout/worker_restarts": totals.get("restarts", 0),
                     "train/idle_frac": metrics["train/wait_s"] / max(metrics["train/wait_s"] + metrics["train/step_s"], 1e-9),
                     "throughput/samples_per_s": self.state.trained_samples / max(now - rl_start, 1e-9),
                     "throughput/trained_tokens_per_s": self.state.trained_tokens / max(now - rl_start, 1e-9),
@@ -508,6 +555,7 @@ class Run:
                 "train_seconds": last_step_at - rl_start,
                 "total_seconds": time.time() - t_start,
                 "final_train_reward": last.get("reward/mean"),
+                "redis_restarts": self.redis_restarts,
                 "trained_samples": self.state.trained_samples,
                 "trained_tokens": self.state.trained_tokens,
                 "samples_per_s": self.state.trained_samples / max(time.time() - rl_start, 1e-9),
@@ -534,7 +582,10 @@ class Run:
         except Exception as exc:  # best effort: the server may be gone already
             print(f"rlpost: could not send the stop signal: {exc}", file=sys.stderr)
         if ray.is_initialized():
+            if getattr(self, "placement", None) is not None:  # a shared cluster gets its resources back
+                self.placement.remove()
             ray.shutdown()
+        self._stopping.set()
         if self.redis is not None:
             self.redis.stop()
 
@@ -575,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     except SandboxUnavailable as exc:
         print(f"rlpost: sandbox: {exc}", file=sys.stderr)
         return 2
+    print(f"rlpost: run dir {run.run_dir}", flush=True)  # where checkpoints, metrics and the model go
     # SIGTERM (ray job stop, kubectl delete, CI timeouts) unwinds like Ctrl-C, so the private
     # redis-server and the Ray actors are stopped by execute()'s cleanup instead of leaking.
     signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -45,6 +45,8 @@ class WorkerStats:
     stale_restarts: int = 0
     aborted_tokens: int = 0
     kv_reused: int = 0  # resumed samples continued from the engine's retained KV (engine.reuse_kv)
+    backpressure_s: float = 0.0  # waiting because `complete` was full (buffer.max_complete)
+    restarts: int = 0  # times this worker was restarted after dying (rollout.max_restarts)
     started_at: float = field(default_factory=time.time)
 
 
@@ -74,12 +76,24 @@ class RolloutWorker:
         self.engine = make_engine(cfg.model, cfg.engine, eos_id=self.env.tokenizer.eos_id,
                                   pad_id=self.env.tokenizer.pad_id, seed=cfg.seed * 1000 + index)
         self.stats = WorkerStats()
+        self.stats.restarts = self._lives(index) - 1
         self._last_beat = 0.0
+        self._depth_checked_at, self._depth_seen, self._started_since = 0.0, 0, 0
         self._backlog: list[Delivery] = []  # read, not yet startable (waits for newer weights)
         # APRIL fetches published weights in the background and loads them at the round cut
         self._fetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
         self._prefetch: tuple[int, concurrent.futures.Future] | None = None
         self.scorer: GroupScorer[WorkItem] = GroupScorer(self.env, cfg.env.reward_timeout_s, cfg.env.reward_workers)
+
+    def _lives(self, index: int) -> int:
+        """This worker's life number (1 for the first), counted in Redis: a restarted actor says
+        so in its heartbeats and the run's summary."""
+        return int(self.buffer.client.hincrby(self.buffer.key("lives"), f"worker-{index}", 1))
+
+    def where(self) -> dict:
+        from rlpost.placement import where
+
+        return {**where(), "worker": self.name}
 
     # ------------------------------------------------------------------ weights
     def maybe_update_weights(self) -> bool:
@@ -179,7 +193,7 @@ class RolloutWorker:
         """Continuous batching: read as many groups as fit the free rows (partials first). Tasks
         that need newer weights than the engine has (sync mode) wait in the backlog."""
         want = free_rows // self.cfg.rollout.group_size
-        if want <= 0 or self._backlog:
+        if want <= 0 or self._backlog or self._complete_full():
             return []
         admitted = []
         for delivery in self.buffer.read_tasks(self.name, want, block_ms=None):
@@ -191,6 +205,7 @@ class RolloutWorker:
             self._enforce_staleness(item)
             items.append(item)
             admitted.append(item)
+            self._started_since += 1
         return admitted
 
     def _generate(self, items: list[WorkItem], ship: bool = True, admit: bool = False) -> None:
@@ -342,6 +357,12 @@ class RolloutWorker:
         self._backlog = self.buffer.read_own_pending(self.name)  # a previous life's unacked items
         while self.buffer.signal("stop") is None:
             self.maybe_update_weights()
+            if not self._backlog and self._complete_full():
+                t_wait = time.perf_counter()
+                time.sleep(0.05)  # the trainer is behind: wait instead of growing `complete`
+                self.stats.backpressure_s += time.perf_counter() - t_wait
+                self._heartbeat_every(0.5)
+                continue
             t_idle = time.perf_counter()
             deliveries = self._backlog or self.buffer.read_tasks(self.name, batch, block_ms=100)
             self._backlog = []
@@ -358,8 +379,25 @@ class RolloutWorker:
         self._heartbeat()
         return vars(self.stats)
 
+    def _complete_full(self) -> bool:
+        """Backpressure (buffer.max_complete): is `complete` full? Asked at most every 50 ms, so
+        admission at every chunk boundary does not add a Redis round trip each time."""
+        bound = self.cfg.buffer.max_complete
+        if not bound:
+            return False
+        now = time.monotonic()
+        if now - self._depth_checked_at >= 0.05:
+            self._depth_checked_at, self._depth_seen, self._started_since = now, self.buffer.complete_depth(), 0
+        # what was in `complete` at the last look, plus every group this worker started since
+        return self._depth_seen + self._started_since >= bound
+
+    def _heartbeat_every(self, period_s: float) -> None:
+        if time.time() - self._last_beat >= period_s:
+            self._heartbeat()
+
     def serve(self, deliveries: list[Delivery]) -> None:
         """Generate ``deliveries`` and whatever joins them from the buffer while rows are free."""
+        self._started_since += len(deliveries)
         self._generate([self._item(d) for d in deliveries], admit=True)
 
     def _heartbeat(self) -> None:

@@ -112,7 +112,8 @@ def test_vllm_engine_end_to_end(tmp_path, mode):
 def test_a_worker_killed_during_warm_up_is_noticed_within_seconds(tmp_path, redis_url):
     """The driver checks its workers wherever it waits: a rollout worker SIGKILLed while the
     trainer runs sub-second warm-up steps used to go unnoticed until the evaluation's 300 s
-    timeout. Now the run fails within seconds, with one line naming the worker."""
+    timeout. Now, with no restarts allowed, the run fails within seconds, with one line naming
+    the worker (with restarts, see the next test)."""
     import signal
     import time
 
@@ -121,7 +122,8 @@ def test_a_worker_killed_during_warm_up_is_noticed_within_seconds(tmp_path, redi
     run_dir = tmp_path / "run"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline"}
     proc = subprocess.Popen([sys.executable, "-m", "rlpost.run", "experiment=toy_moe_local", f"run_dir={run_dir}",
-                             f"buffer.url={redis_url}", "warmup.steps=100000", "logger.progress=false"],
+                             f"buffer.url={redis_url}", "warmup.steps=100000", "rollout.max_restarts=0",
+                             "logger.progress=false"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
@@ -143,3 +145,108 @@ def test_a_worker_killed_during_warm_up_is_noticed_within_seconds(tmp_path, redi
     assert code == 1, err[-3000:]
     assert noticed_s < 15, noticed_s
     assert "rlpost: run failed: rollout worker 0 died" in err, err[-3000:]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_trained_twice(tmp_path, redis_url):
+    """SIGKILL a rollout worker while it generates: Ray restarts it in its bundle and re-runs its
+    loop, the new life serves what its predecessor read and never finished, the run finishes,
+    and every submitted prompt was trained exactly once or is still waiting in the buffer."""
+    import signal
+    import time
+
+    from rlpost.buffer import RedisBuffer, connect
+    from rlpost.records import unpack_entry, unpack_task
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline"}
+    steps = 30
+    proc = subprocess.Popen([sys.executable, "-m", "rlpost.run", "experiment=toy_moe_local", f"run_dir={run_dir}",
+                             f"buffer.url={redis_url}", "mode=april", "rollout.over_sampling=2", "warmup.steps=20",
+                             f"trainer.steps={steps}", "env.num_eval=16", "eval.every=0", "rollout.batch_prompts=8",
+                             "logger.progress=false"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists() and '"train/samples"' in metrics.read_text():  # RL has started
+                break
+            time.sleep(0.2)
+        buf = RedisBuffer(connect(redis_url), (run_dir / "run_id").read_text().strip())
+        pid = int(buf.workers()["worker-0"]["pid"])
+        os.kill(pid, signal.SIGKILL)
+        code = proc.wait(timeout=400)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == steps
+    assert summary["workers"][0]["restarts"] == 1, summary["workers"]
+    records = [json.loads(line) for line in open(run_dir / "trained_ids.rank0.jsonl")]
+    ids = [i for r in records for i in r["ids"]]
+    assert len(ids) == len(set(ids)), "a sample was trained twice"
+    waiting = {unpack_task(f[b"data"]).task_id for _, f in buf.client.xrange(buf.key("tasks"))}
+    for stream in ("partials", "complete"):
+        waiting |= {unpack_entry(f[b"data"]).task.task_id for _, f in buf.client.xrange(buf.key(stream))}
+    trained_tasks = {i.split("/")[0] for i in ids}
+    submitted = {t for t in trained_tasks | waiting if t.startswith("train-")}
+    highest = max(int(t.rsplit("-", 1)[1]) for t in submitted)
+    lost = {f"train-0-{i}" for i in range(highest + 1)} - trained_tasks - waiting
+    assert not lost, sorted(lost)[:5]
+
+
+@pytest.mark.slow
+def test_a_killed_redis_is_restarted_from_its_append_only_file_and_the_run_finishes(tmp_path):
+    """SIGKILL the run's private redis-server mid-RL: the driver restarts it from its AOF
+    (buffer.appendfsync=always), every actor reconnects, the run finishes, no prompt is lost and
+    no sample is trained twice."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline"}
+    steps = 25
+    proc = subprocess.Popen([sys.executable, "-m", "rlpost.run", "experiment=toy_moe_local", f"run_dir={run_dir}",
+                             "buffer.appendfsync=always", "mode=april", "rollout.over_sampling=2", "warmup.steps=20",
+                             f"trainer.steps={steps}", "env.num_eval=16", "eval.every=0", "rollout.batch_prompts=8",
+                             "logger.progress=false"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists() and metrics.read_text().count('"train/samples"') >= 3:
+                break
+            time.sleep(0.2)
+        pid = _redis_pid(run_dir)
+        os.kill(pid, signal.SIGKILL)
+        code = proc.wait(timeout=400)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, err[-3000:]
+    assert "restarted from its append-only file" in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["redis_restarts"] == 1
+    records = [json.loads(line) for line in open(run_dir / "trained_ids.rank0.jsonl")]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    ids = [i for r in records for i in r["ids"]]
+    assert len(ids) == len(set(ids)), "a sample was trained twice"
+
+
+def _redis_pid(run_dir) -> int:
+    """The pid of the run's private redis-server (its command line names its socket or dir)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if cmd and cmd[0].endswith(b"redis-server") and any(str(run_dir).encode() in part for part in cmd):
+            return int(pid)
+    raise AssertionError(f"no redis-server for {run_dir}")

@@ -473,3 +473,43 @@ def test_a_slow_reward_never_stalls_generation(rig):
         worker.engine.cfg.chunk_tokens, worker.engine.eos_id, worker.scorer.env = saved
         buf.client.delete(buf.key("complete"))
         buf.ensure_groups()
+
+
+def test_workers_wait_when_complete_is_full_and_resume_when_the_trainer_catches_up(rig):
+    """Backpressure (buffer.max_complete): with the trainer behind, `complete` stops growing at
+    the bound (plus what was already generating) and the worker's wait is counted; once the
+    trainer takes groups, the worker goes on."""
+    import threading
+    import time
+
+    trainer, worker, buf = rig
+    env = worker.env
+    trainer.publish()
+    worker.maybe_update_weights()
+    saved = worker.cfg.buffer.max_complete, worker.cfg.engine.max_batch_size
+    buf.client.delete(buf.key("complete"), buf.key("tasks"))
+    buf.ensure_groups()
+    buf.clear_signal("stop")
+    try:
+        worker.cfg.buffer.max_complete = 2
+        worker.cfg.engine.max_batch_size = 2  # one group of 2 generating at a time: the bound is exact
+        worker.stats.backpressure_s = 0.0
+        buf.put_tasks([env.train_task(970 + i, 0, 2, SamplingParams(1.0, 1.0, 3)) for i in range(8)])
+        thread = threading.Thread(target=lambda: worker.run(max_tasks_per_batch=1), daemon=True)
+        thread.start()
+        time.sleep(3.0)
+        assert buf.complete_depth() == 2
+        assert worker.stats.backpressure_s > 1.0
+        got = buf.read_complete("trainer-0", count=2, block_ms=100)
+        buf.ack_trained(got)  # the trainer catches up: two more groups may come
+        deadline = time.time() + 10
+        while buf.complete_depth() < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        assert buf.complete_depth() == 2 and buf.client.xlen(buf.key("tasks")) >= 8 - 4
+    finally:
+        buf.set_signal("stop")
+        thread.join(timeout=10)
+        buf.clear_signal("stop")
+        worker.cfg.buffer.max_complete, worker.cfg.engine.max_batch_size = saved
+        buf.client.delete(buf.key("complete"), buf.key("tasks"))
+        buf.ensure_groups()

@@ -300,6 +300,11 @@ class TrainerRank:
         metrics["moe/max_expert_frac"] = float(frac.max())
         return metrics
 
+    def where(self) -> dict:
+        from rlpost.placement import where
+
+        return {**where(), "rank": self.rank, "device": str(self.device)}
+
     def ping(self) -> int:
         return os.getpid()
 

@@ -27,8 +27,11 @@ class DistEnv:
 
 def init_distributed(env: DistEnv) -> str:
     """Initialise torch.distributed through DeepSpeed; returns the device string for this rank."""
+    # Ray gives each rank actor exactly its GPU(s) in CUDA_VISIBLE_DEVICES, so its device is
+    # always the first visible one: LOCAL_RANK is 0, not the global rank (rank >= 1 on a node with
+    # one visible GPU called set_device on a device it did not have).
     os.environ.update({
-        "RANK": str(env.rank), "LOCAL_RANK": str(env.rank if torch.cuda.is_available() else 0),
+        "RANK": str(env.rank), "LOCAL_RANK": "0",
         "WORLD_SIZE": str(env.world_size), "MASTER_ADDR": env.master_addr,
         "MASTER_PORT": str(env.master_port),
     })
