@@ -147,54 +147,67 @@ def test_a_worker_killed_during_warm_up_is_noticed_within_seconds(tmp_path, redi
     assert "rlpost: run failed: rollout worker 0 died" in err, err[-3000:]
 
 
-@pytest.mark.slow
-def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_trained_twice(tmp_path, redis_url):
-    """SIGKILL a rollout worker while it generates: Ray restarts it in its bundle and re-runs its
-    loop, the new life serves what its predecessor read and never finished, the run finishes,
-    and every submitted prompt was trained exactly once or is still waiting in the buffer."""
+APRIL_RUN = ["experiment=toy_moe_local", "mode=april", "rollout.over_sampling=2", "warmup.steps=20", "env.num_eval=16",
+             "eval.every=0", "rollout.batch_prompts=8", "logger.progress=false"]
+
+
+def kill_mid_run(run_dir, args, after_steps, victim) -> tuple[int, str]:
+    """Start ``rlpost.run`` with ``args``, SIGKILL the pid ``victim(driver pid)`` returns once
+    ``after_steps`` RL steps are logged, and wait for the run to end: (exit code, stderr)."""
     import signal
     import time
 
-    from rlpost.buffer import RedisBuffer, connect
-    from rlpost.records import unpack_entry, unpack_task
-
-    run_dir = tmp_path / "run"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline"}
-    steps = 30
-    proc = subprocess.Popen([sys.executable, "-m", "rlpost.run", "experiment=toy_moe_local", f"run_dir={run_dir}",
-                             f"buffer.url={redis_url}", "mode=april", "rollout.over_sampling=2", "warmup.steps=20",
-                             f"trainer.steps={steps}", "env.num_eval=16", "eval.every=0", "rollout.batch_prompts=8",
-                             "logger.progress=false"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "rlpost.run", *args, f"run_dir={run_dir}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
         while True:
             assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
             metrics = run_dir / "metrics.jsonl"
-            if metrics.exists() and '"train/samples"' in metrics.read_text():  # RL has started
+            if metrics.exists() and metrics.read_text().count('"train/samples"') >= after_steps:
                 break
             time.sleep(0.2)
-        buf = RedisBuffer(connect(redis_url), (run_dir / "run_id").read_text().strip())
-        pid = int(buf.workers()["worker-0"]["pid"])
-        os.kill(pid, signal.SIGKILL)
+        os.kill(victim(proc.pid), signal.SIGKILL)
         code = proc.wait(timeout=400)
-        err = proc.stderr.read()
+        return code, proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def trained_ids(run_dir) -> list[str]:
+    ids = [i for line in open(run_dir / "trained_ids.rank0.jsonl") for i in json.loads(line)["ids"]]
+    assert len(ids) == len(set(ids)), "a sample was trained twice"
+    return ids
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_trained_twice(tmp_path, redis_url):
+    """SIGKILL a rollout worker while it generates: Ray restarts it in its bundle and re-runs its
+    loop, the new life serves what its predecessor read and never finished, the run finishes,
+    and every submitted prompt was trained exactly once or is still waiting in the buffer."""
+    from rlpost.buffer import RedisBuffer, connect
+    from rlpost.records import unpack_entry, unpack_task
+
+    run_dir = tmp_path / "run"
+    buffer = {}
+
+    def worker_pid(_driver: int) -> int:
+        buffer["buf"] = RedisBuffer(connect(redis_url), (run_dir / "run_id").read_text().strip())
+        return int(buffer["buf"].workers()["worker-0"]["pid"])
+
+    code, err = kill_mid_run(run_dir, [*APRIL_RUN, "trainer.steps=30", f"buffer.url={redis_url}"], 1, worker_pid)
     assert code == 0, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == steps
+    assert summary["steps"] == 30
     assert summary["workers"][0]["restarts"] == 1, summary["workers"]
-    records = [json.loads(line) for line in open(run_dir / "trained_ids.rank0.jsonl")]
-    ids = [i for r in records for i in r["ids"]]
-    assert len(ids) == len(set(ids)), "a sample was trained twice"
+    ids, buf = trained_ids(run_dir), buffer["buf"]
     waiting = {unpack_task(f[b"data"]).task_id for _, f in buf.client.xrange(buf.key("tasks"))}
     for stream in ("partials", "complete"):
         waiting |= {unpack_entry(f[b"data"]).task.task_id for _, f in buf.client.xrange(buf.key(stream))}
     trained_tasks = {i.split("/")[0] for i in ids}
-    submitted = {t for t in trained_tasks | waiting if t.startswith("train-")}
-    highest = max(int(t.rsplit("-", 1)[1]) for t in submitted)
+    highest = max(int(t.rsplit("-", 1)[1]) for t in trained_tasks | waiting if t.startswith("train-"))
     lost = {f"train-0-{i}" for i in range(highest + 1)} - trained_tasks - waiting
     assert not lost, sorted(lost)[:5]
 
@@ -202,51 +215,28 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_trained_twi
 @pytest.mark.slow
 def test_a_killed_redis_is_restarted_from_its_append_only_file_and_the_run_finishes(tmp_path):
     """SIGKILL the run's private redis-server mid-RL: the driver restarts it from its AOF
-    (buffer.appendfsync=always), every actor reconnects, the run finishes, no prompt is lost and
-    no sample is trained twice."""
-    import signal
-    import time
-
+    (buffer.appendfsync=always), every actor reconnects, the run finishes and no sample is
+    trained twice."""
     run_dir = tmp_path / "run"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline"}
-    steps = 25
-    proc = subprocess.Popen([sys.executable, "-m", "rlpost.run", "experiment=toy_moe_local", f"run_dir={run_dir}",
-                             "buffer.appendfsync=always", "mode=april", "rollout.over_sampling=2", "warmup.steps=20",
-                             f"trainer.steps={steps}", "env.num_eval=16", "eval.every=0", "rollout.batch_prompts=8",
-                             "logger.progress=false"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists() and metrics.read_text().count('"train/samples"') >= 3:
-                break
-            time.sleep(0.2)
-        pid = _redis_pid(run_dir)
-        os.kill(pid, signal.SIGKILL)
-        code = proc.wait(timeout=400)
-        err = proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    code, err = kill_mid_run(run_dir, [*APRIL_RUN, "trainer.steps=25", "buffer.appendfsync=always"], 3,
+                             _redis_pid)
     assert code == 0, err[-3000:]
     assert "restarted from its append-only file" in err
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == steps and summary["redis_restarts"] == 1
+    assert summary["steps"] == 25 and summary["redis_restarts"] == 1
     records = [json.loads(line) for line in open(run_dir / "trained_ids.rank0.jsonl")]
-    assert [r["step"] for r in records] == list(range(1, steps + 1))
-    ids = [i for r in records for i in r["ids"]]
-    assert len(ids) == len(set(ids)), "a sample was trained twice"
+    assert [r["step"] for r in records] == list(range(1, 26))
+    trained_ids(run_dir)
 
 
-def _redis_pid(run_dir) -> int:
-    """The pid of the run's private redis-server (its command line names its socket or dir)."""
+def _redis_pid(driver: int) -> int:
+    """The pid of the run's private redis-server: the driver's redis-server child."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
+            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-        if cmd and cmd[0].endswith(b"redis-server") and any(str(run_dir).encode() in part for part in cmd):
+        if ppid == driver and cmd and b"redis-server" in cmd[0]:  # redis rewrites its title
             return int(pid)
-    raise AssertionError(f"no redis-server for {run_dir}")
+    raise AssertionError(f"no redis-server child of the driver {driver}")
