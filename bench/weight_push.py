@@ -81,7 +81,8 @@ def main() -> None:
              log_to_driver=False)
     redis_server = start_private_redis(tempfile.mkdtemp(prefix="rlpost-bench-"))
     buffer = RedisBuffer.from_url(redis_server.url, "weightbench")
-    WeightStore.options(name=store_name("weightbench")).remote()
+    store = WeightStore.options(name=store_name("weightbench")).remote()
+    ray.get(store.get.remote(-1))  # registered before anyone looks it up by name
     publisher = WeightPublisher(buffer, "ray", tempfile.mkdtemp())
     rows, version = [], 0
     try:

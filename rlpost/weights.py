@@ -5,9 +5,12 @@ Redis at chunk boundaries (cheap) and fetch the tensors only when it changed. Tr
 
 * ``ray``: one ``ray.put`` by the trainer, many zero-copy gets by workers on the node. The
   reference is parked in a small named actor (:class:`WeightStore`) so the object stays alive and
-  workers can find it without pickling anything through Redis. The tensors travel as one flat
-  byte buffer plus a table of (name, dtype, shape, offset): Ray stores numpy buffers without
-  pickling them, where a dict of torch tensors costs a pickle per tensor on both sides.
+  workers can find it without pickling anything through Redis. The tensors travel as a table of
+  (name, dtype, shape) plus one uint8 numpy view per tensor: Ray writes numpy buffers into its
+  object store out of band (one copy, no pickling of the data; a dict of torch tensors costs a
+  pickle per tensor on both sides, and concatenating into one flat buffer first cost a second
+  full copy), and a worker's tensors are read-only views of the store's memory that the engine
+  copies into its own weights (one copy per worker). bench/weight_push.py measures the path.
 * ``file``: safetensors in the run directory (a shared filesystem across nodes).
 """
 
@@ -50,26 +53,35 @@ def store_name(run: str) -> str:
     return f"rlpost-weights-{run}"
 
 
-FlatWeights = tuple[list[tuple[str, str, tuple[int, ...], int, int]], np.ndarray]
+WireWeights = tuple[list[tuple[str, str, tuple[int, ...]]], list[np.ndarray]]
 
 
-def flatten_state(state: dict[str, torch.Tensor]) -> FlatWeights:
-    """One contiguous byte buffer holding every tensor, and the table to cut it up again."""
-    table, parts, offset = [], [], 0
+def to_wire(state: dict[str, torch.Tensor]) -> WireWeights:
+    """(name, dtype, shape) per tensor and a uint8 numpy view of each (no copy of CPU tensors)."""
+    table, arrays = [], []
     for name, tensor in state.items():
-        raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        table.append((name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), offset, raw.size))
-        padding = -raw.size % 64  # every tensor starts aligned, so it can be viewed in place
-        parts += [raw, np.zeros(padding, dtype=np.uint8)]
-        offset += raw.size + padding
-    return table, (np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8))
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        table.append((name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape)))
+        arrays.append(flat.view(torch.uint8).numpy())
+    return table, arrays
 
 
-def unflatten_state(flat: FlatWeights) -> dict[str, torch.Tensor]:
-    table, buffer = flat
-    data = torch.from_numpy(np.array(buffer, copy=True))  # Ray hands out read-only views
-    return {name: data[offset:offset + size].view(getattr(torch, dtype)).reshape(shape)
-            for name, dtype, shape, offset, size in table}
+def from_wire(wire: WireWeights) -> dict[str, torch.Tensor]:
+    """The tensors, as *read-only* views of the arrays (Ray hands out views of its store): a
+    consumer copies them into its own weights, as every engine's ``load_weights`` does."""
+    import warnings
+
+    table, arrays = wire
+    out = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for (name, dtype, shape), raw in zip(table, arrays):
+            kind = getattr(torch, dtype)
+            if raw.size == 0:  # an empty array has no stride to reinterpret
+                out[name] = torch.empty(shape, dtype=kind)
+                continue
+            out[name] = torch.from_numpy(raw).view(kind).reshape(shape)
+    return out
 
 
 @lru_cache(maxsize=8)
@@ -89,7 +101,7 @@ class WeightPublisher:
         num_bytes = sum(t.numel() * t.element_size() for t in state.values())
         if self.transport == "ray":
             location = store_name(self.buffer.run)
-            ray.get(_store(location).put.remote(version, [ray.put(flatten_state(state))]))
+            ray.get(_store(location).put.remote(version, [ray.put(to_wire(state))]))
         elif self.transport == "file":
             folder = os.path.join(self.run_dir, "weights")
             os.makedirs(folder, exist_ok=True)
@@ -107,7 +119,7 @@ def fetch_weights(wv: WeightVersion) -> tuple[dict[str, torch.Tensor], int]:
     """Worker side: (tensors, version) of ``wv`` or of a newer version published since."""
     if wv.transport == "ray":
         version, ref = ray.get(_store(wv.location).get.remote(wv.version))
-        return unflatten_state(ray.get(ref)), version
+        return from_wire(ray.get(ref)), version
     if wv.transport == "file":
         return load_file(wv.location), wv.version
     raise ValueError(f"unknown weight transport {wv.transport!r} for v{wv.version}")

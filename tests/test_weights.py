@@ -1,8 +1,8 @@
-"""The flat weight format the ray transport ships (one byte buffer + a table)."""
+"""The weight format the ray transport ships (a table + one uint8 view per tensor)."""
 
 import torch
 
-from rlpost.weights import flatten_state, unflatten_state
+from rlpost.weights import from_wire, to_wire
 
 
 def test_flatten_round_trips_every_dtype_and_shape():
@@ -13,10 +13,13 @@ def test_flatten_round_trips_every_dtype_and_shape():
         "steps": torch.tensor(11, dtype=torch.int64),
         "empty": torch.zeros(0, 4),
     }
-    table, buffer = flatten_state(state)
-    assert buffer.dtype.itemsize == 1 and buffer.size >= sum(t.numel() * t.element_size() for t in state.values())
-    buffer.flags.writeable = False  # what ray.get hands out
-    back = unflatten_state((table, buffer))
+    table, arrays = to_wire(state)
+    assert all(a.dtype.itemsize == 1 for a in arrays)
+    assert sum(a.size for a in arrays) == sum(t.numel() * t.element_size() for t in state.values())
+    assert arrays[0].ctypes.data == state["embed.weight"].data_ptr()  # a view, not a copy
+    for a in arrays:
+        a.flags.writeable = False  # what ray.get hands out
+    back = from_wire((table, arrays))
     assert list(back) == list(state)
     for name, tensor in state.items():
         assert back[name].dtype == tensor.dtype and back[name].shape == tensor.shape
