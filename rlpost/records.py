@@ -181,7 +181,7 @@ def _unpack_array(obj: Any, name: str) -> np.ndarray:
     if not isinstance(data, bytes):
         raise RecordError(f"field '{name}' data is {type(data).__name__}, not bytes")
     dtype = np.dtype(raw_dtype)
-    if len(data) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+    if len(data) != dtype.itemsize * math.prod(shape):
         raise RecordError(f"field '{name}': {len(data)} bytes do not fit shape {shape} of {raw_dtype}")
     return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
 

@@ -164,8 +164,8 @@ class Run:
         else:
             tcp = b.listen == "tcp" or (b.listen == "auto" and bool(self._ray_address()))
             host = _node_address() if tcp else None
-            self.redis = start_private_redis(os.path.join(self.run_dir, "redis"), host=host, appendonly=True,
-                                             appendfsync=b.appendfsync)
+            self.redis = start_private_redis(os.path.join(self.run_dir, "redis"), host=host,
+                                             appendonly=b.appendonly, appendfsync=b.appendfsync)
             url, password = self.redis.url, self.redis.password or None
             threading.Thread(target=self._supervise_redis, name="redis-supervisor", daemon=True).start()
         self.buffer_url = url
