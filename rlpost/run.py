@@ -208,8 +208,8 @@ class Run:
         own. Restarts are counted in the summary (``redis_restarts``)."""
         while not self._stopping.wait(0.25):
             server = self.redis
-            if server is None or server.process.poll() is None:
-                continue
+            if server is None or server.process.poll() is None or self._stopping.is_set():
+                continue  # alive, or stopped by shutdown() on purpose
             code = server.process.returncode
             try:
                 self.redis = server.restart()
