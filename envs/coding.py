@@ -80,8 +80,9 @@ class Submission:
 
 
 def build_program(sub: Submission, deadline_s: float) -> tuple[str, str, str, str]:
-    """(judge source, candidate source, stdin, nonce) for one scoring run. The nonce and the tests
-    travel on stdin, which only the judge reads (see envs/judge.py)."""
+    """(judge source, candidate source, secret, nonce) for one scoring run. The nonce and the
+    tests travel on the sandbox's secret descriptor, which only the judge reads (see
+    envs/judge.py); the program's stdin is empty."""
     nonce = secrets.token_hex(16)
     spec = {"entry": sub.entry, "context": sub.context, "tests": sub.tests, "deadline_s": deadline_s}
     return JUDGE_SOURCE, sub.code, nonce + "\n" + json.dumps(spec) + "\n", nonce
@@ -227,7 +228,7 @@ class CodingEnv:
         # env.reward_timeout_s is a budget per sample; programs still running when the group's
         # budget is spent are killed (an abandoned program must not keep a slot busy)
         budget = self.cfg.reward_timeout_s * max(len(subs), 1)
-        results = self.pool.run_many([(judge, {"candidate.py": code}, stdin) for judge, code, stdin, _ in built],
+        results = self.pool.run_many([(judge, {"candidate.py": code}, "", secret) for judge, code, secret, _ in built],
                                      timeout_s=budget)
         out = []
         for sub, (_, _, _, nonce), res in zip(subs, built, results):

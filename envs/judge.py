@@ -4,19 +4,20 @@ this file is shipped as the sandbox's ``main.py``; nothing here imports rlpost).
 Why two processes. A harness that ``exec``s model-written code in its own interpreter shares
 everything with it: builtins (``builtins.exec = noop``), ``__main__`` (the tests, the pass counter,
 the nonce), ``json.dumps``, the verdict printer, ``atexit``. Observed on the old harness: 12 cheats
-scored 1.0. So the judge forks *before it reads anything secret*; the child drops stdin and
-stdout, loads the candidate and serves calls of its functions over a pipe; the judge alone reads
-the nonce and the tests from stdin, runs the (trusted) tests in its own interpreter with a proxy
+scored 1.0. So the judge forks *before it reads anything secret*; the child closes the secret
+descriptor, drops stdin and stdout, loads the candidate and serves calls of its functions over a
+pipe; the judge alone reads the nonce and the tests from the secret descriptor, runs the (trusted) tests in its own interpreter with a proxy
 in place of the candidate's function, and alone writes the verdict to stdout. Values cross the
 pipe as tagged JSON decoded into fresh builtin objects only (``type(x) is int``, lists, tuples,
 dicts, ...), so an object whose ``__eq__`` always returns True never reaches a comparison.
 
 The judge makes itself non-dumpable first (``prctl(PR_SET_DUMPABLE, 0)``), so a same-uid
-candidate can neither ptrace it nor open its ``/proc/<pid>/fd`` (the verdict channel, the stdin
-holding the nonce) or ``/proc/<pid>/mem``. If it cannot, it refuses to judge (no verdict: reward
+candidate can neither ptrace it nor open its ``/proc/<pid>/fd`` (the verdict channel, the secret
+descriptor) or ``/proc/<pid>/mem``. If it cannot, it refuses to judge (no verdict: reward
 0). A candidate that kills, stops or floods the judge only loses its own reward.
 
-Protocol on stdin (two lines): the nonce; a JSON object ``{"entry", "context", "tests",
+Protocol on the secret descriptor (``--secret-fd N`` in argv; the sandbox passes it apart from
+stdin, read-only), two lines: the nonce; a JSON object ``{"entry", "context", "tests",
 "deadline_s"}``. ``context`` is trusted code run in the judge's namespace first (a HumanEval
 prompt: imports and helpers the tests use, e.g. ``poly``). Output: one line
 ``<nonce> {"passed", "total", "error"}`` on stdout.
@@ -169,10 +170,13 @@ def main():
     if ctypes.CDLL(None).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE = 4
         sys.stderr.write("judge: cannot make itself non-dumpable; refusing to judge\n")
         os._exit(3)
+    secret_fd = int(sys.argv[sys.argv.index("--secret-fd") + 1]) if "--secret-fd" in sys.argv else 0
     req_r, req_w = os.pipe()
     rep_r, rep_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the candidate: no stdin (it carries the nonce), stdout is stderr
+    if pid == 0:  # the candidate: no secret descriptor, no stdin, stdout is stderr
+        if secret_fd:
+            os.close(secret_fd)
         os.close(req_w)
         os.close(rep_r)
         null = os.open("/dev/null", os.O_RDONLY)
@@ -185,9 +189,11 @@ def main():
             os._exit(0)
     os.close(req_r)
     os.close(rep_w)
-    nonce = sys.stdin.readline().strip()
-    spec = json.loads(sys.stdin.readline())
-    os.close(0)
+    with os.fdopen(secret_fd, "r") as secret:
+        nonce = secret.readline().strip()
+        spec = json.loads(secret.readline())
+    if secret_fd:
+        os.close(0)
     tests, entry = spec["tests"], spec["entry"]
     candidate = Candidate(pid, req_w, rep_r, time.monotonic() + float(spec["deadline_s"]))
     passed, first_error = 0, ""

@@ -131,7 +131,7 @@ class _Slot:
     lease: UidLease | None = None  # host-wide ownership of ``uid`` (bwrap backend)
 
 
-Program = tuple  # (code, files: dict[str, str], stdin)
+Program = tuple  # (code, files: dict[str, str], stdin[, secret])
 
 
 class SandboxPool:
@@ -221,23 +221,25 @@ class SandboxPool:
 
     # ------------------------------------------------------------------ running
     def submit(self, code: str, stdin: str = "", files: dict[str, str] | None = None,
-               wall_s: float | None = None) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(self._run(code, stdin, files or {}, wall_s), self._loop)
+               wall_s: float | None = None, secret: str | None = None) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(self._run(code, stdin, files or {}, wall_s, secret), self._loop)
 
     async def run(self, code: str, stdin: str = "", files: dict[str, str] | None = None,
-                  wall_s: float | None = None) -> ExecResult:
-        """Run ``code`` (as main.py, with ``files`` beside it) in a free slot."""
-        return await asyncio.wrap_future(self.submit(code, stdin, files, wall_s))
+                  wall_s: float | None = None, secret: str | None = None) -> ExecResult:
+        """Run ``code`` (as main.py, with ``files`` beside it) in a free slot. ``secret`` (e.g. a
+        judge's nonce and tests) reaches the program on its own read-only descriptor, named by
+        ``--secret-fd N`` in its argv, never on stdin or in a file it could share."""
+        return await asyncio.wrap_future(self.submit(code, stdin, files, wall_s, secret))
 
     def run_sync(self, code: str, stdin: str = "", files: dict[str, str] | None = None,
-                 wall_s: float | None = None) -> ExecResult:
-        return self.submit(code, stdin, files, wall_s).result()
+                 wall_s: float | None = None, secret: str | None = None) -> ExecResult:
+        return self.submit(code, stdin, files, wall_s, secret).result()
 
     def run_many(self, programs: list[Program], timeout_s: float | None = None) -> list[ExecResult]:
-        """Run (code, files, stdin) programs concurrently on the pool's slots, in order. Programs
-        not finished within ``timeout_s`` (waiting for a slot included) are abandoned, and an
-        abandoned program is killed, not left running in its slot."""
-        futures = [self.submit(code, stdin, files) for code, files, stdin in programs]
+        """Run (code, files, stdin[, secret]) programs concurrently on the pool's slots, in order.
+        Programs not finished within ``timeout_s`` (waiting for a slot included) are abandoned,
+        and an abandoned program is killed, not left running in its slot."""
+        futures = [self.submit(p[0], p[2], p[1], None, p[3] if len(p) > 3 else None) for p in programs]
         done, _ = concurrent.futures.wait(futures, timeout=timeout_s)
         out = []
         for future in futures:
@@ -249,10 +251,11 @@ class SandboxPool:
                                   reason=f"abandoned: not finished within the {timeout_s}s budget"))
         return out
 
-    async def _run(self, code: str, stdin: str, files: dict[str, str], wall_s: float | None) -> ExecResult:
+    async def _run(self, code: str, stdin: str, files: dict[str, str], wall_s: float | None,
+                   secret: str | None = None) -> ExecResult:
         slot = await self._free.get()
         try:
-            result = await self._run_in_slot(slot, code, stdin, files, wall_s or self.cfg.wall_s)
+            result = await self._run_in_slot(slot, code, stdin, files, wall_s or self.cfg.wall_s, secret)
         except asyncio.CancelledError:  # abandoned by the caller: kill what runs, then free the slot
             await self._abandon(slot)
             raise
@@ -283,7 +286,7 @@ class SandboxPool:
                 "RLIMIT_FSIZE": same(c.file_mb << 20), "RLIMIT_NPROC": same(c.nproc), "RLIMIT_CORE": same(0),
                 "RLIMIT_NOFILE": same(256)}
 
-    def _bwrap_argv(self, slot: _Slot, inputs: list[str]) -> list[str]:
+    def _bwrap_argv(self, slot: _Slot, inputs: list[str], args: list[str]) -> list[str]:
         """No user namespaces inside (``--disable-userns``), the seccomp filter on fd 3, sized
         tmpfs for the working directory, /tmp and /dev/shm (the per-execution disk budget
         ``sandbox.disk_mb``, in memory, gone with the sandbox: nothing is left on the host), and
@@ -308,11 +311,11 @@ class SandboxPool:
         argv += ["--chdir", "/sandbox", "--clearenv",
                  "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/sandbox",
                  "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
-                 self.cfg.python, "-I", "-B", "/sandbox/main.py"]
+                 self.cfg.python, "-I", "-B", "/sandbox/main.py", *args]
         return argv
 
     async def _run_in_slot(self, slot: _Slot, code: str, stdin: str, files: dict[str, str],
-                           wall_s: float) -> ExecResult:
+                           wall_s: float, secret: str | None = None) -> ExecResult:
         self._reset_scratch(slot)
         inputs = {**files, "main.py": code}
         for name, text in inputs.items():
@@ -329,20 +332,26 @@ class SandboxPool:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         extra: list[int] = []
+        secret_fd = sealed_memfd("secret", secret.encode()) if secret is not None else None
         try:
             if self.backend == "bwrap":
                 launcher = await self._launcher(slot)
-                spec = {"uid": slot.uid, "argv": self._bwrap_argv(slot, sorted(inputs)),
+                # in the sandbox: 0-2 stdio, 3 the seccomp filter (bwrap reads it), 4 the secret
+                args = ["--secret-fd", "4"] if secret_fd is not None else []
+                spec = {"uid": slot.uid, "argv": self._bwrap_argv(slot, sorted(inputs), args),
                         "rlimits": self._rlimits(), "wall_s": wall_s}
                 extra.append(sealed_memfd("seccomp", self._seccomp))
+                if secret_fd is not None:
+                    extra.append(secret_fd)
                 socket.send_fds(launcher.sock, [json.dumps(spec).encode()], [stdin_fd, out_w, err_w, *extra])
                 finished = asyncio.ensure_future(self._launcher_status(launcher))
                 stop = launcher.stop
             else:
+                args = ["--secret-fd", str(secret_fd)] if secret_fd is not None else []
                 proc = await asyncio.create_subprocess_exec(
-                    self.cfg.python, "-I", "-B", os.path.join(slot.scratch, "main.py"), stdin=stdin_fd,
+                    self.cfg.python, "-I", "-B", os.path.join(slot.scratch, "main.py"), *args, stdin=stdin_fd,
                     stdout=out_w, stderr=err_w, env={"PATH": "/usr/bin:/bin", "HOME": slot.scratch},
-                    cwd=slot.scratch, start_new_session=True)
+                    cwd=slot.scratch, start_new_session=True, pass_fds=() if secret_fd is None else (secret_fd,))
                 finished = asyncio.ensure_future(_plain_status(proc, wall_s))
                 stop = lambda: _kill_group(proc)  # noqa: E731
             slot.stop = stop
@@ -351,7 +360,7 @@ class SandboxPool:
             os.close(err_r)
             raise
         finally:
-            for fd in (stdin_fd, out_w, err_w, *extra):
+            for fd in {stdin_fd, out_w, err_w, *extra, *([] if secret_fd is None else [secret_fd])}:
                 os.close(fd)
         try:
             out, err, truncated, status = await self._collect(out_r, err_r, finished, stop, wall_s + 2.0)

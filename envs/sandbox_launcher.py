@@ -7,14 +7,16 @@ Why a long-lived one (``--serve``): an execution then costs a fork, not a Python
 was about half of the ~65 ms an execution cost with a fresh launcher per run).
 
 Protocol, over a SOCK_SEQPACKET socket (one message per read): a request is a JSON spec
-``{uid, argv, rlimits, wall_s}`` with three or four file descriptors attached (the sandboxed
-program's stdin, stdout and stderr, and the seccomp filter bwrap reads from fd 3); while it runs, a message ``{"stop": true}`` asks for an early stop (the
+``{uid, argv, rlimits, wall_s}`` with three to five file descriptors attached (the sandboxed
+program's stdin, stdout and stderr, the seccomp filter bwrap reads from fd 3, and a secret the
+program reads from fd 4); while it runs, a message ``{"stop": true}`` asks for an early stop (the
 pool saw an output flood); the reply is one JSON status message. EOF on the socket ends the
 launcher. Imports only the standard library, so nothing of rlpost (or its environment) reaches
 the child.
 """
 
 import ctypes
+import fcntl
 import json
 import os
 import resource
@@ -84,14 +86,16 @@ def _run_one(sock, spec, fds):
     if pid == 0:
         try:
             sock.close()
-            # stdin, stdout, stderr, then (optional) the seccomp filter on fd 3 for bwrap --seccomp 3.
-            # Received descriptors are >= 3, so only fd 3 can be both a source and a target, and
-            # it is the last target.
-            for target, fd in enumerate(fds):
-                os.dup2(fd, target)
+            # stdin, stdout, stderr, then (optional) the seccomp filter on fd 3 for bwrap --seccomp 3
+            # and a secret for the program on fd 4. Move every received descriptor above the
+            # targets first, so no dup2 overwrites a source still to be moved.
+            moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 16) for fd in fds]  # copies at >= 16
             for fd in fds:
-                if fd >= len(fds):
-                    os.close(fd)
+                os.close(fd)
+            for target, fd in enumerate(moved):
+                os.dup2(fd, target)  # inheritable: bwrap and the program get them
+            for fd in moved:
+                os.close(fd)
             _child(spec)
         except BaseException as exc:  # noqa: BLE001 - report any set-up failure
             os.write(2, f"sandbox launcher: {type(exc).__name__}: {exc}\n".encode())
@@ -138,7 +142,7 @@ def serve(sock_fd):
         setup_error = "prctl(PR_SET_CHILD_SUBREAPER) failed"
     while True:
         try:
-            message, fds, _, _ = socket.recv_fds(sock, 65536, 4)
+            message, fds, _, _ = socket.recv_fds(sock, 65536, 5)
         except ConnectionResetError:
             return 0
         if not message:
@@ -146,10 +150,10 @@ def serve(sock_fd):
         request = json.loads(message)
         if "stop" in request:  # a stop that crossed the reply of a run that had ended
             continue
-        if setup_error or len(fds) not in (3, 4):
+        if setup_error or len(fds) not in (3, 4, 5):
             for fd in fds:
                 os.close(fd)
-            sock.send(json.dumps({"error": setup_error or f"expected 3 or 4 descriptors, got {len(fds)}"}).encode())
+            sock.send(json.dumps({"error": setup_error or f"expected 3 to 5 descriptors, got {len(fds)}"}).encode())
             continue
         result = _run_one(sock, request, fds)
         if result is None:

@@ -349,3 +349,14 @@ def test_the_run_refuses_at_start_up_when_the_sandbox_cannot_run_code(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "rlpost: sandbox: sandbox smoke test failed with sandbox.python='/usr/bin/nope'"), proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+@needs_bwrap
+def test_a_secret_travels_on_its_own_descriptor_not_on_stdin(pool):
+    """The coding judge's nonce and tests go on a separate read-only descriptor named in argv
+    (``--secret-fd``), so stdin is never the nonce channel."""
+    code = ("import os, sys\nfd = int(sys.argv[sys.argv.index('--secret-fd') + 1])\n"
+            "print(repr(sys.stdin.read()), os.read(fd, 100).decode().strip(), fd)\n"
+            "try:\n    os.write(fd, b'x'); print('writable')\nexcept OSError: print('read-only')")
+    res = pool.run_sync(code, stdin="", secret="s3cret\n")
+    assert res.ok and res.stdout.splitlines() == ["'' s3cret 4", "read-only"], res
