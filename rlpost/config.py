@@ -159,6 +159,9 @@ class TrainerConfig:
     zero_stage: int = 1
     precision: str = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPU
     num_ranks: int = 1
+    # Expert parallelism: each group of ep_size ranks splits every layer's experts between them
+    # (DeepSpeed MoE); published and saved weights always carry all experts under HF names.
+    ep_size: int = 1
     num_gpus: int = 0
     threads: int = 1
     # PPO-clip with per-token truncated importance sampling against behaviour logprobs.
@@ -190,6 +193,8 @@ class TrainerConfig:
         _check(self.precision in ("auto", "fp32", "bf16", "fp16"), f"{p}.precision", self.precision,
                "must be auto, fp32, bf16 or fp16")
         _check(self.num_ranks >= 1, f"{p}.num_ranks", self.num_ranks, "must be >= 1")
+        _check(self.ep_size >= 1 and self.num_ranks % self.ep_size == 0, f"{p}.ep_size", self.ep_size,
+               f"must divide trainer.num_ranks={self.num_ranks}")
         _check(self.num_gpus >= 0, f"{p}.num_gpus", self.num_gpus, "must be >= 0")
         _check(self.micro_batch_size >= 0, f"{p}.micro_batch_size", self.micro_batch_size, "must be >= 0")
         _check(0 < self.clip_eps < 1, f"{p}.clip_eps", self.clip_eps, "must be in (0, 1)")
@@ -429,6 +434,8 @@ class RlpostConfig:
                 sub.validate(f.name)
         _check(self.rollout.max_new_tokens < self.model.max_seq_len, "rollout.max_new_tokens",
                self.rollout.max_new_tokens, f"must be < model.max_seq_len={self.model.max_seq_len}")
+        _check(self.model.num_experts % self.trainer.ep_size == 0, "trainer.ep_size", self.trainer.ep_size,
+               f"must divide model.num_experts={self.model.num_experts}")
         if self.placement.colocate:
             _check(self.rollout.num_workers == self.trainer.num_ranks, "placement.colocate", True,
                    f"needs rollout.num_workers == trainer.num_ranks (bundle i holds rank i and worker i), got "

@@ -361,9 +361,7 @@ class Run:
             if step % 10 == 0 or step == cfg.warmup.steps - 1:
                 log({**m, "phase": "warmup", "warmup_step": step}, step=0)
         if cfg.warmup.steps:
-            import ray
-
-            ray.get(self.ranks[0].save_pretrained.remote(folder))
+            self._on_all_ranks("save_pretrained", folder)  # collective: expert slices are gathered
             with open(os.path.join(folder, "warmup.json"), "w") as fh:
                 json.dump({"losses": losses, "seconds": time.perf_counter() - t0}, fh)
         return {"warmup/cached": False, "warmup/seconds": time.perf_counter() - t0,
@@ -544,7 +542,7 @@ class Run:
             logger.log({"eval/accuracy": after}, step=self.state.step)
             if cfg.trainer.checkpoint_every:
                 self.checkpoint()
-            ray.get(self.ranks[0].save_pretrained.remote(os.path.join(self.run_dir, "final")))
+            self._on_all_ranks("save_pretrained", os.path.join(self.run_dir, "final"))
             summary.update({
                 "eval_accuracy_before": self.state.eval_before,
                 "eval_accuracy_after": after,

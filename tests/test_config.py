@@ -126,3 +126,12 @@ def test_non_finite_training_is_logged_and_stops_the_run_after_n_steps_in_a_row(
     logger.close()
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["train/loss"] == "nan" and record["train/grad_norm"] == "inf"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.num_ranks=2", "trainer.ep_size=3"], "trainer.ep_size=3: must divide trainer.num_ranks=2"),
+    (["trainer.num_ranks=3", "trainer.ep_size=3", "rollout.batch_prompts=6"], "trainer.ep_size=3: must divide model.num_experts=4"),
+])
+def test_expert_parallel_sizes_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(overrides)

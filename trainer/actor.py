@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -31,6 +32,10 @@ from rlpost.modeling import Qwen3MoeForCausalLM
 from rlpost.trainer.policy import build_policy
 
 
+# model.layers.<l>.mlp.experts.<j>.<proj>.weight: a routed expert's parameter, in HF names
+_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.)(\d+)(\..+)$")
+
+
 class TrainerRank:
     def __init__(self, cfg: RlpostConfig, dist_env: DistEnv, buffer_url: str, run: str, run_dir: str,
                  buffer_auth: dict | None = None):
@@ -40,7 +45,7 @@ class TrainerRank:
         self.rank = dist_env.rank
         self.world = dist_env.world_size
         self.device = init_distributed(dist_env)
-        self.model = build_policy(cfg.model)
+        self.model = build_policy(cfg.model, ep_size=cfg.trainer.ep_size)
         samples = cfg.rollout.batch_prompts * cfg.rollout.group_size
         self.engine, self.precision, self.accum = build_engine(
             self.model, cfg.trainer, cfg.trainer.lr, samples, self.device, self.world)
@@ -52,14 +57,57 @@ class TrainerRank:
         self.consumer = f"trainer-{self.rank}"
 
     # ------------------------------------------------------------------ weights
+    # ------------------------------------------------------------------ expert parallelism
+    def _expert_slice(self) -> tuple[int, int]:
+        """(first global expert index held here, experts held here). DeepSpeed forms expert-
+        parallel groups of consecutive ranks, so rank r holds slice r % ep_size."""
+        ep = self.cfg.trainer.ep_size
+        local = self.cfg.model.num_experts // ep
+        return (self.rank % ep) * local, local
+
     def canonical_state(self) -> dict[str, torch.Tensor]:
-        return self.engine.module.canonical_state_dict()
+        """All weights under Hugging Face names. With ``trainer.ep_size > 1`` each rank holds only
+        its slice of every layer's experts: the slices are renumbered to global expert indices and
+        gathered from every rank (a collective: every rank must call this)."""
+        local = self.engine.module.canonical_state_dict()
+        if self.cfg.trainer.ep_size == 1:
+            return local
+        import torch.distributed as dist
+
+        first, _ = self._expert_slice()
+        shared, mine = {}, {}
+        for name, tensor in local.items():
+            match = _EXPERT_KEY.match(name)
+            if match:
+                mine[f"{match[1]}{first + int(match[2])}{match[3]}"] = tensor
+            else:
+                shared[name] = tensor
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, mine)
+        for part in parts:
+            shared.update(part)
+        return shared
+
+    def _local_view(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A full (all experts, HF names) state as this rank's module names it: its expert slice
+        renumbered from 0, the other experts left out."""
+        if self.cfg.trainer.ep_size == 1:
+            return state
+        first, count = self._expert_slice()
+        out = {}
+        for name, tensor in state.items():
+            match = _EXPERT_KEY.match(name)
+            if match is None:
+                out[name] = tensor
+            elif first <= int(match[2]) < first + count:
+                out[f"{match[1]}{int(match[2]) - first}{match[3]}"] = tensor
+        return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load weights into the module *and* the optimizer's fp32 master copies: ZeRO-1/2 (and
         the bf16 optimizer) step on their own fp32 partitions and copy them back into the module,
         so loading only the module would be undone by the next step."""
-        self.engine.module.load_canonical_state_dict(state)
+        self.engine.module.load_canonical_state_dict(self._local_view(state))
         refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
         if refresh is not None:
             refresh()
@@ -71,17 +119,21 @@ class TrainerRank:
         inner.state.clear()
 
     def publish(self) -> dict:
-        """Publish the current weights as ``self.version`` (rank 0 only; ZeRO-1/2 keep full params)."""
+        """Publish the current weights as ``self.version`` (rank 0 publishes; every rank takes part
+        in gathering expert slices when the experts are split)."""
+        t0 = time.perf_counter()
+        state = self.canonical_state()
         if self.rank != 0:
             return {}
-        t0 = time.perf_counter()
-        wv = self.publisher.publish(self.canonical_state(), self.version)
+        wv = self.publisher.publish(state, self.version)
         return {"weights/version": wv.version, "weights/push_s": time.perf_counter() - t0,
                 "weights/bytes": wv.num_bytes}
 
     def save_pretrained(self, path: str) -> None:
+        """A Hugging Face checkpoint with every expert (collective: call it on every rank)."""
+        state = self.canonical_state()
         if self.rank == 0:
-            save_pretrained(self.canonical_state(), self.cfg.model, path)
+            save_pretrained(state, self.cfg.model, path)
 
     def save_checkpoint(self, folder: str, tag: str) -> None:
         """DeepSpeed checkpoint (model + optimizer, collective) plus the version counter."""
@@ -303,7 +355,8 @@ class TrainerRank:
     def where(self) -> dict:
         from rlpost.placement import where
 
-        return {**where(), "rank": self.rank, "device": str(self.device)}
+        first, count = self._expert_slice()
+        return {**where(), "rank": self.rank, "device": str(self.device), "experts": [first, first + count]}
 
     def ping(self) -> int:
         return os.getpid()
