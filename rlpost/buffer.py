@@ -197,6 +197,12 @@ class RedisBuffer:
         """Groups waiting in ``complete`` (backpressure: workers compare it to buffer.max_complete)."""
         return int(self.client.xlen(self.key("complete")))
 
+    def read_own_complete(self, consumer: str, count: int = 1000) -> list[Delivery]:
+        """Groups this trainer consumer read but never acked (a rank that died mid-step): its
+        next life trains them first instead of waiting for them to go idle."""
+        resp = self.client.xreadgroup(TRAINER_GROUP, consumer, {self.key("complete"): "0"}, count=count)
+        return self._decode(resp, unpack_complete)
+
     def requeue(self, deliveries: list[Delivery]) -> None:
         """Send complete groups back as fresh tasks (too stale to train) and ack them, atomically."""
         if not deliveries:

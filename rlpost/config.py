@@ -182,6 +182,9 @@ class TrainerConfig:
     weight_transport: str = "ray"  # ray | file
     # Steps in a row with a non-finite loss or gradient norm before the run stops (exit code 1).
     max_nonfinite_steps: int = 3
+    # A trainer rank that dies is restarted (all ranks, from the latest checkpoint: needs
+    # checkpoint_every > 0) this many times per run; the buffer is kept as it is.
+    max_restarts: int = 2
 
     def validate(self, p: str = "trainer") -> None:
         _check(self.steps >= 0, f"{p}.steps", self.steps, "must be >= 0")
@@ -211,6 +214,7 @@ class TrainerConfig:
         _check(self.checkpoint_every >= 0, f"{p}.checkpoint_every", self.checkpoint_every, "must be >= 0")
         _check(self.weight_transport in ("ray", "file"), f"{p}.weight_transport",
                self.weight_transport, "must be ray or file")
+        _check(self.max_restarts >= 0, f"{p}.max_restarts", self.max_restarts, "must be >= 0")
         _check(self.max_nonfinite_steps >= 1, f"{p}.max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 1")
 
 

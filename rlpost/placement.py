@@ -44,6 +44,15 @@ class Placement:
     gpus_per_rank: float
     gpus_per_worker: float
     bundles: dict[str, list[BundleInfo]] = field(default_factory=dict)
+    trainer_spec: list[dict] = field(default_factory=list)
+
+    def fresh_master_port(self) -> int:
+        """A port free now on rank 0's node, for a new rendezvous (the trainer restarted after
+        a rank died: the old port may still be held by the dead group)."""
+        index = self.trainer_bundles[0]
+        (info,) = _probe_bundles(self.trainer_pg, [self.trainer_spec[index]], indices=[index])
+        self.master_port = info.free_port
+        return info.free_port
 
     def trainer_options(self, cfg: RlpostConfig, rank: int) -> dict:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -93,15 +102,16 @@ def _probe() -> tuple[str, str, list[str], int]:
             [str(g) for g in ray.get_gpu_ids()], port)
 
 
-def _probe_bundles(pg, bundles: list[dict]) -> list[BundleInfo]:
+def _probe_bundles(pg, bundles: list[dict], indices: list[int] | None = None) -> list[BundleInfo]:
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     probe = ray.remote(_probe)
+    indices = list(range(len(bundles))) if indices is None else indices
     refs = [probe.options(num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0),
                           scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
-            .remote() for i, b in enumerate(bundles)]
-    return [BundleInfo(i, *seen) for i, seen in enumerate(ray.get(refs))]
+            .remote() for i, b in zip(indices, bundles)]
+    return [BundleInfo(i, *seen) for i, seen in zip(indices, ray.get(refs))]
 
 
 def _node_gpu_order(info: BundleInfo) -> tuple:
@@ -144,7 +154,7 @@ def place(cfg: RlpostConfig, timeout_s: float = 120.0) -> Placement:
     return Placement(trainer_pg, worker_pg, [b.index for b in trainer_info], [b.index for b in worker_info],
                      master_addr=trainer_info[0].node_ip, master_port=trainer_info[0].free_port,
                      gpus_per_rank=gpus_per_rank, gpus_per_worker=gpus_per_worker,
-                     bundles={"trainer": trainer_info, "workers": worker_info})
+                     bundles={"trainer": trainer_info, "workers": worker_info}, trainer_spec=trainer_bundles_spec)
 
 
 def where() -> dict:

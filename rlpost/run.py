@@ -146,6 +146,7 @@ class Run:
         self._last_liveness_check = 0.0
         self._stopping = threading.Event()
         self.redis_restarts = 0
+        self.trainer_restarts = 0
         self._nonfinite_steps = 0  # consecutive steps with a non-finite loss or gradient norm
         self.ranks: list = []
         self.workers: list = []
@@ -231,14 +232,26 @@ class Run:
 
         from rlpost.placement import place
         from rlpost.rollout.worker import RolloutWorker
-        from rlpost.trainer.actor import TrainerRank
-        from rlpost.trainer.ds_engine import DistEnv
         from rlpost.weights import WeightStore, store_name
 
         cfg = self.cfg
         self.store = WeightStore.options(name=store_name(self.run_id)).remote()
         self.placement = place(cfg)
         p = self.placement
+        self._start_ranks()
+        worker_cls = ray.remote(RolloutWorker)
+        self.workers = [worker_cls.options(**p.worker_options(cfg, i)).remote(
+            cfg, i, self.buffer_url, self.run_id, self.buffer_auth) for i in range(cfg.rollout.num_workers)]
+        self._write_placement()
+
+    def _start_ranks(self) -> None:
+        """The DeepSpeed ranks in their bundles, meeting at rank 0's node (placement.master_*)."""
+        import ray
+
+        from rlpost.trainer.actor import TrainerRank
+        from rlpost.trainer.ds_engine import DistEnv
+
+        cfg, p = self.cfg, self.placement
         trainer_cls = ray.remote(TrainerRank)
         self.ranks = [
             trainer_cls.options(**p.trainer_options(cfg, r)).remote(
@@ -246,14 +259,52 @@ class Run:
                 self.run_id, self.run_dir, self.buffer_auth)
             for r in range(cfg.trainer.num_ranks)
         ]
-        worker_cls = ray.remote(RolloutWorker)
-        self.workers = [worker_cls.options(**p.worker_options(cfg, i)).remote(
-            cfg, i, self.buffer_url, self.run_id, self.buffer_auth) for i in range(cfg.rollout.num_workers)]
         ray.get([r.ping.remote() for r in self.ranks])
-        actors = {"trainer": ray.get([r.where.remote() for r in self.ranks]),
-                  "workers": ray.get([w.where.remote() for w in self.workers])}
+
+    def _write_placement(self) -> None:
+        """placement.json. Workers are asked once, before their loops start (a worker's actor
+        runs one call at a time: asked later, the question would wait behind its loop forever)."""
+        import ray
+
+        if not hasattr(self, "_worker_where"):
+            self._worker_where = ray.get([w.where.remote() for w in self.workers])
+        actors = {"trainer": ray.get([r.where.remote() for r in self.ranks]), "workers": self._worker_where}
         with open(os.path.join(self.run_dir, "placement.json"), "w") as fh:
-            json.dump({**p.describe(), "actors": actors, "buffer": self.buffer_url}, fh, indent=1)
+            json.dump({**self.placement.describe(), "actors": actors, "buffer": self.buffer_url}, fh, indent=1)
+
+    def _is_rank(self, exc) -> bool:
+        """Whether a RayActorError is about one of the trainer ranks (workers restart on their own)."""
+        dead = getattr(exc, "actor_id", None)
+        return dead is not None and any(rank._actor_id.hex() == dead for rank in self.ranks)
+
+    def _restart_trainer(self, why: str) -> int:
+        """A trainer rank died: stop every rank (their process group is broken), start them
+        again in the same bundles with a new rendezvous port, load the latest checkpoint and
+        publish it under a version newer than anything published, so workers swap to it. The
+        buffer is kept as it is: groups trained after the checkpoint stay trained (their update
+        is lost, none is trained twice), the dead step's groups are trained by the new ranks.
+        Returns the published version."""
+        import ray
+
+        folder = os.path.join(self.run_dir, "checkpoints")
+        marker = os.path.join(folder, "latest_driver")
+        if not os.path.exists(marker):
+            raise RunFailed(f"trainer rank died ({why}) and there is no checkpoint to restart it from "
+                            f"(set trainer.checkpoint_every)")
+        tag = open(marker).read().strip()
+        for rank in self.ranks:
+            ray.kill(rank, no_restart=True)
+        self.placement.fresh_master_port()
+        self._start_ranks()
+        self._on_all_ranks("load_checkpoint", folder, tag)
+        published = self.buffer.current_version()
+        self._on_all_ranks("set_version", (published.version if published else 0) + 1)
+        version = self._on_all_ranks("publish")[0]["weights/version"]
+        self.trainer_restarts += 1
+        self._write_placement()
+        print(f"rlpost: trainer restarted from checkpoint {tag} after: {why}; now at weights v{version}",
+              file=sys.stderr, flush=True)
+        return version
 
     def _start_workers(self):
         """Start the workers' loops (after a checkpoint restore, so they see the restored buffer
@@ -487,54 +538,68 @@ class Run:
                     return False
                 return True
 
-            while step_job is not None or may_start_next():
-                if step_job is None:
-                    step_job = self._launch_step(version)
-                metrics = self._wait_all(*step_job)[0]
-                step_job = None
-                self._check_finite(metrics)
-                last_step_at = time.time()
-                version = int(metrics.get("weights/version", version))
-                self.state.trained_groups += cfg.rollout.batch_prompts
-                self.state.trained_samples += int(metrics["train/samples"]) * cfg.trainer.num_ranks
-                self.state.trained_tokens += int(metrics["train/tokens"]) * cfg.trainer.num_ranks
-                step = self.state.step
-                eval_due = bool(cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.trainer.steps)
-                checkpoint_due = bool(cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0)
-                if not (eval_due or checkpoint_due) and may_start_next():
-                    # the trainer starts the next step now; the bookkeeping below overlaps it
-                    step_job = self._launch_step(version)
-                depth = self.buffer.depth()
-                metrics.update({f"buffer/{k}": v for k, v in depth.items()})
-                metrics["buffer/complete_depth"] = depth["complete"]  # bounded by buffer.max_complete
-                totals, now = self.worker_totals(), time.time()
-                wall = max(now - prev_t, 1e-9) * max(cfg.rollout.num_workers, 1)
-                metrics.update({
-                    "rollout/idle_frac": min(1.0, (totals.get("idle_s", 0) - prev_totals.get("idle_s", 0)) / wall),
-                    # engine speed: tokens generated per second spent generating, all workers (cumulative:
-                    # heartbeats come every 0.5 s, a per-step difference would be mostly zeros)
-                    "rollout/tokens_per_s": totals.get("tokens", 0) / max(totals.get("gen_s", 0), 1e-9),
-                    "rollout/aborted_tokens": totals.get("aborted_tokens", 0),
-                    "rollout/parked_groups": totals.get("parked_groups", 0),
-                    "rollout/resumed_groups": totals.get("resumed_groups", 0),
-                    "rollout/stale_restarts": totals.get("stale_restarts", 0),
-                    "rollout/backpressure_s": totals.get("backpressure_s", 0),
-                    "rollout/worker_restarts": totals.get("restarts", 0),
-                    "train/idle_frac": metrics["train/wait_s"] / max(metrics["train/wait_s"] + metrics["train/step_s"], 1e-9),
-                    "throughput/samples_per_s": self.state.trained_samples / max(now - rl_start, 1e-9),
-                    "throughput/trained_tokens_per_s": self.state.trained_tokens / max(now - rl_start, 1e-9),
-                    "time/elapsed_s": now - t_start,
-                })
-                prev_totals, prev_t = totals, now
-                if eval_due:
-                    acc = self.evaluate(f"step{step}", version)
-                    self.state.evals.append({"step": step, "accuracy": acc})
-                    metrics["eval/accuracy"] = acc
-                if checkpoint_due:
-                    self.checkpoint()
-                logger.log(metrics, step=step)
-                logger.progress(step, metrics)
-                last = metrics
+            while True:  # the RL loop; a trainer rank that dies restarts it from the latest checkpoint
+                try:
+                    while step_job is not None or may_start_next():
+                        if step_job is None:
+                            step_job = self._launch_step(version)
+                        metrics = self._wait_all(*step_job)[0]
+                        step_job = None
+                        self._check_finite(metrics)
+                        last_step_at = time.time()
+                        version = int(metrics.get("weights/version", version))
+                        self.state.trained_groups += cfg.rollout.batch_prompts
+                        self.state.trained_samples += int(metrics["train/samples"]) * cfg.trainer.num_ranks
+                        self.state.trained_tokens += int(metrics["train/tokens"]) * cfg.trainer.num_ranks
+                        step = self.state.step
+                        eval_due = bool(cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.trainer.steps)
+                        checkpoint_due = bool(cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0)
+                        if not (eval_due or checkpoint_due) and may_start_next():
+                            # the trainer starts the next step now; the bookkeeping below overlaps it
+                            step_job = self._launch_step(version)
+                        depth = self.buffer.depth()
+                        metrics.update({f"buffer/{k}": v for k, v in depth.items()})
+                        metrics["buffer/complete_depth"] = depth["complete"]  # bounded by buffer.max_complete
+                        totals, now = self.worker_totals(), time.time()
+                        wall = max(now - prev_t, 1e-9) * max(cfg.rollout.num_workers, 1)
+                        metrics.update({
+                            "rollout/idle_frac": min(1.0, (totals.get("idle_s", 0) - prev_totals.get("idle_s", 0)) / wall),
+                            # engine speed: tokens generated per second spent generating, all workers (cumulative:
+                            # heartbeats come every 0.5 s, a per-step difference would be mostly zeros)
+                            "rollout/tokens_per_s": totals.get("tokens", 0) / max(totals.get("gen_s", 0), 1e-9),
+                            "rollout/aborted_tokens": totals.get("aborted_tokens", 0),
+                            "rollout/parked_groups": totals.get("parked_groups", 0),
+                            "rollout/resumed_groups": totals.get("resumed_groups", 0),
+                            "rollout/stale_restarts": totals.get("stale_restarts", 0),
+                            "rollout/backpressure_s": totals.get("backpressure_s", 0),
+                            "rollout/worker_restarts": totals.get("restarts", 0),
+                            "train/idle_frac": metrics["train/wait_s"] / max(metrics["train/wait_s"] + metrics["train/step_s"], 1e-9),
+                            "throughput/samples_per_s": self.state.trained_samples / max(now - rl_start, 1e-9),
+                            "throughput/trained_tokens_per_s": self.state.trained_tokens / max(now - rl_start, 1e-9),
+                            "time/elapsed_s": now - t_start,
+                        })
+                        prev_totals, prev_t = totals, now
+                        if eval_due:
+                            acc = self.evaluate(f"step{step}", version)
+                            self.state.evals.append({"step": step, "accuracy": acc})
+                            metrics["eval/accuracy"] = acc
+                        if checkpoint_due:
+                            self.checkpoint()
+                        logger.log(metrics, step=step)
+                        logger.progress(step, metrics)
+                        last = metrics
+                    break
+                except ray.exceptions.RayActorError as exc:
+                    if not self._is_rank(exc):
+                        raise
+                    if self.trainer_restarts >= cfg.trainer.max_restarts:
+                        raise RunFailed(f"trainer rank died after {self.trainer_restarts} restart(s) "
+                                        f"(trainer.max_restarts={cfg.trainer.max_restarts}): "
+                                        f"{str(exc).strip().splitlines()[0][:300]}") from exc
+                    if step_job is not None:
+                        self.state.step -= 1  # the unfinished step is done again by the new ranks
+                    step_job = None
+                    version = self._restart_trainer(type(exc).__name__)
             # The final weights must be the ones evaluated, whatever publish_every says.
             version = self._on_all_ranks("publish")[0].get("weights/version", version)
             after = self.evaluate("after", version)
@@ -554,6 +619,7 @@ class Run:
                 "total_seconds": time.time() - t_start,
                 "final_train_reward": last.get("reward/mean"),
                 "redis_restarts": self.redis_restarts,
+                "trainer_restarts": self.trainer_restarts,
                 "trained_samples": self.state.trained_samples,
                 "trained_tokens": self.state.trained_tokens,
                 "samples_per_s": self.state.trained_samples / max(time.time() - rl_start, 1e-9),

@@ -262,3 +262,24 @@ def test_expert_parallel_ranks_hold_half_the_experts_and_publish_all_of_them(tmp
             assert f"model.layers.{layer}.mlp.experts.{expert}.down_proj.weight" in names
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3
+
+
+@pytest.mark.slow
+def test_a_killed_trainer_rank_is_restarted_from_the_latest_checkpoint(tmp_path):
+    """SIGKILL the trainer rank mid-RL: the driver starts the ranks again in their bundles, loads
+    the latest checkpoint, publishes it as a newer version, keeps the buffer, and the run
+    finishes every step with no sample trained twice."""
+    run_dir = tmp_path / "run"
+
+    def rank_pid(_driver: int) -> int:
+        return int(json.loads((run_dir / "placement.json").read_text())["actors"]["trainer"][0]["pid"])
+
+    # sync mode: steps slow enough (~0.3 s) that the kill lands mid-RL, not after the last step
+    args = ["experiment=toy_moe_local", "warmup.steps=20", "env.num_eval=16", "eval.every=0", "rollout.batch_prompts=8",
+            "logger.progress=false", "trainer.steps=40", "trainer.checkpoint_every=4"]
+    code, err = kill_mid_run(run_dir, args, 8, rank_pid)
+    assert code == 0, err[-3000:]
+    assert "rlpost: trainer restarted from checkpoint step" in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["trainer_restarts"] == 1
+    trained_ids(run_dir)  # no sample trained twice

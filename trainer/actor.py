@@ -55,6 +55,7 @@ class TrainerRank:
         self.version = 0
         self.ref_model: Qwen3MoeForCausalLM | None = None
         self.consumer = f"trainer-{self.rank}"
+        self._own_pending_read = False
 
     # ------------------------------------------------------------------ weights
     # ------------------------------------------------------------------ expert parallelism
@@ -188,6 +189,9 @@ class TrainerRank:
         ``rollout.max_staleness`` versions behind the current weights go back as fresh tasks.
         Returns (deliveries, number of stale groups restarted)."""
         got: list[Delivery] = []
+        # a previous life's unfinished step comes first (a rank restarted after dying mid-step)
+        pending = [] if self._own_pending_read else self.buffer.read_own_complete(self.consumer, count=want)
+        self._own_pending_read = True
         stale_restarted = 0
         bound = self.cfg.rollout.max_staleness
         deadline = time.monotonic() + timeout_s
@@ -195,7 +199,8 @@ class TrainerRank:
         while len(got) < want:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"trainer rank {self.rank}: {len(got)}/{want} groups after {timeout_s}s")
-            fresh = self.buffer.read_complete(self.consumer, want - len(got), block_ms=200)
+            fresh = pending or self.buffer.read_complete(self.consumer, want - len(got), block_ms=200)
+            pending = []
             if reclaim or not fresh:
                 fresh += self.buffer.reclaim("complete", "trainer", self.consumer,
                                              self.cfg.buffer.reclaim_idle_ms, count=want - len(got))
@@ -351,6 +356,11 @@ class TrainerRank:
                 metrics[f"moe/layer{layer}_expert{e}_frac"] = float(frac[layer, e])
         metrics["moe/max_expert_frac"] = float(frac.max())
         return metrics
+
+    def set_version(self, version: int) -> None:
+        """After a restart from a checkpoint: continue the version counter past what was already
+        published, so workers see newer weights and versions never go backwards."""
+        self.version = version
 
     def where(self) -> dict:
         from rlpost.placement import where
