@@ -272,6 +272,11 @@ class Run:
         with open(os.path.join(self.run_dir, "placement.json"), "w") as fh:
             json.dump({**self.placement.describe(), "actors": actors, "buffer": self.buffer_url}, fh, indent=1)
 
+    def _warmup_folder(self) -> str:
+        """Where this run's warm-up weights are cached (keyed by everything that determines them)."""
+        cfg = self.cfg
+        return os.path.join(cfg.warmup.cache_dir or os.path.join(self.run_dir, "warmup"), warmup_key(cfg))
+
     def _is_rank(self, exc) -> bool:
         """Whether a RayActorError is about one of the trainer ranks (workers restart on their own)."""
         dead = getattr(exc, "actor_id", None)
@@ -297,6 +302,16 @@ class Run:
         self.placement.fresh_master_port()
         self._start_ranks()
         self._on_all_ranks("load_checkpoint", folder, tag)
+        if self.cfg.trainer.kl_coef > 0:  # the KL reference stays the policy RL started from
+            from rlpost.modeling import load_pretrained
+
+            start = self._warmup_folder()
+            if not os.path.exists(os.path.join(start, "model.safetensors")):
+                start = self.cfg.model.path  # no warm-up: RL started from the checkpoint itself
+            if not start:
+                raise RunFailed("trainer restart: no warm-up or model.path weights to rebuild the KL reference from")
+            reference, _ = load_pretrained(start)
+            self._on_all_ranks("set_reference", reference)
         published = self.buffer.current_version()
         self._on_all_ranks("set_version", (published.version if published else 0) + 1)
         version = self._on_all_ranks("publish")[0]["weights/version"]
@@ -393,8 +408,7 @@ class Run:
         from rlpost.modeling import load_pretrained
 
         cfg = self.cfg
-        key = warmup_key(cfg)
-        folder = os.path.join(cfg.warmup.cache_dir or os.path.join(self.run_dir, "warmup"), key)
+        folder = self._warmup_folder()
         if os.path.exists(os.path.join(folder, "model.safetensors")):
             state, _ = load_pretrained(folder)
             self._on_all_ranks("load_state", state)

@@ -276,7 +276,8 @@ def test_a_killed_trainer_rank_is_restarted_from_the_latest_checkpoint(tmp_path)
 
     # sync mode: steps slow enough (~0.3 s) that the kill lands mid-RL, not after the last step
     args = ["experiment=toy_moe_local", "warmup.steps=20", "env.num_eval=16", "eval.every=0", "rollout.batch_prompts=8",
-            "logger.progress=false", "trainer.steps=40", "trainer.checkpoint_every=4"]
+            "logger.progress=false", "trainer.steps=40", "trainer.checkpoint_every=4",
+            "trainer.kl_coef=0.01"]  # the restarted ranks rebuild the KL reference from the warm-up
     code, err = kill_mid_run(run_dir, args, 8, rank_pid)
     assert code == 0, err[-3000:]
     assert "rlpost: trainer restarted from checkpoint step" in err

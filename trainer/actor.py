@@ -8,7 +8,6 @@ a rank that dies mid-step leaves its groups pending for reclaim.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -177,9 +176,17 @@ class TrainerRank:
         self._set_lr(self.cfg.trainer.lr)
         self.reset_optimizer_state()
         if self.cfg.trainer.kl_coef > 0:
-            self.ref_model = copy.deepcopy(self.engine.module).eval()
-            for p in self.ref_model.parameters():
-                p.requires_grad_(False)
+            self.set_reference(self.canonical_state())
+
+    def set_reference(self, state: dict[str, torch.Tensor]) -> None:
+        """The frozen KL reference policy, from a full state (all experts, HF names): at the
+        start of RL, and again in ranks restarted mid-run (it must stay the policy RL started
+        from). A plain model of the same definition, not a copy of the DeepSpeed module (which
+        holds process groups that cannot be copied: kl_coef > 0 crashed at the start of RL)."""
+        self.ref_model = Qwen3MoeForCausalLM(self.cfg.model).to(self.device).eval()
+        self.ref_model.load_canonical_state_dict(state)
+        for p in self.ref_model.parameters():
+            p.requires_grad_(False)
 
     # ------------------------------------------------------------------ RL step
     def _collect_groups(self, want: int, timeout_s: float) -> tuple[list[Delivery], int]:
