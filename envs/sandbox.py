@@ -140,7 +140,7 @@ class SandboxPool:
     The pool runs its own event loop on a daemon thread: ``await pool.run(...)`` works from any
     event loop, and threaded callers (the rollout worker) use ``run_many`` / ``run_sync``."""
 
-    def __init__(self, cfg: SandboxConfig, smoke_test: bool = True):
+    def __init__(self, cfg: SandboxConfig):
         self.cfg = cfg
         self.backend, self.bwrap = pick_backend(cfg)
         # The launcher needs only the standard library; the system python starts ~25% faster
@@ -160,10 +160,9 @@ class SandboxPool:
         self._free: asyncio.Queue[_Slot] = asyncio.Queue()
         try:
             for i in range(cfg.slots):
-                self._slots.append(self._make_slot(i, {s.uid for s in self._slots}))
+                self._slots.append(self._make_slot(i))
                 self._free.put_nowait(self._slots[-1])
-            if smoke_test:
-                self._smoke_test()
+            self._smoke_test()
         except BaseException:
             self.close()
             raise
@@ -173,14 +172,14 @@ class SandboxPool:
         """The uid of each slot (leased host-wide for the pool's lifetime)."""
         return [slot.uid for slot in self._slots]
 
-    def _make_slot(self, i: int, taken: set[int]) -> _Slot:
+    def _make_slot(self, i: int) -> _Slot:
         scratch = os.path.join(self.root, f"slot{i}")
         os.makedirs(scratch, exist_ok=True)
         os.chmod(scratch, 0o755)  # the slot's inputs, bound read-only into its sandbox
         if self.backend != "bwrap":
             return _Slot(i, os.geteuid(), scratch)
         try:
-            lease = UidLease.take(self.cfg.base_uid, taken)
+            lease = UidLease.take(self.cfg.base_uid)
         except IsolationUnavailable as exc:
             raise SandboxUnavailable(str(exc)) from exc
         return _Slot(i, lease.uid, scratch, lease=lease)

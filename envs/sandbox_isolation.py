@@ -114,13 +114,12 @@ class UidLease:
         self.uid, self._fd = uid, fd
 
     @classmethod
-    def take(cls, first: int, taken: set[int] | None = None, span: int = 10000) -> "UidLease":
-        """The first uid from ``first`` on that no pool on this host holds, with no account and
-        no process; raises IsolationUnavailable if ``span`` uids are all in use."""
+    def take(cls, first: int, span: int = 10000) -> "UidLease":
+        """The first uid from ``first`` on that no pool on this host holds (this pool's other
+        slots included: a second flock on the same file fails even in the same process), with no
+        account and no process; raises IsolationUnavailable if ``span`` uids are all in use."""
         os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
         for uid in range(first, first + span):
-            if taken and uid in taken:
-                continue
             fd = os.open(os.path.join(LOCK_DIR, f"uid-{uid}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

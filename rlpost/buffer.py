@@ -143,9 +143,13 @@ class RedisBuffer:
     def read_own_pending(self, consumer: str, count: int = 1000) -> list[Delivery]:
         """Items this consumer name read but never acked (a previous life of this worker, or a
         run resumed from a checkpoint): served again before anything new."""
+        return self._read_own(WORKER_GROUP, consumer, (("partials", unpack_entry), ("tasks", unpack_task)), count)
+
+    def _read_own(self, group: str, consumer: str, streams, count: int) -> list[Delivery]:
+        """Entries of ``streams`` ((name, decoder) pairs) delivered to ``consumer`` and not acked."""
         out: list[Delivery] = []
-        for stream, decoder in (("partials", unpack_entry), ("tasks", unpack_task)):
-            resp = self.client.xreadgroup(WORKER_GROUP, consumer, {self.key(stream): "0"}, count=count)
+        for stream, decoder in streams:
+            resp = self.client.xreadgroup(group, consumer, {self.key(stream): "0"}, count=count)
             out.extend(self._decode(resp, decoder))
         return out
 
@@ -200,8 +204,7 @@ class RedisBuffer:
     def read_own_complete(self, consumer: str, count: int = 1000) -> list[Delivery]:
         """Groups this trainer consumer read but never acked (a rank that died mid-step): its
         next life trains them first instead of waiting for them to go idle."""
-        resp = self.client.xreadgroup(TRAINER_GROUP, consumer, {self.key("complete"): "0"}, count=count)
-        return self._decode(resp, unpack_complete)
+        return self._read_own(TRAINER_GROUP, consumer, (("complete", unpack_complete),), count)
 
     def requeue(self, deliveries: list[Delivery]) -> None:
         """Send complete groups back as fresh tasks (too stale to train) and ack them, atomically."""

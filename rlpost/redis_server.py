@@ -53,6 +53,8 @@ class PrivateRedis:
     host: str = ""   # TCP only
     port: int = 0
     password: str = ""
+    appendonly: bool = False
+    appendfsync: str = "everysec"
 
     @property
     def url(self) -> str:
@@ -69,11 +71,9 @@ class PrivateRedis:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        args = self.process.args
-        appendonly = args[args.index("--appendonly") + 1] == "yes"
-        fsync = args[args.index("--appendfsync") + 1]
-        return start_private_redis(self.workdir, appendonly=appendonly, timeout_s=timeout_s, host=self.host or None,
-                                   appendfsync=fsync, port=self.port, password=self.password)
+        return start_private_redis(self.workdir, appendonly=self.appendonly, timeout_s=timeout_s,
+                                   host=self.host or None, appendfsync=self.appendfsync, port=self.port,
+                                   password=self.password)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -129,7 +129,7 @@ def start_private_redis(workdir: str | None = None, appendonly: bool = False,
     log.close()
     deadline = time.monotonic() + timeout_s
     server = PrivateRedis(socket_path=socket_path, process=process, workdir=workdir, host=host or "", port=port,
-                          password=password)
+                          password=password, appendonly=appendonly, appendfsync=appendfsync)
     client = server.client()
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -147,6 +147,7 @@ class Run:
         self._stopping = threading.Event()
         self.redis_restarts = 0
         self.trainer_restarts = 0
+        self._worker_where: list | None = None  # workers' placement, asked once (see _write_placement)
         self._nonfinite_steps = 0  # consecutive steps with a non-finite loss or gradient norm
         self.ranks: list = []
         self.workers: list = []
@@ -266,7 +267,7 @@ class Run:
         runs one call at a time: asked later, the question would wait behind its loop forever)."""
         import ray
 
-        if not hasattr(self, "_worker_where"):
+        if self._worker_where is None:
             self._worker_where = ray.get([w.where.remote() for w in self.workers])
         actors = {"trainer": ray.get([r.where.remote() for r in self.ranks]), "workers": self._worker_where}
         with open(os.path.join(self.run_dir, "placement.json"), "w") as fh:
@@ -282,6 +283,20 @@ class Run:
         dead = getattr(exc, "actor_id", None)
         return dead is not None and any(rank._actor_id.hex() == dead for rank in self.ranks)
 
+    def _recover_trainer(self, exc, unfinished_step: bool) -> int:
+        """The RL loop's answer to a RayActorError: a worker's is not ours to handle (workers
+        restart on their own), a trainer rank's restarts the trainer while restarts are left.
+        Returns the weights version to go on with."""
+        if not self._is_rank(exc):
+            raise exc
+        limit = self.cfg.trainer.max_restarts
+        if self.trainer_restarts >= limit:
+            raise RunFailed(f"trainer rank died after {self.trainer_restarts} restart(s) "
+                            f"(trainer.max_restarts={limit}): {str(exc).strip().splitlines()[0][:300]}") from exc
+        if unfinished_step:
+            self.state.step -= 1  # the unfinished step is done again by the new ranks
+        return self._restart_trainer(type(exc).__name__)
+
     def _restart_trainer(self, why: str) -> int:
         """A trainer rank died: stop every rank (their process group is broken), start them
         again in the same bundles with a new rendezvous port, load the latest checkpoint and
@@ -291,12 +306,11 @@ class Run:
         Returns the published version."""
         import ray
 
-        folder = os.path.join(self.run_dir, "checkpoints")
-        marker = os.path.join(folder, "latest_driver")
-        if not os.path.exists(marker):
+        latest = self._latest_checkpoint()
+        if latest is None:
             raise RunFailed(f"trainer rank died ({why}) and there is no checkpoint to restart it from "
                             f"(set trainer.checkpoint_every)")
-        tag = open(marker).read().strip()
+        folder, tag = latest
         for rank in self.ranks:
             ray.kill(rank, no_restart=True)
         self.placement.fresh_master_port()
@@ -486,14 +500,22 @@ class Run:
         os.replace(os.path.join(folder, "latest_driver.tmp"), os.path.join(folder, "latest_driver"))
         return os.path.join(folder, tag)
 
-    def try_resume(self) -> bool:
-        import msgpack
-
+    def _latest_checkpoint(self) -> tuple[str, str] | None:
+        """(checkpoints folder, tag) of the latest complete checkpoint, or None."""
         folder = os.path.join(self.run_dir, "checkpoints")
         marker = os.path.join(folder, "latest_driver")
         if not os.path.exists(marker):
+            return None
+        with open(marker) as fh:
+            return folder, fh.read().strip()
+
+    def try_resume(self) -> bool:
+        import msgpack
+
+        latest = self._latest_checkpoint()
+        if latest is None:
             return False
-        tag = open(marker).read().strip()
+        folder, tag = latest
         self._on_all_ranks("load_checkpoint", folder, tag)
         with open(os.path.join(folder, tag, "driver_state.json")) as fh:
             self.state = DriverState(**json.load(fh))
@@ -552,68 +574,60 @@ class Run:
                     return False
                 return True
 
-            while True:  # the RL loop; a trainer rank that dies restarts it from the latest checkpoint
+            while step_job is not None or may_start_next():
                 try:
-                    while step_job is not None or may_start_next():
-                        if step_job is None:
-                            step_job = self._launch_step(version)
-                        metrics = self._wait_all(*step_job)[0]
-                        step_job = None
-                        self._check_finite(metrics)
-                        last_step_at = time.time()
-                        version = int(metrics.get("weights/version", version))
-                        self.state.trained_groups += cfg.rollout.batch_prompts
-                        self.state.trained_samples += int(metrics["train/samples"]) * cfg.trainer.num_ranks
-                        self.state.trained_tokens += int(metrics["train/tokens"]) * cfg.trainer.num_ranks
-                        step = self.state.step
-                        eval_due = bool(cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.trainer.steps)
-                        checkpoint_due = bool(cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0)
-                        if not (eval_due or checkpoint_due) and may_start_next():
-                            # the trainer starts the next step now; the bookkeeping below overlaps it
-                            step_job = self._launch_step(version)
-                        depth = self.buffer.depth()
-                        metrics.update({f"buffer/{k}": v for k, v in depth.items()})
-                        metrics["buffer/complete_depth"] = depth["complete"]  # bounded by buffer.max_complete
-                        totals, now = self.worker_totals(), time.time()
-                        wall = max(now - prev_t, 1e-9) * max(cfg.rollout.num_workers, 1)
-                        metrics.update({
-                            "rollout/idle_frac": min(1.0, (totals.get("idle_s", 0) - prev_totals.get("idle_s", 0)) / wall),
-                            # engine speed: tokens generated per second spent generating, all workers (cumulative:
-                            # heartbeats come every 0.5 s, a per-step difference would be mostly zeros)
-                            "rollout/tokens_per_s": totals.get("tokens", 0) / max(totals.get("gen_s", 0), 1e-9),
-                            "rollout/aborted_tokens": totals.get("aborted_tokens", 0),
-                            "rollout/parked_groups": totals.get("parked_groups", 0),
-                            "rollout/resumed_groups": totals.get("resumed_groups", 0),
-                            "rollout/stale_restarts": totals.get("stale_restarts", 0),
-                            "rollout/backpressure_s": totals.get("backpressure_s", 0),
-                            "rollout/worker_restarts": totals.get("restarts", 0),
-                            "train/idle_frac": metrics["train/wait_s"] / max(metrics["train/wait_s"] + metrics["train/step_s"], 1e-9),
-                            "throughput/samples_per_s": self.state.trained_samples / max(now - rl_start, 1e-9),
-                            "throughput/trained_tokens_per_s": self.state.trained_tokens / max(now - rl_start, 1e-9),
-                            "time/elapsed_s": now - t_start,
-                        })
-                        prev_totals, prev_t = totals, now
-                        if eval_due:
-                            acc = self.evaluate(f"step{step}", version)
-                            self.state.evals.append({"step": step, "accuracy": acc})
-                            metrics["eval/accuracy"] = acc
-                        if checkpoint_due:
-                            self.checkpoint()
-                        logger.log(metrics, step=step)
-                        logger.progress(step, metrics)
-                        last = metrics
-                    break
-                except ray.exceptions.RayActorError as exc:
-                    if not self._is_rank(exc):
-                        raise
-                    if self.trainer_restarts >= cfg.trainer.max_restarts:
-                        raise RunFailed(f"trainer rank died after {self.trainer_restarts} restart(s) "
-                                        f"(trainer.max_restarts={cfg.trainer.max_restarts}): "
-                                        f"{str(exc).strip().splitlines()[0][:300]}") from exc
-                    if step_job is not None:
-                        self.state.step -= 1  # the unfinished step is done again by the new ranks
+                    if step_job is None:
+                        step_job = self._launch_step(version)
+                    metrics = self._wait_all(*step_job)[0]
                     step_job = None
-                    version = self._restart_trainer(type(exc).__name__)
+                    self._check_finite(metrics)
+                    last_step_at = time.time()
+                    version = int(metrics.get("weights/version", version))
+                    self.state.trained_groups += cfg.rollout.batch_prompts
+                    self.state.trained_samples += int(metrics["train/samples"]) * cfg.trainer.num_ranks
+                    self.state.trained_tokens += int(metrics["train/tokens"]) * cfg.trainer.num_ranks
+                    step = self.state.step
+                    eval_due = bool(cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.trainer.steps)
+                    checkpoint_due = bool(cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0)
+                    if not (eval_due or checkpoint_due) and may_start_next():
+                        # the trainer starts the next step now; the bookkeeping below overlaps it
+                        step_job = self._launch_step(version)
+                    depth = self.buffer.depth()
+                    metrics.update({f"buffer/{k}": v for k, v in depth.items()})
+                    metrics["buffer/complete_depth"] = depth["complete"]  # bounded by buffer.max_complete
+                    totals, now = self.worker_totals(), time.time()
+                    wall = max(now - prev_t, 1e-9) * max(cfg.rollout.num_workers, 1)
+                    metrics.update({
+                        "rollout/idle_frac": min(1.0, (totals.get("idle_s", 0) - prev_totals.get("idle_s", 0)) / wall),
+                        # engine speed: tokens generated per second spent generating, all workers (cumulative:
+                        # heartbeats come every 0.5 s, a per-step difference would be mostly zeros)
+                        "rollout/tokens_per_s": totals.get("tokens", 0) / max(totals.get("gen_s", 0), 1e-9),
+                        "rollout/aborted_tokens": totals.get("aborted_tokens", 0),
+                        "rollout/parked_groups": totals.get("parked_groups", 0),
+                        "rollout/resumed_groups": totals.get("resumed_groups", 0),
+                        "rollout/stale_restarts": totals.get("stale_restarts", 0),
+                        "rollout/backpressure_s": totals.get("backpressure_s", 0),
+                        "rollout/worker_restarts": totals.get("restarts", 0),
+                        "train/idle_frac": metrics["train/wait_s"] / max(metrics["train/wait_s"] + metrics["train/step_s"], 1e-9),
+                        "throughput/samples_per_s": self.state.trained_samples / max(now - rl_start, 1e-9),
+                        "throughput/trained_tokens_per_s": self.state.trained_tokens / max(now - rl_start, 1e-9),
+                        "time/elapsed_s": now - t_start,
+                    })
+                    prev_totals, prev_t = totals, now
+                    if eval_due:
+                        acc = self.evaluate(f"step{step}", version)
+                        self.state.evals.append({"step": step, "accuracy": acc})
+                        metrics["eval/accuracy"] = acc
+                    if checkpoint_due:
+                        self.checkpoint()
+                    logger.log(metrics, step=step)
+                    logger.progress(step, metrics)
+                    last = metrics
+                except ray.exceptions.RayActorError as exc:
+                    # a trainer rank died: the ranks start again from the latest checkpoint (a
+                    # worker's death is re-raised there: workers restart on their own)
+                    version = self._recover_trainer(exc, unfinished_step=step_job is not None)
+                    step_job = None
             # The final weights must be the ones evaluated, whatever publish_every says.
             version = self._on_all_ranks("publish")[0].get("weights/version", version)
             after = self.evaluate("after", version)

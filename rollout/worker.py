@@ -244,8 +244,7 @@ class RolloutWorker:
 
                 def should_stop() -> bool:
                     self._ship(self.scorer.collect())
-                    if time.time() - self._last_beat > 0.5:
-                        self._heartbeat()
+                    self._heartbeat_every(0.5)
                     new_version, round_now, stop = self.buffer.poll()
                     if stop:
                         why["reason"] = "stop"
