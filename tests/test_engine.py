@@ -85,6 +85,31 @@ def test_sampling_is_seeded_and_temperature_matters(small_cfg):
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
 
 
+def test_the_sampler_draws_from_the_tempered_nucleus_and_reports_its_logprobs():
+    """The inverse-CDF sampler: frequencies match softmax(logits / T), tokens outside the top-p
+    nucleus or of zero probability are never drawn, logprobs are the tempered ones, greedy rows
+    take the argmax with the untempered logprob."""
+    from rlpost.rollout.native import _sample
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]])
+    rows = 40_000
+    g = torch.Generator().manual_seed(0)
+    for temp in (1.0, 0.5):
+        ids, logp = _sample(logits.repeat(rows, 1), torch.full((rows,), temp), torch.ones(rows), g)
+        want = torch.softmax(logits[0] / temp, -1)
+        freq = torch.bincount(ids, minlength=5).double() / rows
+        assert torch.allclose(freq, want.double(), atol=0.01) and freq[4] == 0
+        assert torch.allclose(logp, torch.log(want)[ids], atol=1e-5)
+    # top-p 0.8 keeps tokens 0 and 1 (0.665 + 0.245 cross 0.8 at token 1), renormalised
+    ids, _ = _sample(logits.repeat(rows, 1), torch.ones(rows), torch.full((rows,), 0.8), g)
+    freq = torch.bincount(ids, minlength=5).double() / rows
+    p = torch.softmax(logits[0], -1)[:2].double()
+    assert freq[2:].sum() == 0 and abs(freq[0] - p[0] / p.sum()) < 0.01
+    temps = torch.tensor([0.0, 1.0])
+    ids, logp = _sample(torch.tensor([[0.0, 3.0, 1.0], [0.0, 3.0, 1.0]]), temps, torch.ones(2), g)
+    assert int(ids[0]) == 1 and abs(float(logp[0]) - float(torch.log_softmax(torch.tensor([0.0, 3.0, 1.0]), -1)[1])) < 1e-6
+
+
 def test_too_long_request_is_a_clear_error(small_cfg):
     engine = make_engine(small_cfg)
     with pytest.raises(ValueError, match="max_seq_len"):

@@ -87,3 +87,27 @@ def test_qwen3_tokenizer_round_trips_arithmetic_digit_by_digit():
     answer = tok.encode(task.answer) + [tok.eos_id]
     assert env.score(task.answer, answer).reward == 1.0
     assert env.score(task.answer, tok.encode(task.answer)).reward == 0.0  # no eos: not an answer
+
+
+def test_mixtral_tokenizer_encodes_answers_as_the_continuation_the_model_generates():
+    """env.tokenizer=mixtral: Mixtral's SentencePiece vocabulary (mistral-common). A prompt is a
+    document (bos, SentencePiece's leading space marker), an answer a continuation: no marker,
+    so the SFT target is exactly what the policy must generate, and a response that starts with
+    a space is not the answer."""
+    from rlpost.config import EnvConfig
+    from rlpost.envs.arithmetic import ArithmeticEnv
+    from rlpost.records import SamplingParams
+
+    env = ArithmeticEnv(EnvConfig(tokenizer="mixtral", num_eval=4))
+    tok = env.tokenizer
+    assert tok.vocab_size == 32000 and (tok.bos_id, tok.eos_id) == (1, 2)
+    prompt = tok.encode("37+5=", bos=True)
+    assert prompt[0] == tok.bos_id and len(prompt) == 7  # <s> ▁ 3 7 + 5 =
+    assert tok.encode("42") == [28781, 28750] and tok.decode(tok.encode("42")) == "42"
+    assert tok.decode(tok.encode("42") + [tok.eos_id] + tok.encode("9")) == "42"
+    assert tok.eos_id not in tok.encode("</s>")
+    prompt_ids, target = env.sft_example(0, seed=0)
+    assert prompt_ids[0] == tok.bos_id and target[-1] == tok.eos_id and 28705 not in target
+    task = env.train_task(0, 0, 2, SamplingParams(1.0, 1.0, 6))
+    assert env.score(task.answer, tok.encode(task.answer) + [tok.eos_id]).reward == 1.0
+    assert env.score(task.answer, tok.encode(" " + task.answer) + [tok.eos_id]).reward == 0.0
