@@ -19,6 +19,7 @@ weights), so the repack runs explicitly on every MoE layer.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -57,6 +58,16 @@ def _reload_in_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
     return repacked
 
 
+class _RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" warning, logged at every in-place
+    reload: rotary layers hold computed cos/sin tables, which no checkpoint carries, and vLLM puts
+    them back as they were (tests/test_vllm_engine.py: output after a reload equals a fresh
+    engine's). One false warning per RL step would bury real ones."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
+
+
 class VLLMEngine(ServedEngineBase):
     """vLLM's ``LLMEngine`` driven one chunk at a time (see the module doc)."""
 
@@ -68,6 +79,8 @@ class VLLMEngine(ServedEngineBase):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine_cfg.kv_cache_gb))
         # the worker owns its cores (Ray, rollout.threads): vLLM must not pin OpenMP threads itself
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        # vLLM logs two INFO lines per weight update (reload + prefix-cache reset): one per RL step
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         try:
             from vllm import SamplingParams
             from vllm.engine.arg_utils import EngineArgs
@@ -82,6 +95,7 @@ class VLLMEngine(ServedEngineBase):
                                "Model Runner V2 (CUDA + Triton), not on CPU; set engine.return_routed_experts=false "
                                "or use engine=native (which always reports them)")
         self._SamplingParams, self._DELTA = SamplingParams, RequestOutputKind.DELTA
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
         model_path = self._init_served(model_cfg, engine_cfg, eos_id, pad_id, model_path)
         t0 = time.perf_counter()
         args = EngineArgs(

@@ -92,13 +92,14 @@ def test_two_deepspeed_ranks_train_disjoint_whole_groups(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sync", "april"])
 def test_vllm_engine_end_to_end(tmp_path, mode):
-    """The whole loop with vLLM as the rollout engine: the Qwen3-MoE checkpoint the driver's
-    trainer publishes loads into vLLM as is, every step trains, and the train-inference mismatch
-    on on-policy tokens stays at fp32 noise."""
+    """The whole loop with vLLM as the rollout engine and a real tokenizer (Mixtral's 32k
+    SentencePiece ids): the Qwen3-MoE checkpoint the driver's trainer publishes loads into vLLM
+    as is, every step trains, and the train-inference mismatch on on-policy tokens stays at fp32
+    noise. (The full-length runs that gain 30+ points are measured in the README.)"""
     pytest.importorskip("vllm", reason="vLLM is not installed (bash scripts/install.sh vllm)")
     run_dir = tmp_path / f"vllm-{mode}"
     extra = ["rollout.over_sampling=2", "rollout.max_staleness=4"] if mode == "april" else []
-    run_cli(["experiment=toy_moe_local", "engine=vllm", f"mode={mode}", f"run_dir={run_dir}", "warmup.steps=20",
+    run_cli(["experiment=mixtral_tok_local", "engine=vllm", f"mode={mode}", f"run_dir={run_dir}", "warmup.steps=20",
              "trainer.steps=6", "env.num_eval=32", "eval.every=0", "logger.progress=false", *extra], timeout=600)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 6 and sum(w["tasks"] for w in summary["workers"]) >= 6 * 32 + 2 * 32
@@ -106,6 +107,8 @@ def test_vllm_engine_end_to_end(tmp_path, mode):
     assert [r["step"] for r in steps] == list(range(1, 7)) and steps[-1]["weights/version"] == 6
     on_policy = [r for r in steps if r.get("mismatch/tokens")]
     assert on_policy and max(r["mismatch/logprob_abs_max"] for r in on_policy) < 1e-3
+    config = (run_dir / "config.yaml").read_text()
+    assert "tokenizer: mixtral" in config and json.loads((run_dir / "final" / "config.json").read_text())["vocab_size"] == 32000
 
 
 @pytest.mark.slow
