@@ -169,24 +169,33 @@ _ARRAY_NDIM = {**{name: 1 for name in TOKEN_ARRAYS}, "prompt_ids": 1, "routed_ex
 def _unpack_array(obj: Any, name: str) -> np.ndarray:
     """A packed array, checked field by field: foreign or poisoned entries (a dtype of 123, a
     shape of "ab", a 0-d array, bytes that do not fit) are RecordErrors, never a numpy error
-    raised in a consumer's loop."""
-    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
+    raised in a consumer's loop. (A trainer decodes every trajectory of every step with this,
+    so the checks are written to cost little: cached dtypes, no per-call sets.)"""
+    if not isinstance(obj, dict) or obj.keys() != _PACKED_KEYS:
         raise RecordError(f"field '{name}' is not a packed array: {type(obj).__name__}")
     raw_dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
-    if not isinstance(raw_dtype, str) or raw_dtype not in _ALLOWED_DTYPES:
+    dtype = _ALLOWED_DTYPES.get(raw_dtype) if isinstance(raw_dtype, str) else None
+    if dtype is None:
         raise RecordError(f"field '{name}' has unsupported dtype {raw_dtype!r}")
     ndim = _ARRAY_NDIM[name]
-    if not isinstance(shape, list) or len(shape) != ndim or not all(type(d) is int and 0 <= d < 1 << 31 for d in shape):
+    if not isinstance(shape, list) or len(shape) != ndim or not _sizes(shape):
         raise RecordError(f"field '{name}' has shape {shape!r:.40}, expected {ndim} non-negative ints")
     if not isinstance(data, bytes):
         raise RecordError(f"field '{name}' data is {type(data).__name__}, not bytes")
-    dtype = np.dtype(raw_dtype)
-    if len(data) != dtype.itemsize * math.prod(shape):
+    if len(data) != dtype.itemsize * (shape[0] if ndim == 1 else math.prod(shape)):
         raise RecordError(f"field '{name}': {len(data)} bytes do not fit shape {shape} of {raw_dtype}")
     return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
 
 
-_ALLOWED_DTYPES = {np.dtype(t).str for t in ("i1", "<i2", "<i4", "<i8", "u1", "<u2", "<u4", "<f2", "<f4", "<f8")}
+_PACKED_KEYS = frozenset(("dtype", "shape", "data"))
+
+
+def _sizes(shape: list) -> bool:
+    for d in shape:
+        if type(d) is not int or not 0 <= d < 1 << 31:
+            return False
+    return True
+_ALLOWED_DTYPES = {np.dtype(t).str: np.dtype(t) for t in ("i1", "<i2", "<i4", "<i8", "u1", "<u2", "<u4", "<f2", "<f4", "<f8")}
 # Scalar fields of a trajectory and the types they must have.
 _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
     "traj_id": (str,), "task_id": (str,), "group_id": (str,), "reward": (int, float), "env_info": (dict,),
@@ -197,16 +206,20 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
 _ARRAY_FIELDS = set(TOKEN_ARRAYS) | {"prompt_ids", "routed_experts"}
 
 
+# Trajectory's fields, read once (dataclasses.fields() rebuilds its tuple on every call).
+_TRAJECTORY_FIELDS = tuple(f.name for f in fields(Trajectory))
+
+
 def pack_trajectory(traj: Trajectory) -> bytes:
     body: dict[str, Any] = {"schema": SCHEMA_VERSION}
-    for f in fields(Trajectory):
-        value = getattr(traj, f.name)
-        if f.name in _ARRAY_FIELDS:
-            body[f.name] = _pack_array(value)
-        elif f.name == "status":
-            body[f.name] = Status(value).value
+    for name in _TRAJECTORY_FIELDS:
+        value = getattr(traj, name)
+        if name in _ARRAY_FIELDS:
+            body[name] = _pack_array(value)
+        elif name == "status":
+            body[name] = Status(value).value
         else:
-            body[f.name] = value
+            body[name] = value
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -219,21 +232,21 @@ def unpack_trajectory(data: bytes) -> Trajectory:
         raise RecordError(f"trajectory has schema {body.get('schema') if isinstance(body, dict) else None!r}, "
                           f"expected {SCHEMA_VERSION}")
     kwargs: dict[str, Any] = {}
-    for f in fields(Trajectory):
-        if f.name not in body:
-            raise RecordError(f"trajectory is missing field '{f.name}'")
-        value = body[f.name]
-        if f.name in _ARRAY_FIELDS:
-            value = _unpack_array(value, f.name)
-        elif f.name == "status":
+    for name in _TRAJECTORY_FIELDS:
+        if name not in body:
+            raise RecordError(f"trajectory is missing field '{name}'")
+        value = body[name]
+        if name in _ARRAY_FIELDS:
+            value = _unpack_array(value, name)
+        elif name == "status":
             try:
                 value = Status(value)
             except (ValueError, TypeError) as exc:
                 raise RecordError(f"field 'status' has unknown value {value!r}") from exc
-        elif f.name in _SCALAR_TYPES and (type(value) not in _SCALAR_TYPES[f.name] or type(value) is bool):
-            raise RecordError(f"trajectory field '{f.name}' is {type(value).__name__} {value!r:.40}, "
-                              f"expected {'/'.join(t.__name__ for t in _SCALAR_TYPES[f.name])}")
-        kwargs[f.name] = value
+        elif name in _SCALAR_TYPES and (type(value) not in _SCALAR_TYPES[name] or type(value) is bool):
+            raise RecordError(f"trajectory field '{name}' is {type(value).__name__} {value!r:.40}, "
+                              f"expected {'/'.join(t.__name__ for t in _SCALAR_TYPES[name])}")
+        kwargs[name] = value
     traj = Trajectory(**kwargs)
     traj.validate()
     return traj

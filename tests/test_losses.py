@@ -175,3 +175,47 @@ def test_mismatch_meter_counts_tokens_routed_through_another_expert_set():
 def test_grpo_advantages_refuse_non_finite_rewards_with_a_clear_error():
     with pytest.raises(ValueError, match=r"rewards must be finite, got \[nan\]"):
         grpo_advantages(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+
+
+def test_collate_places_every_token_where_the_loss_reads_it():
+    """Row i holds prompt + response right-padded; response token k of a prompt of length P is
+    scored at position P-1+k with its logprob, version, loss mask (0 for tool observations) and
+    routed experts (-1 where a sample has none); a sample with no response scores nothing."""
+    import numpy as np
+
+    from rlpost.records import SamplingParams, Task, Trajectory
+    from rlpost.trainer.batch import collate
+
+    rng = np.random.default_rng(0)
+    trajs = []
+    for i in range(40):
+        task = Task(task_id=f"t{i}", prompt_ids=list(rng.integers(3, 20, int(rng.integers(1, 6)))), answer="1",
+                    group_size=4, sampling=SamplingParams(1.0, 1.0, 12))
+        traj = Trajectory.start(task, 0)
+        routed = i % 3 != 0
+        for turn in range(int(rng.integers(0, 3))):
+            n = int(rng.integers(1, 4))
+            traj.append(list(rng.integers(3, 20, n)), list(rng.normal(size=n)), version=turn + 1,
+                        experts=rng.integers(0, 4, (n, 2, 2)) if routed else None, trainable=turn != 1)
+        trajs.append(traj)
+    adv = torch.arange(40, dtype=torch.float32)
+    batch = collate(trajs, adv, pad_id=99)
+    assert batch.input_ids.shape[1] == max(len(t.prompt_ids) + len(t) for t in trajs)
+    for row, t in enumerate(trajs):
+        p, r = len(t.prompt_ids), len(t)
+        ids = batch.input_ids[row].tolist()
+        assert ids[:p + r] == t.prompt_ids.tolist() + t.response_ids.tolist() and set(ids[p + r:]) <= {99}
+        scored = slice(p - 1, p - 1 + r)
+        assert batch.mask[row, scored].tolist() == t.loss_mask.astype(float).tolist()
+        assert batch.mask[row].sum() == t.loss_mask.sum()
+        assert torch.allclose(batch.behav_logp[row, scored], torch.from_numpy(t.logprobs))
+        assert batch.versions[row, scored].tolist() == t.versions.tolist()
+        assert (batch.versions[row, :p - 1] == -1).all() and (batch.versions[row, p - 1 + r:] == -1).all()
+        want = t.routed_experts if t.routed_experts.size else -np.ones((r, 2, 2))
+        assert batch.engine_experts[row, scored].tolist() == want.tolist()
+        assert (batch.engine_experts[row, p - 1 + r:] == -1).all()
+        assert batch.targets[row, :p + r - 1].tolist() == ids[1:p + r]
+    assert batch.lengths.tolist() == [len(t.prompt_ids) + len(t) for t in trajs]
+    assert torch.equal(batch.advantages, adv)
+    plain = collate([t for i, t in enumerate(trajs) if i % 3 == 0], adv[:14])
+    assert plain.engine_experts is None  # no sample carries routing

