@@ -163,7 +163,11 @@ class VLLMEngine(ServedEngineBase):
         return GenOutput(stream.tokens, stream.logprobs, experts, reason)
 
     def _load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        weights = [(name, tensor) for name, tensor in state_dict.items()]
+        # cast to the engine's dtype here (fp32 trainer -> bf16 engine): vLLM casts anyway, with
+        # one warning per tensor per update
+        dtype = getattr(self.llm.model_config, "dtype", None)
+        weights = [(name, tensor.to(dtype) if isinstance(dtype, torch.dtype) and tensor.is_floating_point() else tensor)
+                   for name, tensor in state_dict.items()]
         self.llm.collective_rpc(_reload_in_worker, args=(weights,))
         if not self.llm.reset_prefix_cache():
             raise RuntimeError(f"vLLM weights v{version}: the prefix cache could not be reset")
