@@ -199,6 +199,13 @@ class Run:
             num_cpus = cfg.ray_num_cpus or max(os.cpu_count() or 1, needed)
             ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars},
                      log_to_driver=True, configure_logging=False)
+            asked = {k: v for k, v in (("trainer.num_gpus", cfg.trainer.num_gpus),
+                                       ("engine.num_gpus", cfg.engine.num_gpus)) if v}
+            if asked and not ray.cluster_resources().get("GPU", 0):
+                # a local Ray never grows GPUs: say so now, not after placement's 120 s wait
+                raise RunFailed(f"{', '.join(f'{k}={v}' for k, v in asked.items())} but this machine has no GPU "
+                                f"(engine=sglang needs one; on CPU use engine=native or engine=vllm with "
+                                f"engine.num_gpus=0)")
         # ray.init replaces the driver's SIGTERM handler with one that exits at once; ours unwinds
         # through execute()'s clean-up (workers stopped, private redis-server stopped).
         if threading.current_thread() is threading.main_thread():

@@ -63,6 +63,18 @@ class WorkItem:
         return all(t.status not in UNFINISHED for t in self.group)
 
 
+def engine_device(num_gpus: float) -> str:
+    """The rollout engine's device: the GPU Ray gave this worker when ``engine.num_gpus`` > 0 (Ray
+    sets CUDA_VISIBLE_DEVICES to it, so it is ``cuda`` here, shared with a colocated trainer
+    rank), else the CPU. (The native engine ran on the CPU even with a GPU assigned.)"""
+    if num_gpus <= 0:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"engine.num_gpus={num_gpus}: this rollout worker sees no CUDA device "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    return "cuda"
+
+
 class RolloutWorker:
     def __init__(self, cfg: RlpostConfig, index: int, buffer_url: str, run: str,
                  buffer_auth: dict | None = None):
@@ -74,7 +86,8 @@ class RolloutWorker:
         self.buffer = RedisBuffer.from_url(buffer_url, run, **(buffer_auth or {}))
         self.env = make_env(cfg.env, cfg.sandbox)
         self.engine = make_engine(cfg.model, cfg.engine, eos_id=self.env.tokenizer.eos_id,
-                                  pad_id=self.env.tokenizer.pad_id, seed=cfg.seed * 1000 + index)
+                                  pad_id=self.env.tokenizer.pad_id, seed=cfg.seed * 1000 + index,
+                                  device=engine_device(cfg.engine.num_gpus))
         self.stats = WorkerStats()
         self.stats.restarts = self._lives(index) - 1
         self._last_beat = 0.0

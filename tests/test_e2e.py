@@ -287,3 +287,18 @@ def test_a_killed_trainer_rank_is_restarted_from_the_latest_checkpoint(tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 40 and summary["trainer_restarts"] == 1
     trained_ids(run_dir)  # no sample trained twice
+
+
+def test_gpu_engines_on_a_machine_without_gpus_fail_at_once_with_the_fields_named(tmp_path):
+    """engine=sglang asks each worker for a GPU (engine.num_gpus=1): on a machine without one the
+    run stops right after Ray starts, naming the fields, not after placement's 120 s wait."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "-m", "rlpost.run", "experiment=toy_moe_local", "engine=sglang",
+                           f"run_dir={tmp_path / 'run'}", "logger.progress=false"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "engine.num_gpus=1.0 but this machine has no GPU" in proc.stderr

@@ -271,3 +271,26 @@ def test_stacked_experts_equal_the_per_expert_path_and_follow_new_weights(small_
         assert torch.equal(experts, same_experts)
         moe.load_state_dict(other.state_dict())
         torch.testing.assert_close(moe(x)[0], other(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_the_native_engine_runs_where_ray_put_the_worker(small_cfg):
+    """engine.num_gpus=0: the CPU. engine.num_gpus>0: the GPU Ray assigned (a clear error when
+    the worker sees none, instead of silently generating on the CPU)."""
+    from rlpost.rollout.worker import engine_device
+
+    assert engine_device(0) == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"engine.num_gpus=1: this rollout worker sees no CUDA device"):
+            engine_device(1)
+
+
+@pytest.mark.gpu
+def test_the_native_engine_generates_on_the_gpu_it_was_given(small_cfg):
+    from rlpost.rollout.worker import engine_device
+
+    torch.manual_seed(123)
+    engine = NativeEngine(small_cfg.model, EngineConfig(chunk_tokens=4), eos_id=EOS, device=engine_device(0.5))
+    cpu = make_engine(small_cfg)
+    engine.load_weights(cpu.model.state_dict(), version=0)
+    assert next(engine.model.parameters()).is_cuda
+    assert [o.token_ids for o in greedy(engine)] == [o.token_ids for o in greedy(cpu)]
