@@ -8,14 +8,21 @@ equals the DeepSpeed policy to 2e-5). vLLM runs in fp32 and bf16.
 
     python bench/engines.py                 # ~2 minutes on 2 CPU cores
     python bench/engines.py --quick         # smaller model and batch (a smoke run)
+    python bench/engines.py --device cuda --engines native,native-bf16,vllm,vllm-bf16,sglang-bf16
+    python bench/engines.py --device cuda --large --engines native-bf16,vllm-bf16,sglang-bf16
 
-Writes bench/results/engines.json; the last line is ``RESULT engines <vLLM fp32 tokens/s over
-native>``.
+On a GPU (scripts/gpu_check.sh) the published weights sit on the GPU, as a colocated trainer's
+do, so the update is measured against a device-to-device copy of the same bytes; ``--large`` is
+a ~0.56B-parameter random Qwen3-MoE (12 layers of 1024 hidden,
+16 experts of 768, top-4, Mixtral's 32k vocabulary).
+Writes bench/results/engines.json (engines_gpu.json / engines_gpu_large.json on a GPU); the last
+line is ``RESULT engines <vLLM fp32 tokens/s over native>`` (bf16 over bf16 when fp32 is not run).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -32,7 +39,10 @@ from rlpost.modeling import Qwen3MoeForCausalLM  # noqa: E402
 from rlpost.rollout.engine import GenRequest, make_engine  # noqa: E402
 
 
-def bench_model(quick: bool) -> ModelConfig:
+def bench_model(quick: bool, large: bool = False) -> ModelConfig:
+    if large:
+        return ModelConfig(vocab_size=32000, d_model=1024, n_layers=12, n_heads=16, n_kv_heads=4, head_dim=64,
+                           d_ff=768, num_experts=16, top_k=4, max_seq_len=160, init_std=0.02)
     if quick:
         return ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
                            d_ff=128, num_experts=4, top_k=2, max_seq_len=160, init_std=0.05)
@@ -53,19 +63,26 @@ def requests(n: int, new_tokens: int, vocab: int) -> list[GenRequest]:
 def trainer_logprobs(model: Qwen3MoeForCausalLM, reqs: list[GenRequest], outs) -> list[float]:
     """The trainer's logprob of every sampled token (fp32, full forward over prompt + response)."""
     diffs = []
+    device = next(model.parameters()).device
     with torch.no_grad():
         for r, o in zip(reqs, outs):
-            ids = torch.tensor([r.prompt_ids + o.token_ids])
+            ids = torch.tensor([r.prompt_ids + o.token_ids], device=device)
             logp = torch.log_softmax(model(ids).logits[0, len(r.prompt_ids) - 1:-1].float(), -1)
-            ref = logp.gather(-1, torch.tensor(o.token_ids)[:, None]).squeeze(-1)
+            ref = logp.gather(-1, torch.tensor(o.token_ids, device=device)[:, None]).squeeze(-1).cpu()
             diffs += (ref - torch.tensor(o.logprobs)).abs().tolist()
     return diffs
 
 
-def measure(name: str, dtype: str, cfg: ModelConfig, states: list[dict], reqs, trainer) -> dict:
-    engine_cfg = EngineConfig(name=name, dtype=dtype, chunk_tokens=8, max_batch_size=len(reqs))
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(name: str, dtype: str, cfg: ModelConfig, states: list[dict], reqs, trainer, device: str) -> dict:
+    engine_cfg = EngineConfig(name=name, dtype=dtype, chunk_tokens=8, max_batch_size=len(reqs),
+                              gpu_memory_utilization=0.3, num_gpus=1 if device.startswith("cuda") else 0)
     t0 = time.perf_counter()
-    engine = make_engine(cfg, engine_cfg, eos_id=-1, seed=0)
+    engine = make_engine(cfg, engine_cfg, eos_id=-1, seed=0, device=device)
     start_s = time.perf_counter() - t0
     engine.load_weights(states[0], 0)
     engine.generate(reqs[:8])  # warm-up
@@ -76,10 +93,15 @@ def measure(name: str, dtype: str, cfg: ModelConfig, states: list[dict], reqs, t
     diffs = trainer_logprobs(trainer, reqs, outs)
     updates = []
     for v in range(1, 6):
+        sync(device)
         t0 = time.perf_counter()
         engine.load_weights(states[v % len(states)], v)
+        sync(device)
         updates.append(time.perf_counter() - t0)
     del engine
+    gc.collect()  # a GPU engine's memory must be back before the next one sizes its KV cache
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return {"engine": name, "dtype": dtype, "start_s": round(start_s, 2), "tokens": tokens,
             "gen_s": round(gen_s, 3), "tokens_per_s": round(tokens / gen_s, 1),
             "weight_update_ms": round(1000 * statistics.median(updates), 2),
@@ -90,45 +112,60 @@ def measure(name: str, dtype: str, cfg: ModelConfig, states: list[dict], reqs, t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--engines", default="native,vllm,vllm-bf16")
+    parser.add_argument("--engines", default="native,vllm,vllm-bf16",
+                        help="engine[-bf16] list: native, vllm, sglang (SGLang: CUDA only)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--large", action="store_true", help="a ~0.56B-parameter model (for a GPU)")
+    parser.add_argument("--name", default=None, help="results file name (default engines[_gpu][_large])")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = bench_model(args.quick)
+    device = args.device
+    cfg = bench_model(args.quick, args.large)
     n, new_tokens = (16, 16) if args.quick else (64, 64)
     reqs = requests(n, new_tokens, cfg.vocab_size)
     states = []
     for seed in range(2):
         torch.manual_seed(seed)
-        states.append(Qwen3MoeForCausalLM(cfg).canonical_state_dict())
-    trainer = Qwen3MoeForCausalLM(cfg).eval()
+        states.append({k: v.to(device) for k, v in Qwen3MoeForCausalLM(cfg).canonical_state_dict().items()})
+    trainer = Qwen3MoeForCausalLM(cfg).to(device).eval()
     trainer.load_canonical_state_dict(states[0])
     num_bytes = sum(t.numel() * t.element_size() for t in states[0].values())
     copies = []
     dst = {k: torch.empty_like(v) for k, v in states[0].items()}
     for _ in range(5):
+        sync(device)
         t0 = time.perf_counter()
         for k, v in states[1].items():
             dst[k].copy_(v)
+        sync(device)
         copies.append(time.perf_counter() - t0)
     memcpy_ms = 1000 * statistics.median(copies)
+    del dst
 
     rows = []
     for spec in args.engines.split(","):
         name, _, dt = spec.partition("-")
         dtype = {"": "float32", "bf16": "bfloat16"}[dt]
-        row = measure(name, dtype, cfg, states, reqs, trainer)
+        row = measure(name, dtype, cfg, states, reqs, trainer, device)
         row["weight_update_vs_copy"] = round(row["weight_update_ms"] / memcpy_ms, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    native = next(r for r in rows if r["engine"] == "native")
-    vllm = next((r for r in rows if r["engine"] == "vllm" and r["dtype"] == "float32"), None)
-    ratio = vllm["tokens_per_s"] / native["tokens_per_s"] if vllm else float("nan")
+    ratio = float("nan")
+    for dt in ("float32", "bfloat16"):
+        native = next((r for r in rows if r["engine"] == "native" and r["dtype"] == dt), None)
+        vllm = next((r for r in rows if r["engine"] == "vllm" and r["dtype"] == dt), None)
+        if native and vllm:
+            ratio = vllm["tokens_per_s"] / native["tokens_per_s"]
+            break
     params = sum(t.numel() for t in states[0].values())
-    result = {"device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 torch thread",
+    where = (f"GPU: {torch.cuda.get_device_name(0)}" if device == "cuda" else
+             f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 torch thread")
+    result = {"device": where,
               "model": {**vars(cfg), "parameters": params, "bytes": num_bytes},
               "requests": {"count": n, "new_tokens": new_tokens, "temperature": 1.0},
               "plain_copy_ms": round(memcpy_ms, 2), "engines": rows, "vllm_over_native_tokens_per_s": round(ratio, 2)}
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "engines.json")
+    name = args.name or "engines" + ("_gpu" if device == "cuda" else "") + ("_large" if args.large else "")
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json")
     if not args.quick:
         with open(out, "w") as fh:
             json.dump(result, fh, indent=2)
