@@ -3,6 +3,7 @@
     python bench/april.py                # 3 interleaved repeats of sync/async/april, ~9 minutes
     python bench/april.py --repeats 1    # quicker, noisier
     python bench/april.py --configs sync,april,april_recompute   # APRIL re-prefilling resumes
+    python bench/april.py --name april_gpu_vllm engine=vllm engine.num_gpus=1 ...   # on a GPU
 
 Each configuration is a full `python -m rlpost.run experiment=longtail_bench mode=...` run (Ray
 actors, private redis-server, DeepSpeed trainer) from the same cached warm-up, training the same
@@ -10,7 +11,8 @@ number of samples; the repeats are interleaved so a slow spell of the machine hi
 Throughput is trained samples per second of training (first step to last; the final evaluation
 is not counted). Response lengths come from the model's own EOS decisions on a heavy-tailed
 counting task; the table reports their p50/p99 as measured on the sync runs' trained samples.
-Writes bench/results/april.json; the last line is `RESULT april <mean april / mean sync samples/s>`.
+Writes bench/results/april.json (or <name>.json); the last line is `RESULT april <mean april / mean
+sync samples/s>`. Overrides on the command line replace a mode's own setting of the same key.
 """
 
 from __future__ import annotations
@@ -35,9 +37,19 @@ MODES = {
 }
 
 
+def mode_overrides(mode: str, extra: list[str]) -> list[str]:
+    """The mode's overrides, minus any key the command line sets itself; KV retention is the
+    native engine's, so it is left out when another engine is chosen (``engine=vllm``)."""
+    given = {o.split("=", 1)[0] for o in extra}
+    native = all(o.split("=", 1)[1] == "native" for o in extra if o.startswith("engine="))
+    return [o for o in MODES[mode]
+            if o.split("=", 1)[0] not in given and (native or not o.startswith("engine.reuse_kv="))]
+
+
 def run_mode(mode: str, workdir: str, steps: int, extra: list[str], repeat: int) -> dict:
     run_dir = os.path.join(workdir, f"{mode}-{repeat}")
-    cmd = [sys.executable, "-m", "rlpost.run", "experiment=longtail_bench", *MODES[mode], f"run_dir={run_dir}",
+    cmd = [sys.executable, "-m", "rlpost.run", "experiment=longtail_bench", *mode_overrides(mode, extra),
+           f"run_dir={run_dir}",
            f"trainer.steps={steps}", f"warmup.cache_dir={os.path.join(workdir, 'warmup')}",
            "logger.progress=false", *extra]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline"}
@@ -100,6 +112,7 @@ def main() -> None:
     parser.add_argument("--configs", default="sync,async,april",
                         help=f"comma-separated, from: {', '.join(MODES)} (sync and april are required)")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--name", default="april", help="results file: bench/results/<name>.json")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for every mode")
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="rlpost-bench-april-")
@@ -128,7 +141,7 @@ def main() -> None:
     paired = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(runs["april"], runs["sync"])]
     print("april/sync per repeat (runs adjacent in time): " + ", ".join(f"{r:.2f}x" for r in paired))
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "april.json"), "w") as fh:
+    with open(os.path.join(ROOT, "bench", "results", f"{args.name}.json"), "w") as fh:
         json.dump({"results": results, "april_over_sync": ratio, "april_over_sync_per_repeat": paired, "steps": args.steps, "repeats": args.repeats,
                    "modes": {c: MODES[c] for c in configs}, "command": "python bench/april.py " + " ".join(sys.argv[1:])}, fh, indent=2)
     print(f"RESULT april {ratio:.2f}")
