@@ -91,6 +91,8 @@ class RedisBuffer:
         self.client = client
         self.run = run
         self.prefix = f"rlpost:{run}:"
+        # the trainer's model vocabulary: complete groups with a token id outside it are dead-lettered
+        self.vocab_size: int | None = None
 
     @classmethod
     def from_url(cls, url: str, run: str, **auth) -> "RedisBuffer":
@@ -159,7 +161,7 @@ class RedisBuffer:
         resp = self.client.xautoclaim(self.key(stream), group, consumer, min_idle_time=min_idle_ms,
                                       start_id="0-0", count=count)
         entries = resp[1]
-        decoder = {"tasks": unpack_task, "complete": unpack_complete}.get(stream, unpack_entry)
+        decoder = {"tasks": unpack_task, "complete": self._unpack_complete}.get(stream, unpack_entry)
         return self._decode([[self.key(stream).encode(), entries]], decoder)
 
     def park_partials(self, parked: list[tuple[Delivery, GroupEntry]]) -> None:
@@ -195,7 +197,7 @@ class RedisBuffer:
     def read_complete(self, consumer: str, count: int, block_ms: int | None = None) -> list[Delivery]:
         resp = self.client.xreadgroup(TRAINER_GROUP, consumer, {self.key("complete"): ">"},
                                       count=count, block=block_ms)
-        return self._decode(resp, unpack_complete)
+        return self._decode(resp, self._unpack_complete)
 
     def complete_depth(self) -> int:
         """Groups waiting in ``complete`` (backpressure: workers compare it to buffer.max_complete)."""
@@ -204,7 +206,10 @@ class RedisBuffer:
     def read_own_complete(self, consumer: str, count: int = 1000) -> list[Delivery]:
         """Groups this trainer consumer read but never acked (a rank that died mid-step): its
         next life trains them first instead of waiting for them to go idle."""
-        return self._read_own(TRAINER_GROUP, consumer, (("complete", unpack_complete),), count)
+        return self._read_own(TRAINER_GROUP, consumer, (("complete", self._unpack_complete),), count)
+
+    def _unpack_complete(self, data: bytes):
+        return unpack_complete(data, self.vocab_size)
 
     def requeue(self, deliveries: list[Delivery]) -> None:
         """Send complete groups back as fresh tasks (too stale to train) and ack them, atomically."""

@@ -119,9 +119,15 @@ def _node_gpu_order(info: BundleInfo) -> tuple:
     return (info.node_ip, info.node_id, gpu, info.index)
 
 
-def place(cfg: RlpostConfig, timeout_s: float = 120.0) -> Placement:
-    """Reserve the run's bundles and order them; raises TimeoutError naming what could not be
-    placed (a cluster without the CPUs/GPUs asked for) instead of waiting forever."""
+class PlacementError(RuntimeError):
+    """The cluster cannot hold the run's bundles (the driver reports it in one line, exit 1)."""
+
+
+def place(cfg: RlpostConfig, timeout_s: float = 120.0, fixed_cluster: bool = False) -> Placement:
+    """Reserve the run's bundles and order them. Raises PlacementError naming what could not be
+    placed (a cluster without the CPUs/GPUs asked for): at once on a ``fixed_cluster`` (a Ray
+    the driver started on its own machine, which never grows) whose resources cannot hold the
+    bundles, else after ``timeout_s`` (a cluster may add nodes meanwhile)."""
     import ray
     from ray.util.placement_group import placement_group
 
@@ -131,23 +137,25 @@ def place(cfg: RlpostConfig, timeout_s: float = 120.0) -> Placement:
     if p.colocate:
         shared_gpu = max(gpus_per_rank, gpus_per_worker)
         bundle = {"CPU": t.threads + r.threads, **({"GPU": shared_gpu} if shared_gpu else {})}
-        bundles = [dict(bundle) for _ in range(t.num_ranks)]
-        trainer_pg = worker_pg = placement_group(bundles, strategy=p.strategy)
-        trainer_bundles_spec = worker_bundles_spec = bundles
+        trainer_bundles_spec = worker_bundles_spec = [dict(bundle) for _ in range(t.num_ranks)]
         gpus_per_rank = gpus_per_worker = shared_gpu / 2 if shared_gpu else 0.0
+        groups = {"trainer": trainer_bundles_spec}
     else:
         trainer_bundles_spec = [{"CPU": t.threads, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
                                 for _ in range(t.num_ranks)]
         worker_bundles_spec = [{"CPU": r.threads, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
                                for _ in range(r.num_workers)]
-        trainer_pg = placement_group(trainer_bundles_spec, strategy=p.strategy)
-        worker_pg = placement_group(worker_bundles_spec, strategy=p.strategy)
+        groups = {"trainer": trainer_bundles_spec, "rollout": worker_bundles_spec}
+    if fixed_cluster:
+        _check_fits(cfg, groups, ray.cluster_resources())
+    trainer_pg = placement_group(trainer_bundles_spec, strategy=p.strategy)
+    worker_pg = trainer_pg if p.colocate else placement_group(worker_bundles_spec, strategy=p.strategy)
     for name, pg, spec in (("trainer", trainer_pg, trainer_bundles_spec), ("rollout", worker_pg, worker_bundles_spec)):
         ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
         if not ready:
-            raise TimeoutError(f"placement: the cluster cannot hold the {name} bundles {spec} "
-                               f"(placement.strategy={p.strategy}) after {timeout_s:.0f}s; "
-                               f"cluster resources: {ray.cluster_resources()}")
+            raise PlacementError(f"the cluster cannot hold the {name} bundles {spec} "
+                                 f"(placement.strategy={p.strategy}) after {timeout_s:.0f}s; "
+                                 f"cluster resources: {ray.cluster_resources()}")
     trainer_info = sorted(_probe_bundles(trainer_pg, trainer_bundles_spec), key=_node_gpu_order)
     worker_info = (trainer_info if p.colocate
                    else sorted(_probe_bundles(worker_pg, worker_bundles_spec), key=_node_gpu_order))
@@ -155,6 +163,21 @@ def place(cfg: RlpostConfig, timeout_s: float = 120.0) -> Placement:
                      master_addr=trainer_info[0].node_ip, master_port=trainer_info[0].free_port,
                      gpus_per_rank=gpus_per_rank, gpus_per_worker=gpus_per_worker,
                      bundles={"trainer": trainer_info, "workers": worker_info}, trainer_spec=trainer_bundles_spec)
+
+
+def _check_fits(cfg: RlpostConfig, groups: dict[str, list[dict]], have: dict) -> None:
+    """PlacementError if the bundles need more CPUs or GPUs in all than the cluster has, with
+    the fields that asked for them."""
+    fields = {"GPU": f"trainer.num_gpus={cfg.trainer.num_gpus}, engine.num_gpus={cfg.engine.num_gpus}",
+              "CPU": f"trainer.threads={cfg.trainer.threads}, rollout.threads={cfg.rollout.threads}"}
+    for resource, asked_by in fields.items():
+        need = sum(b.get(resource, 0) for spec in groups.values() for b in spec)
+        if need > have.get(resource, 0) + 1e-9:
+            bundles = "; ".join(f"{name}: {spec}" for name, spec in groups.items())
+            raise PlacementError(f"the run needs {need:g} {resource} in all ({asked_by}; bundles {bundles}) and "
+                                 f"this machine's Ray has {have.get(resource, 0):g}"
+                                 + (" (engine=sglang needs a GPU; on a CPU use engine=native or engine=vllm)"
+                                    if resource == "GPU" else ""))
 
 
 def where() -> dict:

@@ -155,6 +155,15 @@ class Trajectory:
                 f"trajectory {self.traj_id}: field 'routed_experts' has {self.routed_experts.shape[0]}"
                 f" rows, expected {n}"
             )
+        # token ids index the embedding: a float, negative or missing prompt would reach the
+        # trainer's forward pass (or be silently mis-collated) instead of being refused here
+        for name in ("prompt_ids", "response_ids"):
+            arr = getattr(self, name)
+            if arr.dtype.kind not in "iu" or (arr.size and int(arr.min()) < 0):
+                raise RecordError(f"trajectory {self.traj_id}: field '{name}' must hold non-negative integer "
+                                  f"token ids (dtype {arr.dtype}, min {arr.min() if arr.size else None})")
+        if self.prompt_ids.size == 0:
+            raise RecordError(f"trajectory {self.traj_id}: field 'prompt_ids' is empty")
 
 
 def _pack_array(arr: np.ndarray) -> dict[str, Any]:
@@ -352,11 +361,13 @@ def unpack_entry(data: bytes) -> GroupEntry:
     return GroupEntry(unpack_task(task_bytes), unpack_group(group_bytes))
 
 
-def unpack_complete(data: bytes) -> GroupEntry:
+def unpack_complete(data: bytes, vocab_size: int | None = None) -> GroupEntry:
     """A finished group from the ``complete`` stream, checked before a trainer sees it: exactly
-    ``task.group_size`` members (GRPO normalises within the group) and a finite reward on each
-    (one inf or NaN reward makes NaN advantages for the whole group). Failures are RecordErrors
-    naming the sample, so the buffer dead-letters the entry and the run goes on."""
+    ``task.group_size`` members (GRPO normalises within the group), a finite reward on each
+    (one inf or NaN reward makes NaN advantages for the whole group) and, given ``vocab_size``,
+    every token id inside the model's vocabulary (one outside it failed the trainer's step, and
+    the step again after every restart). Failures are RecordErrors naming the sample, so the
+    buffer dead-letters the entry and the run goes on."""
     entry = unpack_entry(data)
     if len(entry.group) != entry.task.group_size:
         raise RecordError(f"group {entry.task.task_id}: {len(entry.group)} samples, task.group_size="
@@ -365,4 +376,9 @@ def unpack_complete(data: bytes) -> GroupEntry:
         reward = traj.reward
         if type(reward) not in (int, float) or not math.isfinite(reward):
             raise RecordError(f"trajectory {traj.traj_id}: reward={reward!r} is not a finite number")
+        if vocab_size is not None:
+            top = max(int(traj.prompt_ids.max()), int(traj.response_ids.max()) if len(traj) else 0)
+            if top >= vocab_size:
+                raise RecordError(f"trajectory {traj.traj_id}: token id {top} is outside the model's "
+                                  f"vocabulary of {vocab_size}")
     return entry

@@ -199,13 +199,6 @@ class Run:
             num_cpus = cfg.ray_num_cpus or max(os.cpu_count() or 1, needed)
             ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars},
                      log_to_driver=True, configure_logging=False)
-            asked = {k: v for k, v in (("trainer.num_gpus", cfg.trainer.num_gpus),
-                                       ("engine.num_gpus", cfg.engine.num_gpus)) if v}
-            if asked and not ray.cluster_resources().get("GPU", 0):
-                # a local Ray never grows GPUs: say so now, not after placement's 120 s wait
-                raise RunFailed(f"{', '.join(f'{k}={v}' for k, v in asked.items())} but this machine has no GPU "
-                                f"(engine=sglang needs one; on CPU use engine=native or engine=vllm with "
-                                f"engine.num_gpus=0)")
         # ray.init replaces the driver's SIGTERM handler with one that exits at once; ours unwinds
         # through execute()'s clean-up (workers stopped, private redis-server stopped).
         if threading.current_thread() is threading.main_thread():
@@ -238,13 +231,16 @@ class Run:
         the DeepSpeed rendezvous on rank 0's node, and where everything landed in placement.json."""
         import ray
 
-        from rlpost.placement import place
+        from rlpost.placement import PlacementError, place
         from rlpost.rollout.worker import RolloutWorker
         from rlpost.weights import WeightStore, store_name
 
         cfg = self.cfg
         self.store = WeightStore.options(name=store_name(self.run_id)).remote()
-        self.placement = place(cfg)
+        try:  # a Ray this driver started never grows: bundles it cannot hold fail at once
+            self.placement = place(cfg, fixed_cluster=not self._ray_address())
+        except PlacementError as exc:
+            raise RunFailed(f"placement: {exc}") from None
         p = self.placement
         self._start_ranks()
         worker_cls = ray.remote(RolloutWorker)

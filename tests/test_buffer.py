@@ -244,3 +244,36 @@ def test_junk_in_control_keys_is_a_clear_error_naming_the_key(buffer):
     buffer.client.hset(buffer.key("workers"), "w9", b"\x01\x02")
     with pytest.raises(BufferDataError, match=r":workers field b'w9' holds .*not a heartbeat"):
         buffer.workers()
+
+
+def test_groups_with_token_ids_the_model_cannot_embed_are_dead_lettered(buffer):
+    """A token id at or past the trainer's vocabulary (or a negative, float or missing prompt)
+    would fail the trainer's forward pass, and again after every restart: such a group goes to
+    dead letters with its reason, read or reclaimed, and the valid one beside it trains."""
+    import numpy as np
+
+    from rlpost.records import GroupEntry, pack_entry
+
+    buffer.vocab_size = 32
+    good, big, neg, flt, empty = (make_task(i) for i in range(5))
+    bad_big = finished_group(big)
+    bad_big[1].response_ids = np.array([5, 32], dtype="<i4")[:len(bad_big[1])]
+    bad_neg = finished_group(neg)
+    bad_neg[0].prompt_ids = np.array([1, -3], dtype="<i4")
+    bad_flt = finished_group(flt)
+    bad_flt[0].prompt_ids = np.array([1.0, 2.5], dtype="<f4")
+    bad_empty = finished_group(empty)
+    bad_empty[1].prompt_ids = np.zeros(0, dtype="<i4")
+    for task, group in ((big, bad_big), (good, finished_group(good)), (neg, bad_neg), (flt, bad_flt),
+                        (empty, bad_empty)):
+        buffer.client.xadd(buffer.key("complete"), {"data": pack_entry(GroupEntry(task, group))})
+    got = buffer.read_complete("trainer-0", count=2, block_ms=100)
+    got += buffer.reclaim("complete", TRAINER_GROUP, "trainer-1", min_idle_ms=0)
+    got += buffer.read_complete("trainer-0", count=10, block_ms=100)
+    assert {d.item.task.task_id for d in got} == {"t0"}
+    reasons = [f[b"reason"].decode() for _, f in buffer.client.xrange(buffer.key("dead"))]
+    assert len(reasons) == 4
+    assert "t1/1: token id 32 is outside the model's vocabulary of 32" in reasons[0]
+    assert "t2/0: field 'prompt_ids' must hold non-negative integer token ids" in reasons[1]
+    assert "t3/0: field 'prompt_ids' must hold non-negative integer token ids (dtype float32" in reasons[2]
+    assert "t4/1: field 'prompt_ids' is empty" in reasons[3]

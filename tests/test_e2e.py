@@ -291,7 +291,7 @@ def test_a_killed_trainer_rank_is_restarted_from_the_latest_checkpoint(tmp_path)
 
 def test_gpu_engines_on_a_machine_without_gpus_fail_at_once_with_the_fields_named(tmp_path):
     """engine=sglang asks each worker for a GPU (engine.num_gpus=1): on a machine without one the
-    run stops right after Ray starts, naming the fields, not after placement's 120 s wait."""
+    run stops at placement, naming the fields, not after placement's 120 s wait."""
     import torch
 
     if torch.cuda.is_available():
@@ -301,4 +301,5 @@ def test_gpu_engines_on_a_machine_without_gpus_fail_at_once_with_the_fields_name
                            f"run_dir={tmp_path / 'run'}", "logger.progress=false"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "engine.num_gpus=1.0 but this machine has no GPU" in proc.stderr
+    assert "placement: the run needs 1 GPU in all (trainer.num_gpus=0, engine.num_gpus=1.0;" in proc.stderr
+    assert "this machine's Ray has 0 (engine=sglang needs a GPU" in proc.stderr

@@ -47,3 +47,21 @@ def test_ranks_and_workers_spread_over_two_nodes_train_together(tmp_path, two_no
     assert summary["steps"] == 3
     per_rank = [[json.loads(line) for line in open(run_dir / f"trained_ids.rank{r}.jsonl")] for r in (0, 1)]
     assert all([r["step"] for r in rank] == [1, 2, 3] for rank in per_rank)  # both ranks trained every step
+
+
+def test_bundles_a_fixed_cluster_cannot_hold_are_refused_with_the_fields_named(small_cfg):
+    """On a Ray the driver started (it never grows) bundles beyond its resources fail at once:
+    two ranks asking for a GPU each on a one-GPU machine, colocated halves fit."""
+    import copy
+
+    from rlpost.placement import PlacementError, _check_fits
+
+    cfg = copy.deepcopy(small_cfg)
+    cfg.trainer.num_ranks, cfg.trainer.num_gpus, cfg.engine.num_gpus = 2, 2, 0
+    ranks = [{"CPU": 1, "GPU": 1.0}, {"CPU": 1, "GPU": 1.0}]
+    with pytest.raises(PlacementError, match=r"the run needs 2 GPU in all \(trainer.num_gpus=2, engine.num_gpus=0; "
+                                             r"bundles trainer: .*\) and this machine's Ray has 1"):
+        _check_fits(cfg, {"trainer": ranks, "rollout": [{"CPU": 1}]}, {"CPU": 16, "GPU": 1})
+    _check_fits(cfg, {"trainer": [{"CPU": 2, "GPU": 1.0}]}, {"CPU": 16, "GPU": 1})  # colocated: fits
+    with pytest.raises(PlacementError, match=r"needs 3 CPU in all \(trainer.threads=1, rollout.threads=1"):
+        _check_fits(cfg, {"trainer": [{"CPU": 1}, {"CPU": 1}], "rollout": [{"CPU": 1}]}, {"CPU": 2})

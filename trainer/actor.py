@@ -49,6 +49,7 @@ class TrainerRank:
         self.engine, self.precision, self.accum = build_engine(
             self.model, cfg.trainer, cfg.trainer.lr, samples, self.device, self.world)
         self.buffer = RedisBuffer.from_url(buffer_url, run, **(buffer_auth or {}))
+        self.buffer.vocab_size = cfg.model.vocab_size or None
         self.publisher = WeightPublisher(self.buffer, cfg.trainer.weight_transport, run_dir)
         self.run_dir = run_dir
         self.version = 0
@@ -56,8 +57,7 @@ class TrainerRank:
         self.consumer = f"trainer-{self.rank}"
         self._own_pending_read = False
 
-    # ------------------------------------------------------------------ weights
-    # ------------------------------------------------------------------ expert parallelism
+    # ------------------------------------------------------------------ weights (expert-parallel aware)
     def _expert_slice(self) -> tuple[int, int]:
         """(first global expert index held here, experts held here). DeepSpeed forms expert-
         parallel groups of consecutive ranks, so rank r holds slice r % ep_size."""
