@@ -179,7 +179,9 @@ class TrainerConfig:
     ppo_minibatches: int = 1
     publish_every: int = 1
     checkpoint_every: int = 0
-    weight_transport: str = "ray"  # ray | file
+    # auto: node-local shared memory when every worker is on rank 0's node, else Ray's object
+    # store | shm | ray | file (rlpost/weights.py)
+    weight_transport: str = "auto"
     # Steps in a row with a non-finite loss or gradient norm before the run stops (exit code 1).
     max_nonfinite_steps: int = 3
     # A trainer rank that dies is restarted (all ranks, from the latest checkpoint: needs
@@ -212,8 +214,8 @@ class TrainerConfig:
         _check(self.ppo_minibatches >= 1, f"{p}.ppo_minibatches", self.ppo_minibatches, "must be >= 1")
         _check(self.publish_every >= 1, f"{p}.publish_every", self.publish_every, "must be >= 1")
         _check(self.checkpoint_every >= 0, f"{p}.checkpoint_every", self.checkpoint_every, "must be >= 0")
-        _check(self.weight_transport in ("ray", "file"), f"{p}.weight_transport",
-               self.weight_transport, "must be ray or file")
+        _check(self.weight_transport in ("auto", "shm", "ray", "file"), f"{p}.weight_transport",
+               self.weight_transport, "must be auto, shm, ray or file")
         _check(self.max_restarts >= 0, f"{p}.max_restarts", self.max_restarts, "must be >= 0")
         _check(self.max_nonfinite_steps >= 1, f"{p}.max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 1")
 

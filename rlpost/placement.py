@@ -72,6 +72,22 @@ class Placement:
                 "scheduling_strategy": PlacementGroupSchedulingStrategy(
                     self.worker_pg, placement_group_bundle_index=self.worker_bundles[index])}
 
+    def weight_transport(self, configured: str) -> str:
+        """The weight transport this placement allows: ``auto`` and ``shm`` (node-local shared
+        memory) need every rollout worker on trainer rank 0's node, which publishes; elsewhere
+        ``auto`` becomes ``ray`` and ``shm`` is refused."""
+        if configured not in ("auto", "shm"):
+            return configured
+        home = self.bundles["trainer"][0]
+        away = sorted({b.node_ip for b in self.bundles["workers"] if b.node_id != home.node_id})
+        if not away:
+            return configured
+        if configured == "shm":
+            raise PlacementError(f"trainer.weight_transport=shm needs every rollout worker on trainer rank 0's "
+                                 f"node ({home.node_ip}); workers were placed on {', '.join(away)} "
+                                 f"(use auto or ray)")
+        return "ray"
+
     def describe(self) -> dict:
         """For the run dir's placement.json: which node (and GPUs) each bundle landed on."""
         return {"master": f"{self.master_addr}:{self.master_port}",

@@ -239,6 +239,7 @@ class Run:
         self.store = WeightStore.options(name=store_name(self.run_id)).remote()
         try:  # a Ray this driver started never grows: bundles it cannot hold fail at once
             self.placement = place(cfg, fixed_cluster=not self._ray_address())
+            cfg.trainer.weight_transport = self.placement.weight_transport(cfg.trainer.weight_transport)
         except PlacementError as exc:
             raise RunFailed(f"placement: {exc}") from None
         p = self.placement
@@ -274,7 +275,8 @@ class Run:
             self._worker_where = ray.get([w.where.remote() for w in self.workers])
         actors = {"trainer": ray.get([r.where.remote() for r in self.ranks]), "workers": self._worker_where}
         with open(os.path.join(self.run_dir, "placement.json"), "w") as fh:
-            json.dump({**self.placement.describe(), "actors": actors, "buffer": self.buffer_url}, fh, indent=1)
+            json.dump({**self.placement.describe(), "actors": actors, "buffer": self.buffer_url,
+                       "weight_transport": self.cfg.trainer.weight_transport}, fh, indent=1)
 
     def _warmup_folder(self) -> str:
         """Where this run's warm-up weights are cached (keyed by everything that determines them)."""
@@ -655,6 +657,7 @@ class Run:
                 "trained_tokens": self.state.trained_tokens,
                 "samples_per_s": self.state.trained_samples / max(time.time() - rl_start, 1e-9),
                 "evals": self.state.evals,
+                "weight_transport": getattr(self.buffer.current_version(), "transport", None),
             })
             self.buffer.set_signal("stop")
             stats = ray.get(self.worker_futures, timeout=60)
@@ -668,6 +671,20 @@ class Run:
         plot_run(self.run_dir)
         return summary
 
+    def _release_weight_slots(self) -> None:
+        """Remove the shared-memory weight slots on rank 0's node (and on this one, should rank 0
+        be gone): they are as large as two copies of the model."""
+        import ray
+
+        from rlpost.weight_slots import remove_slots, slot_base
+
+        if self.ranks:
+            try:
+                ray.get(self.ranks[0].release_weights.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+        remove_slots(slot_base(self.run_id))
+
     def shutdown(self) -> None:
         import ray
 
@@ -677,6 +694,7 @@ class Run:
         except Exception as exc:  # best effort: the server may be gone already
             print(f"rlpost: could not send the stop signal: {exc}", file=sys.stderr)
         if ray.is_initialized():
+            self._release_weight_slots()
             if getattr(self, "placement", None) is not None:  # a shared cluster gets its resources back
                 self.placement.remove()
             ray.shutdown()

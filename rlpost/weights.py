@@ -11,12 +11,18 @@ Redis at chunk boundaries (cheap) and fetch the tensors only when it changed. Tr
   pickle per tensor on both sides, and concatenating into one flat buffer first cost a second
   full copy), and a worker's tensors are read-only views of the store's memory that the engine
   copies into its own weights (one copy per worker). bench/weight_push.py measures the path.
+* ``shm``: two slots in ``/dev/shm`` that the trainer and every worker keep mapped
+  (rlpost/weight_slots.py): one copy in, one copy out per worker, no Ray call at all. Only for
+  workers on the trainer's node. ``auto`` (the default) is ``shm`` when the placement put every
+  worker there and ``/dev/shm`` can hold two copies of the weights, else ``ray``.
 * ``file``: safetensors in the run directory (a shared filesystem across nodes).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
@@ -26,6 +32,9 @@ from safetensors.torch import load_file, save_file
 
 from rlpost.buffer import RedisBuffer
 from rlpost.records import WeightVersion
+from rlpost.weight_slots import SlotReader, SlotSpaceError, SlotWriter, slot_base
+
+TRANSPORTS = ("auto", "ray", "shm", "file")
 
 
 @ray.remote(num_cpus=0)
@@ -93,33 +102,77 @@ class WeightPublisher:
     """Trainer side: publish ``state`` as ``version`` over the configured transport."""
 
     def __init__(self, buffer: RedisBuffer, transport: str, run_dir: str):
+        if transport not in TRANSPORTS:
+            raise ValueError(f"trainer.weight_transport={transport!r}: must be one of {', '.join(TRANSPORTS)}")
         self.buffer = buffer
         self.transport = transport
         self.run_dir = run_dir
+        self._slots: SlotWriter | None = None
+
+    def _write_slots(self, state: dict[str, torch.Tensor], version: int) -> str | None:
+        """The slots' base path, or None when ``auto`` finds /dev/shm too small (then ray from now on)."""
+        if self._slots is None:
+            self._slots = SlotWriter(slot_base(self.buffer.run))
+        try:
+            self._slots.write(state, version)
+        except SlotSpaceError as exc:
+            if self.transport == "shm":
+                raise
+            print(f"rlpost: weights go through Ray's object store: {exc}", file=sys.stderr, flush=True)
+            self.close(unlink=True)
+            self.transport = "ray"
+            return None
+        return self._slots.base
 
     def publish(self, state: dict[str, torch.Tensor], version: int) -> WeightVersion:
         num_bytes = sum(t.numel() * t.element_size() for t in state.values())
-        if self.transport == "ray":
+        transport = self.transport
+        if transport in ("auto", "shm"):
+            location = self._write_slots(state, version)
+            transport = "shm" if location is not None else "ray"
+        if transport == "ray":
             location = store_name(self.buffer.run)
             ray.get(_store(location).put.remote(version, [ray.put(to_wire(state))]))
-        elif self.transport == "file":
+        elif transport == "file":
             folder = os.path.join(self.run_dir, "weights")
             os.makedirs(folder, exist_ok=True)
             location = os.path.join(folder, f"v{version}.safetensors")
             save_file(state, location + ".tmp")
             os.replace(location + ".tmp", location)
-        else:
-            raise ValueError(f"trainer.weight_transport={self.transport!r}: unknown transport")
-        wv = WeightVersion(version=version, transport=self.transport, location=location, num_bytes=num_bytes)
+        wv = WeightVersion(version=version, transport=transport, location=location, num_bytes=num_bytes)
         self.buffer.publish_version(wv)
         return wv
 
+    def close(self, unlink: bool = False) -> None:
+        """Let go of the shared-memory slots (``unlink``: remove them, at the end of the run)."""
+        if self._slots is not None:
+            self._slots.close(unlink=unlink)
+            self._slots = None
+
+
+_reader: SlotReader | None = None
+
+
+def load_published(wv: WeightVersion, load: Callable[[dict[str, torch.Tensor], int], None]) -> int:
+    """Worker side: ``load(tensors, version)`` with the weights of ``wv`` or of a newer version
+    published since; returns the version. With ``shm`` the tensors are views of the slot, valid
+    only during the call (every engine's ``load_weights`` copies them into its own)."""
+    global _reader
+    if wv.transport == "shm":
+        if _reader is None:
+            _reader = SlotReader()
+        return _reader.load(wv.location, wv.version, load)
+    state, version = fetch_weights(wv)
+    load(state, version)
+    return version
+
 
 def fetch_weights(wv: WeightVersion) -> tuple[dict[str, torch.Tensor], int]:
-    """Worker side: (tensors, version) of ``wv`` or of a newer version published since."""
+    """Worker side, for the transports that hand over a copy (``ray``, ``file``): (tensors,
+    version) of ``wv`` or of a newer version published since."""
     if wv.transport == "ray":
         version, ref = ray.get(_store(wv.location).get.remote(wv.version))
         return from_wire(ray.get(ref)), version
     if wv.transport == "file":
         return load_file(wv.location), wv.version
-    raise ValueError(f"unknown weight transport {wv.transport!r} for v{wv.version}")
+    raise ValueError(f"weights v{wv.version}: transport {wv.transport!r} hands over no copy (use load_published)")

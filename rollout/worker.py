@@ -24,7 +24,7 @@ from rlpost.records import GroupEntry, Status, Task, Trajectory
 from rlpost.rollout.engine import GenOutput, GenRequest, make_engine
 from rlpost.rollout.scoring import GroupScorer
 from rlpost.scheduler import too_stale
-from rlpost.weights import fetch_weights
+from rlpost.weights import fetch_weights, load_published
 
 UNFINISHED = (Status.PENDING, Status.PARTIAL)
 
@@ -115,7 +115,11 @@ class RolloutWorker:
         if wv is None or wv.version == self.engine.version:
             return False
         t0 = time.perf_counter()
-        self.engine.load_weights(*(self._take_prefetched(wv.version) or fetch_weights(wv)))
+        prefetched = self._take_prefetched(wv.version)
+        if prefetched is not None:
+            self.engine.load_weights(*prefetched)
+        else:
+            load_published(wv, self.engine.load_weights)
         self.stats.weight_swaps += 1
         self.stats.weight_fetch_s += time.perf_counter() - t0
         return True
@@ -126,7 +130,7 @@ class RolloutWorker:
         if version == self.engine.version or (self._prefetch is not None and self._prefetch[0] >= version):
             return
         wv = self.buffer.current_version()
-        if wv is not None:
+        if wv is not None and wv.transport != "shm":  # shm has no transfer to hide: the swap reads the slot
             self._prefetch = (wv.version, self._fetcher.submit(fetch_weights, wv))
 
     def _take_prefetched(self, version: int) -> tuple[dict, int] | None:

@@ -35,6 +35,11 @@ def test_kuberay_rayjob_runs_a_valid_config_with_secrets_from_the_environment():
     assert asked <= gpus, (asked, gpus)  # the placement groups fit the cluster
     mounts = {m["mountPath"] for c in head["containers"] for m in c.get("volumeMounts", [])}
     assert cfg.run_root in mounts  # the run root is the shared volume
+    for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:  # where the actors run: /dev/shm
+        spec = group["template"]["spec"]  # large enough for the shm weight slots (64 MB otherwise)
+        shm = [m["name"] for c in spec["containers"] for m in c.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+        assert shm and any(v["name"] == shm[0] and v.get("emptyDir", {}).get("medium") == "Memory"
+                           for v in spec["volumes"])
 
 
 def test_ray_cluster_yaml_commands_exist_and_its_example_run_is_valid():

@@ -1,5 +1,6 @@
 """The whole loop through the CLI: Ray actors, private redis-server, DeepSpeed, run directory."""
 
+import glob
 import json
 import os
 import subprocess
@@ -45,6 +46,9 @@ def test_short_loop_writes_a_complete_run_dir(tmp_path):
     assert 0 <= summary["eval_accuracy_before"] <= 1 and 0 <= summary["eval_accuracy_after"] <= 1
     assert summary["steps"] == 4
     assert sum(w["tasks"] for w in summary["workers"]) >= 4 * 4 + 3 * 16  # train + 3 evals of 16
+    # one node: weights went through the /dev/shm slots (auto), which the run removed at the end
+    assert summary["weight_transport"] == "shm" and all(w["weight_swaps"] >= 4 for w in summary["workers"])
+    assert not glob.glob(f"/dev/shm/rlpost-weights-{(run_dir / 'run_id').read_text().strip()}*")
     rows = read_metrics(str(run_dir / "metrics.jsonl"))
     steps = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]

@@ -43,8 +43,9 @@ def test_ranks_and_workers_spread_over_two_nodes_train_together(tmp_path, two_no
     assert placed["master"] == f"{rank0['node_ip']}:{rank0['free_port']}"  # rendezvous on rank 0's node
     assert placed["buffer"].startswith("redis://"), placed["buffer"]        # TCP, reachable from both
     assert "password" not in json.dumps(placed).lower()
+    assert placed["weight_transport"] == "ray"  # auto: a worker is off rank 0's node, so no /dev/shm
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 3
+    assert summary["steps"] == 3 and summary["weight_transport"] == "ray"
     per_rank = [[json.loads(line) for line in open(run_dir / f"trained_ids.rank{r}.jsonl")] for r in (0, 1)]
     assert all([r["step"] for r in rank] == [1, 2, 3] for rank in per_rank)  # both ranks trained every step
 

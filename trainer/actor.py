@@ -129,6 +129,10 @@ class TrainerRank:
         return {"weights/version": wv.version, "weights/push_s": time.perf_counter() - t0,
                 "weights/bytes": wv.num_bytes}
 
+    def release_weights(self) -> None:
+        """At the end of the run: remove the shared-memory weight slots (if this rank has any)."""
+        self.publisher.close(unlink=True)
+
     def save_pretrained(self, path: str) -> None:
         """A Hugging Face checkpoint with every expert (collective: call it on every rank)."""
         state = self.canonical_state()

@@ -1,0 +1,130 @@
+"""Node-local shared-memory weight slots (rlpost/weight_slots.py): what a reader gets is exactly
+one published version, never a mix, and the writer never waits on readers of the newest slot."""
+
+import os
+import resource
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from rlpost.weight_slots import SlotMissingError, SlotReader, SlotSpaceError, SlotWriter, slot_paths
+
+
+def _state(fill: float) -> dict[str, torch.Tensor]:
+    return {"embed.weight": torch.full((64, 32), fill), "norm.weight": torch.full((5,), fill).to(torch.bfloat16),
+            "steps": torch.tensor(int(fill), dtype=torch.int64), "empty": torch.zeros(0, 4)}
+
+
+def _copy_into(out: dict):
+    def load(state, version):
+        out.clear()
+        out.update({k: v.clone() for k, v in state.items()}, version=version)
+    return load
+
+
+def test_a_reader_gets_the_newest_version_exactly_in_every_dtype(tmp_path):
+    base = str(tmp_path / "w")
+    writer, reader = SlotWriter(base), SlotReader()
+    state = {"a": torch.randn(7, 5), "b": torch.randn(3).to(torch.bfloat16),
+             "c": torch.randn(2, 3, 4).to(torch.float16), "d": torch.tensor(11), "e": torch.zeros(0, 4)}
+    writer.write(state, 1)
+    writer.write(_state(2.0), 2)  # the other slot, with another layout
+    got: dict = {}
+    assert reader.load(base, 1, _copy_into(got)) == 2 and got["version"] == 2  # the newest, not v1
+    writer.write(state, 3)
+    assert reader.load(base, 3, _copy_into(got)) == 3
+    for name, tensor in state.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape and torch.equal(got[name], tensor)
+    assert all(os.path.exists(p) for p in slot_paths(base))
+    writer.close(unlink=True)
+    assert not any(os.path.exists(p) for p in slot_paths(base))
+
+
+def test_readers_never_see_a_torn_version_while_the_writer_keeps_publishing(tmp_path):
+    base = str(tmp_path / "w")
+    writer = SlotWriter(base)
+    writer.write(_state(1.0), 1)
+    stop, errors, loads = threading.Event(), [], []
+
+    def publish():
+        version = 1
+        while not stop.is_set():
+            version += 1
+            writer.write(_state(float(version % 200)), version)  # every value exact in bf16
+
+    def read():
+        reader, last = SlotReader(), 1
+        while not stop.is_set():
+            got: dict = {}
+            version = reader.load(base, last, _copy_into(got))
+            values = {float(t.float().mean()) for k, t in got.items() if k not in ("version", "empty")}
+            if values != {float(version % 200)} or version < last:
+                errors.append((version, values))
+            last = version
+            loads.append(version)
+
+    threads = [threading.Thread(target=publish)] + [threading.Thread(target=read) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert len(loads) > 20 and len(set(loads)) > 5
+
+
+def test_the_writer_waits_only_for_readers_of_the_slot_it_overwrites(tmp_path):
+    """A reader copying v1 holds its slot: v2 goes to the other slot at once, v3 (into v1's slot)
+    waits until the reader is done, and the reader's copy is v1 unmixed."""
+    base = str(tmp_path / "w")
+    writer = SlotWriter(base)
+    writer.write(_state(1.0), 1)
+    inside, release, got = threading.Event(), threading.Event(), {}
+
+    def slow_load(state, version):
+        inside.set()
+        release.wait(5)
+        _copy_into(got)(state, version)
+
+    reader = threading.Thread(target=SlotReader().load, args=(base, 1, slow_load))
+    reader.start()
+    assert inside.wait(5)
+    t0 = time.perf_counter()
+    writer.write(_state(2.0), 2)
+    assert time.perf_counter() - t0 < 0.2
+    timer = threading.Timer(0.5, release.set)
+    timer.start()
+    t0 = time.perf_counter()
+    writer.write(_state(3.0), 3)
+    waited = time.perf_counter() - t0
+    reader.join()
+    assert waited >= 0.4 and got["version"] == 1 and torch.equal(got["embed.weight"], torch.full((64, 32), 1.0))
+
+
+def test_a_reader_on_another_node_and_a_full_shm_fail_with_what_to_do(tmp_path):
+    with pytest.raises(SlotMissingError, match="trainer.weight_transport=shm needs every rollout worker"):
+        SlotReader().load(str(tmp_path / "absent"), 1, lambda s, v: None)
+    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, previous[1]))  # a 1 MiB /dev/shm, in effect
+    try:
+        with pytest.raises(SlotSpaceError, match=r"cannot hold the weights: a slot needs 4\.0 MiB.*--shm-size"):
+            SlotWriter(str(tmp_path / "w")).write({"w": torch.zeros(1 << 20)}, 1)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_slots_left_with_newer_versions_by_a_crashed_run_are_never_read(tmp_path):
+    base = str(tmp_path / "w")
+    old = SlotWriter(base)
+    for version in range(1, 8):
+        old.write(_state(9.0), version)
+    old.close()  # crashed: the files stay
+    writer, got = SlotWriter(base), {}
+    writer.write(_state(1.0), 1)
+    assert SlotReader().load(base, 1, _copy_into(got)) == 1 and torch.equal(got["embed.weight"], torch.full((64, 32), 1.0))
