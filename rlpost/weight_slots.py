@@ -18,6 +18,7 @@ the first publish, not a SIGBUS in the middle of a copy.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import mmap
@@ -38,6 +39,10 @@ SHM_ROOT = "/dev/shm"
 
 class SlotSpaceError(RuntimeError):
     """The shared-memory filesystem cannot hold the weights."""
+
+
+class SlotOwnerError(RuntimeError):
+    """A slot path that is not a private file of this user."""
 
 
 class SlotMissingError(RuntimeError):
@@ -86,8 +91,20 @@ class _Mapping:
     def __init__(self, path: str, writable: bool):
         self.path = path
         self.writable = writable
-        flags = os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY
-        self.fd = os.open(path, flags, 0o600)
+        flags = (os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            self.fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise SlotOwnerError(f"{path} is a symbolic link: refusing to use it as a weight slot") from None
+        info = os.fstat(self.fd)
+        if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            os.close(self.fd)
+            # /dev/shm is shared by every user of the node: a slot someone else made (or can read or
+            # write) would let them read the policy or swap in their own weights
+            raise SlotOwnerError(f"{path} belongs to uid {info.st_uid} with mode {oct(info.st_mode & 0o777)}: "
+                                 f"refusing to use it as a weight slot (it must be ours and private)")
         self.map: mmap.mmap | None = None
         self.size = 0
 

@@ -128,3 +128,21 @@ def test_slots_left_with_newer_versions_by_a_crashed_run_are_never_read(tmp_path
     writer, got = SlotWriter(base), {}
     writer.write(_state(1.0), 1)
     assert SlotReader().load(base, 1, _copy_into(got)) == 1 and torch.equal(got["embed.weight"], torch.full((64, 32), 1.0))
+
+
+def test_slot_paths_someone_else_prepared_are_refused(tmp_path):
+    """/dev/shm is shared by every user of a node: a symlink planted at a slot's path must not make
+    the trainer write weights elsewhere, and a slot others can read or write is not used."""
+    from rlpost.weight_slots import SlotOwnerError
+
+    target = tmp_path / "victim"
+    target.write_text("keep me")
+    os.symlink(target, tmp_path / "w.0")
+    with pytest.raises(SlotOwnerError, match="symbolic link"):
+        SlotWriter(str(tmp_path / "w"))
+    assert target.read_text() == "keep me"
+    open_slot = tmp_path / "x.0"
+    open_slot.write_bytes(b"")
+    open_slot.chmod(0o666)
+    with pytest.raises(SlotOwnerError, match=r"mode 0o666: refusing"):
+        SlotWriter(str(tmp_path / "x"))
