@@ -38,9 +38,37 @@ def test_trajectory_round_trip_keeps_every_field():
     assert back.traj_id == "t-1/2"
 
 
+SCALARS = ("traj_id", "task_id", "group_id", "status", "reward", "env_info", "num_resumes", "timings", "answer",
+           "purpose")
+ARRAYS = ("prompt_ids", "response_ids", "logprobs", "versions", "loss_mask", "routed_experts")
+
+
+def mixed_group() -> list[Trajectory]:
+    """Members of different prompt and response lengths, one with no tokens yet (a partial
+    group's pending member), one with another id, reward and status."""
+    full, other, pending = full_trajectory(), full_trajectory(), full_trajectory()
+    other.traj_id, other.reward, other.status = "t-1/3", -1, Status.TRUNCATED
+    other.prompt_ids = np.array([3, 4], dtype="<i4")
+    other.response_ids, other.logprobs = other.response_ids[:2], other.logprobs[:2]
+    other.versions, other.loss_mask, other.routed_experts = other.versions[:2], other.loss_mask[:2], other.routed_experts[:2]
+    pending = Trajectory.start(Task("t-1", [1, 5, 6, 7], "42", 4), 0)
+    return [full, other, pending]
+
+
 def test_group_and_task_round_trip():
-    group = [full_trajectory(), full_trajectory()]
-    assert [t.traj_id for t in unpack_group(pack_group(group))] == ["t-1/2", "t-1/2"]
+    group = mixed_group()
+    back = unpack_group(pack_group(group))
+    assert [t.traj_id for t in back] == ["t-1/2", "t-1/3", "t-1/0"]
+    for before, after in zip(group, back):
+        for name in SCALARS:
+            assert getattr(after, name) == getattr(before, name), name
+        for name in ARRAYS:
+            np.testing.assert_array_equal(getattr(after, name), getattr(before, name))
+            assert getattr(after, name).dtype == getattr(before, name).dtype, name
+        after.validate()
+    assert back[2].routed_experts.shape == (0, 0, 0) and len(back[2]) == 0
+    back[0].append([1], [-0.1], version=5, experts=np.ones((1, 2, 2)))  # a decoded member keeps growing
+    assert back[0].versions.tolist()[-2:] == [4, 5] and len(back[1]) == 2
     task = Task("t-9", [1, 2], "3", 8, SamplingParams(0.0, 1.0, 5), "eval:before", 7, "arithmetic", {"k": 1})
     assert unpack_task(pack_task(task)) == task
 
@@ -111,3 +139,63 @@ def test_mixtral_tokenizer_encodes_answers_as_the_continuation_the_model_generat
     task = env.train_task(0, 0, 2, SamplingParams(1.0, 1.0, 6))
     assert env.score(task.answer, tok.encode(task.answer) + [tok.eos_id]).reward == 1.0
     assert env.score(task.answer, tok.encode(" " + task.answer) + [tok.eos_id]).reward == 0.0
+
+
+def _columnar(group=None) -> dict:
+    return msgpack.unpackb(pack_group(group or mixed_group()), raw=False)
+
+
+COLUMNAR_POISON = {
+    "schema 1": (lambda b: b.update(schema=1), "columnar group of schema 2"),
+    "n a bool": (lambda b: b.update(n=True), "'n' is True"),
+    "n too large": (lambda b: b.update(n=5000), "'n' is 5000"),
+    "a length missing": (lambda b: b["lengths"]["response"].pop(), "lengths.response' must be 3"),
+    "a negative length": (lambda b: b["lengths"]["prompt"].__setitem__(0, -1), "lengths.prompt' must be 3"),
+    "lengths beyond the data": (lambda b: b["lengths"]["response"].__setitem__(1, 3), "does not|rows"),
+    "experts rows for other tokens": (lambda b: b["lengths"]["experts"].__setitem__(0, 1), "rows of routed experts"),
+    "a scalar list too short": (lambda b: b["scalars"]["reward"].pop(), "scalars.reward' must be a list of 3"),
+    "a reward string": (lambda b: b["scalars"]["reward"].__setitem__(0, "1.0"), "'reward' is str"),
+    "an unknown status": (lambda b: b["scalars"]["status"].__setitem__(1, "won"), "'status'"),
+    "an extra scalar": (lambda b: b["scalars"].update(evil=[1, 2, 3]), "scalars' must map exactly"),
+    "an array missing": (lambda b: b["arrays"].pop("logprobs"), "arrays' must map exactly"),
+    "object dtype": (lambda b: b["arrays"]["logprobs"].update(dtype="|O"), "unsupported dtype"),
+    "bytes short of the shape": (lambda b: b["arrays"]["versions"].update(data=b"\0" * 3), "do not fit"),
+    "a float token id": (lambda b: b["arrays"].update(response_ids=b["arrays"]["logprobs"]), "integer token ids"),
+    "a negative token id": (lambda b: b["arrays"]["prompt_ids"].update(
+        data=np.array([1, 5, 6, 7, 3, -4, 1, 5, 6, 7], "<i4").tobytes()), "t-1/3: field 'prompt_ids' must hold"),
+    "an empty prompt": (lambda b: (b["lengths"]["prompt"].__setitem__(2, 0),
+                                   b["arrays"].update(prompt_ids=b["arrays"]["response_ids"])), "is empty|rows"),
+    "not a map": (lambda b: b.clear(), "columnar group"),
+}
+
+
+@pytest.mark.parametrize("poison", COLUMNAR_POISON, ids=list(COLUMNAR_POISON))
+def test_every_malformed_columnar_group_is_a_record_error(poison):
+    change, match = COLUMNAR_POISON[poison]
+    body = _columnar()
+    change(body)
+    with pytest.raises(RecordError, match=match):
+        unpack_group(msgpack.packb(body, use_bin_type=True))
+
+
+def test_random_corruption_of_a_group_is_only_ever_a_record_error():
+    """A foreign writer or a flipped byte must be a dead letter, never another exception."""
+    data = bytearray(pack_group(mixed_group()))
+    rng = np.random.default_rng(0)
+    outcomes = set()
+    for _ in range(1500):
+        corrupt = bytearray(data)
+        for pos in rng.integers(0, len(corrupt), size=int(rng.integers(1, 4))):
+            corrupt[pos] = int(rng.integers(0, 256))
+        try:
+            unpack_group(bytes(corrupt))
+            outcomes.add("ok")
+        except RecordError:
+            outcomes.add("dead letter")
+    assert "dead letter" in outcomes
+
+
+def test_a_group_with_ids_past_the_vocabulary_names_the_member():
+    with pytest.raises(RecordError, match="trajectory t-1/2: token id 11 is outside the model's vocabulary of 11"):
+        unpack_group(pack_group(mixed_group()), vocab_size=11)
+    assert len(unpack_group(pack_group(mixed_group()), vocab_size=12)) == 3
