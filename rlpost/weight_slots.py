@@ -35,6 +35,7 @@ MAGIC = b"RLPWSLT1"
 _HEADER = struct.Struct("<8sqqq")  # magic, version (-1: being written), table bytes, data offset
 _ALIGN = 4096
 SHM_ROOT = "/dev/shm"
+LOCK_TIMEOUT_S = 120.0  # far beyond one copy of any model's weights
 
 
 class SlotSpaceError(RuntimeError):
@@ -43,6 +44,10 @@ class SlotSpaceError(RuntimeError):
 
 class SlotOwnerError(RuntimeError):
     """A slot path that is not a private file of this user."""
+
+
+class SlotLockTimeout(TimeoutError):
+    """A slot stayed locked by another process for longer than anyone should take to copy it."""
 
 
 class SlotMissingError(RuntimeError):
@@ -142,8 +147,21 @@ class _Mapping:
         except SlotMissingError:
             return -1
 
-    def lock(self, exclusive: bool) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    def lock(self, exclusive: bool, timeout_s: float = LOCK_TIMEOUT_S) -> None:
+        """flock, waiting at most ``timeout_s``: a process that dies lets go of its locks, but one
+        that hangs mid-copy must not hang the trainer's publish (or a worker's load) forever."""
+        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(self.fd, mode)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise SlotLockTimeout(
+                        f"{self.path}: {'a reader' if exclusive else 'the writer'} has held this weight slot for "
+                        f"over {timeout_s:.0f} s ({'a rollout worker hung while loading weights?' if exclusive else 'the trainer hung while publishing?'})") from None
+                time.sleep(0.0005)
 
     def unlock(self) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
@@ -152,8 +170,9 @@ class _Mapping:
 class SlotWriter:
     """The trainer's side: ``write(state, version)`` into the slot not holding the newest version."""
 
-    def __init__(self, base: str):
+    def __init__(self, base: str, lock_timeout_s: float = LOCK_TIMEOUT_S):
         self.base = base
+        self.lock_timeout_s = lock_timeout_s
         self._slots = [_Mapping(path, writable=True) for path in slot_paths(base)]
         # a restarted trainer goes on from the files as it finds them: overwrite the older slot
         versions = [slot.version() for slot in self._slots]
@@ -163,13 +182,13 @@ class SlotWriter:
         table, data_offset, size, entries = _layout(state)
         other = self._slots[self._next ^ 1]
         if other.version() > version:  # left by a crashed run under this name: not ours
-            other.lock(exclusive=True)
+            other.lock(exclusive=True, timeout_s=self.lock_timeout_s)
             try:
                 _HEADER.pack_into(other.ensure(), 0, MAGIC, -1, 0, 0)
             finally:
                 other.unlock()
         slot = self._slots[self._next]
-        slot.lock(exclusive=True)
+        slot.lock(exclusive=True, timeout_s=self.lock_timeout_s)
         try:
             buf = slot.ensure(size)
             _HEADER.pack_into(buf, 0, MAGIC, -1, len(table), data_offset)
@@ -199,7 +218,8 @@ class SlotReader:
     """A rollout worker's side: load the newest version (at least ``min_version``) through a
     callback that copies the tensors out while the slot is locked against the writer."""
 
-    def __init__(self):
+    def __init__(self, lock_timeout_s: float = LOCK_TIMEOUT_S):
+        self.lock_timeout_s = lock_timeout_s
         self._slots: dict[str, _Mapping] = {}
 
     def _slot(self, path: str) -> _Mapping:
@@ -221,7 +241,7 @@ class SlotReader:
             slots = [self._slot(path) for path in slot_paths(base)]
             newest = max(slots, key=_Mapping.version)
             if newest.version() >= min_version:
-                newest.lock(exclusive=False)
+                newest.lock(exclusive=False, timeout_s=self.lock_timeout_s)
                 try:
                     version, table_len, data_offset = newest.header()
                     if version >= min_version:  # not overwritten between the peek and the lock

@@ -146,3 +146,22 @@ def test_slot_paths_someone_else_prepared_are_refused(tmp_path):
     open_slot.chmod(0o666)
     with pytest.raises(SlotOwnerError, match=r"mode 0o666: refusing"):
         SlotWriter(str(tmp_path / "x"))
+
+
+def test_a_reader_hung_mid_copy_fails_the_publish_after_the_timeout_instead_of_hanging_it(tmp_path):
+    from rlpost.weight_slots import SlotLockTimeout, _Mapping
+
+    base = str(tmp_path / "w")
+    writer = SlotWriter(base, lock_timeout_s=0.3)
+    writer.write(_state(1.0), 1)
+    writer.write(_state(2.0), 2)
+    hung = _Mapping(slot_paths(base)[0], writable=False)  # another open file: its own lock
+    hung.lock(exclusive=False)  # holds v1's slot, the one v3 must overwrite, and never lets go
+    t0 = time.perf_counter()
+    with pytest.raises(SlotLockTimeout, match=r"a reader has held this weight slot for over 0 s \(a rollout worker hung"):
+        writer.write(_state(3.0), 3)
+    assert 0.3 <= time.perf_counter() - t0 < 2
+    hung.unlock()
+    writer.write(_state(3.0), 3)  # let go: the publish goes through
+    got = {}
+    assert SlotReader().load(base, 3, _copy_into(got)) == 3 and torch.equal(got["embed.weight"], torch.full((64, 32), 3.0))
