@@ -91,7 +91,7 @@ def main() -> None:
                 _, message = client.blpop([self.buffer.key(f"bench:notify:{self.index}")])
                 if message == b"stop":
                     return loads
-                version = load_published(self.buffer.current_version(), self._copy)
+                version = load_published(self.buffer.current_version(), self._copy, self.buffer.current_version)
                 client.rpush(self.buffer.key("bench:acks"), version)
                 loads += 1
 

@@ -215,8 +215,12 @@ class SlotWriter:
 
 
 class SlotReader:
-    """A rollout worker's side: load the newest version (at least ``min_version``) through a
-    callback that copies the tensors out while the slot is locked against the writer."""
+    """A rollout worker's side: load exactly the version Redis announced through a callback that
+    copies the tensors out while the slot is locked against the writer.
+
+    Exactly, not "the newest there": slots outlive a trainer killed without cleaning up, and a run
+    resumed from an earlier checkpoint announces an older version than the slots hold; reading the
+    newest would load weights the trainer no longer has, under a version it has not reached."""
 
     def __init__(self, lock_timeout_s: float = LOCK_TIMEOUT_S):
         self.lock_timeout_s = lock_timeout_s
@@ -232,27 +236,27 @@ class SlotReader:
                     f"on the trainer's node (use trainer.weight_transport=ray or auto)") from None
         return self._slots[path]
 
-    def load(self, base: str, min_version: int, load: Callable[[dict[str, torch.Tensor], int], None],
-             timeout_s: float = 30.0) -> int:
-        """Calls ``load(tensors, version)`` with read-only views of the newest slot's tensors and
-        returns the version. The views are only valid inside the call (copy them out)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            slots = [self._slot(path) for path in slot_paths(base)]
-            newest = max(slots, key=_Mapping.version)
-            if newest.version() >= min_version:
-                newest.lock(exclusive=False, timeout_s=self.lock_timeout_s)
-                try:
-                    version, table_len, data_offset = newest.header()
-                    if version >= min_version:  # not overwritten between the peek and the lock
-                        load(self._views(newest, table_len, data_offset), version)
-                        return version
-                finally:
-                    newest.unlock()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"weights v{min_version} did not appear in {base}.{{0,1}} within {timeout_s:.0f} s "
-                                   f"(newest there: v{max(s.version() for s in slots)})")
-            time.sleep(0.001)  # the writer is between the Redis version and the slot, or mid-write
+    def versions(self, base: str) -> list[int]:
+        """The versions the two slots hold now (-1: being written or empty)."""
+        return [self._slot(path).version() for path in slot_paths(base)]
+
+    def load(self, base: str, version: int, load: Callable[[dict[str, torch.Tensor], int], None]) -> bool:
+        """Calls ``load(tensors, version)`` with read-only views of the slot holding ``version``
+        (valid only inside the call: copy them out) and returns True; False, without waiting, when
+        no slot holds it (the trainer has moved on, or not yet written it): ask Redis again."""
+        for path in slot_paths(base):
+            slot = self._slot(path)
+            if slot.version() != version:
+                continue
+            slot.lock(exclusive=False, timeout_s=self.lock_timeout_s)
+            try:
+                held, table_len, data_offset = slot.header()
+                if held == version:  # not overwritten between the peek and the lock
+                    load(self._views(slot, table_len, data_offset), version)
+                    return True
+            finally:
+                slot.unlock()
+        return False
 
     @staticmethod
     def _views(slot: _Mapping, table_len: int, data_offset: int) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -153,15 +154,25 @@ class WeightPublisher:
 _reader: SlotReader | None = None
 
 
-def load_published(wv: WeightVersion, load: Callable[[dict[str, torch.Tensor], int], None]) -> int:
+def load_published(wv: WeightVersion, load: Callable[[dict[str, torch.Tensor], int], None],
+                   refresh: Callable[[], WeightVersion | None] | None = None, timeout_s: float = 60.0) -> int:
     """Worker side: ``load(tensors, version)`` with the weights of ``wv`` or of a newer version
-    published since; returns the version. With ``shm`` the tensors are views of the slot, valid
-    only during the call (every engine's ``load_weights`` copies them into its own)."""
+    published since (``refresh`` reads the version record again); returns the version. With
+    ``shm`` the tensors are views of the slot, valid only during the call (every engine's
+    ``load_weights`` copies them into its own)."""
     global _reader
-    if wv.transport == "shm":
+    deadline = time.monotonic() + timeout_s
+    while wv.transport == "shm":
         if _reader is None:
             _reader = SlotReader()
-        return _reader.load(wv.location, wv.version, load)
+        if _reader.load(wv.location, wv.version, load):
+            return wv.version
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"weights v{wv.version} are not in {wv.location}.{{0,1}} (they hold "
+                               f"{_reader.versions(wv.location)}) and no newer version was published "
+                               f"within {timeout_s:.0f} s")
+        time.sleep(0.001)  # moved on (or a resumed run's first publish is on its way): ask again
+        wv = (refresh() if refresh is not None else None) or wv
     state, version = fetch_weights(wv)
     load(state, version)
     return version

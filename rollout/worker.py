@@ -119,7 +119,7 @@ class RolloutWorker:
         if prefetched is not None:
             self.engine.load_weights(*prefetched)
         else:
-            load_published(wv, self.engine.load_weights)
+            load_published(wv, self.engine.load_weights, self.buffer.current_version)
         self.stats.weight_swaps += 1
         self.stats.weight_fetch_s += time.perf_counter() - t0
         return True

@@ -10,7 +10,9 @@ import time
 import pytest
 import torch
 
+from rlpost.records import WeightVersion
 from rlpost.weight_slots import SlotMissingError, SlotReader, SlotSpaceError, SlotWriter, slot_paths
+from rlpost.weights import load_published
 
 
 def _state(fill: float) -> dict[str, torch.Tensor]:
@@ -25,17 +27,18 @@ def _copy_into(out: dict):
     return load
 
 
-def test_a_reader_gets_the_newest_version_exactly_in_every_dtype(tmp_path):
+def test_a_reader_gets_exactly_the_version_asked_for_in_every_dtype(tmp_path):
     base = str(tmp_path / "w")
     writer, reader = SlotWriter(base), SlotReader()
     state = {"a": torch.randn(7, 5), "b": torch.randn(3).to(torch.bfloat16),
              "c": torch.randn(2, 3, 4).to(torch.float16), "d": torch.tensor(11), "e": torch.zeros(0, 4)}
-    writer.write(state, 1)
-    writer.write(_state(2.0), 2)  # the other slot, with another layout
+    writer.write(_state(1.0), 1)
+    writer.write(state, 2)  # the other slot, with another layout
     got: dict = {}
-    assert reader.load(base, 1, _copy_into(got)) == 2 and got["version"] == 2  # the newest, not v1
-    writer.write(state, 3)
-    assert reader.load(base, 3, _copy_into(got)) == 3
+    assert reader.load(base, 1, _copy_into(got)) and got["version"] == 1 and float(got["embed.weight"][0, 0]) == 1.0
+    writer.write(_state(3.0), 3)  # overwrites v1's slot
+    assert not reader.load(base, 1, _copy_into(got))  # gone: the caller asks Redis for the newest
+    assert reader.load(base, 2, _copy_into(got)) and got["version"] == 2
     for name, tensor in state.items():
         assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape and torch.equal(got[name], tensor)
     assert all(os.path.exists(p) for p in slot_paths(base))
@@ -59,7 +62,9 @@ def test_readers_never_see_a_torn_version_while_the_writer_keeps_publishing(tmp_
         reader, last = SlotReader(), 1
         while not stop.is_set():
             got: dict = {}
-            version = reader.load(base, last, _copy_into(got))
+            version = max(reader.versions(base))  # what Redis would announce
+            if not reader.load(base, version, _copy_into(got)):
+                continue  # overwritten meanwhile
             values = {float(t.float().mean()) for k, t in got.items() if k not in ("version", "empty")}
             if values != {float(version % 200)} or version < last:
                 errors.append((version, values))
@@ -108,6 +113,8 @@ def test_the_writer_waits_only_for_readers_of_the_slot_it_overwrites(tmp_path):
 def test_a_reader_on_another_node_and_a_full_shm_fail_with_what_to_do(tmp_path):
     with pytest.raises(SlotMissingError, match="trainer.weight_transport=shm needs every rollout worker"):
         SlotReader().load(str(tmp_path / "absent"), 1, lambda s, v: None)
+    with pytest.raises(SlotMissingError, match="not on this node"):
+        load_published(WeightVersion(1, "shm", str(tmp_path / "absent")), lambda s, v: None)
     previous = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, previous[1]))  # a 1 MiB /dev/shm, in effect
@@ -119,15 +126,22 @@ def test_a_reader_on_another_node_and_a_full_shm_fail_with_what_to_do(tmp_path):
         signal.signal(signal.SIGXFSZ, handler)
 
 
-def test_slots_left_with_newer_versions_by_a_crashed_run_are_never_read(tmp_path):
+def test_slots_left_with_newer_versions_by_a_killed_run_are_never_read(tmp_path):
+    """A run killed at v7 and resumed from its v2 checkpoint: Redis announces v2 again while the
+    slots still hold v6 and v7, weights the trainer no longer has. Workers wait for the resumed
+    trainer's v2 instead of loading v7."""
     base = str(tmp_path / "w")
     old = SlotWriter(base)
     for version in range(1, 8):
         old.write(_state(9.0), version)
-    old.close()  # crashed: the files stay
-    writer, got = SlotWriter(base), {}
-    writer.write(_state(1.0), 1)
-    assert SlotReader().load(base, 1, _copy_into(got)) == 1 and torch.equal(got["embed.weight"], torch.full((64, 32), 1.0))
+    old.close()  # killed: the files stay
+    announced, got = WeightVersion(2, "shm", base), {}
+    assert not SlotReader().load(base, 2, _copy_into(got))
+    threading.Timer(0.3, lambda: SlotWriter(base).write(_state(2.0), 2)).start()  # the resumed trainer
+    t0 = time.perf_counter()
+    assert load_published(announced, _copy_into(got), refresh=lambda: announced) == 2
+    assert time.perf_counter() - t0 >= 0.25 and torch.equal(got["embed.weight"], torch.full((64, 32), 2.0))
+    assert sorted(SlotReader().versions(base)) == [-1, 2]  # the v7 left over was invalidated
 
 
 def test_slot_paths_someone_else_prepared_are_refused(tmp_path):
@@ -164,4 +178,4 @@ def test_a_reader_hung_mid_copy_fails_the_publish_after_the_timeout_instead_of_h
     hung.unlock()
     writer.write(_state(3.0), 3)  # let go: the publish goes through
     got = {}
-    assert SlotReader().load(base, 3, _copy_into(got)) == 3 and torch.equal(got["embed.weight"], torch.full((64, 32), 3.0))
+    assert SlotReader().load(base, 3, _copy_into(got)) and torch.equal(got["embed.weight"], torch.full((64, 32), 3.0))
