@@ -8,8 +8,9 @@ push is one copy in, one copy out per reader, and the version number in Redis: 6
 
 The protocol: the writer alternates slots, so the slot it overwrites holds the version *before*
 the newest, and takes an exclusive ``flock`` on it while writing (header version -1 meanwhile);
-a reader picks the slot with the newest version, takes a shared ``flock`` and re-reads the header
-before and while its engine copies the tensors out. Locks are system calls, so the order of the
+a reader takes a shared ``flock`` on the slot holding the version Redis announced, checks the
+header again under the lock and lets its engine copy the tensors out (a version overwritten
+meanwhile sends it back to Redis for the newer one). Locks are system calls, so the order of the
 writes is guaranteed on any CPU, and a slow reader delays the writer by at most one copy of the
 version before the newest instead of ever seeing torn weights. Space is reserved up front
 (``posix_fallocate``), so a too-small ``/dev/shm`` (Docker's default is 64 MB) is an error at
