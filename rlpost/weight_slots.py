@@ -172,6 +172,10 @@ class SlotWriter:
     """The trainer's side: ``write(state, version)`` into the slot not holding the newest version."""
 
     def __init__(self, base: str, lock_timeout_s: float = LOCK_TIMEOUT_S):
+        root = os.path.dirname(base)
+        if not os.path.isdir(root) or not hasattr(os, "posix_fallocate"):  # e.g. macOS
+            raise SlotSpaceError(f"{root} cannot hold the weights: this system has no shared-memory "
+                                 f"filesystem there (or no posix_fallocate); use trainer.weight_transport=ray")
         self.base = base
         self.lock_timeout_s = lock_timeout_s
         self._slots = [_Mapping(path, writable=True) for path in slot_paths(base)]

@@ -112,9 +112,9 @@ class WeightPublisher:
 
     def _write_slots(self, state: dict[str, torch.Tensor], version: int) -> str | None:
         """The slots' base path, or None when ``auto`` finds /dev/shm too small (then ray from now on)."""
-        if self._slots is None:
-            self._slots = SlotWriter(slot_base(self.buffer.run))
         try:
+            if self._slots is None:
+                self._slots = SlotWriter(slot_base(self.buffer.run))
             self._slots.write(state, version)
         except SlotSpaceError as exc:
             if self.transport == "shm":

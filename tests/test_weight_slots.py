@@ -179,3 +179,9 @@ def test_a_reader_hung_mid_copy_fails_the_publish_after_the_timeout_instead_of_h
     writer.write(_state(3.0), 3)  # let go: the publish goes through
     got = {}
     assert SlotReader().load(base, 3, _copy_into(got)) and torch.equal(got["embed.weight"], torch.full((64, 32), 3.0))
+
+
+def test_a_system_without_a_shared_memory_filesystem_is_a_space_error(tmp_path):
+    """(macOS has no /dev/shm): ``auto`` then sends weights through Ray instead of failing."""
+    with pytest.raises(SlotSpaceError, match="no shared-memory filesystem"):
+        SlotWriter(str(tmp_path / "absent-dir" / "w"))
