@@ -143,6 +143,11 @@ class RolloutConfig:
                "must be >= 2 (GRPO normalises each reward against its group: one sample has no baseline)")
 
 
+# rlpost/weights.py: auto (shm on one node, else ray), node-local shared memory, Ray's object
+# store, safetensors files
+WEIGHT_TRANSPORTS = ("auto", "shm", "ray", "file")
+
+
 @dataclass
 class TrainerConfig:
     """DeepSpeed trainer and RL loss."""
@@ -214,8 +219,8 @@ class TrainerConfig:
         _check(self.ppo_minibatches >= 1, f"{p}.ppo_minibatches", self.ppo_minibatches, "must be >= 1")
         _check(self.publish_every >= 1, f"{p}.publish_every", self.publish_every, "must be >= 1")
         _check(self.checkpoint_every >= 0, f"{p}.checkpoint_every", self.checkpoint_every, "must be >= 0")
-        _check(self.weight_transport in ("auto", "shm", "ray", "file"), f"{p}.weight_transport",
-               self.weight_transport, "must be auto, shm, ray or file")
+        _check(self.weight_transport in WEIGHT_TRANSPORTS, f"{p}.weight_transport",
+               self.weight_transport, f"must be one of {', '.join(WEIGHT_TRANSPORTS)}")
         _check(self.max_restarts >= 0, f"{p}.max_restarts", self.max_restarts, "must be >= 0")
         _check(self.max_nonfinite_steps >= 1, f"{p}.max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 1")
 

@@ -145,6 +145,13 @@ class Trajectory:
             else:
                 self.routed_experts = np.concatenate([self.routed_experts, experts])
 
+    def token_columns(self) -> dict[str, np.ndarray]:
+        return {"prompt_ids": self.prompt_ids, "response_ids": self.response_ids}
+
+    def token_cuts(self) -> dict[str, list[int]]:
+        """Where this one trajectory's ids start and end in its columns (for check_token_ids)."""
+        return {"prompt_ids": [0, int(self.prompt_ids.shape[0])], "response_ids": [0, len(self)]}
+
     def validate(self) -> None:
         n = len(self)
         for name in TOKEN_ARRAYS:
@@ -160,11 +167,7 @@ class Trajectory:
             )
         # token ids index the embedding: a float, negative or missing prompt would reach the
         # trainer's forward pass (or be silently mis-collated) instead of being refused here
-        for name in ("prompt_ids", "response_ids"):
-            arr = getattr(self, name)
-            if arr.dtype.kind not in "iu" or (arr.size and int(arr.min()) < 0):
-                raise RecordError(f"trajectory {self.traj_id}: field '{name}' must hold non-negative integer "
-                                  f"token ids (dtype {arr.dtype}, min {arr.min() if arr.size else None})")
+        check_token_ids(self.token_columns(), self.token_cuts(), [self.traj_id])
         if self.prompt_ids.size == 0:
             raise RecordError(f"trajectory {self.traj_id}: field 'prompt_ids' is empty")
 
@@ -370,11 +373,9 @@ def unpack_group(data: bytes, vocab_size: int | None = None) -> list[Trajectory]
         if not body:
             raise RecordError("a group entry must be a non-empty list of trajectories")
         group = [unpack_trajectory(b) for b in body]
-        for traj in group:
-            top = max(int(traj.prompt_ids.max()), int(traj.response_ids.max()) if len(traj) else 0)
-            if vocab_size is not None and top >= vocab_size:
-                raise RecordError(f"trajectory {traj.traj_id}: token id {top} is outside the model's "
-                                  f"vocabulary of {vocab_size}")
+        if vocab_size is not None:
+            for traj in group:
+                check_token_ids(traj.token_columns(), traj.token_cuts(), [traj.traj_id], vocab_size)
         return group
     if not isinstance(body, dict) or body.keys() != _GROUP_KEYS or body["schema"] != GROUP_SCHEMA:
         raise RecordError(f"a group entry must be a columnar group of schema {GROUP_SCHEMA} "
@@ -397,7 +398,7 @@ def unpack_group(data: bytes, vocab_size: int | None = None) -> list[Trajectory]
     if 0 in lengths["prompt"]:
         raise RecordError(f"trajectory {scalars['traj_id'][lengths['prompt'].index(0)]}: field 'prompt_ids' is empty")
     cuts = {name: [0, *itertools.accumulate(counts)] for name, counts in rows.items()}
-    _check_token_ids(columns, cuts, scalars["traj_id"], vocab_size)
+    check_token_ids(columns, cuts, scalars["traj_id"], vocab_size)
     out = []
     for i in range(n):
         fields_i = {name: columns[name][cuts[name][i]:cuts[name][i + 1]] for name in rows}
@@ -407,10 +408,11 @@ def unpack_group(data: bytes, vocab_size: int | None = None) -> list[Trajectory]
     return out
 
 
-def _check_token_ids(columns: dict[str, np.ndarray], cuts: dict[str, list[int]], traj_ids: list[str],
-                     vocab_size: int | None) -> None:
-    """Trajectory.validate's id rules (non-negative integers) and, given ``vocab_size``, ids the
-    model can embed, checked once over the group's columns; an error names the trajectory."""
+def check_token_ids(columns: dict[str, np.ndarray], cuts: dict[str, list[int]], traj_ids: list[str],
+                    vocab_size: int | None = None) -> None:
+    """The token-id rules, for one trajectory or a whole group's columns at once (``cuts[name]``:
+    where each member's ids start): non-negative integers and, given ``vocab_size``, ids the
+    model can embed. An error names the trajectory."""
     for name in ("prompt_ids", "response_ids"):
         column = columns[name]
         if column.dtype.kind not in "iu":

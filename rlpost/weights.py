@@ -32,10 +32,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlpost.buffer import RedisBuffer
+from rlpost.config import WEIGHT_TRANSPORTS
 from rlpost.records import WeightVersion
 from rlpost.weight_slots import SlotReader, SlotSpaceError, SlotWriter, slot_base
-
-TRANSPORTS = ("auto", "ray", "shm", "file")
 
 
 @ray.remote(num_cpus=0)
@@ -103,8 +102,8 @@ class WeightPublisher:
     """Trainer side: publish ``state`` as ``version`` over the configured transport."""
 
     def __init__(self, buffer: RedisBuffer, transport: str, run_dir: str):
-        if transport not in TRANSPORTS:
-            raise ValueError(f"trainer.weight_transport={transport!r}: must be one of {', '.join(TRANSPORTS)}")
+        if transport not in WEIGHT_TRANSPORTS:
+            raise ValueError(f"trainer.weight_transport={transport!r}: must be one of {', '.join(WEIGHT_TRANSPORTS)}")
         self.buffer = buffer
         self.transport = transport
         self.run_dir = run_dir
