@@ -14,7 +14,9 @@ meanwhile sends it back to Redis for the newer one). Locks are system calls, so 
 writes is guaranteed on any CPU, and a slow reader delays the writer by at most one copy of the
 version before the newest instead of ever seeing torn weights. Space is reserved up front
 (``posix_fallocate``), so a too-small ``/dev/shm`` (Docker's default is 64 MB) is an error at
-the first publish, not a SIGBUS in the middle of a copy.
+the first publish, not a SIGBUS in the middle of a copy. Slot files removed while the run goes
+on (systemd-logind's RemoveIPC does that when the user's last login session ends) are made again
+at the next publish, and readers follow the path to the new files.
 """
 
 from __future__ import annotations
@@ -167,6 +169,22 @@ class _Mapping:
     def unlock(self) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
 
+    def replaced(self) -> bool:
+        """Whether the path no longer names the file this process has open: removed (by an
+        operator, or systemd-logind's RemoveIPC when the user's last session ends) or removed and
+        made again by another writer. Both sides would go on with a file nobody else sees."""
+        try:
+            now = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return True
+        held = os.fstat(self.fd)
+        return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
+
+    def close(self) -> None:
+        # the mapping itself goes with its last view (closing it under a live view would fail)
+        self.map = None
+        os.close(self.fd)
+
 
 class SlotWriter:
     """The trainer's side: ``write(state, version)`` into the slot not holding the newest version."""
@@ -178,12 +196,19 @@ class SlotWriter:
                                  f"filesystem there (or no posix_fallocate); use trainer.weight_transport=ray")
         self.base = base
         self.lock_timeout_s = lock_timeout_s
-        self._slots = [_Mapping(path, writable=True) for path in slot_paths(base)]
+        self._open()
+
+    def _open(self) -> None:
+        self._slots = [_Mapping(path, writable=True) for path in slot_paths(self.base)]
         # a restarted trainer goes on from the files as it finds them: overwrite the older slot
         versions = [slot.version() for slot in self._slots]
         self._next = 0 if versions[0] <= versions[1] else 1
 
     def write(self, state: dict[str, torch.Tensor], version: int) -> None:
+        if any(slot.replaced() for slot in self._slots):  # two stat calls: nothing next to a copy
+            for slot in self._slots:
+                slot.close()
+            self._open()  # workers started from now on would find no slots, or someone else's
         table, data_offset, size, entries = _layout(state)
         other = self._slots[self._next ^ 1]
         if other.version() > version:  # left by a crashed run under this name: not ours
@@ -214,7 +239,7 @@ class SlotWriter:
 
     def close(self, unlink: bool = False) -> None:
         for slot in self._slots:
-            os.close(slot.fd)
+            slot.close()
         if unlink:
             remove_slots(self.base)
 
@@ -230,12 +255,16 @@ class SlotReader:
     def __init__(self, lock_timeout_s: float = LOCK_TIMEOUT_S):
         self.lock_timeout_s = lock_timeout_s
         self._slots: dict[str, _Mapping] = {}
+        self._seen: set[str] = set()  # slots of a pair found once: gone now is a removal, not another node
 
-    def _slot(self, path: str) -> _Mapping:
+    def _slot(self, path: str) -> _Mapping | None:
         if path not in self._slots:
             try:
                 self._slots[path] = _Mapping(path, writable=False)
+                self._seen.update(slot_paths(path.rsplit(".", 1)[0]))  # the pair was there
             except FileNotFoundError:
+                if path in self._seen:  # removed: the trainer makes it again at its next publish
+                    return None
                 raise SlotMissingError(
                     f"{path} is not on this node: trainer.weight_transport=shm needs every rollout worker "
                     f"on the trainer's node (use trainer.weight_transport=ray or auto)") from None
@@ -243,15 +272,29 @@ class SlotReader:
 
     def versions(self, base: str) -> list[int]:
         """The versions the two slots hold now (-1: being written or empty)."""
-        return [self._slot(path).version() for path in slot_paths(base)]
+        return [slot.version() if (slot := self._slot(path)) is not None else -1 for path in slot_paths(base)]
 
     def load(self, base: str, version: int, load: Callable[[dict[str, torch.Tensor], int], None]) -> bool:
         """Calls ``load(tensors, version)`` with read-only views of the slot holding ``version``
         (valid only inside the call: copy them out) and returns True; False, without waiting, when
         no slot holds it (the trainer has moved on, or not yet written it): ask Redis again."""
+        if self._find(base, version, load):
+            return True
+        if self._forget_replaced(base):  # the trainer writes to new files: look there
+            return self._find(base, version, load)
+        return False
+
+    def _forget_replaced(self, base: str) -> bool:
+        """Closes the slots whose path now names another file (or none); whether there were any."""
+        stale = [path for path in slot_paths(base) if path in self._slots and self._slots[path].replaced()]
+        for path in stale:
+            self._slots.pop(path).close()
+        return bool(stale)
+
+    def _find(self, base: str, version: int, load: Callable[[dict[str, torch.Tensor], int], None]) -> bool:
         for path in slot_paths(base):
             slot = self._slot(path)
-            if slot.version() != version:
+            if slot is None or slot.version() != version:
                 continue
             slot.lock(exclusive=False, timeout_s=self.lock_timeout_s)
             try:
@@ -281,5 +324,5 @@ class SlotReader:
 
     def close(self) -> None:
         for slot in self._slots.values():
-            os.close(slot.fd)
+            slot.close()
         self._slots.clear()

@@ -185,3 +185,28 @@ def test_a_system_without_a_shared_memory_filesystem_is_a_space_error(tmp_path):
     """(macOS has no /dev/shm): ``auto`` then sends weights through Ray instead of failing."""
     with pytest.raises(SlotSpaceError, match="no shared-memory filesystem"):
         SlotWriter(str(tmp_path / "absent-dir" / "w"))
+
+
+def test_slots_removed_under_a_running_pair_are_made_again_and_found(tmp_path):
+    """Slot files removed while the run goes on (an operator, or systemd-logind's RemoveIPC when
+    the user's last session ends): the writer and the workers would each go on with a file nobody
+    else can open, and a restarted worker would find no slots. The writer makes them again at its
+    next publish; readers, old and new, follow to the new files."""
+    from rlpost.weight_slots import remove_slots
+
+    base = str(tmp_path / "w")
+    writer, reader, got = SlotWriter(base), SlotReader(), {}
+    writer.write(_state(1.0), 1)
+    assert reader.load(base, 1, _copy_into(got))
+    remove_slots(base)
+    assert reader.load(base, 1, _copy_into(got))  # the file it holds still has v1
+    assert not reader.load(base, 2, _copy_into(got))  # not published yet: no error, ask again
+    writer.write(_state(2.0), 2)
+    assert all(os.path.exists(p) for p in slot_paths(base))
+    assert reader.load(base, 2, _copy_into(got)) and torch.equal(got["embed.weight"], torch.full((64, 32), 2.0))
+    assert SlotReader().load(base, 2, _copy_into(got))  # a restarted worker finds them
+    # another writer (a trainer restarted after someone cleaned up) makes new files: followed too
+    remove_slots(base)
+    SlotWriter(base).write(_state(3.0), 3)
+    assert reader.load(base, 3, _copy_into(got)) and torch.equal(got["embed.weight"], torch.full((64, 32), 3.0))
+    assert sorted(reader.versions(base)) == [-1, 3]
