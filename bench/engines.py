@@ -142,38 +142,60 @@ def main() -> None:
     memcpy_ms = 1000 * statistics.median(copies)
     del dst
 
-    rows = []
-    for spec in args.engines.split(","):
-        name, _, dt = spec.partition("-")
-        dtype = {"": "float32", "bf16": "bfloat16"}[dt]
-        row = measure(name, dtype, cfg, states, reqs, trainer, device)
-        row["weight_update_vs_copy"] = round(row["weight_update_ms"] / memcpy_ms, 2)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    ratio = float("nan")
-    for dt in ("float32", "bfloat16"):
-        native = next((r for r in rows if r["engine"] == "native" and r["dtype"] == dt), None)
-        vllm = next((r for r in rows if r["engine"] == "vllm" and r["dtype"] == dt), None)
-        if native and vllm:
-            ratio = vllm["tokens_per_s"] / native["tokens_per_s"]
-            break
     params = sum(t.numel() for t in states[0].values())
     where = (f"GPU: {torch.cuda.get_device_name(0)}" if device == "cuda" else
              f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 torch thread")
-    result = {"device": where,
-              "model": {**vars(cfg), "parameters": params, "bytes": num_bytes},
-              "requests": {"count": n, "new_tokens": new_tokens, "temperature": 1.0},
-              "plain_copy_ms": round(memcpy_ms, 2), "engines": rows, "vllm_over_native_tokens_per_s": round(ratio, 2)}
     name = args.name or "engines" + ("_gpu" if device == "cuda" else "") + ("_large" if args.large else "")
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json")
-    if not args.quick:
+
+    def write(rows: list[dict], ratio: float) -> None:
+        if args.quick:
+            return
+        result = {"device": where,
+                  "model": {**vars(cfg), "parameters": params, "bytes": num_bytes},
+                  "requests": {"count": n, "new_tokens": new_tokens, "temperature": 1.0},
+                  "plain_copy_ms": round(memcpy_ms, 2), "engines": rows,
+                  "vllm_over_native_tokens_per_s": round(ratio, 2)}
         with open(out, "w") as fh:
             json.dump(result, fh, indent=2)
+
+    # Each engine's row is written as soon as it is measured, and an engine that fails (not
+    # installed, out of memory) is a row with its error: on a GPU lent for minutes, one engine's
+    # failure or the call's time limit must not take the others' figures with it.
+    rows, measured = [], []
+    for spec in args.engines.split(","):
+        engine, _, dt = spec.partition("-")
+        dtype = {"": "float32", "bf16": "bfloat16"}[dt]
+        try:
+            row = measure(engine, dtype, cfg, states, reqs, trainer, device)
+            row["weight_update_vs_copy"] = round(row["weight_update_ms"] / memcpy_ms, 2)
+            measured.append(row)
+        except Exception as exc:  # noqa: BLE001 -- recorded in the results, and the run fails at the end
+            row = {"engine": engine, "dtype": dtype, "error": f"{type(exc).__name__}: {str(exc).strip()[:500]}"}
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write(rows, float("nan"))
+    ratio = float("nan")
+    for dt in ("float32", "bfloat16"):
+        native = next((r for r in measured if r["engine"] == "native" and r["dtype"] == dt), None)
+        vllm = next((r for r in measured if r["engine"] == "vllm" and r["dtype"] == dt), None)
+        if native and vllm:
+            ratio = vllm["tokens_per_s"] / native["tokens_per_s"]
+            break
+    write(rows, ratio)
     print(f"| engine | dtype | tokens/s | weight update (ms) | vs copy | mean abs logprob diff | max |")
-    for r in rows:
+    for r in measured:
         print(f"| {r['engine']} | {r['dtype']} | {r['tokens_per_s']} | {r['weight_update_ms']} | "
               f"{r['weight_update_vs_copy']}x | {r['logprob_abs_diff_mean']} | {r['logprob_abs_diff_max']} |")
+    for r in rows:
+        if "error" in r:
+            print(f"bench/engines.py: {r['engine']} {r['dtype']} failed: {r['error']}", file=sys.stderr)
     print(f"RESULT engines {ratio:.2f}")
+    if len(measured) < len(rows):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ clock runs from before ``publish`` until the driver holds every acknowledgement.
   worker from the node's object store, then the worker's copy (what ``auto`` picks on clusters).
 
     python bench/weight_push.py            # ~2 minutes on 2 cores
-Writes bench/results/weight_push.json; the last line is ``RESULT weight_push <worst ratio to
+Writes bench/results/weight_push.json (``--name``); the last line is ``RESULT weight_push <worst ratio to
 memcpy at 4 workers, shm>``.
 """
 
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "weight_push.json")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 HEADLINE = "shm"
 
 
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--transports", default="shm,ray")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--name", default="weight_push", help="results file: bench/results/<name>.json")
     args = ap.parse_args()
 
     import ray
@@ -149,8 +150,8 @@ def main() -> None:
     worst = {t: max(r["ratio_to_memcpy"] for r in rows if r["workers"] == most and r["transport"] == t)
              for t in args.transports.split(",")}
     headline = worst.get(HEADLINE, max(worst.values()))
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as fh:
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    with open(os.path.join(RESULTS_DIR, f"{args.name}.json"), "w") as fh:
         json.dump({"rows": rows, "cpu_count": os.cpu_count(), "torch": torch.__version__,
                    "worst_ratio_at_max_workers": worst, "headline_transport": HEADLINE}, fh, indent=2)
     print(f"RESULT weight_push {headline:.2f}")

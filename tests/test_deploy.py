@@ -80,3 +80,23 @@ def test_submit_script_parses_and_sets_a_persistent_run_root():
 @pytest.mark.parametrize("name", ["kuberay-rayjob.yaml", "ray-cluster.yaml"])
 def test_yaml_files_parse(name):
     assert yaml.safe_load(open(os.path.join(DEPLOY, name)))
+
+
+def test_the_gpu_check_plans_run_valid_configs_and_fit_one_device_call(tmp_path):
+    """scripts/gpu_check.sh is run on a GPU lent for 15 minutes: a config key renamed since it was
+    written would waste that session. Its dry run composes and validates every run it would start,
+    and each plan's stage limits must fit one device call (10 minutes) with the deadline it keeps."""
+    import sys
+
+    env = dict(os.environ, GPU_CHECK_DRY="1", PYTHON=sys.executable, OUT=str(tmp_path))
+    got = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_check.sh"), "a", "b", "c"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stdout + got.stderr
+    runs = re.findall(r"config ok: rlpost.run .*name=(\w+)", got.stdout)
+    assert sorted(set(runs)) == ["gpu_local", "gpu_sglang_sync", "gpu_vllm_april", "gpu_vllm_sync"], got.stdout
+    script = open(os.path.join(REPO, "scripts", "gpu_check.sh")).read()
+    deadline = int(re.search(r"GPU_CHECK_DEADLINE_S:-(\d+)", script).group(1))
+    assert deadline <= 570  # a call runs at most 600 s, and the archive is made after the deadline
+    bad = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_check.sh"), "nope"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown stage 'nope'" in bad.stderr
