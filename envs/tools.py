@@ -102,13 +102,19 @@ class ToolEnv:
 
     def sft_example(self, index: int, seed: int) -> tuple[list[int], list[int], list[int]]:
         """(prompt, target, loss mask): a demonstration of one calculator call; the observation is
-        part of the target sequence but masked out of the loss, as in RL."""
+        part of the target sequence but masked out of the loss, as in RL. On
+        ``env.teacher_skips_tool`` of them the teacher writes the product without the call: the
+        toy learns to skip the tool about that often and then cannot multiply, which RL (reward:
+        the right answer) has to unlearn."""
         a, b = self._problem(random.Random(f"{self.cfg.seed}/{seed}/{index}"))
+        prompt = self.tokenizer.encode(f"{a}*{b}=", bos=True)
+        if random.Random(f"teacher/{seed}/{index}").random() < self.cfg.teacher_skips_tool:
+            answer = self.tokenizer.encode(str(a * b)) + [self.tokenizer.eos_id]
+            return prompt, answer, [1] * len(answer)
         call = self.tokenizer.encode(f"[{a}*{b}]")
         obs = self.tokenizer.encode(f"{a * b};")
         answer = self.tokenizer.encode(str(a * b)) + [self.tokenizer.eos_id]
-        return (self.tokenizer.encode(f"{a}*{b}=", bos=True), call + obs + answer,
-                [1] * len(call) + [0] * len(obs) + [1] * len(answer))
+        return prompt, call + obs + answer, [1] * len(call) + [0] * len(obs) + [1] * len(answer)
 
     # ------------------------------------------------------------------ turns
     def observe(self, response_ids: list[int]) -> list[int]:

@@ -252,6 +252,9 @@ class EnvConfig:
     reverse_answer: bool = False
     # Fraction of carrying additions whose warm-up demonstration drops the carry (a flawed teacher).
     teacher_carry_error: float = 0.0
+    # tools: fraction of warm-up demonstrations where the teacher answers without the calculator
+    # (rightly: it multiplies in its head; the toy cannot), a flawed habit for RL to unlearn.
+    teacher_skips_tool: float = 0.0
     # longtail: log-normal target lengths (median, shape) capped at len_max.
     len_median: float = 6.0
     len_sigma: float = 1.1
@@ -294,6 +297,10 @@ class EnvConfig:
                "must be a non-empty list of '+', '-', '*'")
         _check(0 <= self.teacher_carry_error <= 1, f"{p}.teacher_carry_error", self.teacher_carry_error,
                "must be in [0, 1]")
+        _check(0 <= self.teacher_skips_tool <= 1, f"{p}.teacher_skips_tool", self.teacher_skips_tool,
+               "must be in [0, 1]")
+        _check(self.teacher_skips_tool == 0 or self.name == "tools", f"{p}.teacher_skips_tool",
+               self.teacher_skips_tool, f"is for env.name=tools (this is {self.name})")
         _check(self.num_eval > 0, f"{p}.num_eval", self.num_eval, "must be > 0")
         if self.name == "arithmetic":  # held-out prompts must leave the training stream its share
             numbers = sum(10 if d == 1 else 9 * 10 ** (d - 1) for d in range(self.min_digits, self.max_digits + 1))

@@ -75,3 +75,35 @@ def test_sft_demonstration_masks_the_observation():
     call_end = text.index("]") + 1
     obs_end = text.index(";") + 1
     assert mask == [1] * call_end + [0] * (obs_end - call_end) + [1] * (len(target) - obs_end)
+
+
+def test_a_teacher_that_skips_the_tool_demonstrates_bare_answers_and_rl_sees_tool_use():
+    """env.teacher_skips_tool: that fraction of demonstrations answer without the calculator (all
+    of it trained on), the rest call it; the trainer reports how often samples used a tool."""
+    from rlpost.trainer.actor import tool_use_metrics
+
+    env = ToolEnv(load_config(["experiment=toy_moe_tools", "env.teacher_skips_tool=0.7"]).env)
+    bare = 0
+    for i in range(400):
+        prompt, target, mask = env.sft_example(i, 0)
+        text = env.tokenizer.decode(target)
+        a, b = map(int, env.tokenizer.decode(prompt).rstrip("=").split("*"))
+        if not text.startswith("["):
+            bare += 1
+            assert text == str(a * b) and mask == [1] * len(target) and target[-1] == env.tokenizer.eos_id
+        else:
+            assert text.startswith(f"[{a}*{b}]{a * b};")
+    assert 0.6 < bare / 400 < 0.8
+    assert env.sft_example(7, 0) == env.sft_example(7, 0)  # the same demonstrations every run
+    with pytest.raises(ValueError, match=r"env.teacher_skips_tool=0.5: is for env.name=tools"):
+        load_config(["env.teacher_skips_tool=0.5"])
+
+    def traj(info):
+        return Trajectory(traj_id="t", task_id="x", group_id="g", prompt_ids=[1], response_ids=[], logprobs=[],
+                          versions=[], loss_mask=[], env_info=info)
+
+    scored = [env.score(str(12 * 34), env.tokenizer.encode(text) + [env.tokenizer.eos_id])
+              for text in ("[12*34]408;408", "408", "[12*34]408;[1+1]2;408", "407")]
+    got = tool_use_metrics([traj(r.info) for r in scored] + [traj({"tool_calls": True}), traj({})])
+    assert got == {"env/tool_calls_mean": 0.75, "env/tool_use_frac": 0.5}
+    assert tool_use_metrics([traj({})]) == {}

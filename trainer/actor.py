@@ -35,6 +35,16 @@ from rlpost.trainer.policy import build_policy
 _EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.)(\d+)(\..+)$")
 
 
+def tool_use_metrics(trajs: list[Trajectory]) -> dict[str, float]:
+    """How often the policy reaches for its tools (tool envs report ``tool_calls`` per sample):
+    the figure that shows RL unlearning a teacher's habit of answering without them."""
+    calls = [t.env_info.get("tool_calls") for t in trajs]
+    calls = [c for c in calls if isinstance(c, int) and not isinstance(c, bool)]
+    if not calls:
+        return {}
+    return {"env/tool_calls_mean": float(np.mean(calls)), "env/tool_use_frac": float(np.mean([c > 0 for c in calls]))}
+
+
 class TrainerRank:
     def __init__(self, cfg: RlpostConfig, dist_env: DistEnv, buffer_url: str, run: str, run_dir: str,
                  buffer_auth: dict | None = None):
@@ -290,6 +300,7 @@ class TrainerRank:
             "offpolicy/resumes_max": int(resumes.max()),
             "offpolicy/resumed_sample_frac": float((resumes > 0).mean()),
         }
+        out.update(tool_use_metrics(trajs))
         for k in range(bound + 1):
             out[f"staleness/lag{k}_tokens"] = int((lags == k).sum())
         out[f"staleness/lag{bound + 1}plus_tokens"] = int((lags > bound).sum())
