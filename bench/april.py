@@ -20,14 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cli_runs import ROOT, run_rlpost  # noqa: E402
+
 MODES = {
     "sync": ["mode=sync"],
     "async": ["mode=async", "rollout.max_staleness=1", "engine.reuse_kv=true"],
@@ -48,16 +49,10 @@ def mode_overrides(mode: str, extra: list[str]) -> list[str]:
 
 def run_mode(mode: str, workdir: str, steps: int, extra: list[str], repeat: int) -> dict:
     run_dir = os.path.join(workdir, f"{mode}-{repeat}")
-    cmd = [sys.executable, "-m", "rlpost.run", "experiment=longtail_bench", *mode_overrides(mode, extra),
-           f"run_dir={run_dir}",
-           f"trainer.steps={steps}", f"warmup.cache_dir={os.path.join(workdir, 'warmup')}",
-           "logger.progress=false", *extra]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline"}
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{mode} run failed with exit code {proc.returncode}")
+    run_rlpost(["experiment=longtail_bench", *mode_overrides(mode, extra), f"run_dir={run_dir}",
+                f"trainer.steps={steps}", f"warmup.cache_dir={os.path.join(workdir, 'warmup')}",
+                "logger.progress=false", *extra], mode)
     with open(os.path.join(run_dir, "summary.json")) as fh:
         summary = json.load(fh)
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]

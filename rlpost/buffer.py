@@ -225,6 +225,15 @@ class RedisBuffer:
 
     def ack_trained(self, deliveries: list[Delivery]) -> None:
         """Record the groups' trajectories as trained and ack them, atomically."""
+        self._consume(deliveries, filtered=False)
+
+    def ack_filtered(self, deliveries: list[Delivery]) -> None:
+        """Consume groups the trainer drops (``rollout.filter_uniform_groups``), atomically: their
+        trajectories count as done (a redelivery is skipped like a trained one), and the
+        ``filtered`` counter tells the driver how many prompts to submit in their place."""
+        self._consume(deliveries, filtered=True)
+
+    def _consume(self, deliveries: list[Delivery], filtered: bool) -> None:
         if not deliveries:
             return
         pipe = self.client.pipeline(transaction=True)
@@ -232,7 +241,13 @@ class RedisBuffer:
         ids = [d.entry_id for d in deliveries]
         pipe.xack(self.key("complete"), TRAINER_GROUP, *ids)
         pipe.xdel(self.key("complete"), *ids)
+        if filtered:
+            pipe.incrby(self.key("filtered"), len(deliveries))
         pipe.execute()
+
+    def filtered_groups(self) -> int:
+        """Groups dropped by the trainer's filter since the run began."""
+        return int(self.client.get(self.key("filtered")) or 0)
 
     def already_trained(self, traj_ids: list[str]) -> list[bool]:
         if not traj_ids:

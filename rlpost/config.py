@@ -129,6 +129,14 @@ class RolloutConfig:
     # new life first serves the items its previous life read and never finished (same consumer
     # name, deterministic trajectory ids: nothing lost, nothing trained twice). 0: the run fails.
     max_restarts: int = 3
+    # DAPO's dynamic sampling: a group whose samples all got the same reward has zero advantage
+    # everywhere (it only dilutes the batch); the trainer drops it and the driver submits a new
+    # prompt in its place, so every step trains batch_prompts groups that teach something.
+    filter_uniform_groups: bool = False
+    # ... at most this many batches' worth of groups dropped per step; past that (a task the
+    # policy always or never solves) uniform groups are trained as they are instead of
+    # generating forever.
+    filter_max_batches: float = 4.0
 
     def validate(self, p: str = "rollout") -> None:
         for name in ("num_workers", "batch_prompts", "group_size", "max_new_tokens", "threads"):
@@ -139,6 +147,7 @@ class RolloutConfig:
         _check(self.max_staleness >= 0, f"{p}.max_staleness", self.max_staleness, "must be >= 0")
         _check(self.max_resumes >= 0, f"{p}.max_resumes", self.max_resumes, "must be >= 0")
         _check(self.max_restarts >= 0, f"{p}.max_restarts", self.max_restarts, "must be >= 0")
+        _check(self.filter_max_batches >= 0, f"{p}.filter_max_batches", self.filter_max_batches, "must be >= 0")
         _check(self.group_size >= 2, f"{p}.group_size", self.group_size,
                "must be >= 2 (GRPO normalises each reward against its group: one sample has no baseline)")
 

@@ -31,6 +31,7 @@ class DriverState:
 
     step: int = 0
     task_index: int = 0  # train tasks submitted so far
+    refilled: int = 0  # of those, submitted in place of groups the trainer's filter dropped
     trained_groups: int = 0
     trained_samples: int = 0
     trained_tokens: int = 0
@@ -375,23 +376,28 @@ class Run:
 
     def _launch_step(self, version: int) -> tuple[list, Callable[[], bool] | None]:
         """Admit the step's tasks and start ``train_step`` on every rank; returns at once with
-        the refs and, in april mode, the top-up to poll while the step runs: the batch stops
-        being "in flight" the moment the trainer has collected it (it advances the round), so
-        the workers get fresh prompts while the step trains instead of after it."""
+        the refs and what to poll while the step runs: in april mode the top-up (the batch
+        stops being "in flight" the moment the trainer has collected it: it advances the
+        round, so the workers get fresh prompts while the step trains instead of after it),
+        and with ``rollout.filter_uniform_groups`` the prompts that replace dropped groups."""
         self.admit(version)
         self.state.step += 1
-        start_round = self.buffer.current_round() if self.cfg.mode == "april" else 0
+        april = self.cfg.mode == "april"
+        start_round = self.buffer.current_round() if april else 0
         refs = [r.train_step.remote(self.state.step) for r in self.ranks]
-        if self.cfg.mode != "april":
+        if not april and not self.cfg.rollout.filter_uniform_groups:
             return refs, None
+        topped_up = not april
 
-        def top_up() -> bool:
-            if self.buffer.current_round() == start_round:
-                return False
-            self.admit(version, taken=self.cfg.rollout.batch_prompts)
-            return True
+        def poll() -> bool:
+            nonlocal topped_up
+            self.refill(version)
+            if not topped_up and self.buffer.current_round() != start_round:
+                self.admit(version, taken=self.cfg.rollout.batch_prompts)
+                topped_up = True
+            return topped_up and not self.cfg.rollout.filter_uniform_groups  # True: no more polls
 
-        return refs, top_up
+        return refs, poll
 
     def _check_finite(self, metrics: dict) -> None:
         """Count steps whose loss or gradient norm is not finite (logged as ``train/nonfinite``);
@@ -475,17 +481,29 @@ class Run:
 
     def admit(self, version: int, taken: int = 0) -> int:
         """Submit the train tasks the mode's admission rule allows (rlpost.scheduler); ``taken``
-        groups are collected by a step in progress and count as trained."""
+        groups are collected by a step in progress and count as trained. Prompts submitted in
+        place of dropped groups (``refill``) take those groups' places, outside the rule."""
         from rlpost.scheduler import groups_to_admit
 
         r = self.cfg.rollout
-        count = groups_to_admit(self.cfg.mode, self.state.step, self.state.task_index, self.state.trained_groups + taken,
-                                r.batch_prompts, r.over_sampling, r.max_staleness)
-        # sync waits for the newest weights (on-policy); the others start with whatever is there.
-        min_version = version if self.cfg.mode == "sync" else 0
+        count = groups_to_admit(self.cfg.mode, self.state.step, self.state.task_index - self.state.refilled,
+                                self.state.trained_groups + taken, r.batch_prompts, r.over_sampling, r.max_staleness)
         if count > 0:
-            self.buffer.put_tasks(self.train_tasks(count, min_version))
+            self.buffer.put_tasks(self.train_tasks(count, self._min_version(version)))
         return count
+
+    def refill(self, version: int) -> int:
+        """One new prompt for every group the trainer's uniform-reward filter dropped and no
+        prompt has replaced yet (the count lives in Redis: every rank drops its own)."""
+        owed = self.buffer.filtered_groups() - self.state.refilled
+        if owed > 0:
+            self.buffer.put_tasks(self.train_tasks(owed, self._min_version(version)))
+            self.state.refilled += owed
+        return max(owed, 0)
+
+    def _min_version(self, version: int) -> int:
+        # sync waits for the newest weights (on-policy); the others start with whatever is there.
+        return version if self.cfg.mode == "sync" else 0
 
     def checkpoint(self) -> str:
         """DeepSpeed state of every rank + the driver's counters + an atomic snapshot of the
@@ -600,6 +618,8 @@ class Run:
                     depth = self.buffer.depth()
                     metrics.update({f"buffer/{k}": v for k, v in depth.items()})
                     metrics["buffer/complete_depth"] = depth["complete"]  # bounded by buffer.max_complete
+                    if cfg.rollout.filter_uniform_groups:  # all ranks' (filter/dropped_groups is rank 0's step)
+                        metrics["filter/dropped_total"] = self.buffer.filtered_groups()
                     totals, now = self.worker_totals(), time.time()
                     wall = max(now - prev_t, 1e-9) * max(cfg.rollout.num_workers, 1)
                     metrics.update({
@@ -656,6 +676,7 @@ class Run:
                 "trained_samples": self.state.trained_samples,
                 "trained_tokens": self.state.trained_tokens,
                 "samples_per_s": self.state.trained_samples / max(time.time() - rl_start, 1e-9),
+                "filtered_groups": self.buffer.filtered_groups(),
                 "evals": self.state.evals,
                 "weight_transport": getattr(self.buffer.current_version(), "transport", None),
             })

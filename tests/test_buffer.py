@@ -277,3 +277,52 @@ def test_groups_with_token_ids_the_model_cannot_embed_are_dead_lettered(buffer):
     assert "t2/0: field 'prompt_ids' must hold non-negative integer token ids" in reasons[1]
     assert "t3/0: field 'prompt_ids' must hold non-negative integer token ids (dtype float" in reasons[2]
     assert "t4/1: field 'prompt_ids' is empty" in reasons[3]
+
+
+def _complete_groups(buffer, rewards_per_group: list[list[float]]) -> None:
+    """Groups through the worker's path into ``complete``, with the given rewards."""
+    tasks = [make_task(i, group_size=len(r)) for i, r in enumerate(rewards_per_group)]
+    buffer.put_tasks(tasks)
+    for d, rewards in zip(buffer.read_tasks("w0", count=len(tasks), block_ms=100), rewards_per_group):
+        group = finished_group(d.item)
+        for traj, reward in zip(group, rewards):
+            traj.reward = reward
+        buffer.finish_task(d, d.item, group)
+
+
+def _collector(buffer, cfg):
+    """The trainer rank's group collection, without its DeepSpeed engine (what it reads is Redis)."""
+    from types import SimpleNamespace
+
+    from rlpost.trainer.actor import TrainerRank
+
+    rank = SimpleNamespace(buffer=buffer, cfg=cfg, version=0, consumer="trainer-0", rank=0, _own_pending_read=False)
+    return lambda want: TrainerRank._collect_groups(rank, want, timeout_s=5)
+
+
+def test_uniform_reward_groups_are_dropped_up_to_the_budget_and_counted_for_the_driver(buffer, small_cfg):
+    """rollout.filter_uniform_groups (DAPO's dynamic sampling): a group whose rewards are all equal
+    teaches nothing under GRPO; the trainer consumes it without training, marks its samples done
+    and counts it, so the driver submits a prompt in its place."""
+    import copy
+
+    cfg = copy.deepcopy(small_cfg)
+    cfg.rollout.filter_uniform_groups, cfg.rollout.filter_max_batches = True, 1.0
+    _complete_groups(buffer, [[1, 1], [0, 1], [0, 0], [1, 0], [0.5, 0.5], [0, 1], [1, 1]])
+    got, stale, dropped = _collector(buffer, cfg)(2)
+    assert [d.item.task.task_id for d in got] == ["t1", "t3"] and stale == 0
+    assert [d.item.task.task_id for d in dropped] == ["t0", "t2"]  # the budget: 1 x want = 2
+    assert buffer.filtered_groups() == 2
+    assert buffer.already_trained(["t0/0", "t0/1", "t2/1", "t1/0"]) == [True, True, True, False]
+    assert buffer.client.xpending(buffer.key("complete"), TRAINER_GROUP)["pending"] == 2  # the kept, until trained
+    assert buffer.client.xlen(buffer.key("complete")) == 5  # the dropped are gone, three not read yet
+    buffer.ack_trained(got)
+    # the next step has its own budget; with it spent, a uniform group is trained as it is
+    cfg.rollout.filter_max_batches = 0.5
+    got, _, dropped = _collector(buffer, cfg)(2)
+    assert [d.item.task.task_id for d in dropped] == ["t4"] and [d.item.task.task_id for d in got] == ["t5", "t6"]
+    assert buffer.filtered_groups() == 3
+    cfg.rollout.filter_uniform_groups = False  # off: nothing is dropped
+    _complete_groups(buffer, [[1, 1]])
+    got, _, dropped = _collector(buffer, cfg)(1)
+    assert len(got) == 1 and dropped == [] and buffer.filtered_groups() == 3

@@ -65,6 +65,26 @@ def test_short_loop_writes_a_complete_run_dir(tmp_path):
     assert (cache / "model.safetensors").exists()
 
 
+def test_uniform_groups_are_dropped_and_replaced_so_every_step_trains_a_full_batch(tmp_path):
+    """rollout.filter_uniform_groups through the whole loop, in sync mode (which admits exactly
+    one batch per step, so a step only completes if the driver replaces what the trainer drops).
+    Greedy sampling makes every group uniform: each step drops its budget (1 batch), the driver
+    submits as many new prompts, and the step then trains a full batch (the budget spent)."""
+    run_dir = tmp_path / "run"
+    run_cli(["experiment=toy_moe_local", f"run_dir={run_dir}", "warmup.steps=10", "trainer.steps=3",
+             "env.num_eval=8", "rollout.batch_prompts=4", "rollout.temperature=0", "rollout.filter_uniform_groups=true",
+             "rollout.filter_max_batches=1", "logger.progress=false"], timeout=400)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    steps = [r for r in read_metrics(str(run_dir / "metrics.jsonl")) if "reward/mean" in r]
+    assert [r["filter/dropped_groups"] for r in steps] == [4, 4, 4]
+    assert [r["train/samples"] for r in steps] == [32, 32, 32] and all(r["reward/group_all_same_frac"] == 1 for r in steps)
+    assert summary["filtered_groups"] == 12 and steps[-1]["filter/dropped_total"] == 12
+    records = [json.loads(line) for line in open(run_dir / "trained_ids.rank0.jsonl")]
+    trained = [i for r in records for i in r["ids"]]
+    dropped = [i for r in records for i in r["filtered"]]
+    assert len(dropped) == 12 * 8 and len(set(trained + dropped)) == len(trained) + len(dropped) == 24 * 8
+
+
 @pytest.mark.slow
 def test_rl_improves_held_out_accuracy(tmp_path):
     """A shorter version of the README's headline run: RL beats the warm-up by >= 10 points."""

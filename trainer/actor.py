@@ -9,6 +9,7 @@ a rank that dies mid-step leaves its groups pending for reclaim.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -203,18 +204,24 @@ class TrainerRank:
             p.requires_grad_(False)
 
     # ------------------------------------------------------------------ RL step
-    def _collect_groups(self, want: int, timeout_s: float) -> tuple[list[Delivery], int]:
+    def _collect_groups(self, want: int, timeout_s: float) -> tuple[list[Delivery], int, list[Delivery]]:
         """Read ``want`` whole, untrained, fresh-enough groups from Redis (blocking).
 
         Already-trained duplicates are acked away; groups with a token more than
-        ``rollout.max_staleness`` versions behind the current weights go back as fresh tasks.
-        Returns (deliveries, number of stale groups restarted)."""
+        ``rollout.max_staleness`` versions behind the current weights go back as fresh tasks;
+        with ``rollout.filter_uniform_groups``, groups whose rewards are all equal are consumed
+        without training (the driver submits prompts in their place) until
+        ``rollout.filter_max_batches`` x ``want`` of them were dropped in this step.
+        Returns (deliveries, number of stale groups restarted, groups dropped)."""
         got: list[Delivery] = []
         # a previous life's unfinished step comes first (a rank restarted after dying mid-step)
         pending = [] if self._own_pending_read else self.buffer.read_own_complete(self.consumer, count=want)
         self._own_pending_read = True
         stale_restarted = 0
-        bound = self.cfg.rollout.max_staleness
+        r = self.cfg.rollout
+        bound = r.max_staleness
+        drop_budget = math.ceil(r.filter_max_batches * want) if r.filter_uniform_groups else 0
+        dropped: list[Delivery] = []
         deadline = time.monotonic() + timeout_s
         reclaim = True  # at the start, then whenever a read comes back empty
         while len(got) < want:
@@ -230,7 +237,7 @@ class TrainerRank:
                 continue
             # one round trip for the trained-set check of every group read, one for each outcome
             trained = self.buffer.already_trained([t.traj_id for d in fresh for t in d.item.group])
-            duplicates, stale, at = [], [], 0
+            duplicates, stale, uniform, at = [], [], [], 0
             for d in fresh:
                 group = d.item.group
                 at += len(group)
@@ -238,17 +245,21 @@ class TrainerRank:
                     duplicates.append(d)
                 elif self.cfg.mode != "sync" and too_stale(_oldest(group), self.version, bound):
                     stale.append(d)
+                elif len(dropped) + len(uniform) < drop_budget and len({t.reward for t in group}) == 1:
+                    uniform.append(d)
                 else:
                     got.append(d)
             self.buffer.ack_trained(duplicates)
             self.buffer.requeue(stale)
+            self.buffer.ack_filtered(uniform)
             stale_restarted += len(stale)
-        return got[:want], stale_restarted
+            dropped += uniform
+        return got[:want], stale_restarted, dropped
 
     def train_step(self, step: int, timeout_s: float = 600.0) -> dict:
         t_wait = time.perf_counter()
         want = self.cfg.rollout.batch_prompts // self.world
-        deliveries, stale_restarted = self._collect_groups(want, timeout_s)
+        deliveries, stale_restarted, dropped = self._collect_groups(want, timeout_s)
         if self.cfg.mode == "april" and self.rank == 0:
             self.buffer.advance_round()  # the batch is full: workers park what is unfinished
         t0 = time.perf_counter()
@@ -259,7 +270,7 @@ class TrainerRank:
         batch = collate(trajs, adv, sort_by_length=self.accum > 1).to(self.device)
         metrics = self._optimise(batch)
         self.buffer.ack_trained(deliveries)
-        self._log_trained(step, trajs)
+        self._log_trained(step, trajs, dropped)
         t1 = time.perf_counter()
 
         trained_version = self.version
@@ -274,6 +285,7 @@ class TrainerRank:
             "train/tokens_per_s": batch.num_tokens / max(t1 - t0, 1e-9),
             "train/samples": len(trajs),
             "staleness/restarted_groups": stale_restarted,
+            "filter/dropped_groups": len(dropped),
         })
         return metrics
 
@@ -306,12 +318,15 @@ class TrainerRank:
         out[f"staleness/lag{bound + 1}plus_tokens"] = int((lags > bound).sum())
         return out
 
-    def _log_trained(self, step: int, trajs: list[Trajectory]) -> None:
-        """Append the trained ids (for audits: nothing lost, nothing trained twice)."""
+    def _log_trained(self, step: int, trajs: list[Trajectory], dropped: list[Delivery]) -> None:
+        """Append the trained ids (for audits: nothing lost, nothing trained twice), and the ids
+        of the groups the uniform-reward filter dropped in this step."""
+        record = {"step": step, "version": self.version, "ids": [t.traj_id for t in trajs],
+                  "lengths": [len(t) for t in trajs], "status": [t.status.value for t in trajs]}
+        if dropped:
+            record["filtered"] = [t.traj_id for d in dropped for t in d.item.group]
         with open(os.path.join(self.run_dir, f"trained_ids.rank{self.rank}.jsonl"), "a") as fh:
-            fh.write(json.dumps({"step": step, "version": self.version, "ids": [t.traj_id for t in trajs],
-                                 "lengths": [len(t) for t in trajs],
-                                 "status": [t.status.value for t in trajs]}) + "\n")
+            fh.write(json.dumps(record) + "\n")
 
     def _proximal_logp(self, batch: TrainBatch, temperature: float) -> torch.Tensor:
         with torch.no_grad():
