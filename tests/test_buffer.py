@@ -1,5 +1,6 @@
 """The Redis buffer against a real redis-server."""
 
+import json
 import pickle
 
 from rlpost.buffer import TRAINER_GROUP, WORKER_GROUP
@@ -290,17 +291,19 @@ def _complete_groups(buffer, rewards_per_group: list[list[float]]) -> None:
         buffer.finish_task(d, d.item, group)
 
 
-def _collector(buffer, cfg):
+def _collector(buffer, cfg, run_dir):
     """The trainer rank's group collection, without its DeepSpeed engine (what it reads is Redis)."""
     from types import SimpleNamespace
 
     from rlpost.trainer.actor import TrainerRank
 
-    rank = SimpleNamespace(buffer=buffer, cfg=cfg, version=0, consumer="trainer-0", rank=0, _own_pending_read=False)
-    return lambda want: TrainerRank._collect_groups(rank, want, timeout_s=5)
+    rank = SimpleNamespace(buffer=buffer, cfg=cfg, version=0, consumer="trainer-0", rank=0, _own_pending_read=False,
+                           run_dir=str(run_dir))
+    rank._log_ids = lambda *args: TrainerRank._log_ids(rank, *args)
+    return lambda want: TrainerRank._collect_groups(rank, want, timeout_s=5, step=1)
 
 
-def test_uniform_reward_groups_are_dropped_up_to_the_budget_and_counted_for_the_driver(buffer, small_cfg):
+def test_uniform_reward_groups_are_dropped_up_to_the_budget_and_counted_for_the_driver(buffer, small_cfg, tmp_path):
     """rollout.filter_uniform_groups (DAPO's dynamic sampling): a group whose rewards are all equal
     teaches nothing under GRPO; the trainer consumes it without training, marks its samples done
     and counts it, so the driver submits a prompt in its place."""
@@ -309,20 +312,23 @@ def test_uniform_reward_groups_are_dropped_up_to_the_budget_and_counted_for_the_
     cfg = copy.deepcopy(small_cfg)
     cfg.rollout.filter_uniform_groups, cfg.rollout.filter_max_batches = True, 1.0
     _complete_groups(buffer, [[1, 1], [0, 1], [0, 0], [1, 0], [0.5, 0.5], [0, 1], [1, 1]])
-    got, stale, dropped = _collector(buffer, cfg)(2)
+    got, stale, dropped = _collector(buffer, cfg, tmp_path)(2)
     assert [d.item.task.task_id for d in got] == ["t1", "t3"] and stale == 0
     assert [d.item.task.task_id for d in dropped] == ["t0", "t2"]  # the budget: 1 x want = 2
     assert buffer.filtered_groups() == 2
+    # logged as they are dropped (a rank that dies before its step ends leaves the record)
+    logged = [i for line in open(tmp_path / "trained_ids.rank0.jsonl") for i in json.loads(line)["filtered"]]
+    assert logged == ["t0/0", "t0/1", "t2/0", "t2/1"]
     assert buffer.already_trained(["t0/0", "t0/1", "t2/1", "t1/0"]) == [True, True, True, False]
     assert buffer.client.xpending(buffer.key("complete"), TRAINER_GROUP)["pending"] == 2  # the kept, until trained
     assert buffer.client.xlen(buffer.key("complete")) == 5  # the dropped are gone, three not read yet
     buffer.ack_trained(got)
     # the next step has its own budget; with it spent, a uniform group is trained as it is
     cfg.rollout.filter_max_batches = 0.5
-    got, _, dropped = _collector(buffer, cfg)(2)
+    got, _, dropped = _collector(buffer, cfg, tmp_path)(2)
     assert [d.item.task.task_id for d in dropped] == ["t4"] and [d.item.task.task_id for d in got] == ["t5", "t6"]
     assert buffer.filtered_groups() == 3
     cfg.rollout.filter_uniform_groups = False  # off: nothing is dropped
     _complete_groups(buffer, [[1, 1]])
-    got, _, dropped = _collector(buffer, cfg)(1)
+    got, _, dropped = _collector(buffer, cfg, tmp_path)(1)
     assert len(got) == 1 and dropped == [] and buffer.filtered_groups() == 3

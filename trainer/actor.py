@@ -204,7 +204,7 @@ class TrainerRank:
             p.requires_grad_(False)
 
     # ------------------------------------------------------------------ RL step
-    def _collect_groups(self, want: int, timeout_s: float) -> tuple[list[Delivery], int, list[Delivery]]:
+    def _collect_groups(self, want: int, timeout_s: float, step: int = 0) -> tuple[list[Delivery], int, list[Delivery]]:
         """Read ``want`` whole, untrained, fresh-enough groups from Redis (blocking).
 
         Already-trained duplicates are acked away; groups with a token more than
@@ -252,6 +252,8 @@ class TrainerRank:
             self.buffer.ack_trained(duplicates)
             self.buffer.requeue(stale)
             self.buffer.ack_filtered(uniform)
+            if uniform:  # logged now: a rank that dies before the step ends must not lose the record
+                self._log_ids(step, [], [t.traj_id for d in uniform for t in d.item.group])
             stale_restarted += len(stale)
             dropped += uniform
         return got[:want], stale_restarted, dropped
@@ -259,7 +261,7 @@ class TrainerRank:
     def train_step(self, step: int, timeout_s: float = 600.0) -> dict:
         t_wait = time.perf_counter()
         want = self.cfg.rollout.batch_prompts // self.world
-        deliveries, stale_restarted, dropped = self._collect_groups(want, timeout_s)
+        deliveries, stale_restarted, dropped = self._collect_groups(want, timeout_s, step)
         if self.cfg.mode == "april" and self.rank == 0:
             self.buffer.advance_round()  # the batch is full: workers park what is unfinished
         t0 = time.perf_counter()
@@ -270,7 +272,7 @@ class TrainerRank:
         batch = collate(trajs, adv, sort_by_length=self.accum > 1).to(self.device)
         metrics = self._optimise(batch)
         self.buffer.ack_trained(deliveries)
-        self._log_trained(step, trajs, dropped)
+        self._log_ids(step, trajs)
         t1 = time.perf_counter()
 
         trained_version = self.version
@@ -318,13 +320,13 @@ class TrainerRank:
         out[f"staleness/lag{bound + 1}plus_tokens"] = int((lags > bound).sum())
         return out
 
-    def _log_trained(self, step: int, trajs: list[Trajectory], dropped: list[Delivery]) -> None:
-        """Append the trained ids (for audits: nothing lost, nothing trained twice), and the ids
-        of the groups the uniform-reward filter dropped in this step."""
+    def _log_ids(self, step: int, trajs: list[Trajectory], filtered: list[str] | None = None) -> None:
+        """Append the trained ids (for audits: nothing lost, nothing trained twice), or the ids
+        of groups the uniform-reward filter dropped (``filtered``, with no trained ids)."""
         record = {"step": step, "version": self.version, "ids": [t.traj_id for t in trajs],
                   "lengths": [len(t) for t in trajs], "status": [t.status.value for t in trajs]}
-        if dropped:
-            record["filtered"] = [t.traj_id for d in dropped for t in d.item.group]
+        if filtered:
+            record["filtered"] = filtered
         with open(os.path.join(self.run_dir, f"trained_ids.rank{self.rank}.jsonl"), "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
