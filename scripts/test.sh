@@ -13,4 +13,5 @@ if [ ! -x "$PY" ]; then
 fi
 # Ray actors and subprocesses the tests start inherit PATH: put the venv first.
 export PATH="$PWD/.venv/bin:$PATH"
-exec "$PY" -m pytest -q --timeout=900 "$@"
+# --durations: the slowest tests close the log, to keep the suite under CI's 15 minutes
+exec "$PY" -m pytest -q --timeout=900 --durations=15 "$@"
