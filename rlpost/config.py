@@ -147,7 +147,9 @@ class RolloutConfig:
         _check(self.max_staleness >= 0, f"{p}.max_staleness", self.max_staleness, "must be >= 0")
         _check(self.max_resumes >= 0, f"{p}.max_resumes", self.max_resumes, "must be >= 0")
         _check(self.max_restarts >= 0, f"{p}.max_restarts", self.max_restarts, "must be >= 0")
-        _check(self.filter_max_batches >= 0, f"{p}.filter_max_batches", self.filter_max_batches, "must be >= 0")
+        # finite: the trainer takes ceil(filter_max_batches x its share of the batch) as its budget
+        _check(0 <= self.filter_max_batches < float("inf"), f"{p}.filter_max_batches", self.filter_max_batches,
+               "must be a finite number >= 0")
         _check(self.group_size >= 2, f"{p}.group_size", self.group_size,
                "must be >= 2 (GRPO normalises each reward against its group: one sample has no baseline)")
 

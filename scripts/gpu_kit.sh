@@ -37,12 +37,15 @@ case "$SET" in
 esac
 mapfile -t REQS < <("$PY" - "$SET" <<'EOF'
 import sys, tomllib
+from packaging.requirements import Requirement
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-for req in project["dependencies"] + project["optional-dependencies"][sys.argv[1]]:
-    name = req.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip()
-    if name in ("torch", "wandb"):
+for line in project["dependencies"] + project["optional-dependencies"][sys.argv[1]]:
+    req = Requirement(line)
+    if req.name in ("torch", "wandb"):
         continue  # the machine's torch; the checks log to jsonl
-    print(req.replace("ray[default]", "ray"))
+    if req.name == "ray":
+        req.extras = set()  # no dashboard or job server there
+    print(req)
 print("pycountry")  # mistral-common's import chain needs it on Python 3.12
 EOF
 )

@@ -22,6 +22,8 @@ def test_experiment_composes_into_typed_dataclasses():
     ("rollout.group_size=1.5", "rollout.group_size"),
     ("trainer.lr=-1", "trainer.lr=-1.0: must be > 0"),
     ("trainer.zero_stage=3", "trainer.zero_stage=3"),
+    ("rollout.filter_max_batches=inf", "rollout.filter_max_batches=inf: must be a finite number >= 0"),
+    ("rollout.filter_max_batches=-1", "rollout.filter_max_batches=-1.0: must be a finite number >= 0"),
     ("model.n_heads=3", "model.n_heads=3: must be a multiple of model.n_kv_heads=2"),
     ("model.head_dim=33", "model.head_dim=33: must be even"),
     ("model.top_k=3", "model.top_k=3"),
