@@ -193,6 +193,12 @@ class TrainerConfig:
     off_policy: str = "tis"
     # Optimiser steps per batch; > 1 recomputes the proximal policy before the first one.
     ppo_minibatches: int = 1
+    # Rollout routing replay (R3): every trainer forward (policy, proximal, KL reference) routes
+    # each response token's hidden state through the experts the engine used for it, instead of
+    # the trainer's own router (which can disagree: bf16 engine vs fp32 trainer, another kernel,
+    # older weights). Needs the engine's routing (native: always; vLLM/SGLang:
+    # engine.return_routed_experts). Prompt tokens keep the trainer's routing.
+    routing_replay: bool = False
     publish_every: int = 1
     checkpoint_every: int = 0
     # auto: node-local shared memory when every worker is on rank 0's node, else Ray's object
@@ -472,6 +478,9 @@ class RlpostConfig:
         ranks, prompts = self.trainer.num_ranks, self.rollout.batch_prompts
         _check(prompts >= ranks and prompts % ranks == 0, "rollout.batch_prompts", prompts,
                f"must be a multiple of trainer.num_ranks={ranks} (each rank trains whole groups)")
+        if self.trainer.routing_replay and self.engine.name != "native":
+            _check(self.engine.return_routed_experts, "trainer.routing_replay", True,
+                   f"needs the engine's routing: set engine.return_routed_experts=true (engine={self.engine.name})")
         if self.env.name == "coding":  # a sample's program must fit in its reward budget
             _check(self.sandbox.wall_s <= self.env.reward_timeout_s, "sandbox.wall_s", self.sandbox.wall_s,
                    f"must be <= env.reward_timeout_s={self.env.reward_timeout_s} (the per-sample reward budget)")

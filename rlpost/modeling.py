@@ -132,20 +132,48 @@ class MoEResult(NamedTuple):
     out: torch.Tensor
     aux_loss: torch.Tensor | None        # load-balancing loss (training blocks)
     expert_counts: torch.Tensor | None   # (num_experts,) tokens per expert (training blocks)
-    experts: torch.Tensor | None         # (..., top_k) experts of each token (routing blocks)
+    # (..., top_k) the router's own experts for each token (routing blocks), also under replay:
+    # what the trainer's router would pick, for the routing-mismatch metric
+    experts: torch.Tensor | None
 
 
-def topk_route(hidden: torch.Tensor, gate_weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_route(hidden: torch.Tensor, gate_weight: torch.Tensor, k: int,
+               replay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax top-k gating over fp32 logits, identical to DeepSpeed's TopKGate with
     drop_tokens=False, no noise and no second-expert sampling, and to Qwen3-MoE's router: k=1
-    weighs by the top probability, k=2 renormalises the two (``norm_topk_prob``). Returns
-    (expert ids (N, k), weights (N, k))."""
-    logits = F.linear(hidden.float(), gate_weight.float())
-    probs = torch.softmax(logits, dim=-1)
-    weights, experts = torch.topk(probs, k, dim=-1)
+    weighs by the top probability, k=2 renormalises the two (``norm_topk_prob``).
+    Returns (experts used (N, k), their weights (N, k), the router's own top-k (N, k)); see
+    :func:`route` for ``replay``."""
+    return route(torch.softmax(F.linear(hidden.float(), gate_weight.float()), dim=-1), k, replay)
+
+
+def route(probs: torch.Tensor, k: int, replay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k routing from router probabilities (N, E), as :func:`topk_route`.
+
+    ``replay`` (N, k) routes each token through the given experts instead (rollout routing
+    replay, R3): the weights are still this router's probabilities of those experts, so the
+    gate keeps its gradient; rows that are not k distinct experts in [0, num_experts) (-1: the
+    engine did not report them) keep the router's own choice."""
+    weights, own = torch.topk(probs, k, dim=-1)
+    experts = own
+    if replay is not None:
+        use = replayable(replay, probs.shape[-1])
+        if bool(use.any()):
+            experts = torch.where(use[:, None], replay.to(own.device, torch.long).clamp(0, probs.shape[-1] - 1), own)
+            weights = probs.gather(-1, experts)
     if k > 1:
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
-    return experts, weights
+    return experts, weights, own
+
+
+def replayable(replay: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(N,) rows of ``replay`` (N, k) that name k distinct experts in [0, num_experts): only
+    those are replayed (a row the engine did not fill is -1; anything else is not a routing)."""
+    ok = ((replay >= 0) & (replay < num_experts)).all(dim=-1)
+    if replay.shape[-1] > 1:
+        ordered = replay.sort(dim=-1).values
+        ok &= (ordered[:, 1:] != ordered[:, :-1]).all(dim=-1)
+    return ok
 
 
 class RoutedSparseMoe(nn.Module):
@@ -180,10 +208,11 @@ class RoutedSparseMoe(nn.Module):
                            torch.stack([e.down_proj.weight.t() for e in self.experts]).contiguous())
         return self._stack
 
-    def forward(self, x: torch.Tensor) -> MoEResult:
+    def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> MoEResult:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        experts, weights = topk_route(flat, self.gate.weight, self.k)
+        experts, weights, own = topk_route(flat, self.gate.weight, self.k,
+                                           None if replay is None else replay.reshape(-1, self.k))
         if flat.shape[0] <= self.DENSE_MAX_TOKENS:
             # a decode step: every expert on every token (two batched matmuls) and a gather beat
             # per-expert index bookkeeping on small batches (same math: each token still gets
@@ -199,7 +228,7 @@ class RoutedSparseMoe(nn.Module):
                 rows, slot = torch.nonzero(experts == e, as_tuple=True)
                 if rows.numel():
                     out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot, None].to(flat.dtype))
-        return MoEResult(out.view(shape), None, None, experts.view(*shape[:-1], self.k))
+        return MoEResult(out.view(shape), None, None, own.view(*shape[:-1], self.k))
 
 
 MoEFactory = Callable[[ModelConfig], nn.Module]
@@ -213,9 +242,10 @@ class Qwen3MoeDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.mlp = moe_factory(cfg)
 
-    def forward(self, x, positions, attn_mask, cache, layer) -> tuple[torch.Tensor, MoEResult]:
+    def forward(self, x, positions, attn_mask, cache, layer, replay=None) -> tuple[torch.Tensor, MoEResult]:
         x = x + self.self_attn(self.input_layernorm(x), positions, attn_mask, cache, layer)
-        moe = self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        moe = self.mlp(h) if replay is None else self.mlp(h, replay)
         return x + moe.out, moe
 
 
@@ -251,7 +281,8 @@ class Qwen3MoeForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 segments: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, logits_at: torch.Tensor | None = None) -> CausalLMOutput:
+                cache: KVCache | None = None, logits_at: torch.Tensor | None = None,
+                replay_experts: torch.Tensor | None = None) -> CausalLMOutput:
         """Causal LM over ``input_ids`` (B, T). ``positions`` (B, T) default to 0..T-1. A packed
         batch passes each token's ``segments`` id: attention stays inside a sequence (padding,
         id -1, attends only to padding). The engine passes its own ``attn_mask`` and ``cache``
@@ -260,7 +291,11 @@ class Qwen3MoeForCausalLM(nn.Module):
         ``logits_at`` (B, T) bool selects the positions whose logits are wanted (returned as
         (N, V), row-major): with a real vocabulary (151,936 for Qwen3) the LM head over every
         prompt position costs more than the rest of a small model, and the loss scores only
-        response tokens, an engine's prefill only the last position."""
+        response tokens, an engine's prefill only the last position.
+
+        ``replay_experts`` (B, T, n_layers, top_k) routes the hidden state at each position
+        through the experts the inference engine used there (rollout routing replay); -1 rows
+        are routed by this model's own router."""
         b, t = input_ids.shape
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
@@ -271,7 +306,8 @@ class Qwen3MoeForCausalLM(nn.Module):
         aux_total = x.new_zeros(())
         counts, routed = [], []
         for i, layer in enumerate(self.model.layers):
-            x, moe = layer(x, positions, attn_mask, cache, i)
+            x, moe = layer(x, positions, attn_mask, cache, i,
+                           None if replay_experts is None else replay_experts[:, :, i])
             if moe.aux_loss is not None:
                 aux_total = aux_total + moe.aux_loss
             if moe.expert_counts is not None:

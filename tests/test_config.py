@@ -137,3 +137,11 @@ def test_non_finite_training_is_logged_and_stops_the_run_after_n_steps_in_a_row(
 def test_expert_parallel_sizes_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         load_config(overrides)
+
+
+def test_routing_replay_needs_an_engine_that_reports_its_routing():
+    with pytest.raises(ConfigError, match=r"trainer.routing_replay=True: needs the engine's routing: set "
+                                          r"engine.return_routed_experts=true \(engine=vllm\)"):
+        load_config(["engine=vllm", "trainer.routing_replay=true"])
+    assert load_config(["engine=sglang", "trainer.routing_replay=true"]).trainer.routing_replay  # on there
+    assert load_config(["trainer.routing_replay=true"]).engine.name == "native"  # always reports it

@@ -275,14 +275,17 @@ def _redis_pid(driver: int) -> int:
 def test_expert_parallel_ranks_hold_half_the_experts_and_publish_all_of_them(tmp_path):
     """trainer.ep_size=2 on 2 ranks (gloo): each rank holds half of every layer's experts, the
     run trains, and the weights it publishes and saves carry every expert under HF names (the
-    native engine and the final checkpoint load them)."""
+    native engine and the final checkpoint load them). With routing replay on, every trained
+    token is routed through the engine's experts across the expert-parallel all-to-all."""
     from safetensors import safe_open
 
     run_dir = tmp_path / "ep"
     run_cli(["experiment=toy_moe_local", f"run_dir={run_dir}", "trainer.num_ranks=2", "trainer.ep_size=2",
              "trainer.zero_stage=1", "warmup.steps=4", "trainer.steps=3", "env.num_eval=8", "eval.every=0",
-             "rollout.batch_prompts=8", "logger.progress=false"], timeout=400)
+             "rollout.batch_prompts=8", "logger.progress=false", "trainer.routing_replay=true"], timeout=400)
     ranks = json.loads((run_dir / "placement.json").read_text())["actors"]["trainer"]
+    steps = read_metrics(str(run_dir / "metrics.jsonl"))
+    assert [m["replay/token_frac"] for m in steps if "replay/token_frac" in m] == [1.0] * 3
     assert [r["experts"] for r in ranks] == [[0, 2], [2, 4]]  # model.num_experts=4 split in two
     with safe_open(str(run_dir / "final" / "model.safetensors"), "pt") as fh:
         names = set(fh.keys())

@@ -172,6 +172,37 @@ def test_mismatch_meter_counts_tokens_routed_through_another_expert_set():
                                "mismatch/tokens": 2, "mismatch/routing_incomparable_tokens": 2}
 
 
+def test_replay_input_lines_engine_routing_up_with_the_forward_and_is_counted():
+    """The forward's replay tensor has one more column than the scored positions (the last
+    input token scores nothing: the router's own choice, -1); the meter counts a trained token
+    as replayed only if every layer's row is a valid routing."""
+    import numpy as np
+
+    from rlpost.config import ModelConfig
+    from rlpost.records import SamplingParams, Task, Trajectory
+    from rlpost.trainer.batch import collate
+    from rlpost.trainer.mismatch import ReplayMeter
+
+    trajs = []
+    for i, experts in enumerate([np.array([[[0, 1], [2, 3]], [[1, 2], [3, 0]]]), None]):
+        t = Trajectory.start(Task(f"t{i}", [5, 6, 7], "x", 1, SamplingParams()), 0)
+        t.append([8, 9], [-0.1, -0.2], version=0, experts=experts)
+        trajs.append(t)
+    batch = collate(trajs, torch.tensor([1.0, -1.0]))
+    replay = batch.replay_experts()
+    assert replay.shape == (2, 5, 2, 2)
+    assert replay[0, 2:4].tolist() == trajs[0].routed_experts.tolist()  # positions 2, 3 sample tokens 3, 4
+    assert (replay[0, :2] == -1).all() and (replay[0, 4] == -1).all() and (replay[1] == -1).all()
+    meter = ReplayMeter(ModelConfig(num_experts=4, n_layers=2, top_k=2))
+    meter.add(batch.mask.bool(), replay)
+    assert meter.metrics() == {"replay/token_frac": 0.5}  # sample 1's engine reported no routing
+    replay[0, 3, 1] = torch.tensor([3, 3])  # one layer names an expert twice: not replayed
+    meter = ReplayMeter(ModelConfig(num_experts=4, n_layers=2, top_k=2))
+    meter.add(batch.mask.bool(), replay)
+    meter.add(batch.mask.bool(), None)  # a micro-batch with nothing replayed
+    assert meter.metrics() == {"replay/token_frac": 1 / 8}
+
+
 def test_grpo_advantages_refuse_non_finite_rewards_with_a_clear_error():
     with pytest.raises(ValueError, match=r"rewards must be finite, got \[nan\]"):
         grpo_advantages(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))

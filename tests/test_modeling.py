@@ -139,3 +139,59 @@ def test_model_path_sizes_are_checked_against_the_rest_of_the_config(tmp_path):
     run_cfg = load_config([f"model.path={tmp_path}", "rollout.max_new_tokens=20"])
     with pytest.raises(ConfigError, match=r"rollout.max_new_tokens=20: must be < model.max_seq_len=16"):
         Run(run_cfg)
+
+
+def _init_single_rank():
+    import socket
+
+    from rlpost.trainer.ds_engine import DistEnv, init_distributed
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    init_distributed(DistEnv(0, 1, "127.0.0.1", port))
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_routing_replay_routes_through_the_given_experts_in_trainer_and_engine_blocks(top_k):
+    """Rollout routing replay: the DeepSpeed block (the trainer's) and the routing block (the KL
+    reference's) both send each token through the experts they are given, weighted by their own
+    router's probabilities (so the router still gets a gradient); replaying the router's own
+    choice is DeepSpeed's gate exactly; rows that are not k distinct valid experts keep the
+    router's choice."""
+    from rlpost.trainer.policy import build_policy
+
+    _init_single_rank()
+    cfg = tiny(top_k=top_k, num_experts=4)
+    torch.manual_seed(3)
+    trainer_model = build_policy(cfg).eval()
+    engine_model = Qwen3MoeForCausalLM(cfg).eval()
+    engine_model.load_canonical_state_dict(trainer_model.canonical_state_dict())
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        natural = trainer_model(ids)
+        own = natural.routed_experts  # (B, T, n_layers, k): the router's own choice
+        same = trainer_model(ids, replay_experts=own)
+    torch.testing.assert_close(same.logits, natural.logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(same.expert_counts, natural.expert_counts)
+
+    # another routing: k distinct experts per token, none of them the router's first choice
+    other = torch.stack([(own[..., 0] + 1 + j) % 4 for j in range(top_k)], dim=-1)
+    other[1, 3:] = -1   # the engine did not report these: the router's own choice
+    other[0, 2] = 7     # out of range: not a routing, not replayed
+    if top_k == 2:
+        other[0, 4] = other[0, 4, :, :1]  # one expert twice: not replayed
+    valid = (other >= 0).all(-1) & (other < 4).all(-1) & ((other[..., :1] != other).sum(-1) == top_k - 1)
+    replayed = trainer_model(ids, replay_experts=other)
+    with torch.no_grad():
+        reference = engine_model(ids, replay_experts=other)
+    torch.testing.assert_close(replayed.logits, reference.logits, atol=2e-5, rtol=0)
+    assert (replayed.logits[0, :2] - natural.logits[0, :2]).abs().max() > 1e-3  # routing really changed
+    # the first layer sees the same hidden states, so its expert counts are those of the routing used
+    used = torch.where(valid[..., None], other, own)[:, :, 0]
+    assert not bool(valid[1, 3:].any() or valid[0, 2].any()) and bool(valid[0, :2].all())
+    assert replayed.expert_counts[0].tolist() == torch.bincount(used.reshape(-1), minlength=4).tolist()
+    torch.testing.assert_close(replayed.routed_experts[:, :, 0], own[:, :, 0])  # metric: router's own choice
+    replayed.logits.logsumexp(-1).sum().backward()
+    gate = next(p for n, p in trainer_model.named_parameters() if n.endswith("gate.wg.weight"))
+    assert gate.grad is not None and gate.grad.abs().sum() > 0

@@ -27,7 +27,7 @@ from rlpost.trainer.batch import TrainBatch, collate, sft_batch
 from rlpost.trainer.ds_engine import DistEnv, build_engine, init_distributed
 from rlpost.trainer.losses import (grpo_advantages, policy_loss, scattered_logprobs, scored_positions,
                                    token_logprobs)
-from rlpost.trainer.mismatch import MismatchMeter
+from rlpost.trainer.mismatch import MismatchMeter, ReplayMeter
 from rlpost.modeling import Qwen3MoeForCausalLM
 from rlpost.trainer.policy import build_policy
 
@@ -330,9 +330,19 @@ class TrainerRank:
         with open(os.path.join(self.run_dir, f"trained_ids.rank{self.rank}.jsonl"), "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
+    def _replay(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """The forward's routing-replay argument for ``batch``: nothing when replay is off or
+        the batch carries no engine routing of this model's (n_layers, top_k) shape (another
+        model's routing in the buffer is not replayed; ``replay/token_frac`` shows it)."""
+        m = self.cfg.model
+        if not self.cfg.trainer.routing_replay or batch.engine_experts is None \
+                or tuple(batch.engine_experts.shape[2:]) != (m.n_layers, m.top_k):
+            return {}
+        return {"replay_experts": batch.replay_experts()}
+
     def _proximal_logp(self, batch: TrainBatch, temperature: float) -> torch.Tensor:
         with torch.no_grad():
-            logits = self.engine(batch.input_ids, logits_at=scored_positions(batch.mask)).logits
+            logits = self.engine(batch.input_ids, logits_at=scored_positions(batch.mask), **self._replay(batch)).logits
         return scattered_logprobs(logits, batch.targets, batch.mask, temperature)
 
     def _optimise(self, batch: TrainBatch) -> dict:
@@ -343,6 +353,7 @@ class TrainerRank:
         counts_total = None
         n_updates = 0
         mismatch = MismatchMeter()
+        replayed = ReplayMeter(self.cfg.model)
         # With several optimiser steps per batch, the proximal policy (the weights before the
         # first step) must be computed up front; with one it equals the current weights.
         prox_all = self._proximal_logp(batch, temperature) if cfg.ppo_minibatches > 1 else None
@@ -364,12 +375,13 @@ class TrainerRank:
                 if cfg.pack_sequences:
                     mb, prox = mb.packed(self.cfg.model.max_seq_len, prox)
                 at = scored_positions(mb.mask)
-                logits, aux, counts, routed = self.engine(mb.input_ids, **mb.model_inputs(), logits_at=at)
+                replay = self._replay(mb)
+                logits, aux, counts, routed = self.engine(mb.input_ids, **mb.model_inputs(), logits_at=at, **replay)
                 new_logp = scattered_logprobs(logits, mb.targets, mb.mask, temperature)
                 ref_logp = None
                 if self.ref_model is not None:
                     with torch.no_grad():
-                        ref_logits = self.ref_model(mb.input_ids, **mb.model_inputs(), logits_at=at).logits
+                        ref_logits = self.ref_model(mb.input_ids, **mb.model_inputs(), logits_at=at, **replay).logits
                         ref_logp = scattered_logprobs(ref_logits, mb.targets, mb.mask, temperature)
                 old_logp = new_logp.detach() if prox is None else prox
                 out = policy_loss(new_logp, old_logp, mb.behav_logp, mb.advantages, mb.mask,
@@ -379,6 +391,8 @@ class TrainerRank:
                 # train-inference mismatch on on-policy tokens (made by the weights being trained)
                 mismatch.add(old_logp, mb.behav_logp, mb.mask.bool() & (mb.versions == self.version),
                              routed, mb.engine_experts)
+                if cfg.routing_replay:
+                    replayed.add(mb.mask.bool(), replay.get("replay_experts"))
                 loss = out.loss * share * len(micro) + self.cfg.model.aux_loss_coef * aux
                 self.engine.backward(loss)
                 self.engine.step()
@@ -389,6 +403,7 @@ class TrainerRank:
         metrics = {f"train/{k}": v / n_updates for k, v in sums.items()}
         metrics["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         metrics.update(mismatch.metrics())
+        metrics.update(replayed.metrics())
         frac = (counts_total.float() / counts_total.sum(dim=-1, keepdim=True)).cpu()
         for layer in range(frac.shape[0]):
             for e in range(frac.shape[1]):

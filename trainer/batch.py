@@ -56,6 +56,15 @@ class TrainBatch:
             return {}
         return {"positions": self.positions, "segments": self.segments}
 
+    def replay_experts(self) -> torch.Tensor | None:
+        """(B, L, n_layers, top_k) routing for the policy's forward under routing replay: the
+        engine's experts at every position that scores a token, -1 (the trainer's own router)
+        at the last column and wherever the engine did not report them."""
+        if self.engine_experts is None:
+            return None
+        last = self.engine_experts.new_full((self.engine_experts.shape[0], 1, *self.engine_experts.shape[2:]), -1)
+        return torch.cat([self.engine_experts, last], dim=1)
+
     def to(self, device) -> "TrainBatch":
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
         return TrainBatch(**moved)

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from rlpost.config import ModelConfig
+from rlpost.modeling import replayable
+
 
 class MismatchMeter:
     def __init__(self) -> None:
@@ -66,3 +69,27 @@ class MismatchMeter:
         if self.routing_incomparable:
             out["mismatch/routing_incomparable_tokens"] = self.routing_incomparable
         return out
+
+
+class ReplayMeter:
+    """Under routing replay: the share of trained tokens whose engine routing was replayed in
+    every layer (the rest, e.g. samples from an engine that did not report routing, kept the
+    trainer's router). A figure well below 1 means replay is not doing its job."""
+
+    def __init__(self, model_cfg: ModelConfig) -> None:
+        self.num_experts = model_cfg.num_experts
+        self.tokens = 0
+        self.replayed = 0
+
+    def add(self, scored: torch.Tensor, replayed_experts: torch.Tensor | None) -> None:
+        """``scored`` (B, L-1) bool; ``replayed_experts`` (B, L, n_layers, top_k), what the
+        forward was given (None: nothing replayed)."""
+        self.tokens += int(scored.sum())
+        if replayed_experts is None or not bool(scored.any()):
+            return
+        rows = replayed_experts[:, :-1][scored]  # (tokens, n_layers, top_k)
+        ok = replayable(rows.reshape(-1, rows.shape[-1]), self.num_experts).view(rows.shape[:2])
+        self.replayed += int(ok.all(dim=-1).sum())
+
+    def metrics(self) -> dict[str, float]:
+        return {"replay/token_frac": self.replayed / self.tokens} if self.tokens else {}

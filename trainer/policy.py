@@ -8,16 +8,63 @@ each token's experts (recomputed from the same gate) for the routing-mismatch me
 compute exactly the engine's routing (top-k softmax, no token dropping, no noise, no
 second-expert sampling), and :func:`rlpost.modeling.canonical_name` maps its parameter names to
 Hugging Face's.
+
+Rollout routing replay (``trainer.routing_replay``, R3): the gate is replaced by
+:class:`ReplayTopKGate`, which routes each token through the experts the inference engine used
+for it when the forward pass is given them. Without replay a bf16 engine and the fp32 trainer
+send some tokens through different experts, and the trainer then updates experts the sample
+never used and scores it with a router the engine did not follow.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import TopKGate
+from deepspeed.utils import groups
 from torch import nn
 
 from rlpost.config import ModelConfig
-from rlpost.modeling import MoEResult, Qwen3MoeForCausalLM, SwiGLUExpert, topk_route
+from rlpost.modeling import MoEResult, Qwen3MoeForCausalLM, SwiGLUExpert, route, topk_route
+
+
+class ReplayTopKGate(TopKGate):
+    """DeepSpeed's top-k gate that can follow given experts.
+
+    With ``self.replay`` unset it is DeepSpeed's gate unchanged. Set to (S, k) expert ids (-1
+    rows: unknown), it returns the same sparse-route layout DeepSpeed's MoE layer dispatches
+    from (indices, capacity slots, weights, all (k, S)), with the replayed experts and this
+    router's probabilities of them as weights (renormalised for k = 2), no token dropped; the
+    load-balancing loss and expert counts are DeepSpeed's formulas over the experts used."""
+
+    replay: torch.Tensor | None = None
+    own: torch.Tensor | None = None  # after a replayed forward: the router's own top-k (S, k)
+
+    def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):  # noqa: A002
+        if self.replay is None:
+            return super().forward(input, used_token, sparse_routes, use_tutel)
+        if not sparse_routes or use_tutel or used_token is not None:
+            raise NotImplementedError("routing replay needs DeepSpeed's sparse-route dispatch (no tutel, no used_token)")
+        probs = F.softmax(F.linear(input.float(), self.wg.weight.float()), dim=-1)
+        experts, weights, own = route(probs, self.k, self.replay)
+        self.own = own.detach()
+        num_experts = probs.shape[-1]
+        mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, experts, True)
+        exp_counts = mask.sum(dim=0).detach()
+        # DeepSpeed's top-1/top-2 balancing loss: mean router probability x share of tokens whose
+        # first expert is e (the replayed first expert here)
+        first = F.one_hot(experts[:, 0], num_experts).float()
+        l_aux = torch.sum(probs.mean(dim=0) * first.mean(dim=0)) * num_experts
+        capacity = exp_counts.max()
+        if self.ep_group is not None and dist.get_world_size(group=self.ep_group) > 1:
+            dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.ep_group)
+        if groups.mpu is not None:
+            raise NotImplementedError("routing replay with tensor-parallel experts")
+        slots = (torch.cumsum(mask, dim=0) - 1).gather(1, experts)  # each (token, expert) pair's slot
+        return (l_aux, capacity, num_experts, experts.t().contiguous().to(torch.int32),
+                slots.t().contiguous().to(torch.int32), weights.t().contiguous(), exp_counts)
 
 
 class DeepSpeedSparseMoe(nn.Module):
@@ -29,14 +76,27 @@ class DeepSpeedSparseMoe(nn.Module):
             drop_tokens=False, use_rts=False, noisy_gate_policy=None, top2_2nd_expert_sampling=False,
         )
         self.k = cfg.top_k
+        gate = self.moe.deepspeed_moe.gate
+        replayable = ReplayTopKGate(cfg.d_model, cfg.num_experts, cfg.top_k, capacity_factor=1.0,
+                                    eval_capacity_factor=1.0, min_capacity=0, noisy_gate_policy=None,
+                                    drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
+        replayable.wg = gate.wg  # the same parameter (name ...mlp.moe.deepspeed_moe.gate.wg.weight)
+        self.moe.deepspeed_moe.gate = replayable
 
-    def forward(self, x: torch.Tensor) -> MoEResult:
-        out, aux, counts = self.moe(x)
-        # DeepSpeed does not return its routing; recompute the ids from the same gate (one small
-        # matmul per layer) so the trainer can compare them with the engine's routing
-        with torch.no_grad():
-            experts, _ = topk_route(x.reshape(-1, x.shape[-1]), self.moe.deepspeed_moe.gate.wg.weight, self.k)
-        return MoEResult(out, aux, counts, experts.view(*x.shape[:-1], self.k))
+    def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> MoEResult:
+        gate = self.moe.deepspeed_moe.gate
+        gate.replay = None if replay is None else replay.reshape(-1, self.k)
+        try:
+            out, aux, counts = self.moe(x)
+            own = gate.own
+        finally:
+            gate.replay = gate.own = None
+        if own is None:
+            # DeepSpeed's gate does not return its routing; recompute the router's own ids (one
+            # small matmul per layer) so the trainer can compare them with the engine's
+            with torch.no_grad():
+                _, _, own = topk_route(x.reshape(-1, x.shape[-1]), gate.wg.weight, self.k)
+        return MoEResult(out, aux, counts, own.view(*x.shape[:-1], self.k))
 
 
 def build_policy(cfg: ModelConfig, ep_size: int = 1) -> Qwen3MoeForCausalLM:
