@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--name", default=None, help="results file name (default routing_replay[_gpu])")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = bench_model(quick=False)
@@ -110,7 +111,7 @@ def main() -> None:
     bf16 = next((r for r in rows if r["dtype"] == "bfloat16" and r["replay"]["rerouted"]["mean"]), None)
     ratio = (bf16["own_router"]["rerouted"]["mean"] / max(bf16["replay"]["rerouted"]["mean"], 1e-12)
              if bf16 else float("nan"))
-    name = "routing_replay" + ("_gpu" if args.device == "cuda" else "")
+    name = args.name or "routing_replay" + ("_gpu" if args.device == "cuda" else "")
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json"), "w") as fh:
         json.dump({"device": where, "model": vars(cfg), "requests": {"count": args.prompts,
                    "new_tokens": args.new_tokens, "temperature": 1.0}, "trainer": "fp32",

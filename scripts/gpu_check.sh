@@ -10,7 +10,8 @@
 # Stages: env (versions, GPU), tests (the gpu-marked tests: SGLang's real engine, the native
 # engine on CUDA), local (toy_moe_local, trainer and native engine sharing the GPU, bf16), vllm
 # (mixtral_tok_local with engine=vllm, sync then april, sharing the GPU), sglang (the same with
-# engine=sglang), engines (bench/engines.py on the GPU, then its 0.55B model), april
+# engine=sglang), engines (bench/engines.py on the GPU, then its 0.55B model, then
+# bench/routing_replay.py), april
 # (bench/april.py with engine=vllm, one repeat), weight_push (bench/weight_push.py: issue 10's
 # <= 3x memcpy goal where there are more cores than workers).
 #
@@ -111,12 +112,15 @@ stage_vllm() {  # item 2
 stage_sglang() {  # item 3 (the sglang set: bash scripts/gpu_kit.sh sglang)
   step sglang_engines 200 limited "$PY" bench/engines.py --device cuda --engines native-bf16,sglang-bf16 \
     --name engines_gpu_sglang
+  step sglang_routing_replay 90 limited "$PY" bench/routing_replay.py --device cuda --engines native-bf16,sglang-bf16 \
+    --name routing_replay_gpu_sglang
   step sglang_sync 240 rlpost_run experiment=mixtral_tok_local engine=sglang mode=sync name=gpu_sglang_sync \
     time_limit_s=60 engine.gpu_memory_utilization=0.3 "${ONE_GPU[@]}"
 }
 stage_engines() {  # item 4; each engine's row is written as soon as it is measured
   step engines 200 limited "$PY" bench/engines.py --device cuda --engines native,native-bf16,vllm-bf16
   step engines_large 200 limited "$PY" bench/engines.py --device cuda --large --engines native-bf16,vllm-bf16
+  step routing_replay 60 limited "$PY" bench/routing_replay.py --device cuda --engines native,native-bf16
 }
 stage_april() {  # item 5
   step april 300 limited "$PY" bench/april.py --repeats 1 --steps 40 --configs sync,april --name april_gpu_vllm \
