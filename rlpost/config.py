@@ -7,6 +7,7 @@ error surface as :class:`ConfigError`, whose message names the field and the val
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
@@ -423,12 +424,25 @@ class LoggerConfig:
 
 @dataclass
 class EvalConfig:
+    """Held-out evaluation (rlpost/evaluation.py)."""
+
     every: int = 0  # evaluate every N steps (0: only before and after RL)
     timeout_s: float = 300.0
+    # Answers per held-out prompt and how they are sampled: 1 at temperature 0 is greedy
+    # accuracy; n > 1 (temperature > 0) also reports eval/pass@k for k = 1, 2, 4, ..., n.
+    samples_per_prompt: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
 
     def validate(self, p: str = "eval") -> None:
         _check(self.every >= 0, f"{p}.every", self.every, "must be >= 0")
         _check(self.timeout_s > 0, f"{p}.timeout_s", self.timeout_s, "must be > 0")
+        _check(self.samples_per_prompt >= 1, f"{p}.samples_per_prompt", self.samples_per_prompt, "must be >= 1")
+        _check(math.isfinite(self.temperature) and self.temperature >= 0, f"{p}.temperature", self.temperature,
+               "must be >= 0 (0: greedy)")
+        _check(self.samples_per_prompt == 1 or self.temperature > 0, f"{p}.samples_per_prompt",
+               self.samples_per_prompt, f"needs {p}.temperature > 0 (greedy answers are all the same)")
+        _check(0 < self.top_p <= 1, f"{p}.top_p", self.top_p, "must be in (0, 1]")
 
 
 @dataclass

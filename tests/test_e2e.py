@@ -38,7 +38,8 @@ def test_short_loop_writes_a_complete_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     run_cli(["experiment=toy_moe_local", f"run_dir={run_dir}", "warmup.steps=10", "trainer.steps=4",
              "env.num_eval=16", "eval.every=2", "trainer.checkpoint_every=2", "rollout.batch_prompts=4",
-             "rollout.num_workers=2", "logger=wandb", "logger.progress=false"], timeout=400)
+             "rollout.num_workers=2", "logger=wandb", "logger.progress=false",
+             "eval.samples_per_prompt=4", "eval.temperature=1.0"], timeout=400)
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "curve.png", "final/model.safetensors",
                  "final/config.json", "checkpoints/latest_driver", "checkpoints/step4/driver_state.json"):
         assert (run_dir / name).exists(), name
@@ -57,6 +58,10 @@ def test_short_loop_writes_a_complete_run_dir(tmp_path):
     assert steps[-1]["weights/version"] == 4
     assert steps[-1]["rollout/tokens_per_s"] > 0 and steps[-1]["train/tokens_per_s"] > 0
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2, 4]
+    # 4 sampled answers per held-out prompt: pass@1 (= mean accuracy for 0/1 rewards) <= pass@2 <= pass@4
+    for r in (r for r in rows if "eval/accuracy" in r):
+        assert r["eval/pass@1"] == pytest.approx(r["eval/accuracy"]) and r["eval/pass@1"] <= r["eval/pass@2"] <= r["eval/pass@4"]
+    assert [sorted(e) for e in summary["evals"]] == [["accuracy", "pass@1", "pass@2", "pass@4", "step"]] * 3
     resolved = (run_dir / "config.yaml").read_text()
     assert "vocab_size: 17" in resolved and "num_workers: 2" in resolved  # resolved, with overrides
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"

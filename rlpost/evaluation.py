@@ -1,0 +1,62 @@
+"""Held-out evaluation: how eval tasks are sampled and what is reported.
+
+Greedy decoding (one answer per prompt) is the default and what ``eval/accuracy`` has always
+meant. ``eval.samples_per_prompt=n`` with ``eval.temperature > 0`` samples n answers per prompt,
+as slime's ``--n-samples-per-eval-prompt`` and verl's validation ``n`` do: ``eval/accuracy`` is
+then the mean reward over all n x prompts answers (mean@n, the pass@1 estimate), and
+``eval/pass@k`` for k = 1, 2, 4, ... up to n (and n itself) is the unbiased estimator of Chen et
+al. (2021, HumanEval): per prompt with c of n answers solved, 1 - C(n-c, k) / C(n, k), averaged
+over prompts. An answer counts as solved when its reward is >= 1 (the trainer's
+``reward/accuracy`` rule).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from math import comb
+
+from rlpost.config import EvalConfig
+from rlpost.records import SamplingParams, Task, Trajectory
+
+
+def with_eval_sampling(tasks: list[Task], cfg: EvalConfig) -> list[Task]:
+    """The env's eval tasks (one greedy answer each) answered as ``cfg`` says: n samples at the
+    configured temperature / top-p, the env's completion budget kept."""
+    if cfg.samples_per_prompt == 1 and cfg.temperature == 0:
+        return tasks
+    for task in tasks:
+        task.group_size = cfg.samples_per_prompt
+        task.sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                                       max_new_tokens=task.sampling.max_new_tokens)
+    return tasks
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k answers drawn without replacement from n, of which c
+    are correct, is correct."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def ks_for(n: int) -> list[int]:
+    """1, 2, 4, ... <= n, and n."""
+    ks = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
+    return ks if ks[-1] == n else ks + [n]
+
+
+def eval_metrics(trajs: list[Trajectory], samples_per_prompt: int) -> dict[str, float]:
+    """``eval/accuracy`` (mean reward) and, with several samples per prompt, ``eval/pass@k``."""
+    if not trajs:
+        raise ValueError("evaluation returned no answers")
+    out = {"eval/accuracy": sum(t.reward for t in trajs) / len(trajs)}
+    if samples_per_prompt > 1:
+        solved: dict[str, list[bool]] = defaultdict(list)
+        for t in trajs:
+            solved[t.task_id].append(t.reward >= 1.0)
+        for k in ks_for(samples_per_prompt):
+            scores = [pass_at_k(len(s), sum(s), min(k, len(s))) for s in solved.values()]
+            out[f"eval/pass@{k}"] = sum(scores) / len(scores)
+    return out
