@@ -23,4 +23,8 @@ def make_env(cfg: EnvConfig, sandbox: SandboxConfig | None = None):
         from rlpost.envs.tools import ToolEnv
 
         return ToolEnv(cfg, sandbox)
-    raise ValueError(f"env.name={cfg.name!r}: unknown environment (arithmetic, longtail, coding, tools)")
+    if cfg.name == "dataset":
+        from rlpost.envs.dataset import DatasetEnv
+
+        return DatasetEnv(cfg)
+    raise ValueError(f"env.name={cfg.name!r}: unknown environment (arithmetic, longtail, coding, tools, dataset)")

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from rlpost.tokenizer import TOKENIZERS
 
 MODES = ("sync", "async", "april")
-ENVS = ("arithmetic", "longtail", "coding", "tools")
+ENVS = ("arithmetic", "longtail", "coding", "tools", "dataset")
 
 
 class ConfigError(ValueError):
@@ -288,6 +288,17 @@ class EnvConfig:
     eval_set: str = "toy"
     eval_max_new_tokens: int = 0
     num_eval: int = 200
+    # dataset (rlpost/envs/dataset.py): your JSONL prompts and reference answers, the keys that
+    # hold them (and an optional warm-up target), a template around each prompt, and the reward:
+    # math (final-answer equivalence), exact, or package.module:function (your verifier).
+    train_path: Optional[str] = None
+    eval_path: Optional[str] = None
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    sft_key: Optional[str] = None
+    prompt_template: str = "{prompt}"
+    reward: str = "math"
+    reward_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     seed: int = 1234
     reward_timeout_s: float = 5.0
     # Groups a rollout worker scores at once, on threads beside generation (sandboxed programs
@@ -298,9 +309,19 @@ class EnvConfig:
         _check(self.name in ENVS, f"{p}.name", self.name, f"available: {', '.join(ENVS)}")
         _check(self.max_turns >= 1, f"{p}.max_turns", self.max_turns, "must be >= 1")
         _check(self.tokenizer in TOKENIZERS, f"{p}.tokenizer", self.tokenizer, f"must be one of {', '.join(TOKENIZERS)}")
-        _check(self.tokenizer == "char" or self.name in ("coding", "arithmetic"), f"{p}.tokenizer", self.tokenizer,
-               f"env.name={self.name} works on its character alphabet; real tokenizers are for the coding "
-               f"and arithmetic envs")
+        _check(self.tokenizer == "char" or self.name in ("coding", "arithmetic", "dataset"), f"{p}.tokenizer",
+               self.tokenizer, f"env.name={self.name} works on its character alphabet; real tokenizers are for "
+               f"the coding, arithmetic and dataset envs")
+        if self.name == "dataset":
+            _check(bool(self.train_path), f"{p}.train_path", self.train_path,
+                   "env.name=dataset needs a JSONL file of prompts and answers")
+            _check("{prompt}" in self.prompt_template, f"{p}.prompt_template", self.prompt_template,
+                   "must contain {prompt}")
+            _check(self.reward in ("math", "exact") or (":" in self.reward and all(self.reward.split(":", 1))),
+                   f"{p}.reward", self.reward, "must be math, exact or package.module:function")
+        _check(len(self.reward_range) == 2 and all(math.isfinite(v) for v in self.reward_range)
+               and self.reward_range[0] < self.reward_range[1], f"{p}.reward_range", self.reward_range,
+               "must be [low, high], finite, low < high")
         _check(self.eval_set in ("toy", "humaneval"), f"{p}.eval_set", self.eval_set, "must be toy or humaneval")
         _check(self.eval_set == "toy" or (self.name == "coding" and self.tokenizer != "char"), f"{p}.eval_set",
                self.eval_set, "humaneval is an eval set of env.name=coding with a real tokenizer (env.tokenizer=gpt2)")

@@ -134,6 +134,10 @@ class Run:
         if cfg.rollout.max_new_tokens < needed:
             raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}: answers of this env "
                               f"need up to {needed} tokens (incl. eos)")
+        train_prompt = getattr(self.env, "longest_train_prompt", None)  # (tokens, where): datasets
+        if train_prompt and train_prompt[0] + cfg.rollout.max_new_tokens > cfg.model.max_seq_len:
+            raise ConfigError(f"model.max_seq_len={cfg.model.max_seq_len}: the training prompt at {train_prompt[1]} "
+                              f"needs {train_prompt[0]} tokens + rollout.max_new_tokens={cfg.rollout.max_new_tokens}")
         longest = max(len(t.prompt_ids) + t.sampling.max_new_tokens for t in self.env.eval_tasks("check", 0))
         if longest > cfg.model.max_seq_len:
             raise ConfigError(f"model.max_seq_len={cfg.model.max_seq_len}: the eval set needs {longest} "

@@ -21,8 +21,9 @@ def _text(data) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
 
-def run_cli(args, timeout):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+def run_cli(args, timeout, extra_env: dict | None = None):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+           **(extra_env or {})}
     try:
         proc = subprocess.run([sys.executable, "-m", "rlpost.run", *args], capture_output=True, text=True,
                               timeout=timeout, env=env)

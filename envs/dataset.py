@@ -1,0 +1,183 @@
+"""Your own prompts and verifier: a JSONL dataset with a math, exact-match or custom reward.
+
+What slime (``--prompt-data``, ``--input-key``, ``--label-key``, ``--rm-type``,
+``--custom-rm-path``), OpenRLHF (``--prompt_data``, ``--input_key``, ``--label_key``,
+``--reward_func``) and verl (a dataset plus ``custom_reward_function``) users start from:
+
+* ``env.train_path``: one JSON object per line (or a ``.json`` list of objects), with the prompt
+  under ``env.prompt_key`` and the reference answer under ``env.answer_key``; ``env.sft_key``
+  (optional) holds the warm-up target (e.g. a worked solution ending in the answer).
+  ``env.eval_path`` holds the held-out set; without it ``env.num_eval`` records are held out
+  from the training file (a seeded split), and training never sees them.
+* ``env.prompt_template`` wraps each prompt (``{prompt}`` is replaced).
+* ``env.reward``: ``math`` (the committed final answer, numerically equivalent to the reference:
+  rlpost/envs/answers.py), ``exact`` (the whole response, stripped, equals the reference), or
+  ``package.module:function``, your own verifier: ``function(response: str, label: str)``
+  returning a float or ``(float, info dict)``, run in the rollout workers' reward threads with
+  ``env.reward_timeout_s`` and checked to be finite and within ``env.reward_range``. It is your
+  code, trusted like the rest of the config; the model's text is only its input. Code-running
+  verifiers belong in the sandboxed coding env.
+
+Bad data is a config error that names the file, the line and the key, before anything starts.
+Training prompts are drawn as seeded permutations of the training records, one epoch after
+another, so task ``i`` is the same record on every node and after a resume.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import numbers
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from rlpost.config import ConfigError, EnvConfig
+from rlpost.records import SamplingParams, Task
+from rlpost.tokenizer import make_tokenizer
+
+from rlpost.envs.answers import equivalent, extract_answer
+from rlpost.envs.base import RewardResult, eval_task_set
+
+
+@dataclass
+class Record:
+    prompt: str
+    answer: str
+    sft_target: str
+    where: str  # "file:line", for error messages
+
+
+def load_records(path: str, cfg: EnvConfig, field: str) -> list[Record]:
+    """The records of ``path`` (JSONL, or a JSON list when it ends in .json), checked."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{field}={path!r}: no such file")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    if path.endswith(".json"):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{field}={path!r}: not JSON ({exc})") from None
+        if not isinstance(rows, list):
+            raise ConfigError(f"{field}={path!r}: a .json dataset must be a list of objects")
+        numbered = [(i + 1, row) for i, row in enumerate(rows)]
+    else:
+        numbered = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((n, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{field}={path!r}: line {n} is not JSON ({exc.msg})") from None
+    records = []
+    for n, row in numbered:
+        where = f"{path}:{n}"
+        if not isinstance(row, dict):
+            raise ConfigError(f"{field}={path!r}: record {n} is {type(row).__name__}, not an object")
+        values = []
+        for key_field, key in (("env.prompt_key", cfg.prompt_key), ("env.answer_key", cfg.answer_key),
+                               ("env.sft_key", cfg.sft_key or cfg.answer_key)):
+            value = row.get(key)
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value).strip() == "":
+                raise ConfigError(f"{field}={path!r}: record {n} has no usable {key_field}={key!r} "
+                                  f"(got {value!r}; keys: {sorted(row)[:8]})")
+            values.append(str(value))
+        records.append(Record(values[0], values[1], values[2], where))
+    if not records:
+        raise ConfigError(f"{field}={path!r}: no records")
+    return records
+
+
+def load_reward_fn(spec: str) -> Callable[[str, str], Any]:
+    """``package.module:function``, imported now so a typo fails at start-up, not in a worker."""
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"env.reward={spec!r}: cannot load it ({type(exc).__name__}: {exc}); "
+                          f"use math, exact or package.module:function importable on every node") from None
+    if not callable(fn):
+        raise ConfigError(f"env.reward={spec!r}: {type(fn).__name__} is not callable")
+    return fn
+
+
+class DatasetEnv:
+    name = "dataset"
+
+    def __init__(self, cfg: EnvConfig):
+        self.cfg = cfg
+        self.reward_range = (float(cfg.reward_range[0]), float(cfg.reward_range[1]))
+        records = load_records(cfg.train_path, cfg, "env.train_path")
+        if cfg.eval_path:
+            self._train, self._eval = records, load_records(cfg.eval_path, cfg, "env.eval_path")[:cfg.num_eval]
+        else:
+            if cfg.num_eval >= len(records):
+                raise ConfigError(f"env.num_eval={cfg.num_eval}: env.train_path has only {len(records)} records "
+                                  f"(hold out fewer, or give env.eval_path)")
+            order = list(range(len(records)))
+            random.Random(f"{cfg.seed}/holdout").shuffle(order)
+            held = set(order[:cfg.num_eval])
+            self._eval = [records[i] for i in sorted(held)]
+            self._train = [r for i, r in enumerate(records) if i not in held]
+        texts = [t for r in self._train + self._eval for t in (self._prompt(r), r.answer, r.sft_target)]
+        self.tokenizer = make_tokenizer(cfg.tokenizer, "".join(sorted(set("".join(texts)))))
+        self._reward_fn = None if cfg.reward in ("math", "exact") else load_reward_fn(cfg.reward)
+        self._answer_len = max(len(self.tokenizer.encode(r.sft_target)) for r in self._train + self._eval)
+
+    @functools.cached_property
+    def longest_train_prompt(self) -> tuple[int, str]:
+        """(tokens, "file:line") of the longest training prompt: the driver checks it against
+        model.max_seq_len at start-up (workers never tokenize the whole file for it)."""
+        lengths = [len(self.tokenizer.encode(self._prompt(r), bos=True)) for r in self._train]
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        return lengths[longest], self._train[longest].where
+
+    def _prompt(self, r: Record) -> str:
+        return self.cfg.prompt_template.replace("{prompt}", r.prompt)
+
+    def train_record(self, index: int, seed: int) -> Record:
+        epoch, at = divmod(index, len(self._train))
+        order = list(range(len(self._train)))
+        random.Random(f"{self.cfg.seed}/{seed}/epoch{epoch}").shuffle(order)
+        return self._train[order[at]]
+
+    def max_answer_len(self) -> int:
+        """Tokens of the longest warm-up target: what a completion must at least be allowed."""
+        return self._answer_len
+
+    def _task(self, r: Record, task_id: str, purpose: str, group_size: int, sampling: SamplingParams) -> Task:
+        return Task(task_id=task_id, prompt_ids=self.tokenizer.encode(self._prompt(r), bos=True), answer=r.answer,
+                    group_size=group_size, sampling=sampling, purpose=purpose, env=self.name)
+
+    def train_task(self, index: int, seed: int, group_size: int, sampling: SamplingParams) -> Task:
+        return self._task(self.train_record(index, seed), f"train-{seed}-{index}", "train", group_size, sampling)
+
+    def eval_tasks(self, tag: str, min_version: int) -> list[Task]:
+        budget = self.cfg.eval_max_new_tokens or self.max_answer_len() + 1
+        return eval_task_set(self._eval, self._task, tag, min_version, budget)
+
+    def sft_example(self, index: int, seed: int) -> tuple[list[int], list[int]]:
+        r = self.train_record(index, seed)
+        return (self.tokenizer.encode(self._prompt(r), bos=True),
+                self.tokenizer.encode(r.sft_target) + [self.tokenizer.eos_id])
+
+    def score(self, answer: str, response_ids: list[int]) -> RewardResult:
+        text = self.tokenizer.decode(response_ids)
+        ended = self.tokenizer.eos_id in list(response_ids)
+        if self._reward_fn is not None:
+            out = self._reward_fn(text, answer)
+            reward, info = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
+            if isinstance(reward, numbers.Real) and not isinstance(reward, bool):
+                reward = float(reward)  # numpy scalars; anything else is refused by the range check
+            if not isinstance(info, dict):
+                info = {"info": repr(info)[:200]}
+            return RewardResult(reward, {**info, "ended": ended})
+        if self.cfg.reward == "exact":
+            return RewardResult(1.0 if text.strip() == answer.strip() else 0.0, {"ended": ended})
+        committed = extract_answer(text)
+        return RewardResult(1.0 if equivalent(committed, answer) else 0.0,
+                            {"extracted": None if committed is None else committed[:64], "ended": ended})

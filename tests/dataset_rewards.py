@@ -1,0 +1,21 @@
+"""Verifiers for tests/test_dataset_env.py, loaded by name (env.reward=dataset_rewards:...) the
+way a user's own reward module is."""
+
+
+def half(response: str, label: str) -> float:
+    return 0.5
+
+
+def mentions_label(response: str, label: str):
+    return (1.0 if label in response else 0.0), {"checked": "substring"}
+
+
+def forged(response: str, label: str) -> float:
+    return float(response.count("9")) * 100.0  # out of range as soon as a 9 appears
+
+
+def broken(response: str, label: str) -> float:
+    raise RuntimeError("verifier bug")
+
+
+NOT_A_FUNCTION = 3

@@ -1,0 +1,175 @@
+"""env=dataset: a user's JSONL prompts with the math, exact or their own verifier."""
+
+import json
+
+import pytest
+
+from rlpost.config import ConfigError, EnvConfig
+from rlpost.envs.answers import equivalent, extract_answer
+from rlpost.envs.base import score_group_with_timeout
+from rlpost.envs.dataset import DatasetEnv
+from rlpost.records import SamplingParams
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def additions(n: int) -> list[dict]:
+    return [{"question": f"{a}+{a % 7}=", "label": a + a % 7, "solution": f"{a}+{a % 7}={a + a % 7}"}
+            for a in range(10, 10 + n)]
+
+
+def env_for(path, **kw) -> DatasetEnv:
+    cfg = EnvConfig(name="dataset", train_path=path, prompt_key="question", answer_key="label",
+                    **{"num_eval": 5, **kw})
+    cfg.validate()
+    return DatasetEnv(cfg)
+
+
+def test_records_split_into_held_out_and_a_seeded_training_stream(tmp_path):
+    env = env_for(write_jsonl(tmp_path / "d.jsonl", additions(30)), sft_key="solution", prompt_template="Q: {prompt}")
+    held = {r.prompt for r in env._eval}
+    assert len(held) == 5 and len(env._train) == 25
+    epoch = [env.train_record(i, seed=0).prompt for i in range(25)]
+    assert sorted(epoch) == sorted(r.prompt for r in env._train) and not held & set(epoch)  # each once, none held out
+    assert [env.train_record(i, 0).prompt for i in range(25, 50)] != epoch  # the next epoch is reshuffled
+    assert env.train_record(7, 0) == DatasetEnv(env.cfg).train_record(7, 0)  # same record on every node
+    task = env.train_task(3, 0, 4, SamplingParams(1.0, 1.0, 8))
+    rec = env.train_record(3, 0)
+    assert env.tokenizer.decode(task.prompt_ids) == "Q: " + rec.prompt and task.answer == rec.answer
+    prompt, target = env.sft_example(3, 0)
+    assert env.tokenizer.decode(target) == rec.sft_target and target[-1] == env.tokenizer.eos_id
+    evals = env.eval_tasks("before", 0)
+    assert len(evals) == 5 and evals[0].sampling.temperature == 0 and evals[0].purpose == "eval:before"
+    assert evals[0].sampling.max_new_tokens == env.max_answer_len() + 1
+
+
+def test_an_eval_file_is_used_as_given(tmp_path):
+    env = env_for(write_jsonl(tmp_path / "t.jsonl", additions(8)), eval_path=write_jsonl(tmp_path / "e.json.l", additions(3)))
+    assert len(env._train) == 8 and [r.answer for r in env._eval] == ["13", "15", "17"]
+    listed = tmp_path / "t.json"
+    listed.write_text(json.dumps(additions(8)))
+    assert len(env_for(str(listed), num_eval=2)._train) == 6  # a .json list works as well
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"question": "1+1=", "label": 2}\n{"question": "2+2="}\n', r"t.jsonl': record 2 has no usable env.answer_key='label'"),
+    ('{"question": "1+1=", "label": 2}\nnot json\n', r"t.jsonl': line 2 is not JSON"),
+    ('["1+1=", 2]\n', r"t.jsonl': record 1 is list, not an object"),
+    ('{"question": "", "label": 2}\n', r"record 1 has no usable env.prompt_key='question'"),
+    ('{"question": "1+1=", "label": true}\n', r"record 1 has no usable env.answer_key='label'"),
+    ("\n", r"t.jsonl': no records"),
+])
+def test_bad_records_are_config_errors_naming_file_line_and_key(tmp_path, content, message):
+    (tmp_path / "t.jsonl").write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        env_for(str(tmp_path / "t.jsonl"), num_eval=1)
+
+
+def test_config_errors_for_the_dataset_fields(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", additions(4))
+    with pytest.raises(ConfigError, match=r"env.num_eval=5: env.train_path has only 4 records"):
+        env_for(path)
+    with pytest.raises(ConfigError, match=r"env.train_path='/nope.jsonl': no such file"):
+        env_for("/nope.jsonl")
+    for bad, message in [({"train_path": None}, "env.train_path=None: env.name=dataset needs a JSONL file"),
+                         ({"prompt_template": "Q:"}, "env.prompt_template='Q:': must contain {prompt}"),
+                         ({"reward": "nope"}, "env.reward='nope': must be math, exact or package.module:function"),
+                         ({"reward_range": [1.0, 0.0]}, r"env.reward_range=\[1.0, 0.0\]: must be \[low, high\]")]:
+        cfg = EnvConfig(**{"name": "dataset", "train_path": path, **bad})
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            cfg.validate()
+    with pytest.raises(ConfigError, match=r"env.reward='no_such_module:f': cannot load it \(ModuleNotFoundError"):
+        env_for(path, num_eval=1, reward="no_such_module:f")
+    with pytest.raises(ConfigError, match=r"env.reward='dataset_rewards:NOT_A_FUNCTION': int is not callable"):
+        env_for(path, num_eval=1, reward="dataset_rewards:NOT_A_FUNCTION")
+
+
+@pytest.mark.parametrize("text, committed", [
+    ("so the total is \\boxed{\\frac{3}{4}} dollars", "\\frac{3}{4}"),
+    ("5 * 2 = 10\n#### 1,234", "1,234"),
+    ("first 3, then 5", "5"),
+    ("no number here", None),
+    ("\\boxed{7} but maybe #### 8", "7"),  # a boxed answer wins over a later marker
+])
+def test_the_committed_answer_is_extracted(text, committed):
+    assert extract_answer(text) == committed
+
+
+def test_math_equivalence_is_exact_on_numbers_and_normalised_on_text():
+    assert equivalent("0.75", "3/4") and equivalent("\\frac{3}{4}", "0.75") and equivalent("$18.00", "18")
+    assert equivalent("1,234", "1234") and equivalent("50%", "50") and equivalent("x = 2", "X  =  2")
+    assert not equivalent("1,2", "12") and not equivalent("0.7500001", "3/4") and not equivalent(None, "1")
+
+
+def test_math_reward_pays_only_the_committed_answer(tmp_path):
+    """A policy that lists candidates is paid for the one it commits to (the last), never for
+    the right number somewhere in its text."""
+    env = env_for(write_jsonl(tmp_path / "d.jsonl", [{"question": "6*7=", "label": "42"}] * 3), num_eval=1,
+                  tokenizer="gpt2")
+    eos = env.tokenizer.eos_id
+
+    def score(text):
+        return env.score("42", env.tokenizer.encode(text) + [eos])
+
+    assert score("6*7 = 42").reward == 1.0 and score("#### 42.0").reward == 1.0
+    assert score("maybe 42 or 41 or 40").reward == 0.0  # the last number is its answer
+    assert score("42 42 42 #### 41").reward == 0.0
+    assert score("\\boxed{41} #### 42").reward == 0.0
+    assert score("the answer").info["extracted"] is None
+
+
+def test_exact_and_custom_rewards_with_their_failures_bounded(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", additions(6))
+    exact = env_for(path, num_eval=1, reward="exact", tokenizer="gpt2")
+    ids = exact.tokenizer.encode
+    assert exact.score("17", ids(" 17 ")).reward == 1.0 and exact.score("17", ids("#### 17")).reward == 0.0
+    custom = env_for(path, num_eval=1, reward="dataset_rewards:mentions_label", tokenizer="gpt2")
+    result = custom.score("17", ids("it is 17"))
+    assert result.reward == 1.0 and result.info["checked"] == "substring"
+    # a verifier that returns junk or raises is that sample's 0 with the reason, never a crash
+    for name, reason in [("forged", "invalid reward 100.0"), ("broken", "RuntimeError: verifier bug")]:
+        env = env_for(path, num_eval=1, reward=f"dataset_rewards:{name}", tokenizer="gpt2")
+        results = score_group_with_timeout(env, ["17", "17"], [ids("9"), ids("1")], timeout_s=2.0)
+        assert reason in results[0].info["reason"] and results[0].reward == 0.0
+        # the group's other sample keeps its own verdict (forged: a valid 0.0; broken: its own error)
+        assert results[1].reward == 0.0 and ("reason" in results[1].info) == (name == "broken")
+
+
+def test_a_jsonl_dataset_with_a_custom_verifier_trains_end_to_end(tmp_path):
+    """The whole loop on env=dataset: the driver, the workers (separate processes, which import
+    the user's verifier by name) and the trainer; every reward is the verifier's 0.5."""
+    import os
+
+    from rlpost.metrics import read_metrics
+
+    from test_e2e import run_cli
+
+    data = write_jsonl(tmp_path / "d.jsonl", additions(80))
+    run_dir = tmp_path / "run"
+    # the user's verifier module must be importable in every worker: here, through PYTHONPATH
+    here = os.path.dirname(os.path.abspath(__file__))
+    pythonpath = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    run_cli(["experiment=toy_moe_local", "env=dataset", f"env.train_path={data}", "env.prompt_key=question",
+             "env.answer_key=label", "env.num_eval=8", "env.reward=dataset_rewards:half", f"run_dir={run_dir}",
+             "warmup.steps=5", "trainer.steps=2", "rollout.batch_prompts=4", "logger.progress=false"], timeout=300,
+            extra_env={"PYTHONPATH": pythonpath})
+    steps = [r for r in read_metrics(str(run_dir / "metrics.jsonl")) if "reward/mean" in r]
+    assert [r["reward/mean"] for r in steps] == [0.5, 0.5]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["eval_accuracy_before"] == summary["eval_accuracy_after"] == 0.5
+
+
+def test_a_training_prompt_too_long_for_the_model_is_refused_at_start_up(tmp_path):
+    from rlpost.cli_config import load_config
+    from rlpost.run import Run
+
+    rows = additions(10) + [{"question": "1+" * 40 + "1=", "label": 41}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = load_config(["env=dataset", f"env.train_path={data}", "env.prompt_key=question", "env.answer_key=label",
+                       "env.num_eval=2", "model.max_seq_len=64", "rollout.max_new_tokens=8", f"run_dir={tmp_path}/r"])
+    with pytest.raises(ConfigError, match=r"model.max_seq_len=64: the training prompt at .*d.jsonl:11 needs 83 tokens "
+                                          r"\+ rollout.max_new_tokens=8"):
+        Run(cfg)
