@@ -280,7 +280,8 @@ class EnvConfig:
     # tools: tool calls allowed per sample.
     max_turns: int = 3
     # Tokenizer of the env's text: char (the toy envs' alphabets), gpt2 or qwen3 (byte-level BPE),
-    # mixtral (SentencePiece, 32k ids); the real ones for coding and arithmetic.
+    # qwen3_chat (Qwen3's, prompts as a ChatML user turn, eos <|im_end|>: instruct checkpoints),
+    # mixtral (SentencePiece, 32k ids); the real ones for coding, arithmetic and dataset.
     tokenizer: str = "char"
     # coding: the eval set, toy (procedural, held out) or humaneval (the 164 HumanEval problems,
     # up to env.num_eval of them; needs a real tokenizer), and its completion budget (0: the set's

@@ -101,6 +101,34 @@ class Qwen3Tokenizer:
         return self._tok.decode([i for i in ids if 0 <= i < self.eos_id], errors="replace")
 
 
+class Qwen3ChatTokenizer(Qwen3Tokenizer):
+    """Qwen3's vocabulary in the ChatML turn format its instruct checkpoints are trained on: a
+    prompt (``encode(text, bos=True)``) becomes ``<|im_start|>user\n{text}<|im_end|>\n
+    <|im_start|>assistant\n`` with the markers as their special ids (text inside the prompt is
+    never turned into a special id: a literal ``<|im_end|>`` there stays characters), and a
+    response ends at ``<|im_end|>`` (eos, 151645), which is where an instruct checkpoint stops.
+    ``<|endoftext|>`` stays pad. (Qwen3's own template may add an empty ``<think></think>`` to
+    turn thinking off; this format leaves thinking to the model.)"""
+
+    eos_id = 151645      # <|im_end|>
+    im_start_id = 151644
+    pad_id = 151643      # <|endoftext|>
+    bos_id = 151644
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        plain = super().encode
+        if not bos:
+            return plain(text)
+        return ([self.im_start_id] + plain("user\n" + text) + [self.eos_id] + plain("\n")
+                + [self.im_start_id] + plain("assistant\n"))
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self._tok.decode([i for i in ids if 0 <= i < self.pad_id], errors="replace")
+
+
 class MixtralTokenizer:
     """Mixtral-8x7B's (and Mistral-7B's) SentencePiece BPE: 32,000 ids, digits split one per
     token, byte fallback, shipped as ``tokenizer.model.v1`` in the ``mistral-common`` package.
@@ -148,18 +176,21 @@ class MixtralTokenizer:
         return self._continuation.decode([i for i in ids if 0 <= i < self.vocab_size and i != self.bos_id])
 
 
-TOKENIZERS = ("char", "gpt2", "qwen3", "mixtral")
+TOKENIZERS = ("char", "gpt2", "qwen3", "qwen3_chat", "mixtral")
 Tokenizer = CharTokenizer | Gpt2Tokenizer | Qwen3Tokenizer | MixtralTokenizer
 
 
 def make_tokenizer(name: str, alphabet: str) -> Tokenizer:
-    """``env.tokenizer``: ``char`` (over the env's ``alphabet``), ``gpt2``, ``qwen3`` or ``mixtral``."""
+    """``env.tokenizer``: ``char`` (over the env's ``alphabet``), ``gpt2``, ``qwen3``, ``qwen3_chat``
+    (Qwen3's vocabulary, prompts as a ChatML user turn, eos <|im_end|>) or ``mixtral``."""
     if name == "char":
         return CharTokenizer(alphabet)
     if name == "gpt2":
         return Gpt2Tokenizer()
     if name == "qwen3":
         return Qwen3Tokenizer()
+    if name == "qwen3_chat":
+        return Qwen3ChatTokenizer()
     if name == "mixtral":
         return MixtralTokenizer()
     raise ValueError(f"env.tokenizer={name!r}: must be one of {', '.join(TOKENIZERS)}")
