@@ -105,6 +105,21 @@ def load_reward_fn(spec: str) -> Callable[[str, str], Any]:
     return fn
 
 
+def _plain(info: Any) -> dict[str, Any]:
+    """A verifier's info as the record can carry it (msgpack, bounded): plain scalars kept,
+    anything else as a short repr, so a verifier's objects never break a worker's shipment."""
+    if not isinstance(info, dict):
+        return {"info": repr(info)[:200]}
+    out = {}
+    for key, value in list(info.items())[:16]:
+        if isinstance(value, str):
+            value = value[:200]
+        elif not isinstance(value, (bool, int, float, type(None))) or (isinstance(value, int) and abs(value) >= 2**63):
+            value = repr(value)[:200]
+        out[str(key)[:64]] = value
+    return out
+
+
 class DatasetEnv:
     name = "dataset"
 
@@ -141,9 +156,14 @@ class DatasetEnv:
 
     def train_record(self, index: int, seed: int) -> Record:
         epoch, at = divmod(index, len(self._train))
+        return self._train[self._epoch_order(seed, epoch)[at]]
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 -- one env per process; a few epochs' orders
+    def _epoch_order(self, seed: int, epoch: int) -> list[int]:
+        """The training records' order in ``epoch`` (one shuffle per epoch, not per task)."""
         order = list(range(len(self._train)))
         random.Random(f"{self.cfg.seed}/{seed}/epoch{epoch}").shuffle(order)
-        return self._train[order[at]]
+        return order
 
     def max_answer_len(self) -> int:
         """Tokens of the longest warm-up target: what a completion must at least be allowed."""
@@ -173,9 +193,7 @@ class DatasetEnv:
             reward, info = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
             if isinstance(reward, numbers.Real) and not isinstance(reward, bool):
                 reward = float(reward)  # numpy scalars; anything else is refused by the range check
-            if not isinstance(info, dict):
-                info = {"info": repr(info)[:200]}
-            return RewardResult(reward, {**info, "ended": ended})
+            return RewardResult(reward, {**_plain(info), "ended": ended})
         if self.cfg.reward == "exact":
             return RewardResult(1.0 if text.strip() == answer.strip() else 0.0, {"ended": ended})
         committed = extract_answer(text)

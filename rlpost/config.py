@@ -285,7 +285,7 @@ class EnvConfig:
     tokenizer: str = "char"
     # coding: the eval set, toy (procedural, held out) or humaneval (the 164 HumanEval problems,
     # up to env.num_eval of them; needs a real tokenizer), and its completion budget (0: the set's
-    # default, 13 for toy, 300 for humaneval).
+    # default, 13 for toy, 300 for humaneval; dataset: the longest warm-up target + 1).
     eval_set: str = "toy"
     eval_max_new_tokens: int = 0
     num_eval: int = 200

@@ -7,7 +7,7 @@ def half(response: str, label: str) -> float:
 
 
 def mentions_label(response: str, label: str):
-    return (1.0 if label in response else 0.0), {"checked": "substring"}
+    return (1.0 if label in response else 0.0), {"checked": "substring", "objects": {1, 2}, "big": 2**70}
 
 
 def forged(response: str, label: str) -> float:

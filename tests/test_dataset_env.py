@@ -129,6 +129,8 @@ def test_exact_and_custom_rewards_with_their_failures_bounded(tmp_path):
     custom = env_for(path, num_eval=1, reward="dataset_rewards:mentions_label", tokenizer="gpt2")
     result = custom.score("17", ids("it is 17"))
     assert result.reward == 1.0 and result.info["checked"] == "substring"
+    # what a record can carry: anything but plain scalars becomes a short repr
+    assert result.info["objects"] == "{1, 2}" and result.info["big"] == repr(2**70) and result.info["ended"] is False
     # a verifier that returns junk or raises is that sample's 0 with the reason, never a crash
     for name, reason in [("forged", "invalid reward 100.0"), ("broken", "RuntimeError: verifier bug")]:
         env = env_for(path, num_eval=1, reward=f"dataset_rewards:{name}", tokenizer="gpt2")
