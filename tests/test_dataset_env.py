@@ -175,3 +175,27 @@ def test_a_training_prompt_too_long_for_the_model_is_refused_at_start_up(tmp_pat
     with pytest.raises(ConfigError, match=r"model.max_seq_len=64: the training prompt at .*d.jsonl:11 needs 83 tokens "
                                           r"\+ rollout.max_new_tokens=8"):
         Run(cfg)
+
+
+def test_the_toy_dataset_experiment_starts_on_the_data_its_script_writes(tmp_path):
+    """experiment=toy_moe_dataset + scripts/make_addition_dataset.py (README "Your own data"):
+    the config accepts the written files (budget, sequence length, keys), held-out prompts are
+    not in the training file, and the reference solutions score 1 where the teacher was right."""
+    import os
+    import subprocess
+    import sys
+
+    from rlpost.cli_config import load_config
+    from rlpost.run import Run
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, os.path.join(root, "scripts", "make_addition_dataset.py"), str(tmp_path / "d")],
+                   check=True, capture_output=True)
+    cfg = load_config(["experiment=toy_moe_dataset", f"env.train_path={tmp_path}/d/train.jsonl",
+                       f"env.eval_path={tmp_path}/d/test.jsonl", f"run_dir={tmp_path}/run"])
+    env = Run(cfg).env
+    assert len(env._train) == 9800 and len(env._eval) == 200
+    assert not {r.prompt for r in env._eval} & {r.prompt for r in env._train}
+    scores = [env.score(r.answer, env.tokenizer.encode(r.sft_target) + [env.tokenizer.eos_id]).reward for r in env._train]
+    # the flawed teacher is right on the ~30% of sums without a carry and on 20% of the others
+    assert 0.40 < sum(scores) / len(scores) < 0.50
