@@ -47,6 +47,8 @@ class ReplayTopKGate(TopKGate):
             return super().forward(input, used_token, sparse_routes, use_tutel)
         if not sparse_routes or use_tutel or used_token is not None:
             raise NotImplementedError("routing replay needs DeepSpeed's sparse-route dispatch (no tutel, no used_token)")
+        if groups.mpu is not None:
+            raise NotImplementedError("routing replay with tensor-parallel experts")
         probs = F.softmax(F.linear(input.float(), self.wg.weight.float()), dim=-1)
         experts, weights, own = route(probs, self.k, self.replay)
         self.own = own.detach()
@@ -60,8 +62,6 @@ class ReplayTopKGate(TopKGate):
         capacity = exp_counts.max()
         if self.ep_group is not None and dist.get_world_size(group=self.ep_group) > 1:
             dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.ep_group)
-        if groups.mpu is not None:
-            raise NotImplementedError("routing replay with tensor-parallel experts")
         slots = (torch.cumsum(mask, dim=0) - 1).gather(1, experts)  # each (token, expert) pair's slot
         return (l_aux, capacity, num_experts, experts.t().contiguous().to(torch.int32),
                 slots.t().contiguous().to(torch.int32), weights.t().contiguous(), exp_counts)
