@@ -437,11 +437,15 @@ class LoggerConfig:
     # offline unless the user sets wandb_mode=online and has a key.
     wandb_mode: str = "offline"
     progress: bool = True
+    # rows of each evaluation's answers logged to wandb as a table (all of them are in
+    # <run_dir>/evals/<tag>.jsonl)
+    table_rows: int = 16
 
     def validate(self, p: str = "logger") -> None:
         _check(self.backend in ("jsonl", "wandb"), f"{p}.backend", self.backend, "must be jsonl or wandb")
         _check(self.wandb_mode in ("offline", "online", "disabled"), f"{p}.wandb_mode", self.wandb_mode,
                "must be offline, online or disabled")
+        _check(self.table_rows >= 0, f"{p}.table_rows", self.table_rows, "must be >= 0")
 
 
 @dataclass

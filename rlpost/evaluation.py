@@ -8,12 +8,20 @@ then the mean reward over all n x prompts answers (mean@n, the pass@1 estimate),
 al. (2021, HumanEval): per prompt with c of n answers solved, 1 - C(n-c, k) / C(n, k), averaged
 over prompts. An answer counts as solved when its reward is >= 1 (the trainer's
 ``reward/accuracy`` rule).
+
+Every evaluation also keeps its answers (:func:`answer_rows`): ``<run_dir>/evals/<tag>.jsonl``
+holds each prompt and answer as text with its reward and the env's verdict, and the first rows go
+to wandb as a table (verl's logged validation generations, slime's debug rollout dumps): what
+the policy actually writes is the first thing to read when a reward climbs suspiciously.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections import defaultdict
 from math import comb
+from typing import Any
 
 from rlpost.config import EvalConfig
 from rlpost.records import SamplingParams, Task, Trajectory
@@ -60,3 +68,25 @@ def eval_metrics(trajs: list[Trajectory], samples_per_prompt: int) -> dict[str, 
             scores = [pass_at_k(len(s), sum(s), min(k, len(s))) for s in solved.values()]
             out[f"eval/pass@{k}"] = sum(scores) / len(scores)
     return out
+
+
+def answer_rows(trajs: list[Trajectory], tokenizer) -> list[dict[str, Any]]:
+    """One row per answer, ordered by prompt: the prompt and response as text (the special ids
+    the tokenizer would stop at are left out of the prompt), the reward and the env's verdict."""
+    rows = []
+    stop = getattr(tokenizer, "eos_id", None)
+    for t in sorted(trajs, key=lambda t: t.traj_id):
+        info = {k: v for k, v in t.env_info.items() if isinstance(v, (str, int, float, bool)) and k != "text"}
+        rows.append({"id": t.traj_id, "prompt": tokenizer.decode([i for i in t.prompt_ids.tolist() if i != stop]),
+                     "response": tokenizer.decode(t.response_ids.tolist()), "reward": t.reward,
+                     "status": t.status.value, "tokens": len(t), **{f"env/{k}": v for k, v in info.items()}})
+    return rows
+
+
+def write_answers(run_dir: str, tag: str, rows: list[dict[str, Any]]) -> str:
+    folder = os.path.join(run_dir, "evals")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{tag}.jsonl")
+    with open(path, "w") as fh:
+        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return path

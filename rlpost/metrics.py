@@ -43,6 +43,17 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
+    def table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        """Rows (dicts with the same keys) as a wandb table; nothing without wandb (the rows are
+        in the run dir already)."""
+        if self._wandb is None or not rows:
+            return
+        import wandb
+
+        columns = list(dict.fromkeys(k for r in rows for k in r))  # every row's keys, first-seen order
+        self._wandb.log({name: wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])},
+                        step=step)
+
     def progress(self, step: int, metrics: dict[str, Any]) -> None:
         self._bar.n = step
         self._bar.set_postfix(reward=f"{metrics.get('reward/mean', 0):.3f}",

@@ -63,6 +63,13 @@ def test_short_loop_writes_a_complete_run_dir(tmp_path):
     for r in (r for r in rows if "eval/accuracy" in r):
         assert r["eval/pass@1"] == pytest.approx(r["eval/accuracy"]) and r["eval/pass@1"] <= r["eval/pass@2"] <= r["eval/pass@4"]
     assert [sorted(e) for e in summary["evals"]] == [["accuracy", "pass@1", "pass@2", "pass@4", "step"]] * 3
+    # every evaluation's answers are kept as text: 16 prompts x 4 answers, rewards as scored
+    answers = [json.loads(line) for line in (run_dir / "evals" / "before.jsonl").read_text().splitlines()]
+    assert len(answers) == 64 and len({a["id"] for a in answers}) == 64
+    assert sum(a["reward"] for a in answers) / 64 == pytest.approx(next(r for r in rows if "eval/accuracy" in r)["eval/accuracy"])
+    assert all(a["prompt"].endswith("=") and set(a["response"]) <= set("0123456789+-*=") for a in answers)
+    assert sorted(p.name for p in (run_dir / "evals").iterdir()) == ["after.jsonl", "before.jsonl", "step2.jsonl"]
+    assert list((run_dir / "wandb").glob("offline-run-*/files/media/table/eval/answers_*.table.json"))  # and to wandb
     resolved = (run_dir / "config.yaml").read_text()
     assert "vocab_size: 17" in resolved and "num_workers: 2" in resolved  # resolved, with overrides
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"

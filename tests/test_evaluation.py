@@ -54,3 +54,20 @@ def test_eval_sampling_replaces_greedy_with_n_samples_and_keeps_the_budget():
 def test_eval_config_errors_name_the_field(cfg, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         cfg.validate()
+
+
+def test_answer_rows_show_prompt_and_response_as_text_with_the_verdict():
+    """A chat prompt holds the tokenizer's stop id inside its template: the row shows the whole
+    prompt, not the part before it; the response stops at eos; plain info fields are kept."""
+    from rlpost.evaluation import answer_rows
+    from rlpost.tokenizer import make_tokenizer
+
+    tok = make_tokenizer("qwen3_chat", "")
+    task = Task("eval-x-0", tok.encode("What is 6*7?", bos=True), "42", 1, SamplingParams())
+    t = Trajectory.start(task, 0)
+    t.append(tok.encode("#### 42") + [tok.eos_id] + tok.encode("junk"), [0.0] * (len(tok.encode("#### 42")) + 2), 0)
+    t.reward, t.env_info = 1.0, {"extracted": "42", "ended": True, "text": "#### 42", "nested": {"x": 1}}
+    (row,) = answer_rows([t], tok)
+    assert row["prompt"] == "user\nWhat is 6*7?\nassistant\n" and row["response"] == "#### 42"
+    assert row["reward"] == 1.0 and row["env/extracted"] == "42" and row["env/ended"] is True
+    assert "env/text" not in row and "env/nested" not in row and row["id"] == "eval-x-0/0"
