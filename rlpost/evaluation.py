@@ -76,7 +76,8 @@ def answer_rows(trajs: list[Trajectory], tokenizer) -> list[dict[str, Any]]:
     rows = []
     stop = getattr(tokenizer, "eos_id", None)
     for t in sorted(trajs, key=lambda t: t.traj_id):
-        info = {k: v for k, v in t.env_info.items() if isinstance(v, (str, int, float, bool)) and k != "text"}
+        info = {k: (v[:500] if isinstance(v, str) else v) for k, v in t.env_info.items()
+                if isinstance(v, (str, int, float, bool)) and k != "text"}  # text: the response itself
         rows.append({"id": t.traj_id, "prompt": tokenizer.decode([i for i in t.prompt_ids.tolist() if i != stop]),
                      "response": tokenizer.decode(t.response_ids.tolist()), "reward": t.reward,
                      "status": t.status.value, "tokens": len(t), **{f"env/{k}": v for k, v in info.items()}})
