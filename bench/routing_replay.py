@@ -12,11 +12,12 @@ logprob| over all, rerouted and other tokens, with and without replay. The fp32 
 is the control (same arithmetic as the trainer up to batching: almost nothing rerouted); bf16 is
 what a GPU engine runs.
 
-    python bench/routing_replay.py            # ~1 minute on 2 CPU cores
+    python bench/routing_replay.py            # ~30 s on 2 CPU cores (3 seeds)
     python bench/routing_replay.py --device cuda --engines native-bf16,sglang-bf16
 
 Writes bench/results/routing_replay[_gpu].json; last line ``RESULT routing_replay <mean gap on
-rerouted tokens without replay / with replay>`` for the first bf16 engine.
+rerouted tokens without replay / with replay>`` for the first bf16 engine, the median over
+``--seeds`` model initialisations (3).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 
 import torch
@@ -93,35 +95,44 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--name", default=None, help="results file name (default routing_replay[_gpu])")
+    parser.add_argument("--seeds", type=int, default=3, help="model initialisations measured (the spread)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = bench_model(quick=False)
     reqs = requests(args.prompts, args.new_tokens, cfg.vocab_size)
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(cfg).to(args.device).eval()
-    state = {k: v.to(args.device) for k, v in model.canonical_state_dict().items()}
     rows = []
-    for spec in args.engines.split(","):
-        engine, _, dt = spec.partition("-")
-        row = measure(engine, {"": "float32", "bf16": "bfloat16"}[dt], cfg, state, reqs, model, args.device)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    for seed in range(args.seeds):
+        torch.manual_seed(seed)
+        model = Qwen3MoeForCausalLM(cfg).to(args.device).eval()
+        state = {k: v.to(args.device) for k, v in model.canonical_state_dict().items()}
+        for spec in args.engines.split(","):
+            engine, _, dt = spec.partition("-")
+            row = {"seed": seed, **measure(engine, {"": "float32", "bf16": "bfloat16"}[dt], cfg, state, reqs, model,
+                                           args.device)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     where = (f"GPU: {torch.cuda.get_device_name(0)}" if args.device == "cuda" else
              f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    bf16 = next((r for r in rows if r["dtype"] == "bfloat16" and r["replay"]["rerouted"]["mean"]), None)
-    ratio = (bf16["own_router"]["rerouted"]["mean"] / max(bf16["replay"]["rerouted"]["mean"], 1e-12)
-             if bf16 else float("nan"))
+    # the headline: the first bf16 engine's gap on rerouted tokens, own router over replay, per seed
+    first_bf16 = next((f"{r['engine']}-bf16" for r in rows if r["dtype"] == "bfloat16"), None)
+    ratios = sorted(r["own_router"]["rerouted"]["mean"] / max(r["replay"]["rerouted"]["mean"], 1e-12)
+                    for r in rows if f"{r['engine']}-bf16" == first_bf16 and r["dtype"] == "bfloat16"
+                    and r["replay"]["rerouted"]["mean"])
+    ratio = statistics.median(ratios) if ratios else float("nan")
     name = args.name or "routing_replay" + ("_gpu" if args.device == "cuda" else "")
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json"), "w") as fh:
         json.dump({"device": where, "model": vars(cfg), "requests": {"count": args.prompts,
-                   "new_tokens": args.new_tokens, "temperature": 1.0}, "trainer": "fp32",
-                   "engines": rows, "rerouted_gap_ratio": round(ratio, 2)}, fh, indent=2)
-    print("| engine | dtype | rerouted tokens | mean gap, own router (rerouted / other) | with replay (rerouted / other) |")
+                   "new_tokens": args.new_tokens, "temperature": 1.0}, "trainer": "fp32", "seeds": args.seeds,
+                   "engines": rows, "rerouted_gap_ratios": [round(x, 2) for x in ratios],
+                   "rerouted_gap_ratio_median": round(ratio, 2)}, fh, indent=2)
+    print("| seed | engine | dtype | rerouted tokens | mean gap, own router (rerouted / other) | with replay (rerouted / other) |")
     for r in rows:
         o, p = r["own_router"], r["replay"]
-        print(f"| {r['engine']} | {r['dtype']} | {100 * r['rerouted_frac']:.2f}% | {o['all']['mean']} "
+        print(f"| {r['seed']} | {r['engine']} | {r['dtype']} | {100 * r['rerouted_frac']:.2f}% | {o['all']['mean']} "
               f"({o['rerouted']['mean']} / {o['other']['mean']}) | {p['all']['mean']} "
               f"({p['rerouted']['mean']} / {p['other']['mean']}) |")
+    print(f"median of {len(ratios)} seeds (min {min(ratios, default=float('nan')):.2f}, "
+          f"max {max(ratios, default=float('nan')):.2f})")
     print(f"RESULT routing_replay {ratio:.2f}")
 
 
