@@ -186,6 +186,8 @@ class TrainerConfig:
     clip_eps_high: float = 0.28
     tis_cap: float = 2.0
     kl_coef: float = 0.0
+    # Entropy bonus: the loss subtracts entropy_coef x the mean token entropy (train/entropy is
+    # logged every step either way).
     entropy_coef: float = 0.0
     # Normalise GRPO advantages by the group's std (Dr. GRPO sets this false).
     adv_std_norm: bool = True
@@ -230,6 +232,7 @@ class TrainerConfig:
                f"must be >= trainer.clip_eps={self.clip_eps}")
         _check(self.tis_cap >= 1, f"{p}.tis_cap", self.tis_cap, "must be >= 1")
         _check(self.kl_coef >= 0, f"{p}.kl_coef", self.kl_coef, "must be >= 0")
+        _check(0 <= self.entropy_coef < float("inf"), f"{p}.entropy_coef", self.entropy_coef, "must be a finite number >= 0")
         _check(self.loss_agg in ("token_mean", "seq_mean"), f"{p}.loss_agg", self.loss_agg,
                "must be token_mean or seq_mean")
         _check(self.off_policy in ("tis", "decoupled", "mask_stale", "ppo"), f"{p}.off_policy",

@@ -11,7 +11,7 @@ import pytest
 from rlpost.metrics import read_metrics
 
 REQUIRED_METRICS = [
-    "reward/mean", "reward/accuracy", "train/loss", "train/kl", "train/clip_frac", "train/is_weight_mean",
+    "reward/mean", "reward/accuracy", "train/loss", "train/kl", "train/entropy", "train/clip_frac", "train/is_weight_mean",
     "train/is_weight_max", "train/tokens_per_s", "rollout/tokens_per_s", "buffer/complete",
     "buffer/tasks_pending", "weights/version", "weights/version_lag_mean", "moe/max_expert_frac",
 ]

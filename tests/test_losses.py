@@ -250,3 +250,34 @@ def test_collate_places_every_token_where_the_loss_reads_it():
     assert torch.equal(batch.advantages, adv)
     plain = collate([t for i, t in enumerate(trajs) if i % 3 == 0], adv[:14])
     assert plain.engine_experts is None  # no sample carries routing
+
+
+def test_entropy_is_reported_and_a_bonus_raises_it():
+    """train/entropy is the masked mean entropy of the sampling distribution; with entropy_coef
+    the loss subtracts it, so a gradient step raises the entropy (without it, no gradient flows
+    through the entropy at all)."""
+    import math
+
+    from rlpost.trainer.losses import scattered_logprobs_and_entropy
+
+    logits = torch.tensor([[4.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], requires_grad=True)  # 2 scored positions
+    targets = torch.tensor([[0, 1, 2]])
+    mask = torch.tensor([[1.0, 0.0, 1.0]])
+    logp, ent = scattered_logprobs_and_entropy(logits, targets, mask, temperature=1.0, entropy_grad=True)
+    p = torch.softmax(torch.tensor([4.0, 0, 0, 0]), -1)
+    e, lp = ent.detach(), logp.detach()
+    assert float(e[0, 2]) == pytest.approx(math.log(4)) and float(e[0, 1]) == 0.0  # uniform: log V; unscored: 0
+    assert float(e[0, 0]) == pytest.approx(float(-(p * p.log()).sum()), rel=1e-5)
+    assert float(lp[0, 2]) == pytest.approx(-math.log(4)) and float(lp[0, 0]) == pytest.approx(float(p[0].log()), rel=1e-5)
+    zeros = torch.zeros(1, 3)
+    out = policy_loss(logp, logp.detach(), logp.detach(), torch.zeros(1), mask, 0.2, 0.28, 2.0,
+                      entropy=ent, entropy_coef=0.1)
+    assert out.metrics["entropy"] == pytest.approx(float((e * mask).sum() / 2))
+    assert float(out.loss.detach()) == pytest.approx(-0.1 * out.metrics["entropy"])  # zero advantages: only the bonus
+    out.loss.backward()
+    with torch.no_grad():
+        _, after = scattered_logprobs_and_entropy(logits - 1.0 * logits.grad, targets, mask)
+    assert float((after * mask).sum()) > float((e * mask).sum())  # the step raised the entropy
+    _, reported = scattered_logprobs_and_entropy(logits, targets, mask)
+    assert not reported.requires_grad and policy_loss(zeros, zeros, zeros, torch.zeros(1), mask, 0.2, 0.28, 2.0,
+                                                     entropy=reported).metrics["entropy"] > 0

@@ -25,8 +25,8 @@ from rlpost.scheduler import too_stale
 from rlpost.weights import WeightPublisher
 from rlpost.trainer.batch import TrainBatch, collate, sft_batch
 from rlpost.trainer.ds_engine import DistEnv, build_engine, init_distributed
-from rlpost.trainer.losses import (grpo_advantages, policy_loss, scattered_logprobs, scored_positions,
-                                   token_logprobs)
+from rlpost.trainer.losses import (grpo_advantages, policy_loss, scattered_logprobs,
+                                   scattered_logprobs_and_entropy, scored_positions, token_logprobs)
 from rlpost.trainer.mismatch import MismatchMeter, ReplayMeter
 from rlpost.modeling import Qwen3MoeForCausalLM
 from rlpost.trainer.policy import build_policy
@@ -377,7 +377,8 @@ class TrainerRank:
                 at = scored_positions(mb.mask)
                 replay = self._replay(mb)
                 logits, aux, counts, routed = self.engine(mb.input_ids, **mb.model_inputs(), logits_at=at, **replay)
-                new_logp = scattered_logprobs(logits, mb.targets, mb.mask, temperature)
+                new_logp, entropy = scattered_logprobs_and_entropy(logits, mb.targets, mb.mask, temperature,
+                                                                   entropy_grad=cfg.entropy_coef > 0)
                 ref_logp = None
                 if self.ref_model is not None:
                     with torch.no_grad():
@@ -387,7 +388,7 @@ class TrainerRank:
                 out = policy_loss(new_logp, old_logp, mb.behav_logp, mb.advantages, mb.mask,
                                   cfg.clip_eps, cfg.clip_eps_high, cfg.tis_cap, ref_logp, cfg.kl_coef,
                                   cfg.loss_agg, cfg.off_policy, mb.versions < self.version,
-                                  mb.seq_ids)
+                                  mb.seq_ids, entropy, cfg.entropy_coef)
                 # train-inference mismatch on on-policy tokens (made by the weights being trained)
                 mismatch.add(old_logp, mb.behav_logp, mb.mask.bool() & (mb.versions == self.version),
                              routed, mb.engine_experts)

@@ -57,6 +57,27 @@ def scattered_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.
     return torch.zeros(selected.shape, dtype=flat.dtype, device=flat.device).masked_scatter(selected, flat)
 
 
+def scattered_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                                   temperature: float = 1.0,
+                                   entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`scattered_logprobs` and, from the same log-softmax, the (B, L-1) entropy of the
+    sampling distribution (at ``temperature``) at each scored position: the figure that shows a
+    policy collapsing onto one answer (0 elsewhere). The entropy carries a gradient only with
+    ``entropy_grad`` (an entropy bonus); otherwise no graph is kept for it."""
+    selected = mask.bool()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logp = F.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, targets[selected].unsqueeze(-1)).squeeze(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(logp.exp() * logp).sum(-1)
+
+    def scatter(flat: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(selected.shape, dtype=flat.dtype, device=flat.device).masked_scatter(selected, flat)
+
+    return scatter(chosen), scatter(entropy)
+
+
 @dataclass
 class PolicyLossOutput:
     loss: torch.Tensor
@@ -70,8 +91,11 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
                 advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float, clip_eps_high: float,
                 tis_cap: float, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
                 loss_agg: str = "token_mean", correction: str = "tis",
-                stale: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None) -> PolicyLossOutput:
-    """PPO-clip (asymmetric clip range) with an off-policy correction, + optional k3 KL.
+                stale: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
+                entropy: torch.Tensor | None = None, entropy_coef: float = 0.0) -> PolicyLossOutput:
+    """PPO-clip (asymmetric clip range) with an off-policy correction, + optional k3 KL, minus
+    an optional entropy bonus (``entropy_coef`` x the per-token ``entropy``, which must then
+    carry the gradient; without a coefficient it is only reported).
 
     All tensors are (B, T); ``advantages`` may be (B,) and is broadcast over tokens; ``mask`` is 1
     on trainable tokens (generated, not observations or padding). ``correction``:
@@ -113,6 +137,8 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
         log_r = ref_logp - new_logp
         kl = torch.exp(log_r) - log_r - 1  # k3 estimator: unbiased, always >= 0
         per_token = per_token + kl_coef * kl
+    if entropy is not None and entropy_coef > 0:
+        per_token = per_token - entropy_coef * entropy
     loss = _aggregate(per_token, mask, loss_agg, seq_ids)
 
     n = mask.sum().clamp_min(1)
@@ -126,6 +152,8 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
             "approx_kl_behav": float(((old_logp - behav_logp) * mask).sum() / n),
             "pg_loss": float(_aggregate(is_weight * pg, mask, loss_agg, seq_ids)),
         }
+        if entropy is not None:
+            metrics["entropy"] = float((entropy * mask).sum() / n)
     return PolicyLossOutput(loss, metrics)
 
 

@@ -76,12 +76,9 @@ class DeepSpeedSparseMoe(nn.Module):
             drop_tokens=False, use_rts=False, noisy_gate_policy=None, top2_2nd_expert_sampling=False,
         )
         self.k = cfg.top_k
-        gate = self.moe.deepspeed_moe.gate
-        replayable = ReplayTopKGate(cfg.d_model, cfg.num_experts, cfg.top_k, capacity_factor=1.0,
-                                    eval_capacity_factor=1.0, min_capacity=0, noisy_gate_policy=None,
-                                    drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
-        replayable.wg = gate.wg  # the same parameter (name ...mlp.moe.deepspeed_moe.gate.wg.weight)
-        self.moe.deepspeed_moe.gate = replayable
+        # the gate DeepSpeed built becomes a ReplayTopKGate in place (same state, parameters and
+        # names; no new module, so the random stream and every initial weight are unchanged)
+        self.moe.deepspeed_moe.gate.__class__ = ReplayTopKGate
 
     def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> MoEResult:
         gate = self.moe.deepspeed_moe.gate
