@@ -166,6 +166,11 @@ class TrainerConfig:
 
     steps: int = 100
     lr: float = 1e-3
+    # RL learning-rate schedule (trainer/lr_schedule.py): linear warm-up over lr_warmup_steps,
+    # then constant, linear or cosine decay to min_lr_ratio x lr at trainer.steps.
+    lr_warmup_steps: int = 0
+    lr_decay: str = "constant"
+    min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     grad_clip: float = 1.0
@@ -216,6 +221,11 @@ class TrainerConfig:
     def validate(self, p: str = "trainer") -> None:
         _check(self.steps >= 0, f"{p}.steps", self.steps, "must be >= 0")
         _check(self.lr > 0, f"{p}.lr", self.lr, "must be > 0")
+        _check(0 <= self.lr_warmup_steps <= max(self.steps, 0), f"{p}.lr_warmup_steps", self.lr_warmup_steps,
+               f"must be in [0, trainer.steps={self.steps}]")
+        _check(self.lr_decay in ("constant", "linear", "cosine"), f"{p}.lr_decay", self.lr_decay,
+               "must be constant, linear or cosine")
+        _check(0 <= self.min_lr_ratio <= 1, f"{p}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas", self.betas,
                "must be two numbers in [0, 1)")
         _check(self.zero_stage in (0, 1, 2), f"{p}.zero_stage", self.zero_stage,

@@ -40,7 +40,8 @@ def test_short_loop_writes_a_complete_run_dir(tmp_path):
     run_cli(["experiment=toy_moe_local", f"run_dir={run_dir}", "warmup.steps=10", "trainer.steps=4",
              "env.num_eval=16", "eval.every=2", "trainer.checkpoint_every=2", "rollout.batch_prompts=4",
              "rollout.num_workers=2", "logger=wandb", "logger.progress=false",
-             "eval.samples_per_prompt=4", "eval.temperature=1.0"], timeout=400)
+             "eval.samples_per_prompt=4", "eval.temperature=1.0", "trainer.lr_warmup_steps=2",
+             "trainer.lr_decay=linear", "trainer.min_lr_ratio=0.5"], timeout=400)
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "curve.png", "final/model.safetensors",
                  "final/config.json", "checkpoints/latest_driver", "checkpoints/step4/driver_state.json"):
         assert (run_dir / name).exists(), name
@@ -57,6 +58,8 @@ def test_short_loop_writes_a_complete_run_dir(tmp_path):
     for key in REQUIRED_METRICS:
         assert key in steps[-1], key
     assert steps[-1]["weights/version"] == 4
+    lr = 5e-4  # toy_moe_local's: warmed up over 2 steps, then down to half at step 4
+    assert [r["train/lr"] for r in steps] == pytest.approx([lr / 2, lr, 0.75 * lr, lr / 2])
     assert steps[-1]["rollout/tokens_per_s"] > 0 and steps[-1]["train/tokens_per_s"] > 0
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2, 4]
     # 4 sampled answers per held-out prompt: pass@1 (= mean accuracy for 0/1 rewards) <= pass@2 <= pass@4

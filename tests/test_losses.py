@@ -281,3 +281,22 @@ def test_entropy_is_reported_and_a_bonus_raises_it():
     _, reported = scattered_logprobs_and_entropy(logits, targets, mask)
     assert not reported.requires_grad and policy_loss(zeros, zeros, zeros, torch.zeros(1), mask, 0.2, 0.28, 2.0,
                                                      entropy=reported).metrics["entropy"] > 0
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    from rlpost.config import ConfigError, TrainerConfig
+    from rlpost.trainer.lr_schedule import lr_at
+
+    const = TrainerConfig(steps=10, lr=1.0)
+    assert [lr_at(s, const) for s in (1, 5, 10)] == [1.0, 1.0, 1.0]  # the default: constant, as before
+    warm = TrainerConfig(steps=10, lr=1.0, lr_warmup_steps=4, lr_decay="cosine", min_lr_ratio=0.1)
+    assert [lr_at(s, warm) for s in (1, 2, 4)] == [0.25, 0.5, 1.0]
+    assert lr_at(7, warm) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway down the cosine
+    assert lr_at(10, warm) == pytest.approx(0.1) and lr_at(12, warm) == pytest.approx(0.1)  # the floor, past the end
+    lin = TrainerConfig(steps=10, lr=2.0, lr_decay="linear")
+    assert [lr_at(s, lin) for s in (0, 5, 10)] == [2.0, 1.0, 0.0]
+    for bad, message in [({"lr_decay": "step"}, "trainer.lr_decay='step': must be constant, linear or cosine"),
+                         ({"lr_warmup_steps": 11}, r"trainer.lr_warmup_steps=11: must be in \[0, trainer.steps=10\]"),
+                         ({"min_lr_ratio": float("nan")}, r"trainer.min_lr_ratio=nan: must be in \[0, 1\]")]:
+        with pytest.raises(ConfigError, match=message):
+            TrainerConfig(steps=10, **bad).validate()

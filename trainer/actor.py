@@ -27,6 +27,7 @@ from rlpost.trainer.batch import TrainBatch, collate, sft_batch
 from rlpost.trainer.ds_engine import DistEnv, build_engine, init_distributed
 from rlpost.trainer.losses import (grpo_advantages, policy_loss, scattered_logprobs,
                                    scattered_logprobs_and_entropy, scored_positions, token_logprobs)
+from rlpost.trainer.lr_schedule import lr_at
 from rlpost.trainer.mismatch import MismatchMeter, ReplayMeter
 from rlpost.modeling import Qwen3MoeForCausalLM
 from rlpost.trainer.policy import build_policy
@@ -270,7 +271,10 @@ class TrainerRank:
         rewards = torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32)
         adv = grpo_advantages(rewards, self.cfg.trainer.adv_std_norm).reshape(-1)
         batch = collate(trajs, adv, sort_by_length=self.accum > 1).to(self.device)
+        lr = lr_at(step, self.cfg.trainer)
+        self._set_lr(lr)
         metrics = self._optimise(batch)
+        metrics["train/lr"] = lr
         self.buffer.ack_trained(deliveries)
         self._log_ids(step, trajs)
         t1 = time.perf_counter()
