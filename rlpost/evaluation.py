@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 from math import comb
 from typing import Any
@@ -75,13 +76,18 @@ def answer_rows(trajs: list[Trajectory], tokenizer) -> list[dict[str, Any]]:
     the tokenizer would stop at are left out of the prompt), the reward and the env's verdict."""
     rows = []
     stop = getattr(tokenizer, "eos_id", None)
-    for t in sorted(trajs, key=lambda t: t.traj_id):
+    for t in sorted(trajs, key=_natural):
         info = {k: (v[:500] if isinstance(v, str) else v) for k, v in t.env_info.items()
                 if isinstance(v, (str, int, float, bool)) and k != "text"}  # text: the response itself
         rows.append({"id": t.traj_id, "prompt": tokenizer.decode([i for i in t.prompt_ids.tolist() if i != stop]),
                      "response": tokenizer.decode(t.response_ids.tolist()), "reward": t.reward,
                      "status": t.status.value, "tokens": len(t), **{f"env/{k}": v for k, v in info.items()}})
     return rows
+
+
+def _natural(t: Trajectory) -> list:
+    """``eval-x-2/0`` before ``eval-x-10/0``: prompts in their set's order, answers in theirs."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", t.traj_id)]
 
 
 def write_answers(run_dir: str, tag: str, rows: list[dict[str, Any]]) -> str:

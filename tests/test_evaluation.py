@@ -71,3 +71,14 @@ def test_answer_rows_show_prompt_and_response_as_text_with_the_verdict():
     assert row["prompt"] == "user\nWhat is 6*7?\nassistant\n" and row["response"] == "#### 42"
     assert row["reward"] == 1.0 and row["env/extracted"] == "42" and row["env/ended"] is True
     assert "env/text" not in row and "env/nested" not in row and row["id"] == "eval-x-0/0"
+
+
+def test_answer_rows_follow_the_eval_sets_order():
+    from rlpost.evaluation import answer_rows
+    from rlpost.tokenizer import CharTokenizer
+
+    tok = CharTokenizer("0123456789+=")
+    trajs = [Trajectory.start(Task(f"eval-after-{i}", tok.encode("1+1=", bos=True), "2", 2, SamplingParams()), j)
+             for i in (10, 2, 1) for j in (1, 0)]
+    assert [r["id"] for r in answer_rows(trajs, tok)] == ["eval-after-1/0", "eval-after-1/1", "eval-after-2/0",
+                                                           "eval-after-2/1", "eval-after-10/0", "eval-after-10/1"]
