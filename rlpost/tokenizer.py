@@ -98,7 +98,7 @@ class Qwen3Tokenizer:
         ids = [int(i) for i in ids]
         if self.eos_id in ids:
             ids = ids[:ids.index(self.eos_id)]
-        return self._tok.decode([i for i in ids if 0 <= i < self.eos_id], errors="replace")
+        return self._tok.decode([i for i in ids if 0 <= i < self.pad_id], errors="replace")  # no special ids
 
 
 class Qwen3ChatTokenizer(Qwen3Tokenizer):
@@ -121,12 +121,6 @@ class Qwen3ChatTokenizer(Qwen3Tokenizer):
             return plain(text)
         return ([self.im_start_id] + plain("user\n" + text) + [self.eos_id] + plain("\n")
                 + [self.im_start_id] + plain("assistant\n"))
-
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
-        if self.eos_id in ids:
-            ids = ids[:ids.index(self.eos_id)]
-        return self._tok.decode([i for i in ids if 0 <= i < self.pad_id], errors="replace")
 
 
 class MixtralTokenizer:

@@ -33,12 +33,16 @@ def grpo_advantages(rewards: torch.Tensor, std_norm: bool = True, eps: float = 1
     return centered
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(target) per position, with logits shaped (..., V) and targets (...)."""
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The sampling distribution's log-probabilities (fp32) at ``temperature``."""
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(target) per position, with logits shaped (..., V) and targets (...)."""
+    return _log_softmax(logits, temperature).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def scored_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -53,7 +57,11 @@ def scattered_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.
     (a forward with ``logits_at=scored_positions(mask)``); 0 elsewhere, never NaN, so ratios of
     unscored positions stay 1."""
     selected = mask.bool()
-    flat = token_logprobs(logits, targets[selected], temperature)
+    return _scatter(selected, token_logprobs(logits, targets[selected], temperature))
+
+
+def _scatter(selected: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """(N,) values of the N selected positions as a (B, L-1) tensor, 0 elsewhere."""
     return torch.zeros(selected.shape, dtype=flat.dtype, device=flat.device).masked_scatter(selected, flat)
 
 
@@ -65,17 +73,11 @@ def scattered_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, 
     policy collapsing onto one answer (0 elsewhere). The entropy carries a gradient only with
     ``entropy_grad`` (an entropy bonus); otherwise no graph is kept for it."""
     selected = mask.bool()
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    logp = F.log_softmax(logits.float(), dim=-1)
+    logp = _log_softmax(logits, temperature)
     chosen = logp.gather(-1, targets[selected].unsqueeze(-1)).squeeze(-1)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(logp.exp() * logp).sum(-1)
-
-    def scatter(flat: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(selected.shape, dtype=flat.dtype, device=flat.device).masked_scatter(selected, flat)
-
-    return scatter(chosen), scatter(entropy)
+    return _scatter(selected, chosen), _scatter(selected, entropy)
 
 
 @dataclass
