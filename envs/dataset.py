@@ -138,10 +138,12 @@ class DatasetEnv:
             held = set(order[:cfg.num_eval])
             self._eval = [records[i] for i in sorted(held)]
             self._train = [r for i, r in enumerate(records) if i not in held]
-        texts = [t for r in self._train + self._eval for t in (self._prompt(r), r.answer, r.sft_target)]
-        self.tokenizer = make_tokenizer(cfg.tokenizer, "".join(sorted(set("".join(texts)))))
+        alphabet = ""
+        if cfg.tokenizer == "char":  # a character vocabulary over every text the run will encode
+            texts = [t for r in self._train + self._eval for t in (self._prompt(r), r.answer, r.sft_target)]
+            alphabet = "".join(sorted(set("".join(texts))))
+        self.tokenizer = make_tokenizer(cfg.tokenizer, alphabet)
         self._reward_fn = None if cfg.reward in ("math", "exact") else load_reward_fn(cfg.reward)
-        self._answer_len = max(len(self.tokenizer.encode(r.sft_target)) for r in self._train + self._eval)
 
     @functools.cached_property
     def longest_train_prompt(self) -> tuple[int, str]:
@@ -166,8 +168,13 @@ class DatasetEnv:
         return order
 
     def max_answer_len(self) -> int:
-        """Tokens of the longest warm-up target: what a completion must at least be allowed."""
-        return self._answer_len
+        """Tokens of the longest warm-up target: what a completion must at least be allowed
+        (tokenized once, where asked: the driver; rollout workers only score)."""
+        return self._longest_target
+
+    @functools.cached_property
+    def _longest_target(self) -> int:
+        return max(len(self.tokenizer.encode(r.sft_target)) for r in self._train + self._eval)
 
     def _task(self, r: Record, task_id: str, purpose: str, group_size: int, sampling: SamplingParams) -> Task:
         return Task(task_id=task_id, prompt_ids=self.tokenizer.encode(self._prompt(r), bos=True), answer=r.answer,
