@@ -197,6 +197,10 @@ class TrainerConfig:
     # Normalise GRPO advantages by the group's std (Dr. GRPO sets this false).
     adv_std_norm: bool = True
     loss_agg: str = "token_mean"  # token_mean | seq_mean
+    # token: PPO-clip on per-token ratios (GRPO, DAPO). sequence: GSPO, one ratio per sequence
+    # (the geometric mean of its tokens'), clipped as a whole: use clip ranges of ~3e-4/4e-4 and
+    # loss_agg=seq_mean (trainer/losses.py)
+    ratio_level: str = "token"
     # Off-policy correction: tis | decoupled | mask_stale | ppo (see trainer/losses.py).
     off_policy: str = "tis"
     # Optimiser steps per batch; > 1 recomputes the proximal policy before the first one.
@@ -245,6 +249,8 @@ class TrainerConfig:
         _check(0 <= self.entropy_coef < float("inf"), f"{p}.entropy_coef", self.entropy_coef, "must be a finite number >= 0")
         _check(self.loss_agg in ("token_mean", "seq_mean"), f"{p}.loss_agg", self.loss_agg,
                "must be token_mean or seq_mean")
+        _check(self.ratio_level in ("token", "sequence"), f"{p}.ratio_level", self.ratio_level,
+               "must be token or sequence (GSPO)")
         _check(self.off_policy in ("tis", "decoupled", "mask_stale", "ppo"), f"{p}.off_policy",
                self.off_policy, "must be tis, decoupled, mask_stale or ppo")
         _check(self.ppo_minibatches >= 1, f"{p}.ppo_minibatches", self.ppo_minibatches, "must be >= 1")

@@ -37,6 +37,7 @@ def test_experiment_composes_into_typed_dataclasses():
     ("env.max_digits=1", "env.num_eval=200: must be <= 50"),
     ("trainer.num_ranks=3", "rollout.batch_prompts=16: must be a multiple of trainer.num_ranks=3"),
     ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps=0: must be >= 1"),
+    ("trainer.ratio_level=seq", "trainer.ratio_level='seq': must be token or sequence (GSPO)"),
 ])
 def test_bad_config_raises_config_error_naming_it(override, message):
     with pytest.raises(ConfigError) as info:

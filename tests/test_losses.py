@@ -52,6 +52,52 @@ def test_seq_mean_aggregation():
     assert out.loss.item() == pytest.approx(((-1.28 - 1.0) / 2 + 1.5) / 2, abs=1e-6)
 
 
+def test_gspo_takes_one_ratio_per_sequence_with_the_gradient_of_that_ratio():
+    """ratio_level=sequence: each sequence's ratio is the geometric mean of its tokens', clipped
+    whole, and the gradient equals that of GSPO's sequence objective written out directly."""
+    new = torch.tensor([[math.log(1.2), math.log(0.9), -3.0], [math.log(0.5), 0.0, 0.0]], requires_grad=True)
+    old = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([1.0, -1.0])
+    out = policy_loss(new, old, old, adv, mask, 0.2, 0.28, 2.0, loss_agg="seq_mean", ratio_level="sequence")
+    s0 = math.sqrt(1.2 * 0.9)  # row 0: geometric mean 1.039, inside the clip range
+    # row 1 (A=-1): ratio 0.5, clipped at 0.8 (the clipped side wins: no gradient)
+    assert out.loss.item() == pytest.approx((-s0 + 0.8) / 2, abs=1e-6)
+    assert out.metrics["clip_frac"] == pytest.approx(1 / 3)  # row 1's one token
+    out.loss.backward()
+    direct = new.detach().clone().requires_grad_(True)
+    seq_ratio0 = torch.exp((direct[0] * mask[0]).sum() / mask[0].sum())
+    (-seq_ratio0 / 2).backward()  # GSPO's objective for the unclipped sequence, mean over 2 sequences
+    assert torch.allclose(new.grad, direct.grad, atol=1e-6) and new.grad[0, 0].item() == pytest.approx(-s0 / 4)
+    # a tight range clips row 0 as a whole: both its tokens, where token-level ratios (1.2 and
+    # 0.9 against 1 +- 0.01) would clip them in different directions
+    tight = policy_loss(new, old, old, adv, mask, 0.01, 0.01, 2.0, loss_agg="seq_mean", ratio_level="sequence")
+    assert tight.metrics["clip_frac"] == pytest.approx(1.0)
+    assert tight.loss.item() == pytest.approx((-1.01 + 0.99) / 2, abs=1e-6)
+
+
+def test_gspo_off_policy_weight_is_per_sequence():
+    """The behaviour correction at sequence level: old/behav is the geometric mean over the
+    sequence (4 and 1 -> 2), truncated at tis_cap (tis) or masking the whole sequence (decoupled);
+    token level weighs the two tokens 4 -> cap and 1."""
+    new = torch.zeros(1, 2, requires_grad=True)
+    behav = torch.tensor([[-math.log(4.0), 0.0]])
+    mask, adv = torch.ones(1, 2), torch.tensor([1.0])
+    seq = {cap: policy_loss(new, new.detach(), behav, adv, mask, 0.2, 0.28, cap, ratio_level="sequence")
+           for cap in (1.5, 3.0)}
+    assert seq[3.0].metrics["is_weight_mean"] == pytest.approx(2.0) and seq[3.0].loss.item() == pytest.approx(-2.0)
+    assert seq[1.5].metrics["is_weight_mean"] == pytest.approx(1.5) and seq[1.5].metrics["is_capped_frac"] == 1.0
+    tok = policy_loss(new, new.detach(), behav, adv, mask, 0.2, 0.28, 1.5)
+    assert tok.metrics["is_weight_mean"] == pytest.approx((1.5 + 1.0) / 2)
+    dropped = policy_loss(new, new.detach(), behav, adv, mask, 0.2, 0.28, 1.5, correction="decoupled",
+                          ratio_level="sequence")
+    assert dropped.loss.item() == 0.0  # the whole sequence is masked, not just its first token
+    kept = policy_loss(new, new.detach(), behav, adv, mask, 0.2, 0.28, 1.5, correction="decoupled")
+    assert kept.loss.item() == pytest.approx(-1.0 / 1)  # token level keeps the second token
+    with pytest.raises(ValueError, match="ratio_level='tokens'"):
+        policy_loss(new, new.detach(), behav, adv, mask, 0.2, 0.28, 1.5, ratio_level="tokens")
+
+
 def test_k3_kl_to_reference():
     new = torch.tensor([[math.log(1.5)]])
     zeros = torch.zeros(1, 1)
@@ -100,10 +146,12 @@ def test_length_bucketed_micro_batches_reproduce_the_batch_token_mean():
     assert float(total) == pytest.approx(float(whole), abs=1e-6)
 
 
-@pytest.mark.parametrize("agg", ["token_mean", "seq_mean"])
-def test_packed_batch_gives_the_padded_batch_loss(agg):
+@pytest.mark.parametrize("agg,level", [("token_mean", "token"), ("seq_mean", "token"),
+                                       ("seq_mean", "sequence"), ("token_mean", "sequence")])
+def test_packed_batch_gives_the_padded_batch_loss(agg, level):
     """Packing moves sequences into shared rows; every scored token keeps its target, behaviour
-    logprob, version and advantage, and both loss aggregations are unchanged."""
+    logprob, version and advantage, and both loss aggregations and both ratio levels (GSPO's
+    per-sequence ratios and IS weights) are unchanged."""
     import numpy as np
 
     from rlpost.records import SamplingParams, Task, Trajectory
@@ -137,10 +185,14 @@ def test_packed_batch_gives_the_padded_batch_loss(agg):
         assert torch.equal(packed.positions[seg], torch.arange(n))
 
     def loss(b):
-        return policy_loss(b.behav_logp * 0.9, b.behav_logp, b.behav_logp, b.advantages, b.mask, 0.2, 0.28,
-                           2.0, loss_agg=agg, seq_ids=b.seq_ids).loss
+        return policy_loss(b.behav_logp * 0.9, b.behav_logp * 0.95, b.behav_logp, b.advantages, b.mask, 0.05,
+                           0.08, 1.05, loss_agg=agg, seq_ids=b.seq_ids, ratio_level=level)
 
-    assert float(loss(packed)) == pytest.approx(float(loss(padded)), abs=1e-6)
+    out_packed, out_padded = loss(packed), loss(padded)
+    assert float(out_packed.loss) == pytest.approx(float(out_padded.loss), abs=1e-6)
+    for key in ("clip_frac", "is_weight_mean", "is_capped_frac"):  # some clipped, some capped
+        assert out_packed.metrics[key] == pytest.approx(out_padded.metrics[key], abs=1e-6)
+        assert 0 < out_padded.metrics[key] < 1 or key == "is_weight_mean"
 
 
 def test_mismatch_meter_counts_tokens_routed_through_another_expert_set():

@@ -1,4 +1,5 @@
-"""GRPO advantages and the off-policy-corrected PPO-clip policy loss.
+"""GRPO advantages and the off-policy-corrected PPO-clip policy loss, with token-level ratios
+(GRPO/DAPO) or sequence-level ones (GSPO).
 
 Three log-probabilities meet in the loss, per token:
 
@@ -87,6 +88,7 @@ class PolicyLossOutput:
 
 
 CORRECTIONS = ("tis", "decoupled", "mask_stale", "ppo")
+RATIO_LEVELS = ("token", "sequence")
 
 
 def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torch.Tensor,
@@ -94,7 +96,8 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
                 tis_cap: float, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
                 loss_agg: str = "token_mean", correction: str = "tis",
                 stale: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
-                entropy: torch.Tensor | None = None, entropy_coef: float = 0.0) -> PolicyLossOutput:
+                entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
+                ratio_level: str = "token") -> PolicyLossOutput:
     """PPO-clip (asymmetric clip range) with an off-policy correction, + optional k3 KL, minus
     an optional entropy bonus (``entropy_coef`` x the per-token ``entropy``, which must then
     carry the gradient; without a coefficient it is only reported).
@@ -109,14 +112,31 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
       masked; the rest use the plain PPO ratio against the behaviour policy;
     * ``ppo``: no correction: the ratio is taken against the behaviour policy (the baseline).
 
+    ``ratio_level="sequence"`` is GSPO (Zheng et al., 2025, the objective behind Qwen3's MoE RL):
+    both ratios are taken per sequence, as the geometric mean of its tokens' ratios
+    ``exp(mean_t log(new/base))``, so one rerouted or unlucky token cannot swing its own ratio and
+    a whole sequence is clipped or kept together (GSPO's clip ranges are ~1e-3, not 0.2). The
+    gradient is GSPO-token's: every token carries its sequence's ratio as a value and its own
+    log-probability's gradient, which with ``seq_mean`` is exactly the gradient of the sequence
+    ratio. The off-policy weight ``old/behav`` is likewise a per-sequence geometric mean
+    (truncated at, or masked above, ``tis_cap``); ``mask_stale`` drops stale tokens first.
+
     ``seq_ids`` (B, T) names the sequence of each position when several share a row (a packed
-    batch); ``seq_mean`` then averages per sequence, not per row."""
+    batch); ``seq_mean`` and the sequence-level ratios then work per sequence, not per row."""
     if correction not in CORRECTIONS:
         raise ValueError(f"correction={correction!r}: must be one of {', '.join(CORRECTIONS)}")
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level={ratio_level!r}: must be one of {', '.join(RATIO_LEVELS)}")
+    per_sequence = ratio_level == "sequence"
     mask = mask.float()
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(new_logp)
-    is_raw = torch.exp(old_logp - behav_logp).detach()
+    if correction == "mask_stale" and stale is not None:
+        mask = mask * (~stale.bool()).float()
+    log_is = (old_logp - behav_logp).detach()
+    if per_sequence:
+        log_is = _sequence_mean(log_is, mask, seq_ids)
+    is_raw = torch.exp(log_is)
     if correction in ("tis", "decoupled"):
         base = old_logp
         if correction == "tis":
@@ -127,9 +147,11 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
     else:
         base = behav_logp
         is_weight = torch.ones_like(is_raw)
-        if correction == "mask_stale" and stale is not None:
-            mask = mask * (~stale.bool()).float()
-    ratio = torch.exp(new_logp - base)
+    if per_sequence:
+        seq_log_ratio = _sequence_mean((new_logp - base).detach(), mask, seq_ids)
+        ratio = torch.exp(seq_log_ratio + new_logp - new_logp.detach())
+    else:
+        ratio = torch.exp(new_logp - base)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps_high)
     pg = torch.maximum(unclipped, clipped)
@@ -159,6 +181,28 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
     return PolicyLossOutput(loss, metrics)
 
 
+def _sequence_mean(values: torch.Tensor, mask: torch.Tensor, seq_ids: torch.Tensor | None) -> torch.Tensor:
+    """(B, T): at every position, the mean of ``values`` over the masked positions of its
+    sequence (a row, or ``seq_ids``' sequence in a packed batch); 0 for a sequence with none."""
+    if seq_ids is None:
+        per_row = (values * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        return per_row[:, None].expand_as(values)
+    sums, counts, ids = _per_sequence_sums(values, mask, seq_ids)
+    return (sums / counts.clamp_min(1))[ids].reshape(values.shape)
+
+
+def _per_sequence_sums(values: torch.Tensor, mask: torch.Tensor,
+                       seq_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Masked sums and counts per sequence of a packed batch, and each position's sequence
+    (padding, -1, is counted nowhere)."""
+    ids = seq_ids.reshape(-1)
+    real = ids >= 0
+    ids, num_seqs = ids.clamp_min(0), int(ids.max()) + 1
+    sums = values.new_zeros(num_seqs).index_add(0, ids, (values * mask).reshape(-1) * real)
+    counts = values.new_zeros(num_seqs).index_add(0, ids, mask.reshape(-1) * real)
+    return sums, counts, ids
+
+
 def _aggregate(values: torch.Tensor, mask: torch.Tensor, how: str,
                seq_ids: torch.Tensor | None = None) -> torch.Tensor:
     if how == "token_mean":
@@ -167,10 +211,6 @@ def _aggregate(values: torch.Tensor, mask: torch.Tensor, how: str,
         if seq_ids is None:
             per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp_min(1)
             return per_seq.mean()
-        ids = seq_ids.reshape(-1)
-        real = ids >= 0
-        ids, num_seqs = ids.clamp_min(0), int(ids.max()) + 1
-        sums = values.new_zeros(num_seqs).index_add(0, ids, (values * mask).reshape(-1) * real)
-        counts = values.new_zeros(num_seqs).index_add(0, ids, mask.reshape(-1) * real)
+        sums, counts, _ = _per_sequence_sums(values, mask, seq_ids)
         return (sums / counts.clamp_min(1)).mean()
     raise ValueError(f"loss_agg={how!r}: must be token_mean or seq_mean")
