@@ -324,6 +324,11 @@ class EnvConfig:
     # Groups a rollout worker scores at once, on threads beside generation (sandboxed programs
     # of one group run concurrently as well, up to sandbox.slots).
     reward_workers: int = 4
+    # DAPO's soft overlong punishment: a training sample whose response runs into the last
+    # overlong_buffer tokens of rollout.max_new_tokens loses up to overlong_penalty of its reward,
+    # linearly (the whole of it at the limit); 0 tokens: off. Evaluation is never penalised.
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
 
     def validate(self, p: str = "env") -> None:
         _check(self.name in ENVS, f"{p}.name", self.name, f"available: {', '.join(ENVS)}")
@@ -369,6 +374,9 @@ class EnvConfig:
                    f"with ops {self.ops} has only {space} distinct problems, half of them kept for training")
         _check(self.reward_timeout_s > 0, f"{p}.reward_timeout_s", self.reward_timeout_s, "must be > 0")
         _check(self.reward_workers > 0, f"{p}.reward_workers", self.reward_workers, "must be > 0")
+        _check(self.overlong_buffer >= 0, f"{p}.overlong_buffer", self.overlong_buffer, "must be >= 0 (0: off)")
+        _check(0 <= self.overlong_penalty < float("inf"), f"{p}.overlong_penalty", self.overlong_penalty,
+               "must be a finite number >= 0")
 
 
 @dataclass
@@ -528,6 +536,8 @@ class RlpostConfig:
                 sub.validate(f.name)
         _check(self.rollout.max_new_tokens < self.model.max_seq_len, "rollout.max_new_tokens",
                self.rollout.max_new_tokens, f"must be < model.max_seq_len={self.model.max_seq_len}")
+        _check(self.env.overlong_buffer <= self.rollout.max_new_tokens, "env.overlong_buffer",
+               self.env.overlong_buffer, f"must be <= rollout.max_new_tokens={self.rollout.max_new_tokens}")
         _check(self.model.num_experts % self.trainer.ep_size == 0, "trainer.ep_size", self.trainer.ep_size,
                f"must divide model.num_experts={self.model.num_experts}")
         if self.placement.colocate:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from rlpost.envs.base import Env, RewardResult, score_group_with_timeout
@@ -20,12 +21,37 @@ from rlpost.records import Trajectory
 Item = TypeVar("Item")
 
 
-def apply_rewards(group: list[Trajectory], results: list[RewardResult], elapsed_s: float) -> int:
-    """Write ``results`` into ``group``; returns how many were scoring errors (reward 0)."""
+@dataclass(frozen=True)
+class OverlongPenalty:
+    """DAPO's soft overlong punishment (Yu et al., 2025, eq. 13): a response of ``length`` tokens
+    within the last ``buffer`` tokens of the ``limit`` loses ``factor`` x the share of the buffer
+    it used, so a policy learns to finish before the cut instead of being paid for text that was
+    cut off. Without it the only signal against rambling is the verifier missing the answer."""
+
+    buffer: int
+    factor: float
+    limit: int
+
+    def __call__(self, length: int) -> float:
+        start = self.limit - self.buffer
+        if self.buffer <= 0 or length <= start:
+            return 0.0
+        return -self.factor * min(length - start, self.buffer) / self.buffer
+
+
+def apply_rewards(group: list[Trajectory], results: list[RewardResult], elapsed_s: float,
+                  overlong: OverlongPenalty | None = None) -> int:
+    """Write ``results`` into ``group``, plus ``overlong``'s penalty on training samples (the
+    env's own verdict stays in ``env_info["env_reward"]``); returns how many were scoring errors
+    (reward 0)."""
     errors = 0
     for traj, result in zip(group, results):
         traj.reward = float(result.reward)
         traj.env_info = {**traj.env_info, **result.info}
+        if overlong is not None and traj.purpose == "train":
+            penalty = overlong(len(traj))
+            traj.env_info.update(env_reward=traj.reward, overlong_penalty=penalty)
+            traj.reward += penalty
         traj.timings["reward_s"] = elapsed_s
         traj.timings["finished_at"] = time.time()
         errors += "error" in result.info
@@ -43,8 +69,8 @@ class GroupScorer(Generic[Item]):
     """Scores groups concurrently (``workers`` at a time); ``collect`` returns the items whose
     group has its rewards, in the order they were submitted."""
 
-    def __init__(self, env: Env, timeout_s: float, workers: int):
-        self.env, self.timeout_s = env, timeout_s
+    def __init__(self, env: Env, timeout_s: float, workers: int, overlong: OverlongPenalty | None = None):
+        self.env, self.timeout_s, self.overlong = env, timeout_s, overlong
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="score")
         self._running: list[tuple[Item, list[Trajectory], concurrent.futures.Future]] = []
         self.errors = 0
@@ -71,5 +97,5 @@ class GroupScorer(Generic[Item]):
         return [item for item, _, _ in done]
 
     def _apply(self, group: list[Trajectory], results: list[RewardResult], elapsed_s: float) -> None:
-        self.errors += apply_rewards(group, results, elapsed_s)
+        self.errors += apply_rewards(group, results, elapsed_s, self.overlong)
         self.busy_s += elapsed_s

@@ -22,7 +22,7 @@ from rlpost.buffer import Delivery, RedisBuffer
 from rlpost.config import RlpostConfig
 from rlpost.records import GroupEntry, Status, Task, Trajectory
 from rlpost.rollout.engine import GenOutput, GenRequest, make_engine
-from rlpost.rollout.scoring import GroupScorer
+from rlpost.rollout.scoring import GroupScorer, OverlongPenalty
 from rlpost.scheduler import too_stale
 from rlpost.weights import fetch_weights, load_published
 
@@ -96,7 +96,10 @@ class RolloutWorker:
         # APRIL fetches published weights in the background and loads them at the round cut
         self._fetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
         self._prefetch: tuple[int, concurrent.futures.Future] | None = None
-        self.scorer: GroupScorer[WorkItem] = GroupScorer(self.env, cfg.env.reward_timeout_s, cfg.env.reward_workers)
+        overlong = OverlongPenalty(cfg.env.overlong_buffer, cfg.env.overlong_penalty, cfg.rollout.max_new_tokens) \
+            if cfg.env.overlong_buffer > 0 else None
+        self.scorer: GroupScorer[WorkItem] = GroupScorer(self.env, cfg.env.reward_timeout_s, cfg.env.reward_workers,
+                                                         overlong)
 
     def _lives(self, index: int) -> int:
         """This worker's life number (1 for the first), counted in Redis: a restarted actor says

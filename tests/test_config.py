@@ -38,6 +38,9 @@ def test_experiment_composes_into_typed_dataclasses():
     ("trainer.num_ranks=3", "rollout.batch_prompts=16: must be a multiple of trainer.num_ranks=3"),
     ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps=0: must be >= 1"),
     ("trainer.ratio_level=seq", "trainer.ratio_level='seq': must be token or sequence (GSPO)"),
+    ("env.overlong_buffer=9", "env.overlong_buffer=9: must be <= rollout.max_new_tokens=8"),
+    ("env.overlong_buffer=-1", "env.overlong_buffer=-1: must be >= 0 (0: off)"),
+    ("env.overlong_penalty=nan", "env.overlong_penalty=nan: must be a finite number >= 0"),
 ])
 def test_bad_config_raises_config_error_naming_it(override, message):
     with pytest.raises(ConfigError) as info:

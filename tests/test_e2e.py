@@ -41,7 +41,7 @@ def test_short_loop_writes_a_complete_run_dir(tmp_path):
              "env.num_eval=16", "eval.every=2", "trainer.checkpoint_every=2", "rollout.batch_prompts=4",
              "rollout.num_workers=2", "logger=wandb", "logger.progress=false",
              "eval.samples_per_prompt=4", "eval.temperature=1.0", "trainer.lr_warmup_steps=2",
-             "trainer.lr_decay=linear", "trainer.min_lr_ratio=0.5"], timeout=400)
+             "trainer.lr_decay=linear", "trainer.min_lr_ratio=0.5", "env.overlong_buffer=4"], timeout=400)
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "curve.png", "final/model.safetensors",
                  "final/config.json", "checkpoints/latest_driver", "checkpoints/step4/driver_state.json"):
         assert (run_dir / name).exists(), name
@@ -60,6 +60,11 @@ def test_short_loop_writes_a_complete_run_dir(tmp_path):
     assert steps[-1]["weights/version"] == 4
     lr = 5e-4  # toy_moe_local's: warmed up over 2 steps, then down to half at step 4
     assert [r["train/lr"] for r in steps] == pytest.approx([lr / 2, lr, 0.75 * lr, lr / 2])
+    # DAPO's overlong penalty on the last 4 of 6 tokens (an answer of 2 digits + eos already
+    # pays 0.25): the trained reward is the env's 0/1 verdict plus the penalty
+    assert steps[0]["reward/overlong_penalty_mean"] < 0
+    for r in steps:
+        assert r["reward/mean"] == pytest.approx(r["reward/accuracy"] + r["reward/overlong_penalty_mean"], abs=1e-6)
     assert steps[-1]["rollout/tokens_per_s"] > 0 and steps[-1]["train/tokens_per_s"] > 0
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2, 4]
     # 4 sampled answers per held-out prompt: pass@1 (= mean accuracy for 0/1 rewards) <= pass@2 <= pass@4

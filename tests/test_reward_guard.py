@@ -81,3 +81,27 @@ def test_one_timeout_per_sample_seven_infinite_loops_do_not_zero_the_correct_ans
         assert all("timeout" in r.info["reason"] for r in results[:7])
     finally:
         env.pool.close()
+
+
+def test_overlong_penalty_is_linear_over_the_buffer_and_only_for_training_samples():
+    """DAPO's soft overlong punishment: 0 up to limit - buffer, then linear to -factor at the
+    limit; written into training samples only, the env's own verdict kept beside it."""
+    import numpy as np
+
+    from rlpost.records import SamplingParams, Task, Trajectory
+    from rlpost.rollout.scoring import OverlongPenalty, apply_rewards
+
+    shape = OverlongPenalty(buffer=4, factor=0.5, limit=10)
+    assert [shape(n) for n in (0, 6, 7, 9, 10, 12)] == pytest.approx([0, 0, -0.125, -0.375, -0.5, -0.5])
+    assert OverlongPenalty(buffer=0, factor=1.0, limit=10)(10) == 0.0
+
+    def sample(n: int, purpose: str) -> Trajectory:
+        t = Trajectory.start(Task(f"{purpose}{n}", [1], "x", 2, SamplingParams(), purpose=purpose), 0)
+        t.append(np.full(n, 3), np.zeros(n), version=0)
+        return t
+
+    group = [sample(9, "train"), sample(5, "train"), sample(10, "eval")]
+    apply_rewards(group, [RewardResult(1.0, {}), RewardResult(1.0, {}), RewardResult(1.0, {})], 0.0, shape)
+    assert [t.reward for t in group] == pytest.approx([0.625, 1.0, 1.0])
+    assert group[0].env_info == {"env_reward": 1.0, "overlong_penalty": -0.375}
+    assert group[1].env_info["overlong_penalty"] == 0.0 and "overlong_penalty" not in group[2].env_info

@@ -305,7 +305,9 @@ class TrainerRank:
         resumes = np.array([t.num_resumes for t in trajs])
         out = {
             "reward/mean": float(rewards.mean()),
-            "reward/accuracy": float((rewards >= 1.0).float().mean()),
+            # the env's verdict: an overlong penalty lowers the trained reward, not the accuracy
+            "reward/accuracy": float(np.mean([t.env_info.get("env_reward", t.reward) >= 1.0 for t in trajs])),
+            "reward/overlong_penalty_mean": float(np.mean([t.env_info.get("overlong_penalty", 0.0) for t in trajs])),
             "reward/group_all_same_frac": float((rewards.std(dim=1) == 0).float().mean()),
             "response/len_mean": float(lengths.mean()),
             "response/len_max": int(lengths.max()),
