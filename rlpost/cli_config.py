@@ -33,12 +33,22 @@ def _describe(exc: BaseException) -> str:
     return " ".join(lines)[:300] if lines else type(exc).__name__
 
 
+def _fraction(total: Any, frac: Any) -> int:
+    """``${rlpost.fraction:N,f}``: floor(N x f), e.g. DAPO's overlong buffer as a share of the
+    response budget, so it follows ``rollout.max_new_tokens`` whatever the experiment sets."""
+    try:
+        return int(int(total) * float(frac))
+    except (TypeError, ValueError):
+        raise ValueError(f"rlpost.fraction:{total},{frac}: needs a whole number and a fraction") from None
+
+
 def compose(overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_schema()
+    OmegaConf.register_new_resolver("rlpost.fraction", _fraction, replace=True)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):

@@ -196,7 +196,9 @@ class TrainerConfig:
     entropy_coef: float = 0.0
     # Normalise GRPO advantages by the group's std (Dr. GRPO sets this false).
     adv_std_norm: bool = True
-    loss_agg: str = "token_mean"  # token_mean | seq_mean
+    # token_mean (DAPO) | seq_mean (GRPO paper, GSPO) | seq_sum_norm (Dr. GRPO: token sum over
+    # sequences x rollout.max_new_tokens)
+    loss_agg: str = "token_mean"
     # token: PPO-clip on per-token ratios (GRPO, DAPO). sequence: GSPO, one ratio per sequence
     # (the geometric mean of its tokens'), clipped as a whole: use clip ranges of ~3e-4/4e-4 and
     # loss_agg=seq_mean (trainer/losses.py)
@@ -247,8 +249,8 @@ class TrainerConfig:
         _check(self.tis_cap >= 1, f"{p}.tis_cap", self.tis_cap, "must be >= 1")
         _check(self.kl_coef >= 0, f"{p}.kl_coef", self.kl_coef, "must be >= 0")
         _check(0 <= self.entropy_coef < float("inf"), f"{p}.entropy_coef", self.entropy_coef, "must be a finite number >= 0")
-        _check(self.loss_agg in ("token_mean", "seq_mean"), f"{p}.loss_agg", self.loss_agg,
-               "must be token_mean or seq_mean")
+        _check(self.loss_agg in ("token_mean", "seq_mean", "seq_sum_norm"), f"{p}.loss_agg", self.loss_agg,
+               "must be token_mean, seq_mean or seq_sum_norm")
         _check(self.ratio_level in ("token", "sequence"), f"{p}.ratio_level", self.ratio_level,
                "must be token or sequence (GSPO)")
         _check(self.off_policy in ("tis", "decoupled", "mask_stale", "ppo"), f"{p}.off_policy",

@@ -149,3 +149,28 @@ def test_routing_replay_needs_an_engine_that_reports_its_routing():
         load_config(["engine=vllm", "trainer.routing_replay=true"])
     assert load_config(["engine=sglang", "trainer.routing_replay=true"]).trainer.routing_replay  # on there
     assert load_config(["trainer.routing_replay=true"]).engine.name == "native"  # always reports it
+
+
+@pytest.mark.parametrize("algorithm, expected", [
+    ("grpo", {"trainer.ratio_level": "token", "trainer.loss_agg": "token_mean", "trainer.adv_std_norm": True,
+              "rollout.filter_uniform_groups": False, "env.overlong_buffer": 0}),
+    ("dapo", {"trainer.clip_eps_high": 0.28, "trainer.loss_agg": "token_mean", "rollout.filter_uniform_groups": True,
+              "env.overlong_buffer": 10}),  # 20% of the 50-token budget set below
+    ("gspo", {"trainer.ratio_level": "sequence", "trainer.clip_eps": 3e-4, "trainer.clip_eps_high": 4e-4,
+              "trainer.loss_agg": "seq_mean"}),
+    ("dr_grpo", {"trainer.adv_std_norm": False, "trainer.loss_agg": "seq_sum_norm"}),
+])
+def test_algorithm_presets_set_their_recipe_over_the_experiment(algorithm, expected):
+    import operator
+
+    cfg = load_config(["experiment=toy_moe_local", f"algorithm={algorithm}", "rollout.max_new_tokens=50"])
+    for key, value in expected.items():
+        assert operator.attrgetter(key)(cfg) == value, key
+    # the command line still wins over the preset
+    assert load_config([f"algorithm={algorithm}", "trainer.loss_agg=seq_mean"]).trainer.loss_agg == "seq_mean"
+
+
+def test_an_unknown_algorithm_is_one_line_listing_the_presets():
+    with pytest.raises(ConfigError) as info:
+        load_config(["algorithm=ppo2"])
+    assert "Could not find 'algorithm/ppo2'" in str(info.value) and "dapo dr_grpo grpo gspo" in str(info.value)

@@ -52,6 +52,16 @@ def test_seq_mean_aggregation():
     assert out.loss.item() == pytest.approx(((-1.28 - 1.0) / 2 + 1.5) / 2, abs=1e-6)
 
 
+def test_dr_grpo_sums_tokens_over_a_constant_length():
+    """seq_sum_norm: the token sum divided by sequences x the response budget, whatever the
+    lengths (token_mean would divide by the 3 tokens, seq_mean average the two sequences)."""
+    new, old, behav, mask, adv = hand_case()
+    out = policy_loss(new, old, behav, adv, mask, 0.2, 0.28, 2.0, loss_agg="seq_sum_norm", norm_len=5)
+    assert out.loss.item() == pytest.approx((-1.28 - 1.0 + 1.5) / (2 * 5), abs=1e-6)
+    with pytest.raises(ValueError, match="norm_len >= 1"):
+        policy_loss(new, old, behav, adv, mask, 0.2, 0.28, 2.0, loss_agg="seq_sum_norm")
+
+
 def test_gspo_takes_one_ratio_per_sequence_with_the_gradient_of_that_ratio():
     """ratio_level=sequence: each sequence's ratio is the geometric mean of its tokens', clipped
     whole, and the gradient equals that of GSPO's sequence objective written out directly."""
@@ -147,7 +157,8 @@ def test_length_bucketed_micro_batches_reproduce_the_batch_token_mean():
 
 
 @pytest.mark.parametrize("agg,level", [("token_mean", "token"), ("seq_mean", "token"),
-                                       ("seq_mean", "sequence"), ("token_mean", "sequence")])
+                                       ("seq_mean", "sequence"), ("token_mean", "sequence"),
+                                       ("seq_sum_norm", "token")])
 def test_packed_batch_gives_the_padded_batch_loss(agg, level):
     """Packing moves sequences into shared rows; every scored token keeps its target, behaviour
     logprob, version and advantage, and both loss aggregations and both ratio levels (GSPO's
@@ -186,7 +197,7 @@ def test_packed_batch_gives_the_padded_batch_loss(agg, level):
 
     def loss(b):
         return policy_loss(b.behav_logp * 0.9, b.behav_logp * 0.95, b.behav_logp, b.advantages, b.mask, 0.05,
-                           0.08, 1.05, loss_agg=agg, seq_ids=b.seq_ids, ratio_level=level)
+                           0.08, 1.05, loss_agg=agg, seq_ids=b.seq_ids, ratio_level=level, norm_len=20)
 
     out_packed, out_padded = loss(packed), loss(padded)
     assert float(out_packed.loss) == pytest.approx(float(out_padded.loss), abs=1e-6)

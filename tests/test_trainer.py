@@ -99,6 +99,48 @@ def test_train_step_changes_weights_and_publishes_a_new_version(rig):
     assert set(new[0][0].versions.tolist()) == {v0 + 1}
 
 
+@pytest.mark.parametrize("level,agg,first_task", [("token", "token_mean", 700), ("sequence", "token_mean", 710),
+                                                  ("token", "seq_sum_norm", 720)])
+def test_the_step_trains_the_configured_ratio_level_and_aggregation(rig, level, agg, first_task):
+    """The step hands trainer.ratio_level, trainer.loss_agg and the response budget to the loss:
+    with one token per sample made e times likelier than when it was sampled (its behaviour
+    logprob lowered by 1), the importance weights and the policy-gradient loss (ratio exactly 1
+    on a single update) are what each setting predicts by hand, through a packed batch."""
+    from rlpost.trainer.losses import grpo_advantages
+
+    trainer, worker, buf = rig
+    trainer.publish()
+    worker.maybe_update_weights()
+    n = trainer.cfg.rollout.batch_prompts
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=6)
+    tasks = [worker.env.train_task(first_task + i, 0, 4, sampling) for i in range(n)]  # new ids: untrained
+    buf.put_tasks(tasks)
+    deliveries = buf.read_tasks("w-test", count=n, block_ms=200)
+    groups = worker.generate_groups([d.item for d in deliveries])
+    for g in groups:
+        for k, t in enumerate(g):
+            t.reward = float(k % 2)
+            t.logprobs[0] -= 1.0
+    for d, g in zip(deliveries, groups):
+        buf.finish_task(d, d.item, g)
+    cfg = trainer.cfg.trainer
+    saved = cfg.ratio_level, cfg.loss_agg
+    cfg.ratio_level, cfg.loss_agg = level, agg
+    try:
+        metrics = trainer.train_step(step=1, timeout_s=30)
+    finally:
+        cfg.ratio_level, cfg.loss_agg = saved
+    lengths = np.array([len(t) for g in groups for t in g], dtype=float)
+    adv = grpo_advantages(torch.tensor([[t.reward for t in g] for g in groups])).reshape(-1).numpy()
+    if level == "token":  # the raised token capped at tis_cap, the others 1
+        weight_sums = lengths - 1 + min(np.e, cfg.tis_cap)
+    else:  # GSPO: the sequence's geometric mean exp(1/len) on each of its tokens
+        weight_sums = lengths * np.minimum(np.exp(1 / lengths), cfg.tis_cap)
+    assert metrics["train/is_weight_mean"] == pytest.approx(weight_sums.sum() / lengths.sum(), abs=1e-3)
+    norm = lengths.sum() if agg == "token_mean" else len(lengths) * trainer.cfg.rollout.max_new_tokens
+    assert metrics["train/pg_loss"] == pytest.approx(float((-adv * weight_sums).sum() / norm), abs=1e-3)
+
+
 def test_trainer_skips_trained_duplicates_and_sends_stale_groups_back(rig):
     """Collecting a batch: a group already trained (redelivered after a crash) is acked away, a
     group older than max_staleness goes back as a fresh task; only the rest is trained."""

@@ -97,7 +97,7 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
                 loss_agg: str = "token_mean", correction: str = "tis",
                 stale: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
                 entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
-                ratio_level: str = "token") -> PolicyLossOutput:
+                ratio_level: str = "token", norm_len: int = 0) -> PolicyLossOutput:
     """PPO-clip (asymmetric clip range) with an off-policy correction, + optional k3 KL, minus
     an optional entropy bonus (``entropy_coef`` x the per-token ``entropy``, which must then
     carry the gradient; without a coefficient it is only reported).
@@ -120,6 +120,11 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
     log-probability's gradient, which with ``seq_mean`` is exactly the gradient of the sequence
     ratio. The off-policy weight ``old/behav`` is likewise a per-sequence geometric mean
     (truncated at, or masked above, ``tis_cap``); ``mask_stale`` drops stale tokens first.
+
+    ``loss_agg``: ``token_mean`` (every token weighs the same: DAPO), ``seq_mean`` (every sequence
+    weighs the same: GRPO's paper, GSPO) or ``seq_sum_norm`` (Dr. GRPO: the sum over tokens divided
+    by the number of sequences x the constant ``norm_len``, the response budget, so neither long
+    nor short responses are favoured by the normalisation).
 
     ``seq_ids`` (B, T) names the sequence of each position when several share a row (a packed
     batch); ``seq_mean`` and the sequence-level ratios then work per sequence, not per row."""
@@ -163,7 +168,7 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
         per_token = per_token + kl_coef * kl
     if entropy is not None and entropy_coef > 0:
         per_token = per_token - entropy_coef * entropy
-    loss = _aggregate(per_token, mask, loss_agg, seq_ids)
+    loss = _aggregate(per_token, mask, loss_agg, seq_ids, norm_len)
 
     n = mask.sum().clamp_min(1)
     with torch.no_grad():
@@ -174,7 +179,7 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
             "is_capped_frac": float(((is_raw > tis_cap).float() * mask).sum() / n),
             "kl": float((kl * mask).sum() / n),
             "approx_kl_behav": float(((old_logp - behav_logp) * mask).sum() / n),
-            "pg_loss": float(_aggregate(is_weight * pg, mask, loss_agg, seq_ids)),
+            "pg_loss": float(_aggregate(is_weight * pg, mask, loss_agg, seq_ids, norm_len)),
         }
         if entropy is not None:
             metrics["entropy"] = float((entropy * mask).sum() / n)
@@ -203,14 +208,22 @@ def _per_sequence_sums(values: torch.Tensor, mask: torch.Tensor,
     return sums, counts, ids
 
 
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum_norm")
+
+
 def _aggregate(values: torch.Tensor, mask: torch.Tensor, how: str,
-               seq_ids: torch.Tensor | None = None) -> torch.Tensor:
+               seq_ids: torch.Tensor | None = None, norm_len: int = 0) -> torch.Tensor:
     if how == "token_mean":
         return (values * mask).sum() / mask.sum().clamp_min(1)
+    if how == "seq_sum_norm":
+        if norm_len < 1:
+            raise ValueError(f"loss_agg=seq_sum_norm needs norm_len >= 1 (the response budget), got {norm_len}")
+        num_seqs = values.shape[0] if seq_ids is None else int(seq_ids.max()) + 1
+        return (values * mask).sum() / (max(num_seqs, 1) * norm_len)
     if how == "seq_mean":
         if seq_ids is None:
             per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp_min(1)
             return per_seq.mean()
         sums, counts, _ = _per_sequence_sums(values, mask, seq_ids)
         return (sums / counts.clamp_min(1)).mean()
-    raise ValueError(f"loss_agg={how!r}: must be token_mean or seq_mean")
+    raise ValueError(f"loss_agg={how!r}: must be one of {', '.join(LOSS_AGGREGATIONS)}")
