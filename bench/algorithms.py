@@ -1,6 +1,6 @@
-"""The algorithm presets (``algorithm=grpo|dapo|gspo|dr_grpo``) against each other, at equal RL time.
+"""The algorithm presets (``algorithm=grpo|dapo|gspo|dr_grpo|rloo|reinforce_pp``) side by side, at equal RL time.
 
-    python bench/algorithms.py                        # four runs of toy_moe_local, ~17 minutes on 2 cores
+    python bench/algorithms.py                        # six runs of toy_moe_local, ~27 minutes on 2 cores
     python bench/algorithms.py time_limit_s=400       # longer runs
     python bench/algorithms.py mode=april trainer.ppo_minibatches=2   # stale tokens, two updates per batch
 
@@ -25,7 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cli_runs import ROOT, run_rlpost  # noqa: E402
 
-PRESETS = ("grpo", "dapo", "gspo", "dr_grpo")
+PRESETS = ("grpo", "dapo", "gspo", "dr_grpo", "rloo", "reinforce_pp")
 
 
 def run(name: str, workdir: str, extra: list[str]) -> dict:

@@ -195,6 +195,9 @@ class TrainerConfig:
     # logged every step either way).
     entropy_coef: float = 0.0
     # Normalise GRPO advantages by the group's std (Dr. GRPO sets this false).
+    # grpo | rloo | reinforce_pp_baseline (trainer/losses.py advantages); adv_std_norm is grpo's
+    # division by the group's std (off: Dr. GRPO)
+    advantage: str = "grpo"
     adv_std_norm: bool = True
     # token_mean (DAPO) | seq_mean (GRPO paper, GSPO) | seq_sum_norm (Dr. GRPO: token sum over
     # sequences x rollout.max_new_tokens)
@@ -251,6 +254,8 @@ class TrainerConfig:
         _check(0 <= self.entropy_coef < float("inf"), f"{p}.entropy_coef", self.entropy_coef, "must be a finite number >= 0")
         _check(self.loss_agg in ("token_mean", "seq_mean", "seq_sum_norm"), f"{p}.loss_agg", self.loss_agg,
                "must be token_mean, seq_mean or seq_sum_norm")
+        _check(self.advantage in ("grpo", "rloo", "reinforce_pp_baseline"), f"{p}.advantage", self.advantage,
+               "must be grpo, rloo or reinforce_pp_baseline")
         _check(self.ratio_level in ("token", "sequence"), f"{p}.ratio_level", self.ratio_level,
                "must be token or sequence (GSPO)")
         _check(self.off_policy in ("tis", "decoupled", "mask_stale", "ppo"), f"{p}.off_policy",

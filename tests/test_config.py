@@ -39,6 +39,7 @@ def test_experiment_composes_into_typed_dataclasses():
     ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps=0: must be >= 1"),
     ("trainer.ratio_level=seq", "trainer.ratio_level='seq': must be token or sequence (GSPO)"),
     ("env.overlong_buffer=9", "env.overlong_buffer=9: must be <= rollout.max_new_tokens=8"),
+    ("trainer.advantage=gae", "trainer.advantage='gae': must be grpo, rloo or reinforce_pp_baseline"),
     ("env.overlong_buffer=-1", "env.overlong_buffer=-1: must be >= 0 (0: off)"),
     ("env.overlong_penalty=nan", "env.overlong_penalty=nan: must be a finite number >= 0"),
 ])
@@ -158,7 +159,9 @@ def test_routing_replay_needs_an_engine_that_reports_its_routing():
               "env.overlong_buffer": 10}),  # 20% of the 50-token budget set below
     ("gspo", {"trainer.ratio_level": "sequence", "trainer.clip_eps": 3e-4, "trainer.clip_eps_high": 4e-4,
               "trainer.loss_agg": "seq_mean"}),
-    ("dr_grpo", {"trainer.adv_std_norm": False, "trainer.loss_agg": "seq_sum_norm"}),
+    ("dr_grpo", {"trainer.adv_std_norm": False, "trainer.loss_agg": "seq_sum_norm", "trainer.advantage": "grpo"}),
+    ("rloo", {"trainer.advantage": "rloo", "trainer.loss_agg": "token_mean"}),
+    ("reinforce_pp", {"trainer.advantage": "reinforce_pp_baseline"}),
 ])
 def test_algorithm_presets_set_their_recipe_over_the_experiment(algorithm, expected):
     import operator
@@ -173,4 +176,4 @@ def test_algorithm_presets_set_their_recipe_over_the_experiment(algorithm, expec
 def test_an_unknown_algorithm_is_one_line_listing_the_presets():
     with pytest.raises(ConfigError) as info:
         load_config(["algorithm=ppo2"])
-    assert "Could not find 'algorithm/ppo2'" in str(info.value) and "dapo dr_grpo grpo gspo" in str(info.value)
+    assert "Could not find 'algorithm/ppo2'" in str(info.value) and "dapo dr_grpo grpo gspo reinforce_pp rloo" in str(info.value)

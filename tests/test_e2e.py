@@ -120,11 +120,14 @@ def test_rl_improves_held_out_accuracy(tmp_path):
 
 def test_two_deepspeed_ranks_train_disjoint_whole_groups(tmp_path):
     """trainer.num_ranks=2 (ZeRO-2 over gloo): each rank reads its own whole groups from the
-    consumer group; together they train every group of the step exactly once."""
+    consumer group; together they train every group of the step exactly once. REINFORCE++'s
+    batch-wide advantage normalisation sums its statistics over both ranks every step."""
     run_dir = tmp_path / "ranks"
     run_cli(["experiment=toy_moe_local", f"run_dir={run_dir}", "trainer.num_ranks=2", "trainer.zero_stage=2",
              "warmup.steps=4", "trainer.steps=3", "env.num_eval=8", "eval.every=0", "rollout.batch_prompts=8",
-             "logger.progress=false"], timeout=400)
+             "logger.progress=false", "algorithm=reinforce_pp"], timeout=400)
+    steps = [r for r in read_metrics(str(run_dir / "metrics.jsonl")) if "advantage/max" in r]
+    assert len(steps) == 3 and all(r["advantage/max"] >= r["advantage/min"] for r in steps)
     per_rank = [[json.loads(line) for line in open(run_dir / f"trained_ids.rank{r}.jsonl")] for r in (0, 1)]
     for rank in per_rank:
         assert [r["step"] for r in rank] == [1, 2, 3]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlpost.trainer.losses import grpo_advantages, policy_loss, token_logprobs
+from rlpost.trainer.losses import advantages, grpo_advantages, policy_loss, token_logprobs
 
 
 def test_grpo_advantages_group_normalised():
@@ -17,6 +17,68 @@ def test_grpo_advantages_group_normalised():
     assert torch.equal(no_std, torch.tensor([[1.0, -1.0]]))
     with pytest.raises(ValueError, match="groups, group_size"):
         grpo_advantages(torch.tensor([1.0, 2.0]))
+
+
+def test_rloo_subtracts_the_mean_of_the_other_samples():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [3.0, 0.0, 0.0, 0.0]])
+    adv = advantages(rewards, "rloo")
+    assert torch.allclose(adv[0], torch.tensor([1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3]))
+    assert torch.allclose(adv[1], torch.tensor([3.0, -1.0, -1.0, -1.0]))  # 3 - 0, 0 - 1
+    assert torch.equal(advantages(rewards, "grpo"), grpo_advantages(rewards))
+    with pytest.raises(ValueError, match="estimator='gae'"):
+        advantages(rewards, "gae")
+
+
+def test_reinforce_pp_baseline_whitens_group_centred_rewards_over_the_batch_by_tokens():
+    """Group mean subtracted, then mean 0 and std 1 over every trained token of the batch: one
+    scale for every group, where GRPO's division by each group's std scales up the groups the
+    policy nearly always (or never) solves."""
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0]])
+    tokens = torch.tensor([[2.0, 2.0, 2.0, 6.0], [3.0, 3.0, 3.0, 3.0]])
+    adv = advantages(rewards, "reinforce_pp_baseline", token_counts=tokens)
+    per_token = adv.reshape(-1).repeat_interleave(tokens.reshape(-1).long())
+    assert per_token.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert per_token.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    ratio = adv / (centred - (centred * tokens).sum() / tokens.sum())
+    assert torch.allclose(ratio, ratio[0, 0].expand_as(ratio))  # one affine map for the whole batch
+    grpo_scale = grpo_advantages(rewards)[:, 0] / centred[:, 0]
+    assert grpo_scale[0] > grpo_scale[1] * 1.1  # the 3-of-4 group weighs more under GRPO
+
+
+def _whiten_on_two_ranks(rank: int, store_path: str, rewards, tokens, out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+
+    def summed(values):
+        total = values.clone()
+        dist.all_reduce(total)
+        return total
+
+    half = rewards.shape[0] // 2
+    mine = slice(rank * half, (rank + 1) * half)
+    out[rank] = advantages(rewards[mine], "reinforce_pp_baseline", token_counts=tokens[mine], all_reduce=summed)
+    dist.destroy_process_group()
+
+
+def test_reinforce_pp_baseline_over_two_real_ranks_equals_the_whole_batch(tmp_path):
+    """Two gloo processes, each holding half the groups, whiten with the batch-wide statistics:
+    the same advantages as one process holding all of them (and not what each half gives alone)."""
+    import torch.multiprocessing as mp
+
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.randint(0, 2, (6, 4), generator=gen).float()
+    rewards[:3] *= 2.0  # the two halves have different spreads
+    tokens = torch.randint(1, 9, (6, 4), generator=gen).float()
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_whiten_on_two_ranks, args=(str(tmp_path / "store"), rewards, tokens, out), nprocs=2)
+        both = torch.cat([out[0], out[1]])
+    whole = advantages(rewards, "reinforce_pp_baseline", token_counts=tokens)
+    assert torch.allclose(both, whole, atol=1e-6)
+    alone = advantages(rewards[:3], "reinforce_pp_baseline", token_counts=tokens[:3])
+    assert not torch.allclose(alone, whole[:3], atol=1e-3)
 
 
 def hand_case():

@@ -99,14 +99,17 @@ def test_train_step_changes_weights_and_publishes_a_new_version(rig):
     assert set(new[0][0].versions.tolist()) == {v0 + 1}
 
 
-@pytest.mark.parametrize("level,agg,first_task", [("token", "token_mean", 700), ("sequence", "token_mean", 710),
-                                                  ("token", "seq_sum_norm", 720)])
-def test_the_step_trains_the_configured_ratio_level_and_aggregation(rig, level, agg, first_task):
-    """The step hands trainer.ratio_level, trainer.loss_agg and the response budget to the loss:
+@pytest.mark.parametrize("level,agg,estimator,first_task", [
+    ("token", "token_mean", "grpo", 1100), ("sequence", "token_mean", "grpo", 1110),
+    ("token", "seq_sum_norm", "grpo", 1120), ("token", "token_mean", "rloo", 1130),
+    ("token", "token_mean", "reinforce_pp_baseline", 1140)])
+def test_the_step_trains_the_configured_ratio_level_and_aggregation(rig, level, agg, estimator, first_task):
+    """The step hands trainer.advantage (with each sample's trained tokens), trainer.ratio_level,
+    trainer.loss_agg and the response budget to the loss:
     with one token per sample made e times likelier than when it was sampled (its behaviour
     logprob lowered by 1), the importance weights and the policy-gradient loss (ratio exactly 1
     on a single update) are what each setting predicts by hand, through a packed batch."""
-    from rlpost.trainer.losses import grpo_advantages
+    from rlpost.trainer.losses import advantages
 
     trainer, worker, buf = rig
     trainer.publish()
@@ -124,14 +127,15 @@ def test_the_step_trains_the_configured_ratio_level_and_aggregation(rig, level, 
     for d, g in zip(deliveries, groups):
         buf.finish_task(d, d.item, g)
     cfg = trainer.cfg.trainer
-    saved = cfg.ratio_level, cfg.loss_agg
-    cfg.ratio_level, cfg.loss_agg = level, agg
+    saved = cfg.ratio_level, cfg.loss_agg, cfg.advantage
+    cfg.ratio_level, cfg.loss_agg, cfg.advantage = level, agg, estimator
     try:
         metrics = trainer.train_step(step=1, timeout_s=30)
     finally:
-        cfg.ratio_level, cfg.loss_agg = saved
+        cfg.ratio_level, cfg.loss_agg, cfg.advantage = saved
     lengths = np.array([len(t) for g in groups for t in g], dtype=float)
-    adv = grpo_advantages(torch.tensor([[t.reward for t in g] for g in groups])).reshape(-1).numpy()
+    rewards = torch.tensor([[t.reward for t in g] for g in groups])
+    adv = advantages(rewards, estimator, token_counts=torch.tensor(lengths).reshape(rewards.shape)).reshape(-1).numpy()
     if level == "token":  # the raised token capped at tis_cap, the others 1
         weight_sums = lengths - 1 + min(np.e, cfg.tis_cap)
     else:  # GSPO: the sequence's geometric mean exp(1/len) on each of its tokens
@@ -139,6 +143,8 @@ def test_the_step_trains_the_configured_ratio_level_and_aggregation(rig, level, 
     assert metrics["train/is_weight_mean"] == pytest.approx(weight_sums.sum() / lengths.sum(), abs=1e-3)
     norm = lengths.sum() if agg == "token_mean" else len(lengths) * trainer.cfg.rollout.max_new_tokens
     assert metrics["train/pg_loss"] == pytest.approx(float((-adv * weight_sums).sum() / norm), abs=1e-3)
+    assert metrics["advantage/max"] == pytest.approx(adv.max(), abs=1e-5)
+    assert metrics["advantage/abs_mean"] == pytest.approx(np.abs(adv).mean(), abs=1e-5)
 
 
 def test_trainer_skips_trained_duplicates_and_sends_stale_groups_back(rig):

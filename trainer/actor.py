@@ -25,7 +25,7 @@ from rlpost.scheduler import too_stale
 from rlpost.weights import WeightPublisher
 from rlpost.trainer.batch import TrainBatch, collate, sft_batch
 from rlpost.trainer.ds_engine import DistEnv, build_engine, init_distributed
-from rlpost.trainer.losses import (grpo_advantages, policy_loss, scattered_logprobs,
+from rlpost.trainer.losses import (advantages, policy_loss, scattered_logprobs,
                                    scattered_logprobs_and_entropy, scored_positions, token_logprobs)
 from rlpost.trainer.lr_schedule import lr_at
 from rlpost.trainer.mismatch import MismatchMeter, ReplayMeter
@@ -205,6 +205,15 @@ class TrainerRank:
             p.requires_grad_(False)
 
     # ------------------------------------------------------------------ RL step
+    @staticmethod
+    def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over every trainer rank (batch-wide advantage statistics)."""
+        import torch.distributed as dist
+
+        total = values.clone()
+        dist.all_reduce(total)
+        return total
+
     def _collect_groups(self, want: int, timeout_s: float, step: int = 0) -> tuple[list[Delivery], int, list[Delivery]]:
         """Read ``want`` whole, untrained, fresh-enough groups from Redis (blocking).
 
@@ -269,7 +278,9 @@ class TrainerRank:
         groups: list[list[Trajectory]] = [d.item.group for d in deliveries]
         trajs = [t for g in groups for t in g]
         rewards = torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32)
-        adv = grpo_advantages(rewards, self.cfg.trainer.adv_std_norm).reshape(-1)
+        tokens = torch.tensor([[int(t.loss_mask.sum()) for t in g] for g in groups], dtype=torch.float32)
+        adv = advantages(rewards, self.cfg.trainer.advantage, self.cfg.trainer.adv_std_norm, tokens,
+                         self._sum_over_ranks if self.world > 1 else None).reshape(-1)
         batch = collate(trajs, adv, sort_by_length=self.accum > 1).to(self.device)
         lr = lr_at(step, self.cfg.trainer)
         self._set_lr(lr)
@@ -284,6 +295,8 @@ class TrainerRank:
         if self.version % self.cfg.trainer.publish_every == 0:
             metrics.update(self.publish())
         metrics.update(self._batch_metrics(trajs, rewards, trained_version, batch))
+        metrics.update({"advantage/abs_mean": float(adv.abs().mean()), "advantage/max": float(adv.max()),
+                        "advantage/min": float(adv.min())})
         metrics.update({
             "step": step,
             "train/step_s": t1 - t0,

@@ -15,6 +15,7 @@ decoupled PPO; with one optimiser step per batch ``old == new`` numerically.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,42 @@ def grpo_advantages(rewards: torch.Tensor, std_norm: bool = True, eps: float = 1
     if std_norm:
         centered = centered / (rewards.std(dim=1, keepdim=True, unbiased=True) + eps)
     return centered
+
+
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")
+
+
+def advantages(rewards: torch.Tensor, estimator: str = "grpo", std_norm: bool = True,
+               token_counts: torch.Tensor | None = None,
+               all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               eps: float = 1e-6) -> torch.Tensor:
+    """Advantages for rewards shaped (groups, group_size), one per sample:
+
+    * ``grpo``: the group's mean subtracted, divided by its std unless ``std_norm`` is off (Dr. GRPO);
+    * ``rloo``: the mean of the *other* samples of the group subtracted (REINFORCE leave-one-out,
+      an unbiased baseline: ``n/(n-1)`` x the centred reward);
+    * ``reinforce_pp_baseline`` (REINFORCE++ with a group baseline, OpenRLHF's
+      ``reinforce_baseline``, slime's ``reinforce_plus_plus_baseline``): the group's mean
+      subtracted, then whitened over the whole batch, weighted by ``token_counts`` (every trained
+      token counts once, as in a per-token normalisation), across every trainer rank through
+      ``all_reduce`` (a sum over ranks; None: this batch alone). No per-group std: a group the
+      policy nearly always solves keeps a small advantage instead of a blown-up one."""
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r}: must be one of {', '.join(ADVANTAGE_ESTIMATORS)}")
+    if estimator == "grpo":
+        return grpo_advantages(rewards, std_norm, eps)
+    centered = grpo_advantages(rewards, std_norm=False)
+    n = rewards.shape[1]
+    if estimator == "rloo":
+        return centered * n / (n - 1)
+    weights = torch.ones_like(centered) if token_counts is None else token_counts.to(centered).reshape(centered.shape)
+    stats = torch.stack([weights.sum(), (weights * centered).sum(), (weights * centered.square()).sum()]).double()
+    if all_reduce is not None:
+        stats = all_reduce(stats)
+    total, first, second = stats.tolist()
+    mean = first / max(total, 1e-12)
+    std = max(second / max(total, 1e-12) - mean * mean, 0.0) ** 0.5
+    return (centered - mean) / (std + eps)
 
 
 def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
