@@ -52,16 +52,36 @@ def eval_task_set(items: list, make_task, tag: str, min_version: int, max_new_to
     return tasks
 
 
-def _bounded(fn, args: tuple, timeout_s: float):
+# observations have their own threads: waiting behind a group's sandboxed scoring in ``_pool``
+# would count against the observation's own time limit
+_observe_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="observe")
+
+
+def _bounded(fn, args: tuple, timeout_s: float, what: str = "reward",
+             pool: concurrent.futures.ThreadPoolExecutor = _pool):
     """(result, None) or (None, reason): ``fn(*args)`` bounded by ``timeout_s``, exceptions caught."""
-    future = _pool.submit(fn, *args)
+    future = pool.submit(fn, *args)
     try:
         return future.result(timeout=timeout_s), None
     except concurrent.futures.TimeoutError:
         future.cancel()
-        return None, f"reward timed out after {timeout_s}s"
+        return None, f"{what} timed out after {timeout_s}s"
     except Exception as exc:  # any env bug must not kill the worker
         return None, f"{type(exc).__name__}: {exc}"
+
+
+def observe_bounded(env: Env, response_ids: list[int], timeout_s: float) -> tuple[list[int] | None, str | None]:
+    """(observation ids, None) or (None, reason): a multi-turn env's ``observe`` bounded by
+    ``timeout_s``, its exceptions caught, and its result checked to be token ids of the env's
+    tokenizer (a user's env returning text or an out-of-vocabulary id would otherwise fail
+    inside the engine, or in the trainer's embedding, far from the cause)."""
+    obs, why = _bounded(env.observe, (response_ids,), timeout_s, "observation", _observe_pool)
+    if why is not None:
+        return None, why
+    vocab = int(getattr(env.tokenizer, "vocab_size", 0) or 0)
+    if not isinstance(obs, (list, tuple)) or not all(type(t) is int and 0 <= t < vocab for t in obs):
+        return None, f"observe returned {repr(obs)[:80]}, not a list of token ids below {vocab}"
+    return list(obs), None
 
 
 def _failed(reason: str) -> RewardResult:

@@ -20,6 +20,7 @@ import torch
 
 from rlpost.buffer import Delivery, RedisBuffer
 from rlpost.config import RlpostConfig
+from rlpost.envs.base import observe_bounded
 from rlpost.records import GroupEntry, Status, Task, Trajectory
 from rlpost.rollout.engine import GenOutput, GenRequest, make_engine
 from rlpost.rollout.scoring import GroupScorer, OverlongPenalty
@@ -349,7 +350,10 @@ class RolloutWorker:
         if turns >= int(task.meta.get("max_turns", 1)):
             traj.env_info["reason"] = f"tool-call limit of {turns} turns reached"
             return
-        obs = self.env.observe(traj.response_ids.tolist())
+        obs, why = observe_bounded(self.env, traj.response_ids.tolist(), self.cfg.env.reward_timeout_s)
+        if obs is None:  # the sample ends at its tool call, scored as it is; the worker goes on
+            traj.env_info["reason"] = f"observation failed: {why}"
+            return
         if len(traj) + len(obs) >= task.sampling.max_new_tokens:
             traj.status = Status.TRUNCATED
             return

@@ -107,3 +107,23 @@ def test_a_teacher_that_skips_the_tool_demonstrates_bare_answers_and_rl_sees_too
     got = tool_use_metrics([traj(r.info) for r in scored] + [traj({"tool_calls": True}), traj({})])
     assert got == {"env/tool_calls_mean": 0.75, "env/tool_use_frac": 0.5}
     assert tool_use_metrics([traj({})]) == {}
+
+
+@pytest.mark.parametrize("observe, reason", [
+    (lambda ids: 1 / 0, "observation failed: ZeroDivisionError: division by zero"),
+    (lambda ids: "42;", "observation failed: observe returned '42;', not a list of token ids below"),
+    (lambda ids: [3, 10**6], "observation failed: observe returned [3, 1000000], not a list of token ids below"),
+    (lambda ids: __import__("time").sleep(3) or [3], "observation failed: observation timed out after 0.5s"),
+])
+def test_a_failing_observation_ends_the_sample_not_the_worker(worker, monkeypatch, observe, reason):
+    """A multi-turn env whose observe raises, returns something that is not token ids of its
+    tokenizer, or hangs: the sample ends at its tool call with the reason, nothing is appended,
+    and the worker carries on (a user's env is no more trusted to behave than a reward)."""
+    env = worker.env
+    monkeypatch.setattr(env, "observe", observe)
+    monkeypatch.setattr(worker.cfg.env, "reward_timeout_s", 0.5)
+    task = env.train_task(2, 0, 1, SamplingParams(1.0, 1.0, 40))
+    traj = Trajectory.start(task, 0)
+    worker._absorb(traj, out(env, "[2*3]", "stop"), 0, task)
+    assert traj.status == Status.COMPLETE and traj.env_info["reason"].startswith(reason)
+    assert env.tokenizer.decode(traj.response_ids) == "[2*3]" and "turns" not in traj.env_info
