@@ -205,14 +205,14 @@ class TrainerRank:
             p.requires_grad_(False)
 
     # ------------------------------------------------------------------ RL step
-    @staticmethod
-    def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
-        """``values`` summed over every trainer rank (batch-wide advantage statistics)."""
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over every trainer rank (batch-wide advantage statistics), on the
+        rank's device: NCCL reduces only CUDA tensors."""
         import torch.distributed as dist
 
-        total = values.clone()
+        total = values.to(self.device, copy=True)
         dist.all_reduce(total)
-        return total
+        return total.cpu()
 
     def _collect_groups(self, want: int, timeout_s: float, step: int = 0) -> tuple[list[Delivery], int, list[Delivery]]:
         """Read ``want`` whole, untrained, fresh-enough groups from Redis (blocking).

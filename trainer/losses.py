@@ -1,5 +1,5 @@
-"""GRPO advantages and the off-policy-corrected PPO-clip policy loss, with token-level ratios
-(GRPO/DAPO) or sequence-level ones (GSPO).
+"""Advantages (GRPO, RLOO, REINFORCE++) and the off-policy-corrected PPO-clip policy loss, with
+token-level ratios (GRPO/DAPO) or sequence-level ones (GSPO).
 
 Three log-probabilities meet in the loss, per token:
 
