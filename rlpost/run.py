@@ -87,15 +87,21 @@ def run_id(run_dir: str, name: str) -> str:
     return new
 
 
+# env settings that only shape rewards: a run that changes them (algorithm=dapo's overlong
+# shaping, a longer reward timeout) starts from the same warm-up
+_REWARD_ONLY_ENV_FIELDS = ("reward_timeout_s", "reward_workers", "overlong_buffer", "overlong_penalty")
+
+
 def warmup_key(cfg: RlpostConfig) -> str:
     """Hash of everything that determines the warm-up weights."""
     warm = asdict(cfg.warmup)
     warm.pop("cache_dir")
+    env = {k: v for k, v in asdict(cfg.env).items() if k not in _REWARD_ONLY_ENV_FIELDS}
     start = None
     if cfg.model.path:  # the checkpoint's weights are the warm-up's starting point
         weights = sorted(glob.glob(os.path.join(cfg.model.path, "*.safetensors")))
         start = [(os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)) for f in weights]
-    blob = json.dumps({"model": asdict(cfg.model), "warmup": warm, "env": asdict(cfg.env),
+    blob = json.dumps({"model": asdict(cfg.model), "warmup": warm, "env": env,
                        "seed": cfg.seed, "start": start, "v": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

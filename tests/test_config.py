@@ -177,3 +177,15 @@ def test_an_unknown_algorithm_is_one_line_listing_the_presets():
     with pytest.raises(ConfigError) as info:
         load_config(["algorithm=ppo2"])
     assert "Could not find 'algorithm/ppo2'" in str(info.value) and "dapo dr_grpo grpo gspo reinforce_pp rloo" in str(info.value)
+
+
+def test_the_warmup_cache_key_ignores_reward_only_settings_and_not_the_rest():
+    """algorithm=dapo (overlong shaping) starts from GRPO's cached warm-up; anything that changes
+    the warm-up's data, model or steps gets its own."""
+    from rlpost.run import warmup_key
+
+    base = warmup_key(load_config(["experiment=toy_moe_local"]))
+    for same in (["algorithm=dapo"], ["env.reward_timeout_s=9"], ["algorithm=gspo", "trainer.lr=1e-4"]):
+        assert warmup_key(load_config(["experiment=toy_moe_local", *same])) == base, same
+    for other in (["env.teacher_carry_error=0.5"], ["warmup.steps=10"], ["model.d_model=32"], ["seed=1"]):
+        assert warmup_key(load_config(["experiment=toy_moe_local", *other])) != base, other
