@@ -6,7 +6,12 @@ from rlpost.config import EnvConfig, SandboxConfig
 
 
 def make_env(cfg: EnvConfig, sandbox: SandboxConfig | None = None):
-    """The environment named by ``env.name`` (code-running envs get the sandbox settings)."""
+    """The environment named by ``env.name`` (code-running envs get the sandbox settings), or
+    the user's own, ``package.module:Factory`` (rlpost/envs/custom.py)."""
+    if ":" in cfg.name:
+        from rlpost.envs.custom import load_custom_env
+
+        return load_custom_env(cfg, sandbox)
     if cfg.name == "arithmetic":
         from rlpost.envs.arithmetic import ArithmeticEnv
 

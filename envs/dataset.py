@@ -26,7 +26,6 @@ another, so task ``i`` is the same record on every node and after a resume.
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import numbers
 import os
@@ -93,16 +92,10 @@ def load_records(path: str, cfg: EnvConfig, field: str) -> list[Record]:
 
 
 def load_reward_fn(spec: str) -> Callable[[str, str], Any]:
-    """``package.module:function``, imported now so a typo fails at start-up, not in a worker."""
-    module, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"env.reward={spec!r}: cannot load it ({type(exc).__name__}: {exc}); "
-                          f"use math, exact or package.module:function importable on every node") from None
-    if not callable(fn):
-        raise ConfigError(f"env.reward={spec!r}: {type(fn).__name__} is not callable")
-    return fn
+    """The user's verifier, ``package.module:function`` (imported at start-up)."""
+    from rlpost.envs.custom import load_callable
+
+    return load_callable(spec, "env.reward", "math, exact or package.module:function")
 
 
 def _plain(info: Any) -> dict[str, Any]:

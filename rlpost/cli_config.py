@@ -7,6 +7,7 @@ validation failure into one line naming the key and the value, instead of a stac
 from __future__ import annotations
 
 import os
+import re
 from importlib import resources
 from typing import Any
 
@@ -27,6 +28,8 @@ def _describe(exc: BaseException) -> str:
         msg = getattr(seen, "msg", None) or str(seen)
         if full_key:
             msg = msg.splitlines()[0].strip()
+            if "is not in struct" in msg:  # a new key under a free-form dict such as env.options
+                msg += f" (add a new key with +{full_key}=VALUE)"
             return f"{full_key}: {msg}"
         seen = seen.__cause__ or seen.__context__
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -70,17 +73,22 @@ def load_config(overrides: list[str]) -> RlpostConfig:
 SECRET_MASK = "***"
 
 
+# keys of env.options whose values are masked (a custom env's API key for a remote verifier)
+SECRET_OPTION = re.compile(r"key|token|secret|passw", re.IGNORECASE)
+
+
 def public(cfg: RlpostConfig) -> RlpostConfig:
     """A copy safe to print, write to config.yaml and send to wandb: the Redis password (and a
-    password inside buffer.url) replaced by ``***``."""
+    password inside buffer.url) and the values of ``env.options`` keys that name a key, token,
+    secret or password replaced by ``***``."""
     import copy
-    import re
 
     out = copy.deepcopy(cfg)
     if out.buffer.password:
         out.buffer.password = SECRET_MASK
     if out.buffer.url:
         out.buffer.url = re.sub(r"(://[^:/@]*:)[^@/]*@", rf"\g<1>{SECRET_MASK}@", out.buffer.url)
+    out.env.options = {k: (SECRET_MASK if SECRET_OPTION.search(str(k)) else v) for k, v in out.env.options.items()}
     return out
 
 

@@ -194,7 +194,6 @@ class TrainerConfig:
     # Entropy bonus: the loss subtracts entropy_coef x the mean token entropy (train/entropy is
     # logged every step either way).
     entropy_coef: float = 0.0
-    # Normalise GRPO advantages by the group's std (Dr. GRPO sets this false).
     # grpo | rloo | reinforce_pp_baseline (trainer/losses.py advantages); adv_std_norm is grpo's
     # division by the group's std (off: Dr. GRPO)
     advantage: str = "grpo"
@@ -336,12 +335,16 @@ class EnvConfig:
     # linearly (the whole of it at the limit); 0 tokens: off. Evaluation is never penalised.
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
+    # Settings of your own env (env.name=package.module:Factory reads them from cfg.options)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, p: str = "env") -> None:
-        _check(self.name in ENVS, f"{p}.name", self.name, f"available: {', '.join(ENVS)}")
+        custom = ":" in self.name
+        _check(self.name in ENVS or (custom and all(self.name.split(":", 1))), f"{p}.name", self.name,
+               f"available: {', '.join(ENVS)}, or your own as package.module:Factory")
         _check(self.max_turns >= 1, f"{p}.max_turns", self.max_turns, "must be >= 1")
         _check(self.tokenizer in TOKENIZERS, f"{p}.tokenizer", self.tokenizer, f"must be one of {', '.join(TOKENIZERS)}")
-        _check(self.tokenizer == "char" or self.name in ("coding", "arithmetic", "dataset"), f"{p}.tokenizer",
+        _check(self.tokenizer == "char" or custom or self.name in ("coding", "arithmetic", "dataset"), f"{p}.tokenizer",
                self.tokenizer, f"env.name={self.name} works on its character alphabet; real tokenizers are for "
                f"the coding, arithmetic and dataset envs")
         if self.name == "dataset":

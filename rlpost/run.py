@@ -92,8 +92,34 @@ def run_id(run_dir: str, name: str) -> str:
 _REWARD_ONLY_ENV_FIELDS = ("reward_timeout_s", "reward_workers", "overlong_buffer", "overlong_penalty")
 
 
+# the code that makes a warm-up: the model and its initialisation, the SFT step, the tokenizers
+# and every built-in env (their demonstrations)
+_WARMUP_MODULES = ("rlpost.modeling", "rlpost.tokenizer", "rlpost.trainer.policy", "rlpost.trainer.ds_engine",
+                   "rlpost.trainer.actor")
+
+
+def warmup_code_files() -> list[str]:
+    """The source files whose code determines a warm-up's weights (found without importing them)."""
+    import importlib.util
+
+    files = [importlib.util.find_spec(name).origin for name in _WARMUP_MODULES]
+    for folder in importlib.util.find_spec("rlpost.envs").submodule_search_locations:
+        files += sorted(glob.glob(os.path.join(folder, "*.py")))
+    return files
+
+
+def code_fingerprint(files: list[str]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as fh:
+            digest.update(fh.read())
+    return digest.hexdigest()[:16]
+
+
 def warmup_key(cfg: RlpostConfig) -> str:
-    """Hash of everything that determines the warm-up weights."""
+    """Hash of everything that determines the warm-up weights, the code that makes it included:
+    a cache shared across runs (``warmup.cache_dir``) is not reused by a changed model or env
+    (an edited initialisation once gave a shared cache's 0.44 where the code made 0.405)."""
     warm = asdict(cfg.warmup)
     warm.pop("cache_dir")
     env = {k: v for k, v in asdict(cfg.env).items() if k not in _REWARD_ONLY_ENV_FIELDS}
@@ -102,7 +128,8 @@ def warmup_key(cfg: RlpostConfig) -> str:
         weights = sorted(glob.glob(os.path.join(cfg.model.path, "*.safetensors")))
         start = [(os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)) for f in weights]
     blob = json.dumps({"model": asdict(cfg.model), "warmup": warm, "env": env,
-                       "seed": cfg.seed, "start": start, "v": 2}, sort_keys=True)
+                       "seed": cfg.seed, "start": start, "code": code_fingerprint(warmup_code_files()), "v": 3},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

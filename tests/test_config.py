@@ -1,5 +1,6 @@
 """Config composition and validation: every error is one line that names the key and value."""
 
+import os
 import subprocess
 import sys
 
@@ -98,9 +99,13 @@ def test_two_runs_with_the_same_name_get_separate_redis_namespaces_and_a_resume_
 def test_the_redis_password_is_masked_in_printed_and_logged_configs():
     from rlpost.cli_config import public, to_yaml
 
-    cfg = load_config(["buffer=shared", "buffer.url=redis://rl:hunter2@redis.example:6379/0", "buffer.password=s3cret"])
+    cfg = load_config(["buffer=shared", "buffer.url=redis://rl:hunter2@redis.example:6379/0", "buffer.password=s3cret",
+                       "env.name=my.env:Env", "+env.options.api_key=sk-live-1", "+env.options.AUTH_TOKEN=t0k",
+                       "+env.options.level=3"])
     text = to_yaml(cfg)
     assert "s3cret" not in text and "hunter2" not in text
+    assert "sk-live-1" not in text and "t0k" not in text and "level: 3" in text
+    assert cfg.env.options["api_key"] == "sk-live-1"  # the env itself gets it
     assert "password: '***'" in text and "redis://rl:***@redis.example:6379/0" in text
     assert cfg.buffer.password == "s3cret"  # the run itself still has it
     assert public(cfg).buffer.password == "***"
@@ -189,3 +194,19 @@ def test_the_warmup_cache_key_ignores_reward_only_settings_and_not_the_rest():
         assert warmup_key(load_config(["experiment=toy_moe_local", *same])) == base, same
     for other in (["env.teacher_carry_error=0.5"], ["warmup.steps=10"], ["model.d_model=32"], ["seed=1"]):
         assert warmup_key(load_config(["experiment=toy_moe_local", *other])) != base, other
+
+
+def test_the_warmup_cache_key_covers_the_code_that_makes_the_warm_up(tmp_path, monkeypatch):
+    import rlpost.run as run_module
+
+    files = run_module.warmup_code_files()
+    names = {os.path.basename(f) for f in files}
+    assert {"modeling.py", "actor.py", "arithmetic.py", "tools.py", "tokenizer.py"} <= names
+    source = tmp_path / "modeling.py"
+    source.write_text("x = 1\n")
+    monkeypatch.setattr(run_module, "warmup_code_files", lambda: [str(source)])
+    cfg = load_config(["experiment=toy_moe_local"])
+    before = run_module.warmup_key(cfg)
+    assert run_module.warmup_key(cfg) == before
+    source.write_text("x = 2\n")  # an edited initialisation: not the cached warm-up's code
+    assert run_module.warmup_key(cfg) != before
