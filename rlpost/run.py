@@ -98,13 +98,21 @@ _WARMUP_MODULES = ("rlpost.modeling", "rlpost.tokenizer", "rlpost.trainer.policy
                    "rlpost.trainer.actor")
 
 
-def warmup_code_files() -> list[str]:
-    """The source files whose code determines a warm-up's weights (found without importing them)."""
+def warmup_code_files(cfg: RlpostConfig) -> list[str]:
+    """The source files whose code determines a warm-up's weights (found without importing them),
+    the module of a custom env (``env.name=package.module:Factory``) included."""
     import importlib.util
 
     files = [importlib.util.find_spec(name).origin for name in _WARMUP_MODULES]
     for folder in importlib.util.find_spec("rlpost.envs").submodule_search_locations:
         files += sorted(glob.glob(os.path.join(folder, "*.py")))
+    if ":" in cfg.env.name:
+        try:
+            spec = importlib.util.find_spec(cfg.env.name.partition(":")[0])
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.origin and os.path.isfile(spec.origin):
+            files.append(spec.origin)
     return files
 
 
@@ -128,7 +136,7 @@ def warmup_key(cfg: RlpostConfig) -> str:
         weights = sorted(glob.glob(os.path.join(cfg.model.path, "*.safetensors")))
         start = [(os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)) for f in weights]
     blob = json.dumps({"model": asdict(cfg.model), "warmup": warm, "env": env,
-                       "seed": cfg.seed, "start": start, "code": code_fingerprint(warmup_code_files()), "v": 3},
+                       "seed": cfg.seed, "start": start, "code": code_fingerprint(warmup_code_files(cfg)), "v": 3},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

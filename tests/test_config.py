@@ -199,12 +199,14 @@ def test_the_warmup_cache_key_ignores_reward_only_settings_and_not_the_rest():
 def test_the_warmup_cache_key_covers_the_code_that_makes_the_warm_up(tmp_path, monkeypatch):
     import rlpost.run as run_module
 
-    files = run_module.warmup_code_files()
+    files = run_module.warmup_code_files(load_config([]))
     names = {os.path.basename(f) for f in files}
     assert {"modeling.py", "actor.py", "arithmetic.py", "tools.py", "tokenizer.py"} <= names
+    custom = run_module.warmup_code_files(load_config(["env.name=custom_env:ReverseEnv"]))
+    assert custom[:-1] == files and custom[-1].endswith(os.path.join("tests", "custom_env.py"))
     source = tmp_path / "modeling.py"
     source.write_text("x = 1\n")
-    monkeypatch.setattr(run_module, "warmup_code_files", lambda: [str(source)])
+    monkeypatch.setattr(run_module, "warmup_code_files", lambda cfg: [str(source)])
     cfg = load_config(["experiment=toy_moe_local"])
     before = run_module.warmup_key(cfg)
     assert run_module.warmup_key(cfg) == before
