@@ -28,7 +28,8 @@ def _check(cond: bool, key: str, value: Any, rule: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """A Qwen3-MoE (Hugging Face ``qwen3_moe``) configuration; the defaults are a tiny one.
+    """A Qwen3-MoE (Hugging Face ``qwen3_moe``) or Mixtral (``mixtral``: no q/k norms, Mixtral's
+    parameter names) configuration; the defaults are a tiny Qwen3-MoE.
     ``vocab_size=0`` takes the environment tokenizer's size. ``path`` names a local Hugging Face
     checkpoint folder (``config.json`` + safetensors): its architecture replaces these fields and
     its weights are the starting point."""
@@ -52,7 +53,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     def validate(self, p: str = "model") -> None:
-        _check(self.type == "qwen3_moe", f"{p}.type", self.type, "supported: qwen3_moe")
+        _check(self.type in ("qwen3_moe", "mixtral"), f"{p}.type", self.type, "supported: qwen3_moe, mixtral")
         for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "num_experts",
                      "max_seq_len"):
             _check(getattr(self, name) > 0, f"{p}.{name}", getattr(self, name), "must be > 0")

@@ -1,4 +1,5 @@
-"""The policy model: Qwen3-MoE (Hugging Face's ``qwen3_moe`` architecture), written once.
+"""The policy model: Qwen3-MoE (Hugging Face's ``qwen3_moe`` architecture), written once, and
+Mixtral (``mixtral``) as its variant without q/k norms and with Mixtral's parameter names.
 
 The DeepSpeed trainer and the native inference engine build the same :class:`Qwen3MoeForCausalLM`
 and differ only in the sparse MoE block they plug in: the trainer wraps the experts in
@@ -11,7 +12,10 @@ trainer, the native engine, vLLM, SGLang or ``transformers``.
 The math follows the reference implementation: RMSNorm (fp32), grouped-query attention with
 per-head RMSNorm on queries and keys before rotary embeddings (neox layout), SwiGLU experts,
 softmax top-k routing over fp32 logits with the top-k weights renormalised for k > 1
-(``norm_topk_prob``), no shared expert, untied head.
+(``norm_topk_prob``), no shared expert, untied head. ``model.type=mixtral`` drops the q/k norms
+and names the sparse block ``block_sparse_moe`` with experts' ``w1``/``w3``/``w2`` (gate, up,
+down), as Mixtral checkpoints, vLLM's and SGLang's Mixtral loaders and ``transformers`` expect; the
+routing (softmax, top-k, renormalised) is the same.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from rlpost.config import ConfigError, ModelConfig
 
 HF_MODEL_TYPE = "qwen3_moe"
 HF_ARCHITECTURE = "Qwen3MoeForCausalLM"
+# model.type -> the Hugging Face architecture written to and read from config.json
+HF_ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 
 class RMSNorm(nn.Module):
@@ -88,8 +94,11 @@ class Qwen3MoeAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        # Qwen3 normalises each head's queries and keys before the rotary embedding; Mixtral does not
+        self.qk_norm = cfg.type == "qwen3_moe"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -97,8 +106,11 @@ class Qwen3MoeAttention(nn.Module):
         With a cache, the new keys/values are written at ``cache.length`` and attention covers the
         whole cache prefix."""
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
         if cache is not None:
@@ -325,14 +337,14 @@ class Qwen3MoeForCausalLM(nn.Module):
 
     def canonical_state_dict(self) -> dict[str, torch.Tensor]:
         """Detached CPU copies under Hugging Face names (the publish / safetensors format)."""
-        state = {canonical_name(k): v.detach().to("cpu", copy=True).contiguous()
+        state = {canonical_name(k, self.cfg.type): v.detach().to("cpu", copy=True).contiguous()
                  for k, v in self.state_dict().items()}
         if self.cfg.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         return state
 
     def load_canonical_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        own = {canonical_name(k): k for k in self.state_dict()}
+        own = {canonical_name(k, self.cfg.type): k for k in self.state_dict()}
         if self.cfg.tie_word_embeddings:
             own.pop("lm_head.weight", None)
         missing = set(own) - set(state)
@@ -359,10 +371,24 @@ _DEEPSPEED_TO_CANONICAL = (
 )
 
 
-def canonical_name(name: str) -> str:
-    """The on-disk / on-the-wire (Hugging Face) name of a parameter."""
+# Qwen3-MoE's names (the modules' own) -> Mixtral's: the sparse block is ``block_sparse_moe`` and
+# an expert's gate/up/down projections are w1/w3/w2
+_QWEN3_TO_MIXTRAL = (
+    (".mlp.experts.", ".block_sparse_moe.experts."),
+    (".mlp.gate.", ".block_sparse_moe.gate."),
+    (".gate_proj.", ".w1."),
+    (".up_proj.", ".w3."),
+    (".down_proj.", ".w2."),
+)
+
+
+def canonical_name(name: str, model_type: str = HF_MODEL_TYPE) -> str:
+    """The on-disk / on-the-wire (Hugging Face) name of a parameter of a ``model_type`` model."""
     for src, dst in _DEEPSPEED_TO_CANONICAL:
         name = name.replace(src, dst)
+    if model_type == "mixtral":
+        for src, dst in _QWEN3_TO_MIXTRAL:
+            name = name.replace(src, dst)
     return name
 
 
@@ -377,15 +403,27 @@ _HF_FIELDS = {  # ModelConfig field -> config.json key
 }
 
 
+# Mixtral's config.json names two fields differently (and has no q/k norm, no norm_topk_prob:
+# it always renormalises the top-k weights)
+_MIXTRAL_FIELDS = {**_HF_FIELDS, "d_ff": "intermediate_size", "num_experts": "num_local_experts"}
+
+
+def _fields(model_type: str) -> dict[str, str]:
+    return _MIXTRAL_FIELDS if model_type == "mixtral" else _HF_FIELDS
+
+
 def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """``config.json`` of a ``qwen3_moe`` checkpoint for ``cfg`` (every layer sparse)."""
-    out = {"architectures": [HF_ARCHITECTURE], "model_type": HF_MODEL_TYPE, "torch_dtype": dtype,
-           "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0,
-           "intermediate_size": cfg.d_ff, "decoder_sparse_step": 1, "mlp_only_layers": [],
-           "norm_topk_prob": cfg.top_k > 1, "output_router_logits": False, "use_cache": True,
-           "use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers,
-           "rope_scaling": None}
-    out.update({hf: getattr(cfg, ours) for ours, hf in _HF_FIELDS.items()})
+    """``config.json`` of a ``qwen3_moe`` or ``mixtral`` checkpoint for ``cfg`` (every layer sparse)."""
+    out = {"architectures": [HF_ARCHITECTURES[cfg.type]], "model_type": cfg.type, "torch_dtype": dtype,
+           "hidden_act": "silu", "attention_dropout": 0.0, "output_router_logits": False, "use_cache": True,
+           "sliding_window": None, "rope_scaling": None}
+    if cfg.type == "mixtral":
+        out["router_jitter_noise"] = 0.0
+    else:
+        out.update({"attention_bias": False, "intermediate_size": cfg.d_ff, "decoder_sparse_step": 1,
+                    "mlp_only_layers": [], "norm_topk_prob": cfg.top_k > 1, "use_sliding_window": False,
+                    "max_window_layers": cfg.n_layers})
+    out.update({hf: getattr(cfg, ours) for ours, hf in _fields(cfg.type).items()})
     return out
 
 
@@ -402,22 +440,26 @@ def model_config_from_hf(path: str, base: ModelConfig | None = None) -> ModelCon
         raise ConfigError(f"model.path={path!r}: config.json is not readable JSON ({exc})") from None
     if not isinstance(hf, dict):
         raise ConfigError(f"model.path={path!r}: config.json is not a JSON object")
-    if hf.get("model_type") != HF_MODEL_TYPE:
-        raise ConfigError(f"model.path={path!r}: model_type={hf.get('model_type')!r} is not supported "
-                          f"(supported: {HF_MODEL_TYPE})")
+    model_type = hf.get("model_type")
+    if model_type not in HF_ARCHITECTURES:
+        raise ConfigError(f"model.path={path!r}: model_type={model_type!r} is not supported "
+                          f"(supported: {', '.join(HF_ARCHITECTURES)})")
     unsupported = {"mlp_only_layers": [], "decoder_sparse_step": 1, "use_sliding_window": False,
                    "attention_bias": False, "rope_scaling": None}
+    if model_type == "mixtral":  # a sliding window would make vLLM attend differently from the trainer
+        unsupported = {"sliding_window": None, "rope_scaling": None}
     for key, wanted in unsupported.items():
         if hf.get(key, wanted) != wanted:
             raise ConfigError(f"model.path={path!r}: config.json {key}={hf[key]!r} is not supported "
                               f"(needs {wanted!r})")
     cfg = ModelConfig(**vars(base)) if base is not None else ModelConfig()
-    for ours, key in _HF_FIELDS.items():
+    cfg.type = model_type
+    for ours, key in _fields(model_type).items():
         if key in hf and hf[key] is not None:
             setattr(cfg, ours, type(getattr(cfg, ours))(hf[key]))
     if "head_dim" not in hf:
         cfg.head_dim = cfg.d_model // cfg.n_heads
-    if cfg.top_k > 1 and hf.get("norm_topk_prob") is False:
+    if model_type == "qwen3_moe" and cfg.top_k > 1 and hf.get("norm_topk_prob") is False:
         raise ConfigError(f"model.path={path!r}: norm_topk_prob=false with top_k={cfg.top_k} is not "
                           f"supported (DeepSpeed's top-2 gate renormalises)")
     cfg.path = path

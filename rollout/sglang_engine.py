@@ -115,14 +115,15 @@ def output_of(stream: _Stream, reason: str, model_cfg: ModelConfig) -> GenOutput
 
 def weights_payload(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
     """The published state dict as SGLang's ``update_weights_from_tensor`` takes it: Hugging Face
-    names unchanged (SGLang's Qwen3-MoE loader reads checkpoint names and stacks q/k/v, gate/up
-    and experts itself), contiguous tensors, the tied ``lm_head`` left out (SGLang ties it)."""
+    names unchanged (SGLang's Qwen3-MoE and Mixtral loaders read checkpoint names and stack q/k/v,
+    gate/up and experts themselves), contiguous tensors, the tied ``lm_head`` left out (SGLang
+    ties it)."""
     payload = []
     for name, tensor in state_dict.items():
         if model_cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
         if not name.startswith(("model.", "lm_head.")):
-            raise ValueError(f"weight {name!r} is not a Hugging Face Qwen3-MoE name (model.* or lm_head.*)")
+            raise ValueError(f"weight {name!r} is not a Hugging Face model name (model.* or lm_head.*)")
         payload.append((name, tensor.detach().contiguous()))
     return payload
 

@@ -140,16 +140,18 @@ def test_two_deepspeed_ranks_train_disjoint_whole_groups(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["sync", "april"])
-def test_vllm_engine_end_to_end(tmp_path, mode):
+@pytest.mark.parametrize("mode, model", [("sync", "qwen3_moe_tiny"), ("april", "mixtral_tiny")])
+def test_vllm_engine_end_to_end(tmp_path, mode, model):
     """The whole loop with vLLM as the rollout engine and a real tokenizer (Mixtral's 32k
-    SentencePiece ids): the Qwen3-MoE checkpoint the driver's trainer publishes loads into vLLM
-    as is, every step trains, and the train-inference mismatch on on-policy tokens stays at fp32
-    noise. (The full-length runs that gain 30+ points are measured in the README.)"""
+    SentencePiece ids): the Qwen3-MoE (sync) or Mixtral (april) checkpoint the driver's trainer
+    publishes loads into vLLM as is, every step trains, and the train-inference mismatch on
+    on-policy tokens stays at fp32 noise. (The full-length runs that gain 30+ points are
+    measured in the README.)"""
     pytest.importorskip("vllm", reason="vLLM is not installed (bash scripts/install.sh vllm)")
     run_dir = tmp_path / f"vllm-{mode}"
     extra = ["rollout.over_sampling=2", "rollout.max_staleness=4"] if mode == "april" else []
-    run_cli(["experiment=mixtral_tok_local", "engine=vllm", f"mode={mode}", f"run_dir={run_dir}", "warmup.steps=20",
+    run_cli(["experiment=mixtral_tok_local", f"model={model}", "engine=vllm", f"mode={mode}", f"run_dir={run_dir}",
+             "warmup.steps=20",
              "trainer.steps=6", "env.num_eval=32", "eval.every=0", "logger.progress=false", *extra], timeout=600)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 6 and sum(w["tasks"] for w in summary["workers"]) >= 6 * 32 + 2 * 32
@@ -158,7 +160,9 @@ def test_vllm_engine_end_to_end(tmp_path, mode):
     on_policy = [r for r in steps if r.get("mismatch/tokens")]
     assert on_policy and max(r["mismatch/logprob_abs_max"] for r in on_policy) < 1e-3
     config = (run_dir / "config.yaml").read_text()
-    assert "tokenizer: mixtral" in config and json.loads((run_dir / "final" / "config.json").read_text())["vocab_size"] == 32000
+    final = json.loads((run_dir / "final" / "config.json").read_text())
+    assert "tokenizer: mixtral" in config and final["vocab_size"] == 32000
+    assert final["model_type"] == model.removesuffix("_tiny")
 
 
 @pytest.mark.slow
@@ -296,17 +300,21 @@ def _redis_pid(driver: int) -> int:
 
 
 @pytest.mark.slow
-def test_expert_parallel_ranks_hold_half_the_experts_and_publish_all_of_them(tmp_path):
+@pytest.mark.parametrize("model, expert_weight", [("qwen3_moe_tiny", "mlp.experts.{e}.down_proj"),
+                                                  ("mixtral_tiny", "block_sparse_moe.experts.{e}.w2")])
+def test_expert_parallel_ranks_hold_half_the_experts_and_publish_all_of_them(tmp_path, model, expert_weight):
     """trainer.ep_size=2 on 2 ranks (gloo): each rank holds half of every layer's experts, the
     run trains, and the weights it publishes and saves carry every expert under HF names (the
-    native engine and the final checkpoint load them). With routing replay on, every trained
-    token is routed through the engine's experts across the expert-parallel all-to-all."""
+    native engine and the final checkpoint load them; Qwen3-MoE's or Mixtral's). With routing
+    replay on, every trained token is routed through the engine's experts across the
+    expert-parallel all-to-all."""
     from safetensors import safe_open
 
     run_dir = tmp_path / "ep"
-    run_cli(["experiment=toy_moe_local", f"run_dir={run_dir}", "trainer.num_ranks=2", "trainer.ep_size=2",
-             "trainer.zero_stage=1", "warmup.steps=4", "trainer.steps=3", "env.num_eval=8", "eval.every=0",
-             "rollout.batch_prompts=8", "logger.progress=false", "trainer.routing_replay=true"], timeout=400)
+    run_cli(["experiment=toy_moe_local", f"model={model}", f"run_dir={run_dir}", "trainer.num_ranks=2",
+             "trainer.ep_size=2", "trainer.zero_stage=1", "warmup.steps=4", "trainer.steps=3", "env.num_eval=8",
+             "eval.every=0", "rollout.batch_prompts=8", "logger.progress=false", "trainer.routing_replay=true"],
+            timeout=400)
     ranks = json.loads((run_dir / "placement.json").read_text())["actors"]["trainer"]
     steps = read_metrics(str(run_dir / "metrics.jsonl"))
     assert [m["replay/token_frac"] for m in steps if "replay/token_frac" in m] == [1.0] * 3
@@ -315,7 +323,7 @@ def test_expert_parallel_ranks_hold_half_the_experts_and_publish_all_of_them(tmp
         names = set(fh.keys())
     for layer in range(2):
         for expert in range(4):
-            assert f"model.layers.{layer}.mlp.experts.{expert}.down_proj.weight" in names
+            assert f"model.layers.{layer}.{expert_weight.format(e=expert)}.weight" in names
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3
 

@@ -33,14 +33,45 @@ def test_checkpoint_is_a_hugging_face_qwen3_moe(tmp_path):
         torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
 
 
-def test_same_function_as_transformers_qwen3_moe(tmp_path):
-    """transformers loads our checkpoint as is and computes the same logits (fp32)."""
+def test_checkpoint_is_a_hugging_face_mixtral(tmp_path):
+    """model.type=mixtral: Mixtral's config.json and parameter names, no q/k norms, and a
+    Mixtral checkpoint loads back into the same function."""
+    cfg = tiny(type="mixtral")
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(cfg)
+    save_pretrained(model.canonical_state_dict(), cfg, str(tmp_path))
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["model_type"] == "mixtral" and meta["architectures"] == ["MixtralForCausalLM"]
+    assert meta["num_local_experts"] == 4 and meta["intermediate_size"] == cfg.d_ff and "norm_topk_prob" not in meta
+    state, loaded = load_pretrained(str(tmp_path))
+    assert loaded.type == "mixtral" and loaded.num_experts == 4 and loaded.d_ff == cfg.d_ff
+    assert {"model.layers.1.block_sparse_moe.experts.3.w1.weight", "model.layers.1.block_sparse_moe.experts.3.w2.weight",
+            "model.layers.1.block_sparse_moe.experts.3.w3.weight", "model.layers.0.block_sparse_moe.gate.weight"} <= set(state)
+    assert not any(".mlp." in k or "q_norm" in k or "gate_proj" in k for k in state)
+    again = Qwen3MoeForCausalLM(loaded)
+    again.load_canonical_state_dict(state)
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="missing="):  # a Qwen3 checkpoint is not a Mixtral one
+        again.load_canonical_state_dict(Qwen3MoeForCausalLM(tiny()).canonical_state_dict())
+    meta["sliding_window"] = 4096
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"config.json sliding_window=4096 is not supported \(needs None\)"):
+        model_config_from_hf(str(tmp_path))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_same_function_as_transformers(tmp_path, model_type):
+    """transformers loads our checkpoint as is (its own Qwen3-MoE or Mixtral class) and
+    computes the same logits (fp32)."""
     transformers = pytest.importorskip("transformers")
-    cfg = tiny()
+    cfg = tiny(type=model_type)
     torch.manual_seed(1)
     model = Qwen3MoeForCausalLM(cfg).eval()
     save_pretrained(model.canonical_state_dict(), cfg, str(tmp_path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    assert type(hf).__name__ == {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}[model_type]
     ids = torch.randint(0, 100, (3, 20))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
@@ -68,7 +99,8 @@ def test_logits_at_selects_positions_and_scattered_logprobs_match_the_full_head(
     assert scattered[1].abs().sum() == 0 and not scattered.isnan().any()
 
 
-def test_trainer_block_has_the_engines_names_and_function():
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_trainer_block_has_the_engines_names_and_function(model_type):
     """The DeepSpeed-wrapped policy publishes exactly the routing model's (HF) names, and with
     the same weights both compute the same logits."""
     from rlpost.trainer.ds_engine import DistEnv, init_distributed
@@ -79,7 +111,7 @@ def test_trainer_block_has_the_engines_names_and_function():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     init_distributed(DistEnv(0, 1, "127.0.0.1", port))
-    cfg = tiny()
+    cfg = tiny(type=model_type)
     torch.manual_seed(2)
     trainer_model = build_policy(cfg).eval()
     engine_model = Qwen3MoeForCausalLM(cfg).eval()

@@ -33,8 +33,9 @@ from rlpost.modeling import Qwen3MoeForCausalLM
 from rlpost.trainer.policy import build_policy
 
 
-# model.layers.<l>.mlp.experts.<j>.<proj>.weight: a routed expert's parameter, in HF names
-_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.)(\d+)(\..+)$")
+# model.layers.<l>.mlp.experts.<j>.<proj>.weight (Mixtral: block_sparse_moe): a routed expert's
+# parameter, in HF names
+_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.(?:mlp|block_sparse_moe)\.experts\.)(\d+)(\..+)$")
 
 
 def tool_use_metrics(trajs: list[Trajectory]) -> dict[str, float]:
