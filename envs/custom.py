@@ -3,11 +3,12 @@
 The factory (usually a class) is called as ``Factory(env_cfg, sandbox=sandbox_cfg)`` on the
 driver and in every rollout worker, so the module must be importable on every node (installed, or
 on ``PYTHONPATH``; with ``ray job submit``, in the working dir). ``env.options`` carries its own
-settings (``env.options.difficulty=3``). What it returns must implement :class:`rlpost.envs.base.Env`
-(checked here at start-up, with the missing pieces named); rewards it returns go through the same
-guard as the built-in envs' (timeout per sample, finite and inside its ``reward_range``), and
-``observe`` (multi-turn tool use) is optional. slime's ``--custom-generate-function-path`` /
-``--custom-rm-path`` and OpenRLHF's ``--agent_func_path`` fill the same need.
+settings (``+env.options.difficulty=3`` on the command line). What it returns must implement
+:class:`rlpost.envs.base.Env` (checked here at start-up, with the missing pieces named); its
+rewards go through the built-in envs' guard (timeout per sample, finite and inside its
+``reward_range``), and ``observe`` (multi-turn tool use) is optional and bounded the same way.
+slime's ``--custom-generate-function-path`` / ``--custom-rm-path`` and OpenRLHF's
+``--agent_func_path`` fill the same need.
 """
 
 from __future__ import annotations
