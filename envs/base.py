@@ -20,6 +20,7 @@ class RewardResult:
 class Env(Protocol):
     """What the driver (tasks, warm-up data) and the rollout worker (scoring) use of an env.
     Optional: ``score_many`` (score a group in one call), ``observe`` (multi-turn tool envs),
+    ``sft_example`` (warm-up demonstrations: an env without them runs with ``warmup.steps=0``),
     ``longest_train_prompt`` ((tokens, where) for envs whose training prompts come from data:
     the driver checks it against ``model.max_seq_len`` at start-up)."""
 

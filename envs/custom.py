@@ -21,7 +21,8 @@ from typing import Any
 from rlpost.config import ConfigError, EnvConfig, SandboxConfig
 
 REQUIRED_ATTRIBUTES = ("name", "tokenizer", "reward_range")
-REQUIRED_METHODS = ("train_task", "eval_tasks", "sft_example", "max_answer_len", "score")
+# sft_example (warm-up demonstrations) is optional: an env without them runs with warmup.steps=0
+REQUIRED_METHODS = ("train_task", "eval_tasks", "max_answer_len", "score")
 TOKENIZER_ATTRIBUTES = ("vocab_size", "eos_id", "encode", "decode")
 
 
@@ -70,5 +71,6 @@ def check_env(env: Any, spec: str) -> None:
         ok = False
     if not ok:
         raise ConfigError(f"env.name={spec!r}: reward_range={low_high!r} must be (low, high), finite, low < high")
-    if hasattr(env, "observe") and not callable(env.observe):
-        raise ConfigError(f"env.name={spec!r}: observe is not callable")
+    for optional in ("observe", "sft_example"):
+        if hasattr(env, optional) and not callable(getattr(env, optional)):
+            raise ConfigError(f"env.name={spec!r}: {optional} is not callable")

@@ -171,6 +171,9 @@ class Run:
         elif cfg.model.vocab_size < self.env.tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's "
                               f"{self.env.tokenizer.vocab_size}")
+        if cfg.warmup.steps and not callable(getattr(self.env, "sft_example", None)):
+            raise ConfigError(f"warmup.steps={cfg.warmup.steps}: env {cfg.env.name!r} has no sft_example "
+                              f"(warm-up demonstrations); set warmup.steps=0")
         needed = self.env.max_answer_len() + 1
         if cfg.rollout.max_new_tokens < needed:
             raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}: answers of this env "

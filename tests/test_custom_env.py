@@ -34,8 +34,8 @@ def test_a_custom_env_is_built_with_its_own_options_and_scored_through_the_guard
 
 
 @pytest.mark.parametrize("name, message", [
-    ("custom_env:NoScore", "env.name='custom_env:NoScore': the env lacks eval_tasks, sft_example, max_answer_len, "
-                           "score, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.encode, tokenizer.decode"),
+    ("custom_env:NoScore", "env.name='custom_env:NoScore': the env lacks eval_tasks, max_answer_len, score, "
+                           "tokenizer.vocab_size, tokenizer.eos_id, tokenizer.encode, tokenizer.decode"),
     ("custom_env:raising", "env.name='custom_env:raising': building it failed (RuntimeError: dataset server unreachable)"),
     ("custom_env:Missing", "env.name='custom_env:Missing': cannot load it (AttributeError"),
     ("no_such_module_here:Env", "env.name='no_such_module_here:Env': cannot load it (ModuleNotFoundError"),
@@ -53,6 +53,22 @@ def test_reward_range_of_a_custom_env_is_checked(monkeypatch):
     monkeypatch.setattr(custom_env.ReverseEnv, "reward_range", (0.0, float("inf")))
     with pytest.raises(ConfigError, match=r"reward_range=\(0.0, inf\) must be \(low, high\), finite, low < high"):
         load("env.name=custom_env:ReverseEnv")
+
+
+def test_an_env_without_demonstrations_runs_only_without_a_warm_up(tmp_path, monkeypatch):
+    """sft_example is optional: an RL-only env (a real checkpoint needs no warm-up) starts with
+    warmup.steps=0 and is refused, naming the key, with a warm-up."""
+    import custom_env
+
+    from rlpost.cli_config import load_config
+    from rlpost.run import Run
+
+    monkeypatch.delattr(custom_env.ReverseEnv, "sft_example")
+    args = ["env.name=custom_env:ReverseEnv", "env.num_eval=4", f"run_dir={tmp_path}/r"]
+    with pytest.raises(ConfigError, match=r"warmup.steps=1500: env 'custom_env:ReverseEnv' has no sft_example .*"
+                                          r"set warmup.steps=0"):
+        Run(load_config(["experiment=toy_moe_local", *args]))
+    assert Run(load_config(["experiment=toy_moe_local", "warmup.steps=0", *args])).env.name == "reverse"
 
 
 def test_the_loop_trains_on_a_custom_env_imported_in_every_worker(tmp_path):
