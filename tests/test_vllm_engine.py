@@ -183,3 +183,26 @@ def test_a_mixtral_policy_runs_in_vllms_mixtral_and_updates_in_place():
             np.testing.assert_allclose(o.logprobs, r.logprobs, atol=1e-4)
         outputs.append([o.token_ids for o in ours])
     assert outputs[0] != outputs[1]  # the update took: new weights, new text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_vllm_on_cuda_reports_the_experts_the_native_engine_routes_through(model_type):
+    """engine.return_routed_experts on CUDA (vLLM's Model Runner V2), what routing replay trains
+    with: one row of experts per generated token and layer, the same expert sets the native
+    engine routes that token's position through on the same weights (fp32, greedy), for both
+    architectures. Never run yet (no GPU lent so far): scripts/gpu_check.sh's tests stage runs it."""
+    from rlpost.rollout.vllm_engine import VLLMEngine
+
+    cfg = ModelConfig(type=model_type, vocab_size=40, max_seq_len=64, init_std=0.3)
+    engine = VLLMEngine(cfg, EngineConfig(name="vllm", chunk_tokens=4, max_batch_size=64, return_routed_experts=True,
+                                          gpu_memory_utilization=0.2), eos_id=NO_EOS, device="cuda")
+    native = NativeEngine(cfg, EngineConfig(chunk_tokens=4), eos_id=NO_EOS, device="cuda")
+    torch.manual_seed(0)
+    state = Qwen3MoeForCausalLM(cfg).canonical_state_dict()
+    engine.load_weights(state, 0)
+    native.load_weights(state, 0)
+    for o, r in zip(greedy(engine), greedy(native)):
+        assert o.token_ids == r.token_ids
+        assert o.routed_experts is not None and o.routed_experts.shape == (12, cfg.n_layers, cfg.top_k)
+        np.testing.assert_array_equal(np.sort(o.routed_experts, -1), np.sort(r.routed_experts, -1))
