@@ -39,6 +39,9 @@ class OverlongPenalty:
         return -self.factor * min(length - start, self.buffer) / self.buffer
 
 
+RESERVED_INFO = ("env_reward", "overlong_penalty")
+
+
 def apply_rewards(group: list[Trajectory], results: list[RewardResult], elapsed_s: float,
                   overlong: OverlongPenalty | None = None) -> int:
     """Write ``results`` into ``group``, plus ``overlong``'s penalty on training samples (the
@@ -47,7 +50,9 @@ def apply_rewards(group: list[Trajectory], results: list[RewardResult], elapsed_
     errors = 0
     for traj, result in zip(group, results):
         traj.reward = float(result.reward)
-        traj.env_info = {**traj.env_info, **result.info}
+        # the shaping's own keys are written here only: an env's info cannot supply them
+        info = {k: v for k, v in result.info.items() if k not in RESERVED_INFO}
+        traj.env_info = {**traj.env_info, **info}
         if overlong is not None and traj.purpose == "train":
             penalty = overlong(len(traj))
             traj.env_info.update(env_reward=traj.reward, overlong_penalty=penalty)

@@ -105,3 +105,7 @@ def test_overlong_penalty_is_linear_over_the_buffer_and_only_for_training_sample
     assert [t.reward for t in group] == pytest.approx([0.625, 1.0, 1.0])
     assert group[0].env_info == {"env_reward": 1.0, "overlong_penalty": -0.375}
     assert group[1].env_info["overlong_penalty"] == 0.0 and "overlong_penalty" not in group[2].env_info
+    # an env's info cannot supply the verdict reward/accuracy is computed from, shaping on or off
+    forged = [sample(3, "train")]
+    apply_rewards(forged, [RewardResult(0.0, {"env_reward": 1.0, "overlong_penalty": 5.0, "text": "x"})], 0.0)
+    assert forged[0].env_info == {"text": "x"} and forged[0].reward == 0.0
