@@ -108,6 +108,24 @@ def test_ppo_clip_with_truncated_is_matches_hand_values():
     assert torch.allclose(new.grad, expected, atol=1e-6)
 
 
+def test_each_off_policy_correction_matches_hand_values():
+    """The hand case under the other corrections (token level): ``mask_stale`` drops the stale
+    token and takes the ratio against the behaviour policy, ``ppo`` takes every ratio against
+    the behaviour policy with no weight, ``decoupled`` masks the token whose weight (4) exceeds
+    the cap instead of truncating it."""
+    new, old, behav, mask, adv = hand_case()
+    stale = torch.tensor([[False, True, False], [False, False, False]])
+    masked = policy_loss(new, old, behav, adv, mask, 0.2, 0.28, 2.0, correction="mask_stale", stale=stale)
+    assert masked.loss.item() == pytest.approx((-1.28 + 1.5) / 2, abs=1e-6)
+    plain = policy_loss(new, old, behav, adv, mask, 0.2, 0.28, 2.0, correction="ppo")
+    # row 0 token 1: ratio 0.5 / 0.25 = 2 against the behaviour policy, clipped at 1.28
+    assert plain.loss.item() == pytest.approx((-1.28 - 1.28 + 1.5) / 3, abs=1e-6)
+    assert plain.metrics["is_weight_mean"] == 1.0
+    decoupled = policy_loss(new, old, behav, adv, mask, 0.2, 0.28, 2.0, correction="decoupled")
+    assert decoupled.loss.item() == pytest.approx((-1.28 + 1.5) / 2, abs=1e-6)
+    assert decoupled.metrics["is_weight_mean"] == 1.0  # the weight-4 token is out, not capped
+
+
 def test_seq_mean_aggregation():
     new, old, behav, mask, adv = hand_case()
     out = policy_loss(new, old, behav, adv, mask, 0.2, 0.28, 2.0, loss_agg="seq_mean")
