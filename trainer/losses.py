@@ -223,26 +223,31 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
     return PolicyLossOutput(loss, metrics)
 
 
-def _sequence_mean(values: torch.Tensor, mask: torch.Tensor, seq_ids: torch.Tensor | None) -> torch.Tensor:
-    """(B, T): at every position, the mean of ``values`` over the masked positions of its
-    sequence (a row, or ``seq_ids``' sequence in a packed batch); 0 for a sequence with none."""
+def _num_sequences(values: torch.Tensor, seq_ids: torch.Tensor | None) -> int:
+    """Sequences in the batch: its rows, or the ``seq_ids`` of a packed one (numbered from 0)."""
+    return values.shape[0] if seq_ids is None else int(seq_ids.max()) + 1
+
+
+def _sequence_means(values: torch.Tensor, mask: torch.Tensor,
+                    seq_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S,) the mean of ``values`` over each sequence's masked positions (0 for a sequence with
+    none), and the (B, T) index of each position's sequence: its row, or its ``seq_ids`` entry in
+    a packed batch (padding, -1, is counted in no sequence)."""
     if seq_ids is None:
-        per_row = (values * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-        return per_row[:, None].expand_as(values)
-    sums, counts, ids = _per_sequence_sums(values, mask, seq_ids)
-    return (sums / counts.clamp_min(1))[ids].reshape(values.shape)
-
-
-def _per_sequence_sums(values: torch.Tensor, mask: torch.Tensor,
-                       seq_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Masked sums and counts per sequence of a packed batch, and each position's sequence
-    (padding, -1, is counted nowhere)."""
+        means = (values * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        return means, torch.arange(values.shape[0], device=values.device)[:, None].expand_as(values)
     ids = seq_ids.reshape(-1)
     real = ids >= 0
-    ids, num_seqs = ids.clamp_min(0), int(ids.max()) + 1
+    ids, num_seqs = ids.clamp_min(0), _num_sequences(values, seq_ids)
     sums = values.new_zeros(num_seqs).index_add(0, ids, (values * mask).reshape(-1) * real)
     counts = values.new_zeros(num_seqs).index_add(0, ids, mask.reshape(-1) * real)
-    return sums, counts, ids
+    return sums / counts.clamp_min(1), ids.reshape(values.shape)
+
+
+def _sequence_mean(values: torch.Tensor, mask: torch.Tensor, seq_ids: torch.Tensor | None) -> torch.Tensor:
+    """(B, T): at every position, the mean of ``values`` over the masked positions of its sequence."""
+    means, index = _sequence_means(values, mask, seq_ids)
+    return means[index]
 
 
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum_norm")
@@ -255,12 +260,7 @@ def _aggregate(values: torch.Tensor, mask: torch.Tensor, how: str,
     if how == "seq_sum_norm":
         if norm_len < 1:
             raise ValueError(f"loss_agg=seq_sum_norm needs norm_len >= 1 (the response budget), got {norm_len}")
-        num_seqs = values.shape[0] if seq_ids is None else int(seq_ids.max()) + 1
-        return (values * mask).sum() / (max(num_seqs, 1) * norm_len)
+        return (values * mask).sum() / (max(_num_sequences(values, seq_ids), 1) * norm_len)
     if how == "seq_mean":
-        if seq_ids is None:
-            per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-            return per_seq.mean()
-        sums, counts, _ = _per_sequence_sums(values, mask, seq_ids)
-        return (sums / counts.clamp_min(1)).mean()
+        return _sequence_means(values, mask, seq_ids)[0].mean()
     raise ValueError(f"loss_agg={how!r}: must be one of {', '.join(LOSS_AGGREGATIONS)}")
