@@ -159,6 +159,16 @@ class RolloutConfig:
 # rlpost/weights.py: auto (shm on one node, else ray), node-local shared memory, Ray's object
 # store, safetensors files
 WEIGHT_TRANSPORTS = ("auto", "shm", "ray", "file")
+# trainer/losses.py's choices, named once for the loss and for these checks
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum_norm")
+RATIO_LEVELS = ("token", "sequence")
+OFF_POLICY_CORRECTIONS = ("tis", "decoupled", "mask_stale", "ppo")
+
+
+def _either(names: tuple[str, ...]) -> str:
+    """``a, b or c``."""
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 @dataclass
@@ -252,14 +262,14 @@ class TrainerConfig:
         _check(self.tis_cap >= 1, f"{p}.tis_cap", self.tis_cap, "must be >= 1")
         _check(self.kl_coef >= 0, f"{p}.kl_coef", self.kl_coef, "must be >= 0")
         _check(0 <= self.entropy_coef < float("inf"), f"{p}.entropy_coef", self.entropy_coef, "must be a finite number >= 0")
-        _check(self.loss_agg in ("token_mean", "seq_mean", "seq_sum_norm"), f"{p}.loss_agg", self.loss_agg,
-               "must be token_mean, seq_mean or seq_sum_norm")
-        _check(self.advantage in ("grpo", "rloo", "reinforce_pp_baseline"), f"{p}.advantage", self.advantage,
-               "must be grpo, rloo or reinforce_pp_baseline")
-        _check(self.ratio_level in ("token", "sequence"), f"{p}.ratio_level", self.ratio_level,
-               "must be token or sequence (GSPO)")
-        _check(self.off_policy in ("tis", "decoupled", "mask_stale", "ppo"), f"{p}.off_policy",
-               self.off_policy, "must be tis, decoupled, mask_stale or ppo")
+        _check(self.loss_agg in LOSS_AGGREGATIONS, f"{p}.loss_agg", self.loss_agg,
+               f"must be {_either(LOSS_AGGREGATIONS)}")
+        _check(self.advantage in ADVANTAGE_ESTIMATORS, f"{p}.advantage", self.advantage,
+               f"must be {_either(ADVANTAGE_ESTIMATORS)}")
+        _check(self.ratio_level in RATIO_LEVELS, f"{p}.ratio_level", self.ratio_level,
+               f"must be {_either(RATIO_LEVELS)} (GSPO)")
+        _check(self.off_policy in OFF_POLICY_CORRECTIONS, f"{p}.off_policy", self.off_policy,
+               f"must be {_either(OFF_POLICY_CORRECTIONS)}")
         _check(self.ppo_minibatches >= 1, f"{p}.ppo_minibatches", self.ppo_minibatches, "must be >= 1")
         _check(self.publish_every >= 1, f"{p}.publish_every", self.publish_every, "must be >= 1")
         _check(self.checkpoint_every >= 0, f"{p}.checkpoint_every", self.checkpoint_every, "must be >= 0")

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rlpost.config import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, OFF_POLICY_CORRECTIONS, RATIO_LEVELS
+
 
 def grpo_advantages(rewards: torch.Tensor, std_norm: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """Group-normalised advantages for rewards shaped (groups, group_size)."""
@@ -33,9 +35,6 @@ def grpo_advantages(rewards: torch.Tensor, std_norm: bool = True, eps: float = 1
     if std_norm:
         centered = centered / (rewards.std(dim=1, keepdim=True, unbiased=True) + eps)
     return centered
-
-
-ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")
 
 
 def advantages(rewards: torch.Tensor, estimator: str = "grpo", std_norm: bool = True,
@@ -124,10 +123,6 @@ class PolicyLossOutput:
     metrics: dict[str, float]
 
 
-CORRECTIONS = ("tis", "decoupled", "mask_stale", "ppo")
-RATIO_LEVELS = ("token", "sequence")
-
-
 def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torch.Tensor,
                 advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float, clip_eps_high: float,
                 tis_cap: float, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
@@ -165,8 +160,8 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
 
     ``seq_ids`` (B, T) names the sequence of each position when several share a row (a packed
     batch); ``seq_mean`` and the sequence-level ratios then work per sequence, not per row."""
-    if correction not in CORRECTIONS:
-        raise ValueError(f"correction={correction!r}: must be one of {', '.join(CORRECTIONS)}")
+    if correction not in OFF_POLICY_CORRECTIONS:
+        raise ValueError(f"correction={correction!r}: must be one of {', '.join(OFF_POLICY_CORRECTIONS)}")
     if ratio_level not in RATIO_LEVELS:
         raise ValueError(f"ratio_level={ratio_level!r}: must be one of {', '.join(RATIO_LEVELS)}")
     per_sequence = ratio_level == "sequence"
@@ -248,9 +243,6 @@ def _sequence_mean(values: torch.Tensor, mask: torch.Tensor, seq_ids: torch.Tens
     """(B, T): at every position, the mean of ``values`` over the masked positions of its sequence."""
     means, index = _sequence_means(values, mask, seq_ids)
     return means[index]
-
-
-LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum_norm")
 
 
 def _aggregate(values: torch.Tensor, mask: torch.Tensor, how: str,
