@@ -36,7 +36,6 @@ from torch import nn
 from rlpost.config import ConfigError, ModelConfig
 
 HF_MODEL_TYPE = "qwen3_moe"
-HF_ARCHITECTURE = "Qwen3MoeForCausalLM"
 # model.type -> the Hugging Face architecture written to and read from config.json
 HF_ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
 
