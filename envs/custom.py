@@ -14,11 +14,10 @@ slime's ``--custom-generate-function-path`` / ``--custom-rm-path`` and OpenRLHF'
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable
 from typing import Any
 
-from rlpost.config import ConfigError, EnvConfig, SandboxConfig
+from rlpost.config import ConfigError, EnvConfig, SandboxConfig, is_reward_range
 
 REQUIRED_ATTRIBUTES = ("name", "tokenizer", "reward_range")
 # sft_example (warm-up demonstrations) is optional: an env without them runs with warmup.steps=0
@@ -63,14 +62,9 @@ def check_env(env: Any, spec: str) -> None:
         missing += [f"tokenizer.{a}" for a in TOKENIZER_ATTRIBUTES if not hasattr(tokenizer, a)]
     if missing:
         raise ConfigError(f"env.name={spec!r}: the env lacks {', '.join(missing)} (see rlpost/envs/base.py Env)")
-    low_high = getattr(env, "reward_range")
-    try:
-        low, high = (float(v) for v in low_high)
-        ok = math.isfinite(low) and math.isfinite(high) and low < high
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ConfigError(f"env.name={spec!r}: reward_range={low_high!r} must be (low, high), finite, low < high")
+    if not is_reward_range(env.reward_range):
+        raise ConfigError(f"env.name={spec!r}: reward_range={env.reward_range!r} must be (low, high), finite, "
+                          f"low < high")
     for optional in ("observe", "sft_example"):
         if hasattr(env, optional) and not callable(getattr(env, optional)):
             raise ConfigError(f"env.name={spec!r}: {optional} is not callable")

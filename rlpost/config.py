@@ -166,6 +166,15 @@ RATIO_LEVELS = ("token", "sequence")
 OFF_POLICY_CORRECTIONS = ("tis", "decoupled", "mask_stale", "ppo")
 
 
+def is_reward_range(values: Any) -> bool:
+    """``(low, high)``: two finite numbers, low < high (a config's or an env's reward range)."""
+    try:
+        low, high = (float(v) for v in values)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(low) and math.isfinite(high) and low < high
+
+
 def _either(names: tuple[str, ...]) -> str:
     """``a, b or c``."""
     return f"{', '.join(names[:-1])} or {names[-1]}"
@@ -365,8 +374,7 @@ class EnvConfig:
                    "must contain {prompt}")
             _check(self.reward in ("math", "exact") or (":" in self.reward and all(self.reward.split(":", 1))),
                    f"{p}.reward", self.reward, "must be math, exact or package.module:function")
-        _check(len(self.reward_range) == 2 and all(math.isfinite(v) for v in self.reward_range)
-               and self.reward_range[0] < self.reward_range[1], f"{p}.reward_range", self.reward_range,
+        _check(is_reward_range(self.reward_range), f"{p}.reward_range", self.reward_range,
                "must be [low, high], finite, low < high")
         _check(self.eval_set in ("toy", "humaneval"), f"{p}.eval_set", self.eval_set, "must be toy or humaneval")
         _check(self.eval_set == "toy" or (self.name == "coding" and self.tokenizer != "char"), f"{p}.eval_set",
