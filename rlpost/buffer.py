@@ -11,16 +11,25 @@ Layout, one key prefix per run (``rlpost:{run}:``):
 * ``control``   hash of run-wide signals (``stop``, ``abort_round``).
 * ``workers``   hash of worker heartbeats (msgpack).
 * ``trained``   set of trajectory ids already used by an optimiser step (idempotency).
+* ``filtered``  count of groups the trainer dropped (the driver submits prompts in their place).
+* ``submitted:{token}`` one-time token of a submission (expires after a day; not checkpointed).
 
 Consumer groups with explicit acknowledgements give at-least-once delivery: an item read but not
 acked stays in the group's pending list and is reclaimed by XAUTOCLAIM when its consumer dies.
 Trajectory ids are deterministic (task id + index), and the trainer checks ``trained`` before
 using one, so at-least-once delivery never trains a sample twice.
+
+Every write that moves an item on (finish, park, requeue, train, drop) is one Lua script gated on
+XACK of the item it consumes: the move happens only if that entry was still pending. A client
+retries a command whose reply it lost (a Redis killed after committing it); the second run, and the
+finish of a worker that hung while its task was reclaimed and finished elsewhere, acks nothing and
+adds nothing. Submissions carry a one-time token for the same reason.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -46,6 +55,52 @@ class BufferDataError(ValueError):
 
 WORKER_GROUP = "workers"
 TRAINER_GROUP = "trainer"
+
+# KEYS: (source stream, destination stream) per item; ARGV: the source's consumer group, then
+# (entry id, payload) per item. An item moves only if its XACK acks it; its entry is deleted either way.
+_MOVE = """
+local moved = 0
+for i = 1, #KEYS / 2 do
+  local id = ARGV[2 * i]
+  if redis.call('XACK', KEYS[2 * i - 1], ARGV[1], id) == 1 then
+    redis.call('XADD', KEYS[2 * i], '*', 'data', ARGV[2 * i + 1])
+    moved = moved + 1
+  end
+  redis.call('XDEL', KEYS[2 * i - 1], id)
+end
+return moved
+"""
+
+# KEYS: complete, trained set, filtered counter; ARGV: group, 1 if dropped (not trained), the number
+# of entry ids n, the n ids, then the groups' trajectory ids. The ids are recorded as done even if
+# an entry was acked before (a retry); the drop counter counts only the entries this call acked.
+_CONSUME = """
+local n = tonumber(ARGV[3])
+local acked = 0
+for i = 4, 3 + n do
+  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  redis.call('XDEL', KEYS[1], ARGV[i])
+end
+for i = 4 + n, #ARGV do
+  redis.call('SADD', KEYS[2], ARGV[i])
+end
+if ARGV[2] == '1' and acked > 0 then
+  redis.call('INCRBY', KEYS[3], acked)
+end
+return acked
+"""
+
+# KEYS: tasks, the submission's token key; ARGV: token lifetime (s), then the tasks' payloads.
+_SUBMIT = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
+  return 0
+end
+for i = 2, #ARGV do
+  redis.call('XADD', KEYS[1], '*', 'data', ARGV[i])
+end
+return #ARGV - 1
+"""
+SUBMIT_TOKEN_TTL_S = 24 * 3600
 
 
 @dataclass
@@ -93,6 +148,9 @@ class RedisBuffer:
         self.prefix = f"rlpost:{run}:"
         # the trainer's model vocabulary: complete groups with a token id outside it are dead-lettered
         self.vocab_size: int | None = None
+        self._move = client.register_script(_MOVE)
+        self._consume_script = client.register_script(_CONSUME)
+        self._submit = client.register_script(_SUBMIT)
 
     @classmethod
     def from_url(cls, url: str, run: str, **auth) -> "RedisBuffer":
@@ -120,13 +178,12 @@ class RedisBuffer:
 
     # ----------------------------------------------------------------- tasks
     def put_tasks(self, tasks: Iterable[Task]) -> int:
-        pipe = self.client.pipeline(transaction=False)
-        n = 0
-        for task in tasks:
-            pipe.xadd(self.key("tasks"), {"data": pack_task(task)})
-            n += 1
-        pipe.execute()
-        return n
+        """Submit tasks, all or none, once: a retried submission finds its token taken."""
+        payloads = [pack_task(task) for task in tasks]
+        if payloads:
+            token = self.key(f"submitted:{uuid.uuid4().hex}")
+            self._submit(keys=[self.key("tasks"), token], args=[SUBMIT_TOKEN_TTL_S, *payloads])
+        return len(payloads)
 
     def read_tasks(self, consumer: str, count: int, block_ms: int | None = None) -> list[Delivery]:
         """Up to ``count`` tasks for ``consumer``: partials to resume first, then new tasks."""
@@ -165,30 +222,31 @@ class RedisBuffer:
         return self._decode([[self.key(stream).encode(), entries]], decoder)
 
     def park_partials(self, parked: list[tuple[Delivery, GroupEntry]]) -> None:
-        """Put unfinished groups back for resumption and ack what they came from, in one
-        transaction (a round cut parks every in-flight group at once)."""
-        if not parked:
-            return
-        pipe = self.client.pipeline(transaction=True)
-        for delivery, partial in parked:
-            pipe.xadd(self.key("partials"), {"data": pack_entry(partial)})
-            pipe.xack(delivery.stream, WORKER_GROUP, delivery.entry_id)
-            pipe.xdel(delivery.stream, delivery.entry_id)
-        pipe.execute()
+        """Put unfinished groups back for resumption and ack what they came from, atomically (a
+        round cut parks every in-flight group at once)."""
+        self._move_items(WORKER_GROUP, [(d, self.key("partials"), pack_entry(partial)) for d, partial in parked])
 
     def finish_tasks(self, finished: list[tuple[Delivery, Task, list[Trajectory]]]) -> None:
-        """Write each task's group of trajectories and ack the task, all in one transaction, so a
-        crash can neither lose the samples nor leave a task acked without them."""
-        if not finished:
-            return
-        pipe = self.client.pipeline(transaction=True)
+        """Write each task's group of trajectories and ack the task, atomically, so a crash can
+        neither lose the samples nor leave a task acked without them; a task no longer pending
+        (finished already) adds nothing."""
+        moves = []
         for delivery, task, group in finished:
             purpose = group[0].purpose
             stream = "complete" if purpose == "train" else f"eval:{purpose.removeprefix('eval:')}"
-            pipe.xadd(self.key(stream), {"data": pack_entry(GroupEntry(task, group))})
-            pipe.xack(delivery.stream, WORKER_GROUP, delivery.entry_id)
-            pipe.xdel(delivery.stream, delivery.entry_id)
-        pipe.execute()
+            moves.append((delivery, self.key(stream), pack_entry(GroupEntry(task, group))))
+        self._move_items(WORKER_GROUP, moves)
+
+    def _move_items(self, group: str, moves: list[tuple[Delivery, str, bytes]]) -> int:
+        """Ack each delivery and add its payload to its destination stream, in one script; only
+        deliveries still pending move. Returns how many moved."""
+        if not moves:
+            return 0
+        keys, args = [], [group]
+        for delivery, destination, payload in moves:
+            keys += [delivery.stream, destination]
+            args += [delivery.entry_id, payload]
+        return int(self._move(keys=keys, args=args))
 
     def finish_task(self, delivery: Delivery, task: Task, group: list[Trajectory]) -> None:
         self.finish_tasks([(delivery, task, group)])
@@ -213,15 +271,7 @@ class RedisBuffer:
 
     def requeue(self, deliveries: list[Delivery]) -> None:
         """Send complete groups back as fresh tasks (too stale to train) and ack them, atomically."""
-        if not deliveries:
-            return
-        pipe = self.client.pipeline(transaction=True)
-        for d in deliveries:
-            pipe.xadd(self.key("tasks"), {"data": pack_task(d.item.task)})
-        ids = [d.entry_id for d in deliveries]
-        pipe.xack(self.key("complete"), TRAINER_GROUP, *ids)
-        pipe.xdel(self.key("complete"), *ids)
-        pipe.execute()
+        self._move_items(TRAINER_GROUP, [(d, self.key("tasks"), pack_task(d.item.task)) for d in deliveries])
 
     def ack_trained(self, deliveries: list[Delivery]) -> None:
         """Record the groups' trajectories as trained and ack them, atomically."""
@@ -233,17 +283,18 @@ class RedisBuffer:
         ``filtered`` counter tells the driver how many prompts to submit in their place."""
         self._consume(deliveries, filtered=True)
 
-    def _consume(self, deliveries: list[Delivery], filtered: bool) -> None:
+    def discard_copies(self, deliveries: list[Delivery]) -> None:
+        """Ack away second copies of groups the trainer already holds, recording nothing: the
+        copy it keeps is marked trained when it is trained."""
+        self._consume(deliveries, filtered=False, record=False)
+
+    def _consume(self, deliveries: list[Delivery], filtered: bool, record: bool = True) -> None:
         if not deliveries:
             return
-        pipe = self.client.pipeline(transaction=True)
-        pipe.sadd(self.key("trained"), *[t.traj_id for d in deliveries for t in d.item.group])
         ids = [d.entry_id for d in deliveries]
-        pipe.xack(self.key("complete"), TRAINER_GROUP, *ids)
-        pipe.xdel(self.key("complete"), *ids)
-        if filtered:
-            pipe.incrby(self.key("filtered"), len(deliveries))
-        pipe.execute()
+        traj_ids = [t.traj_id for d in deliveries for t in d.item.group] if record else []
+        self._consume_script(keys=[self.key("complete"), self.key("trained"), self.key("filtered")],
+                             args=[TRAINER_GROUP, int(filtered), len(ids), *ids, *traj_ids])
 
     def filtered_groups(self) -> int:
         """Groups dropped by the trainer's filter since the run began."""
@@ -359,7 +410,8 @@ class RedisBuffer:
     def snapshot(self) -> dict[bytes, bytes]:
         """Every key of the run (streams with their consumer groups and pending lists, the trained
         set, the version, control) as Redis DUMP payloads, taken in one MULTI so it is consistent."""
-        keys = sorted(self.client.scan_iter(match=self.prefix + "*", count=1000))
+        tokens = self.prefix.encode() + b"submitted:"
+        keys = sorted(k for k in self.client.scan_iter(match=self.prefix + "*", count=1000) if not k.startswith(tokens))
         pipe = self.client.pipeline(transaction=True)
         for key in keys:
             pipe.dump(key)

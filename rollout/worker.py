@@ -364,7 +364,7 @@ class RolloutWorker:
         traj.status = Status.PENDING  # generation continues after the observation
 
     def _ship(self, scored: list[WorkItem]) -> None:
-        """Write scored groups to the buffer in one transaction (several groups often finish
+        """Write scored groups to the buffer in one atomic script (several groups often finish
         scoring between two chunk boundaries)."""
         if not scored:
             return

@@ -3,8 +3,11 @@
 import json
 import pickle
 
+import pytest
+
 from rlpost.buffer import TRAINER_GROUP, WORKER_GROUP
-from rlpost.records import SamplingParams, Status, Task, Trajectory, WeightVersion
+from rlpost.records import (GroupEntry, SamplingParams, Status, Task, Trajectory, WeightVersion, unpack_entry,
+                            unpack_task)
 
 
 def make_task(i: int, group_size: int = 2) -> Task:
@@ -332,3 +335,81 @@ def test_uniform_reward_groups_are_dropped_up_to_the_budget_and_counted_for_the_
     _complete_groups(buffer, [[1, 1]])
     got, _, dropped = _collector(buffer, cfg, tmp_path)(1)
     assert len(got) == 1 and dropped == [] and buffer.filtered_groups() == 3
+
+
+@pytest.fixture
+def flaky(redis_url, buffer):
+    """The test's buffer behind a proxy that can lose a reply (tests/lost_reply.py), and the
+    proxy; the buffer's own client (``buffer``) sees the server directly."""
+    from lost_reply import LostReplyProxy
+
+    from rlpost.buffer import RedisBuffer, connect
+
+    proxy = LostReplyProxy(redis_url.removeprefix("unix://"))
+    yield RedisBuffer(connect(proxy.url), buffer.run), proxy
+    proxy.close()
+
+
+WRITES = (b"EXEC", b"EVALSHA", b"XADD")
+
+
+def test_a_write_whose_reply_is_lost_is_applied_once(buffer, flaky):
+    """Redis ran a write but died before replying (a SIGKILL after an appendfsync=always commit):
+    the client's retry sends the write again. Every write that moves items (submit, finish, park,
+    requeue, drop) must come out as if it ran once: no group twice in ``complete``, no task twice,
+    no drop counted twice. (Found by CI: after a Redis kill, a retried finish put 4 groups in
+    ``complete`` twice and the trainer trained them twice in one step.)"""
+    via, proxy = flaky
+    proxy.lose_reply_to(*WRITES)
+    via.put_tasks([make_task(i) for i in range(3)])
+    assert proxy.dropped == 1
+    assert buffer.client.xlen(buffer.key("tasks")) == 3
+
+    got = via.read_tasks("w0", count=3, block_ms=100)
+    proxy.lose_reply_to(*WRITES)
+    via.finish_tasks([(d, d.item, finished_group(d.item)) for d in got[:2]])
+    assert proxy.dropped == 2
+    assert [unpack_entry(f[b"data"]).task.task_id for _, f in buffer.client.xrange(buffer.key("complete"))] == ["t0", "t1"]
+    assert buffer.client.xpending(buffer.key("tasks"), WORKER_GROUP)["pending"] == 1
+
+    proxy.lose_reply_to(*WRITES)
+    partial = finished_group(got[2].item)
+    via.park_partials([(got[2], GroupEntry(got[2].item, partial))])
+    assert proxy.dropped == 3
+    assert buffer.client.xlen(buffer.key("partials")) == 1 and buffer.client.xlen(buffer.key("tasks")) == 0
+
+    groups = via.read_complete("trainer-0", count=2, block_ms=100)
+    proxy.lose_reply_to(*WRITES)
+    via.requeue(groups[:1])
+    assert proxy.dropped == 4
+    assert [unpack_task(f[b"data"]).task_id for _, f in buffer.client.xrange(buffer.key("tasks"))] == ["t0"]
+    proxy.lose_reply_to(*WRITES)
+    via.ack_filtered(groups[1:])
+    assert proxy.dropped == 5
+    assert buffer.filtered_groups() == 1 and buffer.client.xlen(buffer.key("complete")) == 0
+    assert buffer.already_trained(["t1/0", "t1/1"]) == [True, True]
+
+
+def test_a_late_finish_of_a_reclaimed_task_adds_nothing(buffer):
+    """A worker that hung past reclaim_idle_ms finishes a task another worker already reclaimed
+    and finished: only the first finish reaches ``complete``."""
+    buffer.put_tasks([make_task(0)])
+    slow = buffer.read_tasks("w-slow", count=1, block_ms=100)[0]
+    fast = buffer.reclaim("tasks", WORKER_GROUP, "w-fast", min_idle_ms=0)[0]
+    buffer.finish_task(fast, fast.item, finished_group(fast.item))
+    buffer.finish_task(slow, slow.item, finished_group(slow.item))
+    assert buffer.client.xlen(buffer.key("complete")) == 1
+
+
+def test_a_group_in_complete_twice_is_trained_once(buffer, small_cfg, tmp_path):
+    """The trainer's own guard, whatever Redis delivers: a second copy of a group read in the same
+    step (written twice by an older client, or restored from a file) is acked away, not trained,
+    and not marked trained before the kept copy is."""
+    _complete_groups(buffer, [[0, 1], [1, 0]])
+    first, second = buffer.client.xrange(buffer.key("complete"))
+    buffer.client.xadd(buffer.key("complete"), {"data": first[1][b"data"]})  # t0 again
+    _complete_groups(buffer, [[0, 1], [1, 0], [0, 1]])  # t0, t1 (copies again) and t2
+    got, _, _ = _collector(buffer, small_cfg, tmp_path)(3)
+    assert [d.item.task.task_id for d in got] == ["t0", "t1", "t2"]
+    assert buffer.already_trained(["t0/0", "t1/0", "t2/0"]) == [False, False, False]
+    assert buffer.client.xpending(buffer.key("complete"), TRAINER_GROUP)["pending"] == 3

@@ -218,7 +218,8 @@ class TrainerRank:
     def _collect_groups(self, want: int, timeout_s: float, step: int = 0) -> tuple[list[Delivery], int, list[Delivery]]:
         """Read ``want`` whole, untrained, fresh-enough groups from Redis (blocking).
 
-        Already-trained duplicates are acked away; groups with a token more than
+        Already-trained duplicates, and second copies of a group read in this step, are acked
+        away (a sample is never trained twice, whatever Redis delivers); groups with a token more than
         ``rollout.max_staleness`` versions behind the current weights go back as fresh tasks;
         with ``rollout.filter_uniform_groups``, groups whose rewards are all equal are consumed
         without training (the driver submits prompts in their place) until
@@ -233,6 +234,7 @@ class TrainerRank:
         bound = r.max_staleness
         drop_budget = math.ceil(r.filter_max_batches * want) if r.filter_uniform_groups else 0
         dropped: list[Delivery] = []
+        held: set[str] = set()  # trajectory ids of the groups taken, dropped or requeued in this step
         deadline = time.monotonic() + timeout_s
         reclaim = True  # at the start, then whenever a read comes back empty
         while len(got) < want:
@@ -248,19 +250,26 @@ class TrainerRank:
                 continue
             # one round trip for the trained-set check of every group read, one for each outcome
             trained = self.buffer.already_trained([t.traj_id for d in fresh for t in d.item.group])
-            duplicates, stale, uniform, at = [], [], [], 0
+            duplicates, copies, stale, uniform, at = [], [], [], [], 0
             for d in fresh:
                 group = d.item.group
                 at += len(group)
+                ids = {t.traj_id for t in group}
                 if all(trained[at - len(group):at]):
                     duplicates.append(d)
-                elif self.cfg.mode != "sync" and too_stale(_oldest(group), self.version, bound):
+                    continue
+                if ids & held:
+                    copies.append(d)
+                    continue
+                held |= ids
+                if self.cfg.mode != "sync" and too_stale(_oldest(group), self.version, bound):
                     stale.append(d)
                 elif len(dropped) + len(uniform) < drop_budget and len({t.reward for t in group}) == 1:
                     uniform.append(d)
                 else:
                     got.append(d)
             self.buffer.ack_trained(duplicates)
+            self.buffer.discard_copies(copies)
             self.buffer.requeue(stale)
             self.buffer.ack_filtered(uniform)
             if uniform:  # logged now: a rank that dies before the step ends must not lose the record
