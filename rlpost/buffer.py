@@ -221,6 +221,15 @@ class RedisBuffer:
         decoder = {"tasks": unpack_task, "complete": self._unpack_complete}.get(stream, unpack_entry)
         return self._decode([[self.key(stream).encode(), entries]], decoder)
 
+    def reclaim_work(self, consumer: str, min_idle_ms: int, count: int) -> list[Delivery]:
+        """A worker's take-over of idle unacked work, partials first as in read_tasks: items of a
+        worker that died for good, or read by a request whose reply was lost (the client's retry
+        read the next entries; the first stay pending under its name until reclaimed here)."""
+        out = self.reclaim("partials", WORKER_GROUP, consumer, min_idle_ms, count=count)
+        if len(out) < count:
+            out += self.reclaim("tasks", WORKER_GROUP, consumer, min_idle_ms, count=count - len(out))
+        return out
+
     def park_partials(self, parked: list[tuple[Delivery, GroupEntry]]) -> None:
         """Put unfinished groups back for resumption and ack what they came from, atomically (a
         round cut parks every in-flight group at once)."""

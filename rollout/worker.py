@@ -390,8 +390,8 @@ class RolloutWorker:
             deliveries = self._backlog or self.buffer.read_tasks(self.name, batch, block_ms=100)
             self._backlog = []
             if len(deliveries) < batch:
-                deliveries += self.buffer.reclaim("tasks", "workers", self.name,
-                                                  self.cfg.buffer.reclaim_idle_ms, count=batch - len(deliveries))
+                deliveries += self.buffer.reclaim_work(self.name, self.cfg.buffer.reclaim_idle_ms,
+                                                       count=batch - len(deliveries))
             self.stats.idle_s += time.perf_counter() - t_idle
             if deliveries:
                 try:

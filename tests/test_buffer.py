@@ -413,3 +413,26 @@ def test_a_group_in_complete_twice_is_trained_once(buffer, small_cfg, tmp_path):
     assert [d.item.task.task_id for d in got] == ["t0", "t1", "t2"]
     assert buffer.already_trained(["t0/0", "t1/0", "t2/0"]) == [False, False, False]
     assert buffer.client.xpending(buffer.key("complete"), TRAINER_GROUP)["pending"] == 3
+
+
+def test_items_read_by_a_request_whose_reply_was_lost_are_reclaimed(buffer, flaky):
+    """A read that Redis ran but whose reply was lost leaves its entries pending under the reader's
+    name while the retry reads the next ones: the worker's and the trainer's reclaims bring them
+    back (partials too: a parked group must not wait for a worker restart that never comes)."""
+    via, proxy = flaky
+    buffer.put_tasks([make_task(i) for i in range(4)])
+    d = buffer.read_tasks("w-old", count=2, block_ms=100)
+    buffer.park_partials([(x, GroupEntry(x.item, finished_group(x.item))) for x in d])
+    proxy.lose_reply_to(b"XREADGROUP")
+    got = via.read_tasks("w0", count=1, block_ms=100)
+    assert proxy.dropped == 1 and len(got) == 1  # the retry read the next entry
+    back = via.reclaim_work("w0", min_idle_ms=0, count=10)  # idle 0: also takes the one just read
+    assert {x.item.task.task_id for x in back} == {"t0", "t1"} and {x.stream for x in back} == {buffer.key("partials")}
+
+    via.finish_tasks([(x, x.item.task, x.item.group) for x in got + back])  # t1 twice: once in complete
+    assert buffer.client.xlen(buffer.key("complete")) == 2
+    proxy.lose_reply_to(b"XREADGROUP")
+    first = via.read_complete("trainer-0", count=1, block_ms=100)
+    assert proxy.dropped == 2 and len(first) == 1
+    again = via.reclaim("complete", TRAINER_GROUP, "trainer-0", min_idle_ms=0)
+    assert {x.item.task.task_id for x in again} == {"t0", "t1"}  # the one whose reply was lost too
