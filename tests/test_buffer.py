@@ -294,13 +294,13 @@ def _complete_groups(buffer, rewards_per_group: list[list[float]]) -> None:
         buffer.finish_task(d, d.item, group)
 
 
-def _collector(buffer, cfg, run_dir):
+def _collector(buffer, cfg, run_dir, version: int = 0):
     """The trainer rank's group collection, without its DeepSpeed engine (what it reads is Redis)."""
     from types import SimpleNamespace
 
     from rlpost.trainer.actor import TrainerRank
 
-    rank = SimpleNamespace(buffer=buffer, cfg=cfg, version=0, consumer="trainer-0", rank=0, _own_pending_read=False,
+    rank = SimpleNamespace(buffer=buffer, cfg=cfg, version=version, consumer="trainer-0", rank=0, _own_pending_read=False,
                            run_dir=str(run_dir))
     rank._log_ids = lambda *args: TrainerRank._log_ids(rank, *args)
     return lambda want: TrainerRank._collect_groups(rank, want, timeout_s=5, step=1)
@@ -436,3 +436,35 @@ def test_items_read_by_a_request_whose_reply_was_lost_are_reclaimed(buffer, flak
     assert proxy.dropped == 2 and len(first) == 1
     again = via.reclaim("complete", TRAINER_GROUP, "trainer-0", min_idle_ms=0)
     assert {x.item.task.task_id for x in again} == {"t0", "t1"}  # the one whose reply was lost too
+
+
+def test_a_stale_group_requeued_and_regenerated_within_one_step_is_trained(buffer, small_cfg, tmp_path):
+    """A group too stale to train goes back as a task; its regeneration (same trajectory ids)
+    may come back while the step is still collecting: it is trained, not taken for a copy.
+    (The first copy guard held requeued ids too and discarded every regenerated group: the
+    worker-kill e2e run lost prompts and hung.)"""
+    import copy
+
+    cfg = copy.deepcopy(small_cfg)
+    cfg.mode, cfg.rollout.max_staleness = "april", 1
+    _complete_groups(buffer, [[0, 1]])
+    rank_version = 3  # the group's tokens are version 0: too stale
+    collect = _collector(buffer, cfg, tmp_path, version=rank_version)
+    regenerated = {}
+
+    def regenerate():  # a worker answering the requeued task while the trainer waits
+        d = buffer.read_tasks("w1", count=1, block_ms=2000)[0]
+        group = finished_group(d.item)
+        for t in group:
+            t.versions[:] = rank_version
+        buffer.finish_task(d, d.item, group)
+        regenerated["id"] = d.item.task_id
+
+    import threading
+
+    worker = threading.Thread(target=regenerate)
+    worker.start()
+    got, stale, _ = collect(1)
+    worker.join()
+    assert stale == 1 and regenerated["id"] == "t0"
+    assert [d.item.task.task_id for d in got] == ["t0"] and set(got[0].item.group[0].versions) == {rank_version}

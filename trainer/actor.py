@@ -234,7 +234,7 @@ class TrainerRank:
         bound = r.max_staleness
         drop_budget = math.ceil(r.filter_max_batches * want) if r.filter_uniform_groups else 0
         dropped: list[Delivery] = []
-        held: set[str] = set()  # trajectory ids of the groups taken, dropped or requeued in this step
+        held: set[str] = set()  # trajectory ids of the groups taken or dropped in this step
         deadline = time.monotonic() + timeout_s
         reclaim = True  # at the start, then whenever a read comes back empty
         while len(got) < want:
@@ -257,17 +257,16 @@ class TrainerRank:
                 ids = {t.traj_id for t in group}
                 if all(trained[at - len(group):at]):
                     duplicates.append(d)
-                    continue
-                if ids & held:
+                elif ids & held:
                     copies.append(d)
-                    continue
-                held |= ids
-                if self.cfg.mode != "sync" and too_stale(_oldest(group), self.version, bound):
-                    stale.append(d)
+                elif self.cfg.mode != "sync" and too_stale(_oldest(group), self.version, bound):
+                    stale.append(d)  # not held: its prompt comes back, under the same ids, to be trained
                 elif len(dropped) + len(uniform) < drop_budget and len({t.reward for t in group}) == 1:
                     uniform.append(d)
+                    held |= ids
                 else:
                     got.append(d)
+                    held |= ids
             self.buffer.ack_trained(duplicates)
             self.buffer.discard_copies(copies)
             self.buffer.requeue(stale)
