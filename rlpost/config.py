@@ -210,6 +210,12 @@ class TrainerConfig:
     clip_eps: float = 0.2
     clip_eps_high: float = 0.28
     tis_cap: float = 2.0
+    # dual-clip PPO: > 1 caps a negative-advantage token's loss at -A x clip_ratio_c (verl's
+    # clip_ratio_c=3); 0: off
+    clip_ratio_c: float = 0.0
+    # DAPO's overlong filtering: samples cut at rollout.max_new_tokens train no tokens (their
+    # reward still counts in their group's baseline)
+    mask_truncated: bool = False
     kl_coef: float = 0.0
     # Entropy bonus: the loss subtracts entropy_coef x the mean token entropy (train/entropy is
     # logged every step either way).
@@ -269,6 +275,9 @@ class TrainerConfig:
         _check(self.clip_eps_high >= self.clip_eps, f"{p}.clip_eps_high", self.clip_eps_high,
                f"must be >= trainer.clip_eps={self.clip_eps}")
         _check(self.tis_cap >= 1, f"{p}.tis_cap", self.tis_cap, "must be >= 1")
+        _check(self.clip_ratio_c == 0 or 1 + self.clip_eps_high < self.clip_ratio_c < float("inf"),
+               f"{p}.clip_ratio_c", self.clip_ratio_c,
+               f"must be 0 (off) or a finite number above 1 + trainer.clip_eps_high={1 + self.clip_eps_high:g}")
         _check(self.kl_coef >= 0, f"{p}.kl_coef", self.kl_coef, "must be >= 0")
         _check(0 <= self.entropy_coef < float("inf"), f"{p}.entropy_coef", self.entropy_coef, "must be a finite number >= 0")
         _check(self.loss_agg in LOSS_AGGREGATIONS, f"{p}.loss_agg", self.loss_agg,

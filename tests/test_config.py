@@ -43,6 +43,9 @@ def test_experiment_composes_into_typed_dataclasses():
     ("trainer.advantage=gae", "trainer.advantage='gae': must be grpo, rloo or reinforce_pp_baseline"),
     ("env.overlong_buffer=-1", "env.overlong_buffer=-1: must be >= 0 (0: off)"),
     ("env.overlong_penalty=nan", "env.overlong_penalty=nan: must be a finite number >= 0"),
+    # a cap inside the clip range would cap ordinary negative-advantage tokens too
+    ("trainer.clip_ratio_c=1.2", "trainer.clip_ratio_c=1.2: must be 0 (off) or a finite number above 1 + trainer.clip_eps_high=1.28"),
+    ("trainer.clip_ratio_c=inf", "trainer.clip_ratio_c=inf: must be 0 (off)"),
 ])
 def test_bad_config_raises_config_error_naming_it(override, message):
     with pytest.raises(ConfigError) as info:

@@ -126,6 +126,22 @@ def test_each_off_policy_correction_matches_hand_values():
     assert decoupled.metrics["is_weight_mean"] == 1.0  # the weight-4 token is out, not capped
 
 
+def test_dual_clip_caps_the_loss_of_negative_advantages_at_c():
+    """clip_ratio_c=3: a token with A = -1 whose ratio is 5 counts 3 (and gets no gradient), one
+    with ratio 2 counts 2; a positive advantage with ratio 5 is clipped at 1.28 as before."""
+    new = torch.tensor([[math.log(5.0), math.log(2.0)], [math.log(5.0), 0.0]], requires_grad=True)
+    zeros, mask = torch.zeros(2, 2), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = torch.tensor([-1.0, 1.0])
+    plain = policy_loss(new, zeros, zeros, adv, mask, 0.2, 0.28, 2.0)
+    assert plain.loss.item() == pytest.approx((5 + 2 - 1.28) / 3, abs=1e-5)
+    assert plain.metrics["dual_clip_frac"] == 0.0
+    out = policy_loss(new, zeros, zeros, adv, mask, 0.2, 0.28, 2.0, clip_ratio_c=3.0)
+    assert out.loss.item() == pytest.approx((3 + 2 - 1.28) / 3, abs=1e-5)
+    assert out.metrics["dual_clip_frac"] == pytest.approx(1 / 3)
+    out.loss.backward()
+    assert new.grad[0, 0] == 0 and new.grad[0, 1] == pytest.approx(2 / 3) and new.grad[1, 0] == 0
+
+
 def test_seq_mean_aggregation():
     new, old, behav, mask, adv = hand_case()
     out = policy_loss(new, old, behav, adv, mask, 0.2, 0.28, 2.0, loss_agg="seq_mean")
@@ -393,6 +409,17 @@ def test_collate_places_every_token_where_the_loss_reads_it():
     assert torch.equal(batch.advantages, adv)
     plain = collate([t for i, t in enumerate(trajs) if i % 3 == 0], adv[:14])
     assert plain.engine_experts is None  # no sample carries routing
+    # DAPO's overlong filtering: truncated samples keep their rows and advantages, train nothing
+    from rlpost.records import Status
+
+    for i, t in enumerate(trajs):
+        t.status = Status.TRUNCATED if i % 4 == 1 else Status.COMPLETE
+    filtered = collate(trajs, adv, pad_id=99, sort_by_length=True, mask_truncated=True)
+    for row in range(len(trajs)):
+        t = trajs[int(adv.tolist().index(filtered.advantages[row].item()))]  # rows move when sorted
+        want = 0 if t.status == Status.TRUNCATED else t.loss_mask.sum()
+        assert filtered.mask[row].sum() == want
+    assert filtered.num_tokens == sum(t.loss_mask.sum() for i, t in enumerate(trajs) if i % 4 != 1) > 0
 
 
 def test_entropy_is_reported_and_a_bonus_raises_it():

@@ -290,7 +290,8 @@ class TrainerRank:
         tokens = torch.tensor([[int(t.loss_mask.sum()) for t in g] for g in groups], dtype=torch.float32)
         adv = advantages(rewards, self.cfg.trainer.advantage, self.cfg.trainer.adv_std_norm, tokens,
                          self._sum_over_ranks if self.world > 1 else None).reshape(-1)
-        batch = collate(trajs, adv, sort_by_length=self.accum > 1).to(self.device)
+        batch = collate(trajs, adv, sort_by_length=self.accum > 1,
+                        mask_truncated=self.cfg.trainer.mask_truncated).to(self.device)
         lr = lr_at(step, self.cfg.trainer)
         self._set_lr(lr)
         metrics = self._optimise(batch)
@@ -417,7 +418,7 @@ class TrainerRank:
                                   cfg.clip_eps, cfg.clip_eps_high, cfg.tis_cap, ref_logp, cfg.kl_coef,
                                   cfg.loss_agg, cfg.off_policy, mb.versions < self.version,
                                   mb.seq_ids, entropy, cfg.entropy_coef, cfg.ratio_level,
-                                  self.cfg.rollout.max_new_tokens)
+                                  self.cfg.rollout.max_new_tokens, cfg.clip_ratio_c)
                 # train-inference mismatch on on-policy tokens (made by the weights being trained)
                 mismatch.add(old_logp, mb.behav_logp, mb.mask.bool() & (mb.versions == self.version),
                              routed, mb.engine_experts)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rlpost.records import Trajectory
+from rlpost.records import Status, Trajectory
 
 
 @dataclass
@@ -139,9 +139,11 @@ class TrainBatch:
 
 
 def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int = 0,
-            sort_by_length: bool = False) -> TrainBatch:
+            sort_by_length: bool = False, mask_truncated: bool = False) -> TrainBatch:
     """Pad ``trajs`` into a batch; ``sort_by_length`` orders rows shortest first (advantages move
-    with their rows) so contiguous micro-batches are length buckets.
+    with their rows) so contiguous micro-batches are length buckets. ``mask_truncated`` (DAPO's
+    overlong filtering): samples cut at the token budget keep their rows but train no token, so
+    an answer that was merely not finished is neither rewarded nor punished for its tokens.
 
     Vectorised: every field of every trajectory is concatenated once and scattered into the
     padded tensors with one indexed assignment. Row by row, six small tensor copies per
@@ -169,6 +171,9 @@ def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int = 0,
     if r_rows.size:
         input_ids[r_rows, r_cols] = np.concatenate([t.response_ids for t in trajs])
         mask[r_rows, r_cols - 1] = np.concatenate([t.loss_mask for t in trajs])
+        if mask_truncated:
+            cut = np.array([t.status == Status.TRUNCATED for t in trajs])
+            mask[r_rows[cut[r_rows]], r_cols[cut[r_rows]] - 1] = 0
         behav[r_rows, r_cols - 1] = np.concatenate([t.logprobs for t in trajs])
         versions[r_rows, r_cols - 1] = np.concatenate([t.versions for t in trajs])
         shapes = {t.routed_experts.shape[1:] for t in trajs if t.routed_experts.size}

@@ -129,7 +129,7 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
                 loss_agg: str = "token_mean", correction: str = "tis",
                 stale: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
                 entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
-                ratio_level: str = "token", norm_len: int = 0) -> PolicyLossOutput:
+                ratio_level: str = "token", norm_len: int = 0, clip_ratio_c: float = 0.0) -> PolicyLossOutput:
     """PPO-clip (asymmetric clip range) with an off-policy correction, + optional k3 KL, minus
     an optional entropy bonus (``entropy_coef`` x the per-token ``entropy``, which must then
     carry the gradient; without a coefficient it is only reported).
@@ -152,6 +152,11 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
     log-probability's gradient, which with ``seq_mean`` is exactly the gradient of the sequence
     ratio. The off-policy weight ``old/behav`` is likewise a per-sequence geometric mean
     (truncated at, or masked above, ``tis_cap``); ``mask_stale`` drops stale tokens first.
+
+    ``clip_ratio_c`` > 1 is dual-clip PPO (Ye et al., 2020; verl's clip_ratio_c, slime's
+    --eps-clip-c): for a negative advantage the clipped objective does not bound the ratio from
+    above, so one token made far likelier by the stale behaviour policy (ratio 50) pushes with a
+    50x gradient; the loss of such tokens is capped at ``-A x clip_ratio_c`` (no gradient beyond).
 
     ``loss_agg``: ``token_mean`` (every token weighs the same: DAPO), ``seq_mean`` (every sequence
     weighs the same: GRPO's paper, GSPO) or ``seq_sum_norm`` (Dr. GRPO: the sum over tokens divided
@@ -192,6 +197,11 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps_high)
     pg = torch.maximum(unclipped, clipped)
+    dual_clipped = torch.zeros_like(pg, dtype=torch.bool)
+    if clip_ratio_c > 0:
+        cap = -advantages * clip_ratio_c
+        dual_clipped = (advantages < 0) & (pg > cap)
+        pg = torch.where(dual_clipped, cap, pg)
     per_token = is_weight * pg
     kl = torch.zeros_like(per_token)
     if ref_logp is not None and kl_coef > 0:
@@ -206,6 +216,7 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
     with torch.no_grad():
         metrics = {
             "clip_frac": float(((pg - unclipped).abs() > 0).float().mul(mask).sum() / n),
+            "dual_clip_frac": float((dual_clipped.float() * mask).sum() / n),
             "is_weight_mean": float((is_weight * mask).sum() / n),
             "is_weight_max": float(is_raw.masked_fill(mask == 0, 0).max()) if mask.any() else 0.0,
             "is_capped_frac": float(((is_raw > tis_cap).float() * mask).sum() / n),
