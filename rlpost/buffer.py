@@ -12,7 +12,7 @@ Layout, one key prefix per run (``rlpost:{run}:``):
 * ``workers``   hash of worker heartbeats (msgpack).
 * ``trained``   set of trajectory ids already used by an optimiser step (idempotency).
 * ``filtered``  count of groups the trainer dropped (the driver submits prompts in their place).
-* ``submitted:{token}`` one-time token of a submission (expires after a day; not checkpointed).
+* ``submitted:{token}`` one-time token of a submission (expires after an hour; not checkpointed).
 
 Consumer groups with explicit acknowledgements give at-least-once delivery: an item read but not
 acked stays in the group's pending list and is reclaimed by XAUTOCLAIM when its consumer dies.
@@ -100,7 +100,8 @@ for i = 2, #ARGV do
 end
 return #ARGV - 1
 """
-SUBMIT_TOKEN_TTL_S = 24 * 3600
+# a retry comes within RECONNECT_RETRIES' ~30 s; an hour leaves room and keeps few tokens around
+SUBMIT_TOKEN_TTL_S = 3600
 
 
 @dataclass

@@ -138,6 +138,7 @@ def test_dual_clip_caps_the_loss_of_negative_advantages_at_c():
     out = policy_loss(new, zeros, zeros, adv, mask, 0.2, 0.28, 2.0, clip_ratio_c=3.0)
     assert out.loss.item() == pytest.approx((3 + 2 - 1.28) / 3, abs=1e-5)
     assert out.metrics["dual_clip_frac"] == pytest.approx(1 / 3)
+    assert out.metrics["clip_frac"] == plain.metrics["clip_frac"] == pytest.approx(1 / 3)  # the A > 0 token
     out.loss.backward()
     assert new.grad[0, 0] == 0 and new.grad[0, 1] == pytest.approx(2 / 3) and new.grad[1, 0] == 0
 

@@ -197,6 +197,7 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps_high)
     pg = torch.maximum(unclipped, clipped)
+    ppo_clipped = (pg - unclipped).abs() > 0
     dual_clipped = torch.zeros_like(pg, dtype=torch.bool)
     if clip_ratio_c > 0:
         cap = -advantages * clip_ratio_c
@@ -215,7 +216,7 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
     n = mask.sum().clamp_min(1)
     with torch.no_grad():
         metrics = {
-            "clip_frac": float(((pg - unclipped).abs() > 0).float().mul(mask).sum() / n),
+            "clip_frac": float((ppo_clipped.float() * mask).sum() / n),
             "dual_clip_frac": float((dual_clipped.float() * mask).sum() / n),
             "is_weight_mean": float((is_weight * mask).sum() / n),
             "is_weight_max": float(is_raw.masked_fill(mask == 0, 0).max()) if mask.any() else 0.0,
