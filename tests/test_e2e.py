@@ -49,8 +49,11 @@ def test_short_loop_writes_a_complete_run_dir(tmp_path):
     assert 0 <= summary["eval_accuracy_before"] <= 1 and 0 <= summary["eval_accuracy_after"] <= 1
     assert summary["steps"] == 4
     assert sum(w["tasks"] for w in summary["workers"]) >= 4 * 4 + 3 * 16  # train + 3 evals of 16
-    # one node: weights went through the /dev/shm slots (auto), which the run removed at the end
-    assert summary["weight_transport"] == "shm" and all(w["weight_swaps"] >= 4 for w in summary["workers"])
+    # one node: weights went through the /dev/shm slots (auto), which the run removed at the end;
+    # every worker loaded from them, and each of the 4 published versions reached a worker (an idle
+    # worker may skip a version superseded before its next poll: CI once saw 3 swaps on one)
+    swaps = [w["weight_swaps"] for w in summary["workers"]]
+    assert summary["weight_transport"] == "shm" and min(swaps) >= 1 and sum(swaps) >= 4, swaps
     assert not glob.glob(f"/dev/shm/rlpost-weights-{(run_dir / 'run_id').read_text().strip()}*")
     rows = read_metrics(str(run_dir / "metrics.jsonl"))
     steps = [r for r in rows if "reward/mean" in r]
