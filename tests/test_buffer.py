@@ -315,8 +315,9 @@ def test_uniform_reward_groups_are_dropped_up_to_the_budget_and_counted_for_the_
     cfg = copy.deepcopy(small_cfg)
     cfg.rollout.filter_uniform_groups, cfg.rollout.filter_max_batches = True, 1.0
     _complete_groups(buffer, [[1, 1], [0, 1], [0, 0], [1, 0], [0.5, 0.5], [0, 1], [1, 1]])
-    got, stale, dropped = _collector(buffer, cfg, tmp_path)(2)
-    assert [d.item.task.task_id for d in got] == ["t1", "t3"] and stale == 0
+    c = _collector(buffer, cfg, tmp_path)(2)
+    got, dropped = c.groups, c.dropped
+    assert [d.item.task.task_id for d in got] == ["t1", "t3"] and c.stale_restarted == 0
     assert [d.item.task.task_id for d in dropped] == ["t0", "t2"]  # the budget: 1 x want = 2
     assert buffer.filtered_groups() == 2
     # logged as they are dropped (a rank that dies before its step ends leaves the record)
@@ -328,13 +329,14 @@ def test_uniform_reward_groups_are_dropped_up_to_the_budget_and_counted_for_the_
     buffer.ack_trained(got)
     # the next step has its own budget; with it spent, a uniform group is trained as it is
     cfg.rollout.filter_max_batches = 0.5
-    got, _, dropped = _collector(buffer, cfg, tmp_path)(2)
+    c = _collector(buffer, cfg, tmp_path)(2)
+    got, dropped = c.groups, c.dropped
     assert [d.item.task.task_id for d in dropped] == ["t4"] and [d.item.task.task_id for d in got] == ["t5", "t6"]
     assert buffer.filtered_groups() == 3
     cfg.rollout.filter_uniform_groups = False  # off: nothing is dropped
     _complete_groups(buffer, [[1, 1]])
-    got, _, dropped = _collector(buffer, cfg, tmp_path)(1)
-    assert len(got) == 1 and dropped == [] and buffer.filtered_groups() == 3
+    c = _collector(buffer, cfg, tmp_path)(1)
+    assert len(c.groups) == 1 and c.dropped == [] and buffer.filtered_groups() == 3
 
 
 @pytest.fixture
@@ -409,8 +411,8 @@ def test_a_group_in_complete_twice_is_trained_once(buffer, small_cfg, tmp_path):
     first, second = buffer.client.xrange(buffer.key("complete"))
     buffer.client.xadd(buffer.key("complete"), {"data": first[1][b"data"]})  # t0 again
     _complete_groups(buffer, [[0, 1], [1, 0], [0, 1]])  # t0, t1 (copies again) and t2
-    got, _, _ = _collector(buffer, small_cfg, tmp_path)(3)
-    assert [d.item.task.task_id for d in got] == ["t0", "t1", "t2"]
+    c = _collector(buffer, small_cfg, tmp_path)(3)
+    assert [d.item.task.task_id for d in c.groups] == ["t0", "t1", "t2"] and c.redelivered == 3
     assert buffer.already_trained(["t0/0", "t1/0", "t2/0"]) == [False, False, False]
     assert buffer.client.xpending(buffer.key("complete"), TRAINER_GROUP)["pending"] == 3
 
@@ -464,7 +466,7 @@ def test_a_stale_group_requeued_and_regenerated_within_one_step_is_trained(buffe
 
     worker = threading.Thread(target=regenerate)
     worker.start()
-    got, stale, _ = collect(1)
+    c = collect(1)
     worker.join()
-    assert stale == 1 and regenerated["id"] == "t0"
-    assert [d.item.task.task_id for d in got] == ["t0"] and set(got[0].item.group[0].versions) == {rank_version}
+    assert c.stale_restarted == 1 and regenerated["id"] == "t0" and c.redelivered == 0
+    assert [d.item.task.task_id for d in c.groups] == ["t0"] and set(c.groups[0].item.group[0].versions) == {rank_version}

@@ -216,6 +216,7 @@ def test_trainer_skips_trained_duplicates_and_sends_stale_groups_back(rig):
     finally:
         trainer.cfg.mode = saved
     assert metrics["train/samples"] == 2 * n and metrics["staleness/restarted_groups"] == 1
+    assert metrics["buffer/redelivered_groups"] == 1  # the one trained before
     assert buf.depth()["complete"] == 0
     requeued = buf.read_tasks("w-test", count=10, block_ms=200)
     assert [d.item.task_id for d in requeued] == [tasks[1].task_id]  # a fresh task again

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,6 +32,18 @@ from rlpost.trainer.lr_schedule import lr_at
 from rlpost.trainer.mismatch import MismatchMeter, ReplayMeter
 from rlpost.modeling import Qwen3MoeForCausalLM
 from rlpost.trainer.policy import build_policy
+
+
+@dataclass
+class Collected:
+    """What one step's collection read from ``complete``."""
+
+    groups: list[Delivery]  # to train
+    stale_restarted: int  # too stale: sent back as tasks
+    dropped: list[Delivery]  # uniform rewards: consumed untrained (rollout.filter_uniform_groups)
+    # already trained, or a second copy of a group this step holds: acked away. Nonzero after a
+    # crash, a reclaim or a lost Redis reply; never trained twice.
+    redelivered: int
 
 
 # model.layers.<l>.mlp.experts.<j>.<proj>.weight (Mixtral: block_sparse_moe): a routed expert's
@@ -215,7 +228,7 @@ class TrainerRank:
         dist.all_reduce(total)
         return total.cpu()
 
-    def _collect_groups(self, want: int, timeout_s: float, step: int = 0) -> tuple[list[Delivery], int, list[Delivery]]:
+    def _collect_groups(self, want: int, timeout_s: float, step: int = 0) -> Collected:
         """Read ``want`` whole, untrained, fresh-enough groups from Redis (blocking).
 
         Already-trained duplicates, and second copies of a group read in this step, are acked
@@ -223,13 +236,12 @@ class TrainerRank:
         ``rollout.max_staleness`` versions behind the current weights go back as fresh tasks;
         with ``rollout.filter_uniform_groups``, groups whose rewards are all equal are consumed
         without training (the driver submits prompts in their place) until
-        ``rollout.filter_max_batches`` x ``want`` of them were dropped in this step.
-        Returns (deliveries, number of stale groups restarted, groups dropped)."""
+        ``rollout.filter_max_batches`` x ``want`` of them were dropped in this step."""
         got: list[Delivery] = []
         # a previous life's unfinished step comes first (a rank restarted after dying mid-step)
         pending = [] if self._own_pending_read else self.buffer.read_own_complete(self.consumer, count=want)
         self._own_pending_read = True
-        stale_restarted = 0
+        stale_restarted = redelivered = 0
         r = self.cfg.rollout
         bound = r.max_staleness
         drop_budget = math.ceil(r.filter_max_batches * want) if r.filter_uniform_groups else 0
@@ -274,13 +286,15 @@ class TrainerRank:
             if uniform:  # logged now: a rank that dies before the step ends must not lose the record
                 self._log_ids(step, [], [t.traj_id for d in uniform for t in d.item.group])
             stale_restarted += len(stale)
+            redelivered += len(duplicates) + len(copies)
             dropped += uniform
-        return got[:want], stale_restarted, dropped
+        return Collected(got[:want], stale_restarted, dropped, redelivered)
 
     def train_step(self, step: int, timeout_s: float = 600.0) -> dict:
         t_wait = time.perf_counter()
         want = self.cfg.rollout.batch_prompts // self.world
-        deliveries, stale_restarted, dropped = self._collect_groups(want, timeout_s, step)
+        collected = self._collect_groups(want, timeout_s, step)
+        deliveries = collected.groups
         if self.cfg.mode == "april" and self.rank == 0:
             self.buffer.advance_round()  # the batch is full: workers park what is unfinished
         t0 = time.perf_counter()
@@ -313,8 +327,9 @@ class TrainerRank:
             "train/wait_s": t0 - t_wait,
             "train/tokens_per_s": batch.num_tokens / max(t1 - t0, 1e-9),
             "train/samples": len(trajs),
-            "staleness/restarted_groups": stale_restarted,
-            "filter/dropped_groups": len(dropped),
+            "staleness/restarted_groups": collected.stale_restarted,
+            "filter/dropped_groups": len(collected.dropped),
+            "buffer/redelivered_groups": collected.redelivered,
         })
         return metrics
 
