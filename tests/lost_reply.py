@@ -23,6 +23,7 @@ class LostReplyProxy:
         self._listener.bind(self.path)
         self._listener.listen(16)
         self._armed: tuple[bytes, ...] = ()
+        self._rules: list[list] = []  # [every n-th, commands, requests matched so far]
         self.dropped = 0
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -37,6 +38,12 @@ class LostReplyProxy:
         it is passed on and the next such request is the one.)"""
         with self._lock:
             self._armed = commands
+
+    def lose_every(self, n: int, *commands: bytes) -> None:
+        """From now on every ``n``-th request carrying one of ``commands`` loses its reply (one
+        rule per call; a request counts for the first rule it matches)."""
+        with self._lock:
+            self._rules.append([n, commands, 0])
 
     def _accept(self) -> None:
         while True:
@@ -56,6 +63,12 @@ class LostReplyProxy:
                 with self._lock:
                     if any(c in chunk for c in self._armed):
                         state["lose_next_reply"], self._armed = self._armed, ()
+                    else:
+                        rule = next((r for r in self._rules if any(c in chunk for c in r[1])), None)
+                        if rule is not None:
+                            rule[2] += 1
+                            if rule[2] % rule[0] == 0:
+                                state["lose_next_reply"] = ("periodic",)
                 server.sendall(chunk)
         except OSError:
             pass
@@ -67,7 +80,9 @@ class LostReplyProxy:
                 if state["lose_next_reply"]:
                     if chunk.startswith(b"-NOSCRIPT"):  # nothing ran: wait for the real request
                         with self._lock:
-                            self._armed, state["lose_next_reply"] = state["lose_next_reply"], ()
+                            if state["lose_next_reply"] != ("periodic",):
+                                self._armed = state["lose_next_reply"]
+                            state["lose_next_reply"] = ()
                     else:  # the server ran the request: its reply never arrives
                         self.dropped += 1
                         break

@@ -242,34 +242,66 @@ def trained_ids(run_dir) -> list[str]:
     return ids
 
 
+def lost_prompts(run_dir, redis_url: str) -> list[str]:
+    """Train prompts submitted (up to the highest seen) that were neither trained nor are still
+    waiting in the run's streams (tasks, partials, complete); audits no sample trained twice."""
+    from rlpost.buffer import RedisBuffer, connect
+    from rlpost.records import unpack_entry, unpack_task
+
+    buf = RedisBuffer(connect(redis_url), (run_dir / "run_id").read_text().strip())
+    waiting = {unpack_task(f[b"data"]).task_id for _, f in buf.client.xrange(buf.key("tasks"))}
+    for stream in ("partials", "complete"):
+        waiting |= {unpack_entry(f[b"data"]).task.task_id for _, f in buf.client.xrange(buf.key(stream))}
+    trained_tasks = {i.split("/")[0] for i in trained_ids(run_dir)}
+    highest = max(int(t.rsplit("-", 1)[1]) for t in trained_tasks | waiting if t.startswith("train-"))
+    return sorted({f"train-0-{i}" for i in range(highest + 1)} - trained_tasks - waiting)
+
+
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_trained_twice(tmp_path, redis_url):
     """SIGKILL a rollout worker while it generates: Ray restarts it in its bundle and re-runs its
     loop, the new life serves what its predecessor read and never finished, the run finishes,
     and every submitted prompt was trained exactly once or is still waiting in the buffer."""
     from rlpost.buffer import RedisBuffer, connect
-    from rlpost.records import unpack_entry, unpack_task
 
     run_dir = tmp_path / "run"
-    buffer = {}
 
     def worker_pid(_driver: int) -> int:
-        buffer["buf"] = RedisBuffer(connect(redis_url), (run_dir / "run_id").read_text().strip())
-        return int(buffer["buf"].workers()["worker-0"]["pid"])
+        buf = RedisBuffer(connect(redis_url), (run_dir / "run_id").read_text().strip())
+        return int(buf.workers()["worker-0"]["pid"])
 
     code, err = kill_mid_run(run_dir, [*APRIL_RUN, "trainer.steps=30", f"buffer.url={redis_url}"], 1, worker_pid)
     assert code == 0, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 30
     assert summary["workers"][0]["restarts"] == 1, summary["workers"]
-    ids, buf = trained_ids(run_dir), buffer["buf"]
-    waiting = {unpack_task(f[b"data"]).task_id for _, f in buf.client.xrange(buf.key("tasks"))}
-    for stream in ("partials", "complete"):
-        waiting |= {unpack_entry(f[b"data"]).task.task_id for _, f in buf.client.xrange(buf.key(stream))}
-    trained_tasks = {i.split("/")[0] for i in ids}
-    highest = max(int(t.rsplit("-", 1)[1]) for t in trained_tasks | waiting if t.startswith("train-"))
-    lost = {f"train-0-{i}" for i in range(highest + 1)} - trained_tasks - waiting
-    assert not lost, sorted(lost)[:5]
+    lost = lost_prompts(run_dir, redis_url)
+    assert not lost, lost[:5]
+
+
+@pytest.mark.slow
+def test_lost_redis_replies_lose_nothing_and_train_nothing_twice(tmp_path, redis_url):
+    """The whole APRIL loop with every actor's Redis traffic through a proxy that drops the
+    reply of every 4th buffer write (finish, park, requeue, train, drop, submit: each ran on the
+    server, the client retries it) and of every 150th stream read (its entries stay pending
+    under the reader until reclaimed): the run finishes, no sample is trained twice, no prompt
+    is lost."""
+    from lost_reply import LostReplyProxy
+
+    proxy = LostReplyProxy(redis_url.removeprefix("unix://"))
+    proxy.lose_every(4, b"EVALSHA")
+    proxy.lose_every(150, b"XREADGROUP")
+    run_dir = tmp_path / "run"
+    try:
+        run_cli([*APRIL_RUN, "trainer.steps=30", f"buffer.url={proxy.url}", "buffer.reclaim_idle_ms=2000",
+                 f"run_dir={run_dir}"], timeout=300)
+    finally:
+        proxy.close()
+    assert proxy.dropped >= 10, proxy.dropped
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["trained_samples"] == 30 * 8 * 8
+    lost = lost_prompts(run_dir, redis_url)
+    assert not lost, lost[:5]
 
 
 @pytest.mark.slow
