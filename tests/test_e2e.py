@@ -282,14 +282,14 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_trained_twi
 @pytest.mark.slow
 def test_lost_redis_replies_lose_nothing_and_train_nothing_twice(tmp_path, redis_url):
     """The whole APRIL loop with every actor's Redis traffic through a proxy that drops the
-    reply of every 4th buffer write (finish, park, requeue, train, drop, submit: each ran on the
+    reply of every 4th buffer write (finish, park, requeue, train, drop, submit, any MULTI: each ran on the
     server, the client retries it) and of every 150th stream read (its entries stay pending
     under the reader until reclaimed): the run finishes, no sample is trained twice, no prompt
     is lost."""
     from lost_reply import LostReplyProxy
 
     proxy = LostReplyProxy(redis_url.removeprefix("unix://"))
-    proxy.lose_every(4, b"EVALSHA")
+    proxy.lose_every(4, b"EVALSHA", b"EXEC")
     proxy.lose_every(150, b"XREADGROUP")
     run_dir = tmp_path / "run"
     try:
