@@ -1,4 +1,4 @@
-"""A unix-socket proxy in front of a real redis-server that can lose one reply.
+"""A unix-socket proxy in front of a real redis-server that loses replies on demand.
 
 Why: a Redis that dies after it ran (and, with appendfsync=always, persisted) a command but before
 its reply reached the client looks to the client like a dropped connection; redis-py's retry then
@@ -53,7 +53,9 @@ class LostReplyProxy:
                 return
             server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             server.connect(self.upstream)
-            state = {"lose_next_reply": ()}
+            # lose: drop the reply to the request just forwarded; rearm: the one-shot commands
+            # to arm again if that request turns out not to have run (NOSCRIPT)
+            state = {"lose": False, "rearm": ()}
             threading.Thread(target=self._to_server, args=(client, server, state), daemon=True).start()
             threading.Thread(target=self._to_client, args=(server, client, state), daemon=True).start()
 
@@ -62,13 +64,14 @@ class LostReplyProxy:
             while chunk := client.recv(1 << 16):
                 with self._lock:
                     if any(c in chunk for c in self._armed):
-                        state["lose_next_reply"], self._armed = self._armed, ()
+                        state.update(lose=True, rearm=self._armed)
+                        self._armed = ()
                     else:
                         rule = next((r for r in self._rules if any(c in chunk for c in r[1])), None)
                         if rule is not None:
                             rule[2] += 1
                             if rule[2] % rule[0] == 0:
-                                state["lose_next_reply"] = ("periodic",)
+                                state.update(lose=True, rearm=())
                 server.sendall(chunk)
         except OSError:
             pass
@@ -77,12 +80,11 @@ class LostReplyProxy:
     def _to_client(self, server: socket.socket, client: socket.socket, state: dict) -> None:
         try:
             while chunk := server.recv(1 << 16):
-                if state["lose_next_reply"]:
+                if state["lose"]:
                     if chunk.startswith(b"-NOSCRIPT"):  # nothing ran: wait for the real request
                         with self._lock:
-                            if state["lose_next_reply"] != ("periodic",):
-                                self._armed = state["lose_next_reply"]
-                            state["lose_next_reply"] = ()
+                            self._armed = state["rearm"] or self._armed
+                            state["lose"] = False
                     else:  # the server ran the request: its reply never arrives
                         self.dropped += 1
                         break
