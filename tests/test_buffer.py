@@ -470,3 +470,50 @@ def test_a_stale_group_requeued_and_regenerated_within_one_step_is_trained(buffe
     worker.join()
     assert c.stale_restarted == 1 and regenerated["id"] == "t0" and c.redelivered == 0
     assert [d.item.task.task_id for d in c.groups] == ["t0"] and set(c.groups[0].item.group[0].versions) == {rank_version}
+
+
+def test_the_status_report_says_where_every_item_is(buffer, capsys):
+    """python -m rlpost.status: entries, unread, read-and-not-acked by consumer, dead letters with
+    their reasons, trained and dropped counts, weight version, round and heartbeats."""
+    from rlpost.status import main, report
+
+    buffer.put_tasks([make_task(i) for i in range(5)])
+    got = buffer.read_tasks("w0", count=3, block_ms=100)
+    buffer.park_partials([(got[0], GroupEntry(got[0].item, finished_group(got[0].item)))])
+    buffer.finish_tasks([(d, d.item, finished_group(d.item)) for d in got[1:]])
+    trained = buffer.read_complete("trainer-0", count=1, block_ms=100)
+    buffer.ack_trained(trained)
+    buffer.read_complete("trainer-0", count=1, block_ms=100)  # read, not acked
+    buffer.client.xadd(buffer.key("complete"), {"data": b"junk"})
+    buffer.read_complete("trainer-0", count=5, block_ms=100)  # the junk is dead-lettered
+    buffer.publish_version(WeightVersion(version=3, transport="file", location="x", num_bytes=1))
+    buffer.heartbeat("worker-0", {"version": 3, "tasks": 2, "samples": 4, "restarts": 0})
+    r = report(buffer)
+    assert r["streams"]["tasks"] == {"entries": 2, "unread": 2, "pending": 0, "consumers": {}}
+    assert r["streams"]["partials"]["entries"] == 1 and r["streams"]["partials"]["unread"] == 1
+    complete = r["streams"]["complete"]
+    assert complete["entries"] == 1 and complete["pending"] == 1 and list(complete["consumers"]) == ["trainer-0"]
+    assert r["dead"]["entries"] == 1 and r["dead"]["by_stream"] == {"complete": 1}
+    assert r["trained_samples"] == 2 and r["weight_version"] == 3 and r["workers"]["worker-0"]["tasks"] == 2
+    url = buffer.client.connection_pool.connection_kwargs["path"]
+    assert main(["--url", f"unix://{url}", "--run", buffer.run]) == 0
+    out = capsys.readouterr().out
+    assert "2 samples trained" in out and "trainer-0 1 (idle" in out and "worker-0: last beat" in out
+    assert main(["--url", f"unix://{url}"]) == 2 and "--url needs --run" in capsys.readouterr().err
+
+
+def test_the_status_of_a_run_directory_is_read_live_or_says_what_is_missing(buffer, tmp_path, capsys):
+    from rlpost.status import main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert main([str(run_dir)]) == 2 and "no run_id file" in capsys.readouterr().err
+    (run_dir / "run_id").write_text(buffer.run)
+    url = "unix://" + buffer.client.connection_pool.connection_kwargs["path"]
+    (run_dir / "placement.json").write_text(json.dumps({"buffer": url}))
+    buffer.put_tasks([make_task(0)])
+    assert main([str(run_dir), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["source"] == "live" and r["streams"]["tasks"]["unread"] == 1
+    (run_dir / "placement.json").write_text(json.dumps({"buffer": f"unix://{tmp_path}/gone.sock"}))
+    assert main([str(run_dir)]) == 2 and "no append-only file" in capsys.readouterr().err

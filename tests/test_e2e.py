@@ -87,6 +87,13 @@ def test_short_loop_writes_a_complete_run_dir(tmp_path):
     # the warm-up is cached: a second run with the same warm-up settings reuses it
     cache = next((run_dir / "warmup").iterdir())
     assert (cache / "model.safetensors").exists()
+    # the ended run's buffer, read post mortem from its append-only file
+    status = subprocess.run([sys.executable, "-m", "rlpost.status", str(run_dir), "--json"], capture_output=True,
+                            text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    buffer = json.loads(status.stdout)
+    assert buffer["source"].startswith("post mortem") and buffer["trained_samples"] == summary["trained_samples"]
+    assert buffer["weight_version"] == 4 and set(buffer["workers"]) == {"worker-0", "worker-1"}
 
 
 def test_uniform_groups_are_dropped_and_replaced_so_every_step_trains_a_full_batch(tmp_path):
