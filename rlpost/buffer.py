@@ -12,7 +12,8 @@ Layout, one key prefix per run (``rlpost:{run}:``):
 * ``workers``   hash of worker heartbeats (msgpack).
 * ``trained``   set of trajectory ids already used by an optimiser step (idempotency).
 * ``filtered``  count of groups the trainer dropped (the driver submits prompts in their place).
-* ``submitted:{token}`` one-time token of a submission (expires after an hour; not checkpointed).
+* ``once:{token}`` one-time token of a submission or a counter increment (expires after an hour;
+  not checkpointed).
 
 Consumer groups with explicit acknowledgements give at-least-once delivery: an item read but not
 acked stays in the group's pending list and is reclaimed by XAUTOCLAIM when its consumer dies.
@@ -23,7 +24,8 @@ Every write that moves an item on (finish, park, requeue, train, drop) is one Lu
 XACK of the item it consumes: the move happens only if that entry was still pending. A client
 retries a command whose reply it lost (a Redis killed after committing it); the second run, and the
 finish of a worker that hung while its task was reclaimed and finished elsewhere, acks nothing and
-adds nothing. Submissions carry a one-time token for the same reason.
+adds nothing. Submissions and the life and round counters carry a one-time token for the same
+reason.
 """
 
 from __future__ import annotations
@@ -100,8 +102,16 @@ for i = 2, #ARGV do
 end
 return #ARGV - 1
 """
+# KEYS: hash, the call's token key; ARGV: field, token lifetime (s). HINCRBY once per token: a
+# retried call returns the count without counting again.
+_INCREMENT = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
+  return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+end
+return tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+"""
 # a retry comes within RECONNECT_RETRIES' ~30 s; an hour leaves room and keeps few tokens around
-SUBMIT_TOKEN_TTL_S = 3600
+ONCE_TOKEN_TTL_S = 3600
 
 
 @dataclass
@@ -152,6 +162,7 @@ class RedisBuffer:
         self._move = client.register_script(_MOVE)
         self._consume_script = client.register_script(_CONSUME)
         self._submit = client.register_script(_SUBMIT)
+        self._increment = client.register_script(_INCREMENT)
 
     @classmethod
     def from_url(cls, url: str, run: str, **auth) -> "RedisBuffer":
@@ -182,8 +193,8 @@ class RedisBuffer:
         """Submit tasks, all or none, once: a retried submission finds its token taken."""
         payloads = [pack_task(task) for task in tasks]
         if payloads:
-            token = self.key(f"submitted:{uuid.uuid4().hex}")
-            self._submit(keys=[self.key("tasks"), token], args=[SUBMIT_TOKEN_TTL_S, *payloads])
+            token = self.key(f"once:{uuid.uuid4().hex}")
+            self._submit(keys=[self.key("tasks"), token], args=[ONCE_TOKEN_TTL_S, *payloads])
         return len(payloads)
 
     def read_tasks(self, consumer: str, count: int, block_ms: int | None = None) -> list[Delivery]:
@@ -382,7 +393,16 @@ class RedisBuffer:
 
     def advance_round(self) -> int:
         """APRIL: the trainer has its batch; workers stop the round's unfinished generations."""
-        return int(self.client.hincrby(self.key("control"), "round", 1))
+        return self._increment_once("control", "round")
+
+    def count_life(self, worker: str) -> int:
+        """``worker``'s life number (1 for the first): a restarted actor says so in its heartbeats."""
+        return self._increment_once("lives", worker)
+
+    def _increment_once(self, hash_name: str, field: str) -> int:
+        """HINCRBY by 1, once even if the reply is lost and the client retries (one token a call)."""
+        token = self.key(f"once:{uuid.uuid4().hex}")
+        return int(self._increment(keys=[self.key(hash_name), token], args=[field, ONCE_TOKEN_TTL_S]))
 
     def current_round(self) -> int:
         return self._int_field("control", "round", self.client.hget(self.key("control"), "round"))
@@ -420,7 +440,7 @@ class RedisBuffer:
     def snapshot(self) -> dict[bytes, bytes]:
         """Every key of the run (streams with their consumer groups and pending lists, the trained
         set, the version, control) as Redis DUMP payloads, taken in one MULTI so it is consistent."""
-        tokens = self.prefix.encode() + b"submitted:"
+        tokens = self.prefix.encode() + b"once:"
         keys = sorted(k for k in self.client.scan_iter(match=self.prefix + "*", count=1000) if not k.startswith(tokens))
         pipe = self.client.pipeline(transaction=True)
         for key in keys:

@@ -105,7 +105,7 @@ class RolloutWorker:
     def _lives(self, index: int) -> int:
         """This worker's life number (1 for the first), counted in Redis: a restarted actor says
         so in its heartbeats and the run's summary."""
-        return int(self.buffer.client.hincrby(self.buffer.key("lives"), f"worker-{index}", 1))
+        return self.buffer.count_life(f"worker-{index}")
 
     def where(self) -> dict:
         from rlpost.placement import where

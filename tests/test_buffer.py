@@ -352,14 +352,14 @@ def flaky(redis_url, buffer):
     proxy.close()
 
 
-WRITES = (b"EXEC", b"EVALSHA", b"XADD")
+WRITES = (b"EXEC", b"EVALSHA", b"XADD", b"HINCRBY")
 
 
 def test_a_write_whose_reply_is_lost_is_applied_once(buffer, flaky):
     """Redis ran a write but died before replying (a SIGKILL after an appendfsync=always commit):
     the client's retry sends the write again. Every write that moves items (submit, finish, park,
-    requeue, drop) must come out as if it ran once: no group twice in ``complete``, no task twice,
-    no drop counted twice. (Found by CI: after a Redis kill, a retried finish put 4 groups in
+    requeue, drop) or counts (worker lives, APRIL rounds) must come out as if it ran once: no
+    group twice in ``complete``, no task twice, no drop, restart or round counted twice. (Found by CI: after a Redis kill, a retried finish put 4 groups in
     ``complete`` twice and the trainer trained them twice in one step.)"""
     via, proxy = flaky
     proxy.lose_reply_to(*WRITES)
@@ -390,6 +390,13 @@ def test_a_write_whose_reply_is_lost_is_applied_once(buffer, flaky):
     assert proxy.dropped == 5
     assert buffer.filtered_groups() == 1 and buffer.client.xlen(buffer.key("complete")) == 0
     assert buffer.already_trained(["t1/0", "t1/1"]) == [True, True]
+    # the counters: a worker's life number (the summary's restarts) and the APRIL round
+    for count in (via.count_life, lambda _: via.advance_round()):
+        assert count("worker-0") == 1
+        proxy.lose_reply_to(*WRITES)
+        assert count("worker-0") == 2
+    assert proxy.dropped == 7
+    assert buffer.current_round() == 2 and buffer.client.hget(buffer.key("lives"), "worker-0") == b"2"
 
 
 def test_a_late_finish_of_a_reclaimed_task_adds_nothing(buffer):
