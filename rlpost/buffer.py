@@ -57,6 +57,8 @@ class BufferDataError(ValueError):
 
 WORKER_GROUP = "workers"
 TRAINER_GROUP = "trainer"
+# the streams read through a consumer group, and their group
+GROUP_STREAMS = (("tasks", WORKER_GROUP), ("partials", WORKER_GROUP), ("complete", TRAINER_GROUP))
 
 # KEYS: (source stream, destination stream) per item; ARGV: the source's consumer group, then
 # (entry id, payload) per item. An item moves only if its XACK acks it; its entry is deleted either way.
@@ -112,6 +114,7 @@ return tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 """
 # a retry comes within RECONNECT_RETRIES' ~30 s; an hour leaves room and keeps few tokens around
 ONCE_TOKEN_TTL_S = 3600
+ONCE_TOKENS = "once:"  # key prefix of the tokens, under the run's prefix
 
 
 @dataclass
@@ -174,8 +177,7 @@ class RedisBuffer:
     # ----------------------------------------------------------------- set-up
     def ensure_groups(self) -> None:
         """Create the streams and consumer groups if missing (idempotent)."""
-        for stream, group in (("tasks", WORKER_GROUP), ("partials", WORKER_GROUP),
-                              ("complete", TRAINER_GROUP)):
+        for stream, group in GROUP_STREAMS:
             try:
                 self.client.xgroup_create(self.key(stream), group, id="0", mkstream=True)
             except redis.ResponseError as exc:
@@ -193,8 +195,7 @@ class RedisBuffer:
         """Submit tasks, all or none, once: a retried submission finds its token taken."""
         payloads = [pack_task(task) for task in tasks]
         if payloads:
-            token = self.key(f"once:{uuid.uuid4().hex}")
-            self._submit(keys=[self.key("tasks"), token], args=[ONCE_TOKEN_TTL_S, *payloads])
+            self._submit(keys=[self.key("tasks"), self._once_token()], args=[ONCE_TOKEN_TTL_S, *payloads])
         return len(payloads)
 
     def read_tasks(self, consumer: str, count: int, block_ms: int | None = None) -> list[Delivery]:
@@ -401,8 +402,11 @@ class RedisBuffer:
 
     def _increment_once(self, hash_name: str, field: str) -> int:
         """HINCRBY by 1, once even if the reply is lost and the client retries (one token a call)."""
-        token = self.key(f"once:{uuid.uuid4().hex}")
-        return int(self._increment(keys=[self.key(hash_name), token], args=[field, ONCE_TOKEN_TTL_S]))
+        return int(self._increment(keys=[self.key(hash_name), self._once_token()], args=[field, ONCE_TOKEN_TTL_S]))
+
+    def _once_token(self) -> str:
+        """A fresh one-time token key for one call (a retry of that call carries the same one)."""
+        return self.key(f"{ONCE_TOKENS}{uuid.uuid4().hex}")
 
     def current_round(self) -> int:
         return self._int_field("control", "round", self.client.hget(self.key("control"), "round"))
@@ -427,8 +431,7 @@ class RedisBuffer:
     def depth(self) -> dict[str, int]:
         """Queue depths for metrics: unread + pending per stream."""
         out = {}
-        for stream, group in (("tasks", WORKER_GROUP), ("partials", WORKER_GROUP),
-                              ("complete", TRAINER_GROUP)):
+        for stream, group in GROUP_STREAMS:
             out[stream] = int(self.client.xlen(self.key(stream)))
             try:
                 out[f"{stream}_pending"] = int(self.client.xpending(self.key(stream), group)["pending"])
@@ -440,7 +443,7 @@ class RedisBuffer:
     def snapshot(self) -> dict[bytes, bytes]:
         """Every key of the run (streams with their consumer groups and pending lists, the trained
         set, the version, control) as Redis DUMP payloads, taken in one MULTI so it is consistent."""
-        tokens = self.prefix.encode() + b"once:"
+        tokens = self.key(ONCE_TOKENS).encode()
         keys = sorted(k for k in self.client.scan_iter(match=self.prefix + "*", count=1000) if not k.startswith(tokens))
         pipe = self.client.pipeline(transaction=True)
         for key in keys:

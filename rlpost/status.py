@@ -23,9 +23,7 @@ from collections import Counter
 
 import redis
 
-from rlpost.buffer import TRAINER_GROUP, WORKER_GROUP, BufferDataError, RedisBuffer, connect
-
-STREAMS = (("tasks", WORKER_GROUP), ("partials", WORKER_GROUP), ("complete", TRAINER_GROUP))
+from rlpost.buffer import GROUP_STREAMS, BufferDataError, RedisBuffer, connect
 
 
 class StatusError(RuntimeError):
@@ -33,24 +31,18 @@ class StatusError(RuntimeError):
 
 
 def report(buffer: RedisBuffer, dead_shown: int = 5) -> dict:
-    """Streams (entries, unread, pending by consumer with the longest idle), dead letters by
-    reason, trained/filtered counts, weight version, APRIL round, worker heartbeats."""
+    """Streams (entries, unread, pending by consumer with its idle time), dead letters by stream
+    with the latest reasons, trained/filtered counts, weight version, APRIL round, heartbeats."""
     c = buffer.client
     out: dict = {"run": buffer.run, "streams": {}}
-    for name, group in STREAMS:
-        key = buffer.key(name)
-        entries = int(c.xlen(key))
-        info = {"entries": entries, "unread": entries, "pending": 0, "consumers": {}}
-        try:
-            groups = {g["name"].decode(): g for g in c.xinfo_groups(key)}
-        except redis.ResponseError:  # no such stream yet
-            groups = {}
-        if group in groups:
-            # every ack deletes its entry, so the rest of the stream is unread (Redis's own
-            # "lag" cannot be determined once entries were deleted)
-            info["pending"] = int(groups[group]["pending"])
-            info["unread"] = max(info["entries"] - info["pending"], 0)
-            for consumer in c.xinfo_consumers(key, group):
+    depth = buffer.depth()
+    for name, group in GROUP_STREAMS:
+        entries, pending = depth[name], depth[f"{name}_pending"]
+        # every ack deletes its entry, so the rest of the stream is unread (Redis's own "lag"
+        # cannot be determined once entries were deleted)
+        info = {"entries": entries, "unread": max(entries - pending, 0), "pending": pending, "consumers": {}}
+        if pending:
+            for consumer in c.xinfo_consumers(buffer.key(name), group):
                 if consumer["pending"]:
                     info["consumers"][consumer["name"].decode()] = {
                         "pending": int(consumer["pending"]), "idle_s": round(consumer["idle"] / 1000, 1)}

@@ -171,9 +171,8 @@ def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int = 0,
     if r_rows.size:
         input_ids[r_rows, r_cols] = np.concatenate([t.response_ids for t in trajs])
         mask[r_rows, r_cols - 1] = np.concatenate([t.loss_mask for t in trajs])
-        if mask_truncated:
-            cut = np.array([t.status == Status.TRUNCATED for t in trajs])
-            mask[r_rows[cut[r_rows]], r_cols[cut[r_rows]] - 1] = 0
+        if mask_truncated:  # row i is trajs[i]
+            mask[np.array([t.status == Status.TRUNCATED for t in trajs])] = 0
         behav[r_rows, r_cols - 1] = np.concatenate([t.logprobs for t in trajs])
         versions[r_rows, r_cols - 1] = np.concatenate([t.versions for t in trajs])
         shapes = {t.routed_experts.shape[1:] for t in trajs if t.routed_experts.size}
