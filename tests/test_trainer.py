@@ -1,6 +1,5 @@
 """A real DeepSpeed trainer rank and a real rollout worker, in-process, talking through Redis."""
 
-import contextlib
 import socket
 
 import numpy as np
@@ -123,24 +122,12 @@ def _groups_with_one_raised_token(trainer, worker, buf, first_task: int, truncat
     return groups
 
 
-@contextlib.contextmanager
-def _settings(section, **values):
-    """Config fields set for the block (the rig's trainer is shared by the module's tests)."""
-    saved = {k: getattr(section, k) for k in values}
-    for k, v in values.items():
-        setattr(section, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(section, k, v)
-
-
 @pytest.mark.parametrize("level,agg,estimator,first_task", [
     ("token", "token_mean", "grpo", 1100), ("sequence", "token_mean", "grpo", 1110),
     ("token", "seq_sum_norm", "grpo", 1120), ("token", "token_mean", "rloo", 1130),
     ("token", "token_mean", "reinforce_pp_baseline", 1140)])
-def test_the_step_trains_the_configured_ratio_level_and_aggregation(rig, level, agg, estimator, first_task):
+def test_the_step_trains_the_configured_ratio_level_and_aggregation(rig, level, agg, estimator, first_task,
+                                                                    monkeypatch):
     """The step hands trainer.advantage (with each sample's trained tokens), trainer.ratio_level,
     trainer.loss_agg and the response budget to the loss:
     with one token per sample made e times likelier than when it was sampled (its behaviour
@@ -151,8 +138,9 @@ def test_the_step_trains_the_configured_ratio_level_and_aggregation(rig, level, 
     trainer, worker, buf = rig
     groups = _groups_with_one_raised_token(trainer, worker, buf, first_task)
     cfg = trainer.cfg.trainer
-    with _settings(cfg, ratio_level=level, loss_agg=agg, advantage=estimator):
-        metrics = trainer.train_step(step=1, timeout_s=30)
+    for key, value in (("ratio_level", level), ("loss_agg", agg), ("advantage", estimator)):
+        monkeypatch.setattr(cfg, key, value)  # undone after the test: the rig is the module's
+    metrics = trainer.train_step(step=1, timeout_s=30)
     lengths = np.array([len(t) for g in groups for t in g], dtype=float)
     rewards = torch.tensor([[t.reward for t in g] for g in groups])
     adv = advantages(rewards, estimator, token_counts=torch.tensor(lengths).reshape(rewards.shape)).reshape(-1).numpy()
@@ -168,7 +156,8 @@ def test_the_step_trains_the_configured_ratio_level_and_aggregation(rig, level, 
 
 
 @pytest.mark.parametrize("dual_clip,first_task", [(0.0, 1150), (2.0, 1160)])
-def test_the_step_masks_truncated_samples_and_dual_clips_negative_advantages(rig, dual_clip, first_task):
+def test_the_step_masks_truncated_samples_and_dual_clips_negative_advantages(rig, dual_clip, first_task,
+                                                                             monkeypatch):
     """trainer.mask_truncated and trainer.clip_ratio_c reach the loss. Without a correction the
     raised token's ratio against the behaviour policy is e: with A > 0 it is clipped at
     1 + clip_eps_high, with A < 0 it counts e times, or clip_ratio_c times under dual-clip. Half the
@@ -179,8 +168,9 @@ def test_the_step_masks_truncated_samples_and_dual_clips_negative_advantages(rig
     trainer, worker, buf = rig
     groups = _groups_with_one_raised_token(trainer, worker, buf, first_task, truncate_odd=True)
     cfg = trainer.cfg.trainer
-    with _settings(cfg, off_policy="ppo", mask_truncated=True, clip_ratio_c=dual_clip):
-        metrics = trainer.train_step(step=1, timeout_s=30)
+    for key, value in (("off_policy", "ppo"), ("mask_truncated", True), ("clip_ratio_c", dual_clip)):
+        monkeypatch.setattr(cfg, key, value)
+    metrics = trainer.train_step(step=1, timeout_s=30)
     lengths = np.array([len(t) for g in groups for t in g], dtype=float)
     kept = np.array([t.status != Status.TRUNCATED for g in groups for t in g])
     adv = advantages(torch.tensor([[t.reward for t in g] for g in groups])).reshape(-1).numpy()
