@@ -108,6 +108,7 @@ def _live_buffer(run_dir: str, run: str) -> RedisBuffer | None:
     if not url:
         return None
     password = os.environ.get("RLPOST_REDIS_PASSWORD") or _private_password(run_dir)
+    # not buffer.connect: its ~30 s of reconnection retries would delay "the server is gone"
     buffer = RedisBuffer(redis.Redis.from_url(url, password=password, socket_connect_timeout=2), run)
     try:
         buffer.client.ping()
