@@ -320,7 +320,7 @@ class RedisBuffer:
 
     def filtered_groups(self) -> int:
         """Groups dropped by the trainer's filter since the run began."""
-        return int(self.client.get(self.key("filtered")) or 0)
+        return self._int_field("filtered", None, self.client.get(self.key("filtered")))
 
     def already_trained(self, traj_ids: list[str]) -> list[bool]:
         if not traj_ids:
@@ -367,11 +367,14 @@ class RedisBuffer:
             raise BufferDataError(f"{self.key('version')} holds {raw[:60]!r}: not a weight version record")
         return wv
 
-    def _int_field(self, key: str, field: str, raw: bytes | None) -> int:
+    def _int_field(self, key: str, field: str | None, raw: bytes | None) -> int:
+        """An integer we wrote to ``key`` (a hash's ``field``, or a plain key with None); junk there
+        is a BufferDataError naming it."""
         try:
             return int(raw or 0)
         except ValueError:
-            raise BufferDataError(f"{self.key(key)} field {field!r} holds {raw[:60]!r}: not an integer") from None
+            where = self.key(key) + (f" field {field!r}" if field else "")
+            raise BufferDataError(f"{where} holds {raw[:60]!r}: not an integer") from None
 
     def set_signal(self, name: str, value: str = "1") -> None:
         self.client.hset(self.key("control"), name, value)

@@ -53,20 +53,26 @@ def report(buffer: RedisBuffer, dead_shown: int = 5) -> dict:
                    "latest": [{"stream": _text(f.get(b"stream")), "reason": _text(f.get(b"reason"))}
                               for _, f in dead[-dead_shown:]]}
     out["trained_samples"] = int(c.scard(buffer.key("trained")))
-    out["filtered_groups"] = buffer.filtered_groups()
-    version = buffer.current_version()
+    out["errors"] = []  # control keys holding something the run did not write: named, not fatal
+    out["filtered_groups"] = _checked(buffer.filtered_groups, out["errors"])
+    version = _checked(buffer.current_version, out["errors"])
     out["weight_version"] = None if version is None else version.version
-    out["round"] = buffer.current_round()
+    out["round"] = _checked(buffer.current_round, out["errors"])
+    beats = _checked(buffer.workers, out["errors"]) or {}
     now = time.time()
-    try:
-        beats = buffer.workers()
-    except BufferDataError as exc:
-        beats, out["workers_error"] = {}, str(exc)
     out["workers"] = {name: {"beat_age_s": round(now - beat["t"], 1), "version": beat.get("version"),
                              "tasks": beat.get("tasks"), "samples": beat.get("samples"),
                              "restarts": beat.get("restarts")}
                       for name, beat in sorted(beats.items())}
     return out
+
+
+def _checked(read, errors: list[str]):
+    try:
+        return read()
+    except BufferDataError as exc:
+        errors.append(str(exc))
+        return None
 
 
 def _text(raw) -> str:
@@ -86,8 +92,7 @@ def format_report(r: dict) -> str:
     for name, w in r["workers"].items():
         lines.append(f"  {name}: last beat {w['beat_age_s']} s ago, weights v{w['version']}, {w['tasks']} tasks, "
                      f"{w['samples']} samples, {w['restarts']} restarts")
-    if "workers_error" in r:
-        lines.append(f"  workers: {r['workers_error']}")
+    lines += [f"  error: {e}" for e in r["errors"]]
     return "\n".join(lines)
 
 

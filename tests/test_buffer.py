@@ -248,6 +248,17 @@ def test_junk_in_control_keys_is_a_clear_error_naming_the_key(buffer):
     buffer.client.hset(buffer.key("workers"), "w9", b"\x01\x02")
     with pytest.raises(BufferDataError, match=r":workers field b'w9' holds .*not a heartbeat"):
         buffer.workers()
+    buffer.client.set(buffer.key("filtered"), "zz")  # was a bare ValueError in the driver's refill
+    with pytest.raises(BufferDataError, match=r":filtered holds b'zz': not an integer"):
+        buffer.filtered_groups()
+    # python -m rlpost.status names each of them instead of stopping at the first
+    from rlpost.status import format_report, report
+
+    buffer.client.set(buffer.key("version"), b"junk")
+    buffer.client.hset(buffer.key("control"), "round", "seven")
+    r = report(buffer)
+    assert len(r["errors"]) == 4 and r["filtered_groups"] is None and r["workers"] == {}
+    assert "error: " in format_report(r) and r["streams"]["tasks"]["entries"] == 0
 
 
 def test_groups_with_token_ids_the_model_cannot_embed_are_dead_lettered(buffer):
