@@ -100,7 +100,10 @@ def _run_id(run_dir: str) -> str:
     path = os.path.join(run_dir, "run_id")
     if not os.path.exists(path):
         raise StatusError(f"{run_dir}: no run_id file (not an rlpost run directory, or it never started)")
-    return open(path).read().strip()
+    run = open(path).read().strip()
+    if not run or ":" in run or "{" in run:
+        raise StatusError(f"{path} holds {run[:60]!r}: not a run id")
+    return run
 
 
 def _live_buffer(run_dir: str, run: str) -> RedisBuffer | None:
@@ -114,7 +117,10 @@ def _live_buffer(run_dir: str, run: str) -> RedisBuffer | None:
         return None
     password = os.environ.get("RLPOST_REDIS_PASSWORD") or _private_password(run_dir)
     # not buffer.connect: its ~30 s of reconnection retries would delay "the server is gone"
-    buffer = RedisBuffer(redis.Redis.from_url(url, password=password, socket_connect_timeout=2), run)
+    try:
+        buffer = RedisBuffer(redis.Redis.from_url(str(url), password=password, socket_connect_timeout=2), run)
+    except ValueError as exc:
+        raise StatusError(f"{run_dir}/placement.json: buffer={url!r}: {exc}") from None
     try:
         buffer.client.ping()
     except (redis.ConnectionError, redis.TimeoutError, FileNotFoundError):

@@ -535,3 +535,7 @@ def test_the_status_of_a_run_directory_is_read_live_or_says_what_is_missing(buff
     assert r["source"] == "live" and r["streams"]["tasks"]["unread"] == 1
     (run_dir / "placement.json").write_text(json.dumps({"buffer": f"unix://{tmp_path}/gone.sock"}))
     assert main([str(run_dir)]) == 2 and "no append-only file" in capsys.readouterr().err
+    (run_dir / "placement.json").write_text(json.dumps({"buffer": "http://x"}))
+    assert main([str(run_dir)]) == 2 and "placement.json: buffer='http://x'" in capsys.readouterr().err
+    (run_dir / "run_id").write_text("a:b")
+    assert main([str(run_dir)]) == 2 and "not a run id" in capsys.readouterr().err
