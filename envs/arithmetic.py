@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from rlpost.config import EnvConfig
 from rlpost.records import SamplingParams, Task
 from rlpost.tokenizer import CharTokenizer
-from rlpost.tokenizer import make_tokenizer as tokenizer_named
+from rlpost.tokenizer import env_tokenizer
 
 from rlpost.envs.base import RewardResult, eval_task_set
 
@@ -66,7 +66,7 @@ class ArithmeticEnv:
 
     def __init__(self, cfg: EnvConfig):
         self.cfg = cfg
-        self.tokenizer = tokenizer_named(cfg.tokenizer, ALPHABET)
+        self.tokenizer = env_tokenizer(cfg, ALPHABET)
         rng = random.Random(cfg.seed)
         self._eval = []
         seen: set[str] = set()

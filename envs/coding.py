@@ -26,7 +26,7 @@ from pathlib import Path
 from rlpost.config import EnvConfig, SandboxConfig
 from rlpost.envs.base import RewardResult, eval_task_set
 from rlpost.records import SamplingParams, Task
-from rlpost.tokenizer import make_tokenizer
+from rlpost.tokenizer import env_tokenizer
 
 FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
 TOY_ALPHABET = "0123456789+-*%()=:;,.<>fxdeturn _#\n"
@@ -156,7 +156,7 @@ class CodingEnv:
         self.cfg = cfg
         self.sandbox_cfg = sandbox_cfg or SandboxConfig()
         pick_backend(self.sandbox_cfg, warn=False)  # refuse now, not at the first reward
-        self.tokenizer = make_tokenizer(cfg.tokenizer, TOY_ALPHABET)
+        self.tokenizer = env_tokenizer(cfg, TOY_ALPHABET)
         self._pool = None
         if cfg.eval_set == "humaneval":
             self._eval = humaneval_problems()[:cfg.num_eval]

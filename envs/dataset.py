@@ -10,6 +10,10 @@ What slime (``--prompt-data``, ``--input-key``, ``--label-key``, ``--rm-type``,
   ``env.eval_path`` holds the held-out set; without it ``env.num_eval`` records are held out
   from the training file (a seeded split), and training never sees them.
 * ``env.prompt_template`` wraps each prompt (``{prompt}`` is replaced).
+* With a real checkpoint, ``env.tokenizer=hf`` renders each prompt through the checkpoint's chat
+  template (rlpost/tokenizer.py ``HFTokenizer``), and a prompt may then also be a conversation,
+  verl's and OpenAI's ``[{"role": ..., "content": ...}, ...]`` ending in the user's turn (the
+  template wraps that turn's content).
 * ``env.reward``: ``math`` (the committed final answer, numerically equivalent to the reference:
   rlpost/envs/answers.py), ``exact`` (the whole response, stripped, equals the reference), or
   ``package.module:function``, your own verifier: ``function(response: str, label: str)``
@@ -35,15 +39,18 @@ from typing import Any, Callable
 
 from rlpost.config import ConfigError, EnvConfig
 from rlpost.records import SamplingParams, Task
-from rlpost.tokenizer import make_tokenizer
+from rlpost.tokenizer import env_tokenizer
 
 from rlpost.envs.answers import equivalent, extract_answer
 from rlpost.envs.base import RewardResult, eval_task_set
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 @dataclass
 class Record:
-    prompt: str
+    prompt: str | list[dict[str, str]]  # a text, or a conversation ending in a user turn (chat template)
     answer: str
     sft_target: str
     where: str  # "file:line", for error messages
@@ -77,10 +84,13 @@ def load_records(path: str, cfg: EnvConfig, field: str) -> list[Record]:
         where = f"{path}:{n}"
         if not isinstance(row, dict):
             raise ConfigError(f"{field}={path!r}: record {n} is {type(row).__name__}, not an object")
-        values = []
+        values: list = []
         for key_field, key in (("env.prompt_key", cfg.prompt_key), ("env.answer_key", cfg.answer_key),
                                ("env.sft_key", cfg.sft_key or cfg.answer_key)):
             value = row.get(key)
+            if key_field == "env.prompt_key" and isinstance(value, list):
+                values.append(_messages(value, f"{field}={path!r}: record {n}: {key_field}={key!r}", cfg))
+                continue
             if isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value).strip() == "":
                 raise ConfigError(f"{field}={path!r}: record {n} has no usable {key_field}={key!r} "
                                   f"(got {value!r}; keys: {sorted(row)[:8]})")
@@ -89,6 +99,22 @@ def load_records(path: str, cfg: EnvConfig, field: str) -> list[Record]:
     if not records:
         raise ConfigError(f"{field}={path!r}: no records")
     return records
+
+
+def _messages(value: list, where: str, cfg: EnvConfig) -> list[dict[str, str]]:
+    """A prompt given as a conversation (verl's and OpenAI's ``[{"role", "content"}, ...]``),
+    checked: it needs the checkpoint's chat template, and it must end with the user's turn."""
+    if cfg.tokenizer != "hf" or not cfg.chat_template:
+        raise ConfigError(f"{where} is a list of messages: that needs a chat template (env.tokenizer=hf with "
+                          f"env.chat_template=true; this is env.tokenizer={cfg.tokenizer})")
+    for i, message in enumerate(value):
+        if (not isinstance(message, dict) or message.get("role") not in CHAT_ROLES
+                or not isinstance(message.get("content"), str)):
+            raise ConfigError(f"{where}: message {i} must be {{\"role\": one of {', '.join(CHAT_ROLES)}, "
+                              f"\"content\": a string}} (got {str(message)[:80]!r})")
+    if not value or value[-1]["role"] != "user":
+        raise ConfigError(f"{where}: the last message must be the user's (the model answers it)")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def load_reward_fn(spec: str) -> Callable[[str, str], Any]:
@@ -135,19 +161,28 @@ class DatasetEnv:
         if cfg.tokenizer == "char":  # a character vocabulary over every text the run will encode
             texts = [t for r in self._train + self._eval for t in (self._prompt(r), r.answer, r.sft_target)]
             alphabet = "".join(sorted(set("".join(texts))))
-        self.tokenizer = make_tokenizer(cfg.tokenizer, alphabet)
+        self.tokenizer = env_tokenizer(cfg, alphabet)
         self._reward_fn = None if cfg.reward in ("math", "exact") else load_reward_fn(cfg.reward)
 
     @functools.cached_property
     def longest_train_prompt(self) -> tuple[int, str]:
         """(tokens, "file:line") of the longest training prompt: the driver checks it against
         model.max_seq_len at start-up (workers never tokenize the whole file for it)."""
-        lengths = [len(self.tokenizer.encode(self._prompt(r), bos=True)) for r in self._train]
+        lengths = [len(self._prompt_ids(r)) for r in self._train]
         longest = max(range(len(lengths)), key=lengths.__getitem__)
         return lengths[longest], self._train[longest].where
 
     def _prompt(self, r: Record) -> str:
         return self.cfg.prompt_template.replace("{prompt}", r.prompt)
+
+    def _prompt_ids(self, r: Record) -> list[int]:
+        """The prompt's tokens: a text through ``env.prompt_template`` (and the chat template, with
+        env.tokenizer=hf), a conversation through the chat template with the template applied to
+        its last (user) turn."""
+        if isinstance(r.prompt, str):
+            return self.tokenizer.encode(self._prompt(r), bos=True)
+        last = {"role": "user", "content": self.cfg.prompt_template.replace("{prompt}", r.prompt[-1]["content"])}
+        return self.tokenizer.encode_chat(r.prompt[:-1] + [last])
 
     def train_record(self, index: int, seed: int) -> Record:
         epoch, at = divmod(index, len(self._train))
@@ -170,7 +205,7 @@ class DatasetEnv:
         return max(len(self.tokenizer.encode(r.sft_target)) for r in self._train + self._eval)
 
     def _task(self, r: Record, task_id: str, purpose: str, group_size: int, sampling: SamplingParams) -> Task:
-        return Task(task_id=task_id, prompt_ids=self.tokenizer.encode(self._prompt(r), bos=True), answer=r.answer,
+        return Task(task_id=task_id, prompt_ids=self._prompt_ids(r), answer=r.answer,
                     group_size=group_size, sampling=sampling, purpose=purpose, env=self.name)
 
     def train_task(self, index: int, seed: int, group_size: int, sampling: SamplingParams) -> Task:
@@ -182,8 +217,7 @@ class DatasetEnv:
 
     def sft_example(self, index: int, seed: int) -> tuple[list[int], list[int]]:
         r = self.train_record(index, seed)
-        return (self.tokenizer.encode(self._prompt(r), bos=True),
-                self.tokenizer.encode(r.sft_target) + [self.tokenizer.eos_id])
+        return (self._prompt_ids(r), self.tokenizer.encode(r.sft_target) + [self.tokenizer.eos_id])
 
     def score(self, answer: str, response_ids: list[int]) -> RewardResult:
         text = self.tokenizer.decode(response_ids)

@@ -8,6 +8,7 @@ error surface as :class:`ConfigError`, whose message names the field and the val
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
@@ -335,8 +336,18 @@ class EnvConfig:
     max_turns: int = 3
     # Tokenizer of the env's text: char (the toy envs' alphabets), gpt2 or qwen3 (byte-level BPE),
     # qwen3_chat (Qwen3's, prompts as a ChatML user turn, eos <|im_end|>: instruct checkpoints),
-    # mixtral (SentencePiece, 32k ids); the real ones for coding, arithmetic and dataset.
+    # mixtral (SentencePiece, 32k ids), hf (a Hugging Face checkpoint's own, below); the real ones
+    # for coding, arithmetic and dataset.
     tokenizer: str = "char"
+    # hf: the folder with tokenizer.json / tokenizer_config.json (null: model.path). Prompts go
+    # through its chat template (chat_template=true) as a user turn after system_prompt (if set),
+    # with chat_template_kwargs passed to the template (Qwen3: {enable_thinking: false});
+    # eos_token overrides the tokenizer's eos (the token that ends a response).
+    tokenizer_path: Optional[str] = None
+    chat_template: bool = True
+    system_prompt: Optional[str] = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    eos_token: Optional[str] = None
     # coding: the eval set, toy (procedural, held out) or humaneval (the 164 HumanEval problems,
     # up to env.num_eval of them; needs a real tokenizer), and its completion budget (0: the set's
     # default, 13 for toy, 300 for humaneval; dataset: the longest warm-up target + 1).
@@ -385,6 +396,12 @@ class EnvConfig:
                    f"{p}.reward", self.reward, "must be math, exact or package.module:function")
         _check(is_reward_range(self.reward_range), f"{p}.reward_range", self.reward_range,
                "must be [low, high], finite, low < high")
+        if self.tokenizer != "hf":
+            for key in ("tokenizer_path", "system_prompt", "eos_token"):
+                _check(getattr(self, key) is None, f"{p}.{key}", getattr(self, key),
+                       f"is for env.tokenizer=hf (this is {self.tokenizer})")
+            _check(not self.chat_template_kwargs, f"{p}.chat_template_kwargs", self.chat_template_kwargs,
+                   f"is for env.tokenizer=hf (this is {self.tokenizer})")
         _check(self.eval_set in ("toy", "humaneval"), f"{p}.eval_set", self.eval_set, "must be toy or humaneval")
         _check(self.eval_set == "toy" or (self.name == "coding" and self.tokenizer != "char"), f"{p}.eval_set",
                self.eval_set, "humaneval is an eval set of env.name=coding with a real tokenizer (env.tokenizer=gpt2)")
@@ -588,6 +605,10 @@ class RlpostConfig:
         if self.trainer.routing_replay and self.engine.name != "native":
             _check(self.engine.return_routed_experts, "trainer.routing_replay", True,
                    f"needs the engine's routing: set engine.return_routed_experts=true (engine={self.engine.name})")
+        if self.env.tokenizer == "hf":  # resolved here (absolute, for every process), so config.yaml says it
+            _check(bool(self.env.tokenizer_path or self.model.path), "env.tokenizer", "hf",
+                   "needs env.tokenizer_path or model.path (a local Hugging Face checkpoint or tokenizer folder)")
+            self.env.tokenizer_path = os.path.abspath(self.env.tokenizer_path or self.model.path)
         if self.env.name == "coding":  # a sample's program must fit in its reward budget
             _check(self.sandbox.wall_s <= self.env.reward_timeout_s, "sandbox.wall_s", self.sandbox.wall_s,
                    f"must be <= env.reward_timeout_s={self.env.reward_timeout_s} (the per-sample reward budget)")

