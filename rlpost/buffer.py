@@ -94,6 +94,20 @@ end
 return acked
 """
 
+# KEYS: the entry's stream, dead letters; ARGV: the stream's group ('' for the eval streams, read
+# without one), entry id, stream name, reason, payload. Recorded only by the call that deletes the
+# entry, so a retry after a lost reply (or a second reader of a reclaimed entry) adds no copy.
+_DEAD_LETTER = """
+local existed = redis.call('XDEL', KEYS[1], ARGV[2])
+if ARGV[1] ~= '' then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+end
+if existed == 1 then
+  redis.call('XADD', KEYS[2], '*', 'stream', ARGV[3], 'entry_id', ARGV[2], 'reason', ARGV[4], 'data', ARGV[5])
+end
+return existed
+"""
+
 # KEYS: tasks, the submission's token key; ARGV: token lifetime (s), then the tasks' payloads.
 _SUBMIT = """
 if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
@@ -166,6 +180,7 @@ class RedisBuffer:
         self._consume_script = client.register_script(_CONSUME)
         self._submit = client.register_script(_SUBMIT)
         self._increment = client.register_script(_INCREMENT)
+        self._dead_letter_script = client.register_script(_DEAD_LETTER)
 
     @classmethod
     def from_url(cls, url: str, run: str, **auth) -> "RedisBuffer":
@@ -491,11 +506,8 @@ class RedisBuffer:
         return TRAINER_GROUP if stream.endswith(":complete") else WORKER_GROUP
 
     def _dead_letter(self, stream: str, entry_id: str, fields: dict, reason: str) -> None:
-        """Move an undecodable entry aside with its reason; it is kept, not lost, and not retried."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(self.key("dead"), {"stream": stream, "entry_id": entry_id, "reason": reason[:1000],
-                                     "data": fields.get(b"data", b"")})
-        if ":eval:" not in stream:  # eval streams are read with XRANGE, without a consumer group
-            pipe.xack(stream, self._group_of(stream), entry_id)
-        pipe.xdel(stream, entry_id)
-        pipe.execute()
+        """Move an undecodable entry aside with its reason; it is kept, not lost, not retried, and
+        recorded once (one script, gated on deleting the entry)."""
+        group = "" if ":eval:" in stream else self._group_of(stream)  # eval streams: XRANGE, no group
+        self._dead_letter_script(keys=[stream, self.key("dead")],
+                                 args=[group, entry_id, stream, reason[:1000], fields.get(b"data", b"")])

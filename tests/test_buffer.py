@@ -410,6 +410,21 @@ def test_a_write_whose_reply_is_lost_is_applied_once(buffer, flaky):
     assert buffer.current_round() == 2 and buffer.client.hget(buffer.key("lives"), "worker-0") == b"2"
 
 
+def test_a_dead_letter_whose_reply_is_lost_is_recorded_once(buffer, flaky):
+    """Moving an undecodable entry aside is one write too: its retry after a lost reply must not
+    record the entry twice (it did, as a MULTI, before it became a script gated on the delete)."""
+    via, proxy = flaky
+    buffer.client.xadd(buffer.key("tasks"), {"data": pickle.dumps({"x": 1})})
+    buffer.put_tasks([make_task(1)])
+    proxy.lose_reply_to(b"EVALSHA", b"EXEC")
+    got = via.read_tasks("w0", count=5, block_ms=100)
+    assert proxy.dropped == 1 and [d.item.task_id for d in got] == ["t1"]
+    dead = buffer.client.xrange(buffer.key("dead"))
+    assert len(dead) == 1 and b"malformed task" in dead[0][1][b"reason"]
+    assert buffer.client.xlen(buffer.key("tasks")) == 1  # t1 only: the junk entry is gone
+    assert buffer.client.xpending(buffer.key("tasks"), WORKER_GROUP)["pending"] == 1
+
+
 def test_a_late_finish_of_a_reclaimed_task_adds_nothing(buffer):
     """A worker that hung past reclaim_idle_ms finishes a task another worker already reclaimed
     and finished: only the first finish reaches ``complete``."""
