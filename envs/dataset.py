@@ -8,7 +8,9 @@ What slime (``--prompt-data``, ``--input-key``, ``--label-key``, ``--rm-type``,
   under ``env.prompt_key`` and the reference answer under ``env.answer_key``; ``env.sft_key``
   (optional) holds the warm-up target (e.g. a worked solution ending in the answer).
   ``env.eval_path`` holds the held-out set; without it ``env.num_eval`` records are held out
-  from the training file (a seeded split), and training never sees them.
+  from the training file (a seeded split), and training never sees them. ``env.eval_sets``
+  (``{name: path}``, slime's several ``--eval-prompt-data``) adds named benchmarks evaluated at
+  the same points, reported as ``eval/<name>/accuracy``.
 * ``env.prompt_template`` wraps each prompt (``{prompt}`` is replaced).
 * With a real checkpoint, ``env.tokenizer=hf`` renders each prompt through the checkpoint's chat
   template (rlpost/tokenizer.py ``HFTokenizer``), and a prompt may then also be a conversation,
@@ -56,8 +58,9 @@ class Record:
     where: str  # "file:line", for error messages
 
 
-def load_records(path: str, cfg: EnvConfig, field: str) -> list[Record]:
-    """The records of ``path`` (JSONL, or a JSON list when it ends in .json), checked."""
+def load_records(path: str, cfg: EnvConfig, field: str, sft: bool = True) -> list[Record]:
+    """The records of ``path`` (JSONL, or a JSON list when it ends in .json), checked; ``sft``
+    False: no ``env.sft_key`` needed (an extra eval set: the answer stands in)."""
     if not os.path.isfile(path):
         raise ConfigError(f"{field}={path!r}: no such file")
     with open(path, encoding="utf-8") as fh:
@@ -86,7 +89,7 @@ def load_records(path: str, cfg: EnvConfig, field: str) -> list[Record]:
             raise ConfigError(f"{field}={path!r}: record {n} is {type(row).__name__}, not an object")
         values: list = []
         for key_field, key in (("env.prompt_key", cfg.prompt_key), ("env.answer_key", cfg.answer_key),
-                               ("env.sft_key", cfg.sft_key or cfg.answer_key)):
+                               ("env.sft_key", (sft and cfg.sft_key) or cfg.answer_key)):
             value = row.get(key)
             if key_field == "env.prompt_key" and isinstance(value, list):
                 values.append(_messages(value, f"{field}={path!r}: record {n}: {key_field}={key!r}", cfg))
@@ -157,9 +160,12 @@ class DatasetEnv:
             held = set(order[:cfg.num_eval])
             self._eval = [records[i] for i in sorted(held)]
             self._train = [r for i, r in enumerate(records) if i not in held]
+        self._eval_sets = {name: load_records(path, cfg, f"env.eval_sets.{name}", sft=False)[:cfg.num_eval]
+                           for name, path in cfg.eval_sets.items()}
         alphabet = ""
         if cfg.tokenizer == "char":  # a character vocabulary over every text the run will encode
-            texts = [t for r in self._train + self._eval for t in (self._prompt(r), r.answer, r.sft_target)]
+            every = self._train + self._eval + [r for rs in self._eval_sets.values() for r in rs]
+            texts = [t for r in every for t in (self._prompt(r), r.answer, r.sft_target)]
             alphabet = "".join(sorted(set("".join(texts))))
         self.tokenizer = env_tokenizer(cfg, alphabet)
         self._reward_fn = None if cfg.reward in ("math", "exact") else load_reward_fn(cfg.reward)
@@ -202,7 +208,8 @@ class DatasetEnv:
 
     @functools.cached_property
     def _longest_target(self) -> int:
-        return max(len(self.tokenizer.encode(r.sft_target)) for r in self._train + self._eval)
+        every = self._train + self._eval + [r for rs in self._eval_sets.values() for r in rs]
+        return max(len(self.tokenizer.encode(r.sft_target)) for r in every)
 
     def _task(self, r: Record, task_id: str, purpose: str, group_size: int, sampling: SamplingParams) -> Task:
         return Task(task_id=task_id, prompt_ids=self._prompt_ids(r), answer=r.answer,
@@ -213,7 +220,10 @@ class DatasetEnv:
 
     def eval_tasks(self, tag: str, min_version: int) -> list[Task]:
         budget = self.cfg.eval_max_new_tokens or self.max_answer_len() + 1
-        return eval_task_set(self._eval, self._task, tag, min_version, budget)
+        tasks = eval_task_set(self._eval, self._task, tag, min_version, budget)
+        for name, records in self._eval_sets.items():
+            tasks += eval_task_set(records, self._task, tag, min_version, budget, set_name=name)
+        return tasks
 
     def sft_example(self, index: int, seed: int) -> tuple[list[int], list[int]]:
         r = self.train_record(index, seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
@@ -359,6 +360,9 @@ class EnvConfig:
     # math (final-answer equivalence), exact, or package.module:function (your verifier).
     train_path: Optional[str] = None
     eval_path: Optional[str] = None
+    # more held-out sets, {name: path} (same keys; up to num_eval records each), evaluated with the
+    # main one and reported as eval/<name>/accuracy (and pass@k), answers in evals/<tag>.<name>.jsonl
+    eval_sets: dict[str, str] = field(default_factory=dict)
     prompt_key: str = "prompt"
     answer_key: str = "answer"
     sft_key: Optional[str] = None
@@ -394,6 +398,12 @@ class EnvConfig:
                    "must contain {prompt}")
             _check(self.reward in ("math", "exact") or (":" in self.reward and all(self.reward.split(":", 1))),
                    f"{p}.reward", self.reward, "must be math, exact or package.module:function")
+        for name, path in self.eval_sets.items():
+            _check(self.name == "dataset", f"{p}.eval_sets", dict(self.eval_sets), "is for env.name=dataset")
+            _check(re.fullmatch(r"[A-Za-z0-9_.]+", str(name)) is not None and name != "accuracy"
+                   and not str(name).startswith("pass@"), f"{p}.eval_sets", name,
+                   "set names are letters, digits, '_' and '.' (not 'accuracy' or 'pass@...'): they name metrics")
+            _check(isinstance(path, str) and bool(path), f"{p}.eval_sets.{name}", path, "must be a file path")
         _check(is_reward_range(self.reward_range), f"{p}.reward_range", self.reward_range,
                "must be [low, high], finite, low < high")
         if self.tokenizer != "hf":
@@ -522,12 +532,16 @@ class LoggerConfig:
     # rows of each evaluation's answers logged to wandb as a table (all of them are in
     # <run_dir>/evals/<tag>.jsonl)
     table_rows: int = 16
+    # every N RL steps, that step's trained samples as text (prompt, response, reward, advantage,
+    # verdict, policy versions) to <run_dir>/rollouts/step<N>.jsonl; 0: off (rlpost/rollout_dump.py)
+    rollouts_every: int = 0
 
     def validate(self, p: str = "logger") -> None:
         _check(self.backend in ("jsonl", "wandb"), f"{p}.backend", self.backend, "must be jsonl or wandb")
         _check(self.wandb_mode in ("offline", "online", "disabled"), f"{p}.wandb_mode", self.wandb_mode,
                "must be offline, online or disabled")
         _check(self.table_rows >= 0, f"{p}.table_rows", self.table_rows, "must be >= 0")
+        _check(self.rollouts_every >= 0, f"{p}.rollouts_every", self.rollouts_every, "must be >= 0 (0: off)")
 
 
 @dataclass

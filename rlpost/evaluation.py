@@ -75,19 +75,29 @@ def answer_rows(trajs: list[Trajectory], tokenizer) -> list[dict[str, Any]]:
     """One row per answer, ordered by prompt: the prompt and response as text (the special ids
     the tokenizer would stop at are left out of the prompt), the reward and the env's verdict."""
     rows = []
-    stop = getattr(tokenizer, "eos_id", None)
-    for t in sorted(trajs, key=_natural):
-        info = {k: (v[:500] if isinstance(v, str) else v) for k, v in t.env_info.items()
-                if isinstance(v, (str, int, float, bool)) and k != "text"}  # text: the response itself
-        rows.append({"id": t.traj_id, "prompt": tokenizer.decode([i for i in t.prompt_ids.tolist() if i != stop]),
-                     "response": tokenizer.decode(t.response_ids.tolist()), "reward": t.reward,
-                     "status": t.status.value, "tokens": len(t), **{f"env/{k}": v for k, v in info.items()}})
+    for t in sorted(trajs, key=lambda t: natural_key(t.traj_id)):
+        rows.append({"id": t.traj_id, **sample_text(t.prompt_ids.tolist(), t.response_ids.tolist(), tokenizer),
+                     "reward": t.reward, "status": t.status.value, "tokens": len(t), **verdict(t.env_info)})
     return rows
 
 
-def _natural(t: Trajectory) -> list:
+def sample_text(prompt_ids: list[int], response_ids: list[int], tokenizer) -> dict[str, str]:
+    """A sample's prompt and response as text (the special ids the tokenizer stops at are left out
+    of the prompt; the response ends at its eos)."""
+    stop = getattr(tokenizer, "eos_id", None)
+    return {"prompt": tokenizer.decode([i for i in prompt_ids if i != stop]), "response": tokenizer.decode(response_ids)}
+
+
+def verdict(env_info: dict[str, Any]) -> dict[str, Any]:
+    """The env's verdict as ``env/<key>`` columns: plain values, long text cut to 500 characters
+    (``text``, the response itself, left out)."""
+    return {f"env/{k}": (v[:500] if isinstance(v, str) else v) for k, v in env_info.items()
+            if isinstance(v, (str, int, float, bool)) and k != "text"}
+
+
+def natural_key(traj_id: str) -> list:
     """``eval-x-2/0`` before ``eval-x-10/0``: prompts in their set's order, answers in theirs."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", t.traj_id)]
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", traj_id)]
 
 
 def write_answers(run_dir: str, tag: str, rows: list[dict[str, Any]]) -> str:

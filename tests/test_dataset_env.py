@@ -140,6 +140,27 @@ def test_exact_and_custom_rewards_with_their_failures_bounded(tmp_path):
         assert results[1].reward == 0.0 and ("reason" in results[1].info) == (name == "broken")
 
 
+def test_extra_eval_sets_are_named_tasks_of_the_same_evaluation(tmp_path):
+    """env.eval_sets: named benchmarks beside the main held-out set, in the same eval round (one
+    stream), told apart by id and meta; they need no warm-up key; bad names are config errors."""
+    data = write_jsonl(tmp_path / "d.jsonl", additions(20))
+    bench = write_jsonl(tmp_path / "b.jsonl", [{"question": f"{a}+1=", "label": a + 1} for a in range(3)])
+    env = env_for(data, sft_key="solution", eval_sets={"hard": bench})
+    tasks = env.eval_tasks("step10", min_version=7)
+    main = [t for t in tasks if "eval_set" not in t.meta]
+    extra = [t for t in tasks if t.meta.get("eval_set") == "hard"]
+    assert len(main) == 5 and [t.task_id for t in extra] == ["eval-step10-hard-0", "eval-step10-hard-1", "eval-step10-hard-2"]
+    assert {t.purpose for t in tasks} == {"eval:step10"} and {t.min_version for t in tasks} == {7}
+    assert env.tokenizer.decode(extra[1].prompt_ids) == "1+1=" and extra[1].answer == "2"
+    for sets, message in [({"accuracy": bench}, r"env.eval_sets='accuracy': set names are letters"),
+                          ({"a b": bench}, r"env.eval_sets='a b'"),
+                          ({"x": str(tmp_path / "none.jsonl")}, r"env.eval_sets.x=.*none.jsonl': no such file")]:
+        with pytest.raises(ConfigError, match=message):
+            env_for(data, eval_sets=sets)
+    with pytest.raises(ConfigError, match=r"env.eval_sets=.*is for env.name=dataset"):
+        EnvConfig(eval_sets={"x": bench}).validate()
+
+
 def test_a_jsonl_dataset_with_a_custom_verifier_trains_end_to_end(tmp_path):
     """The whole loop on env=dataset: the driver, the workers (separate processes, which import
     the user's verifier by name) and the trainer; every reward is the verifier's 0.5."""
@@ -150,18 +171,27 @@ def test_a_jsonl_dataset_with_a_custom_verifier_trains_end_to_end(tmp_path):
     from test_e2e import run_cli
 
     data = write_jsonl(tmp_path / "d.jsonl", additions(80))
+    bench = write_jsonl(tmp_path / "b.jsonl", [{"question": f"{a}+1=", "label": a + 1} for a in range(3)])
     run_dir = tmp_path / "run"
     # the user's verifier module must be importable in every worker: here, through PYTHONPATH
     here = os.path.dirname(os.path.abspath(__file__))
     pythonpath = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     run_cli(["experiment=toy_moe_local", "env=dataset", f"env.train_path={data}", "env.prompt_key=question",
              "env.answer_key=label", "env.num_eval=8", "env.reward=dataset_rewards:half", f"run_dir={run_dir}",
-             "warmup.steps=5", "trainer.steps=2", "rollout.batch_prompts=4", "logger.progress=false"], timeout=300,
+             "warmup.steps=5", "trainer.steps=2", "rollout.batch_prompts=4", "logger.progress=false",
+             f"+env.eval_sets.bench={bench}"], timeout=300,
             extra_env={"PYTHONPATH": pythonpath})
     steps = [r for r in read_metrics(str(run_dir / "metrics.jsonl")) if "reward/mean" in r]
     assert [r["reward/mean"] for r in steps] == [0.5, 0.5]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval_accuracy_before"] == summary["eval_accuracy_after"] == 0.5
+    # the extra eval set: its own metric, summary entry and answers file, at every evaluation
+    assert [e["bench/accuracy"] for e in summary["evals"]] == [0.5, 0.5]
+    assert [r["eval/bench/accuracy"] for r in read_metrics(str(run_dir / "metrics.jsonl")) if "eval/accuracy" in r] == [0.5, 0.5]
+    for tag in ("before", "after"):
+        assert len((run_dir / "evals" / f"{tag}.jsonl").read_text().splitlines()) == 8
+        bench_rows = [json.loads(line) for line in (run_dir / "evals" / f"{tag}.bench.jsonl").read_text().splitlines()]
+        assert [r["prompt"] for r in bench_rows] == ["0+1=", "1+1=", "2+1="]
 
 
 def test_a_training_prompt_too_long_for_the_model_is_refused_at_start_up(tmp_path):

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -131,11 +132,12 @@ def test_rl_improves_held_out_accuracy(tmp_path):
 def test_two_deepspeed_ranks_train_disjoint_whole_groups(tmp_path):
     """trainer.num_ranks=2 (ZeRO-2 over gloo): each rank reads its own whole groups from the
     consumer group; together they train every group of the step exactly once. REINFORCE++'s
-    batch-wide advantage normalisation sums its statistics over both ranks every step."""
+    batch-wide advantage normalisation sums its statistics over both ranks every step. The
+    rollouts dump (logger.rollouts_every) holds both ranks' samples of its step, as text."""
     run_dir = tmp_path / "ranks"
     run_cli(["experiment=toy_moe_local", f"run_dir={run_dir}", "trainer.num_ranks=2", "trainer.zero_stage=2",
              "warmup.steps=4", "trainer.steps=3", "env.num_eval=8", "eval.every=0", "rollout.batch_prompts=8",
-             "logger.progress=false", "algorithm=reinforce_pp"], timeout=400)
+             "logger.progress=false", "algorithm=reinforce_pp", "logger.rollouts_every=2"], timeout=400)
     steps = [r for r in read_metrics(str(run_dir / "metrics.jsonl")) if "advantage/max" in r]
     assert len(steps) == 3 and all(r["advantage/max"] >= r["advantage/min"] for r in steps)
     per_rank = [[json.loads(line) for line in open(run_dir / f"trained_ids.rank{r}.jsonl")] for r in (0, 1)]
@@ -147,6 +149,15 @@ def test_two_deepspeed_ranks_train_disjoint_whole_groups(tmp_path):
     for rank in per_rank:  # groups are never split across ranks
         groups = {i.split("/")[0] for r in rank for i in r["ids"]}
         assert all(sum(i.startswith(g + "/") for i in ids) == 8 for g in groups)
+    assert sorted(os.listdir(run_dir / "rollouts")) == ["step2.jsonl"]
+    dumped = [json.loads(line) for line in open(run_dir / "rollouts" / "step2.jsonl")]
+    assert sorted(r["id"] for r in dumped) == sorted(i for rank in per_rank for i in rank[1]["ids"])
+    for r in dumped:  # the decoded text is what the reward was given for
+        a, b = map(int, re.fullmatch(r"(\d+)\+(\d+)=", r["prompt"]).groups())
+        assert r["reward"] == (1.0 if r["env/ended"] and r["response"] == str(a + b) else 0.0), r
+        assert r["trained_tokens"] == r["tokens"] > 0 and 0 <= r["versions"][0] <= r["versions"][1] <= 1, r
+    rank0 = [r["advantage"] for r in dumped if r["id"] in set(per_rank[0][1]["ids"])]  # step 2's metrics are rank 0's
+    assert max(rank0) == pytest.approx(steps[1]["advantage/max"]) and min(rank0) == pytest.approx(steps[1]["advantage/min"])
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from rlpost.buffer import Delivery, RedisBuffer
 from rlpost.config import RlpostConfig
 from rlpost.modeling import save_pretrained
 from rlpost.records import Trajectory
+from rlpost.rollout_dump import SAMPLES_KEY, trained_rows
 from rlpost.scheduler import too_stale
 from rlpost.weights import WeightPublisher
 from rlpost.trainer.batch import TrainBatch, collate, sft_batch
@@ -331,6 +332,9 @@ class TrainerRank:
             "filter/dropped_groups": len(collected.dropped),
             "buffer/redelivered_groups": collected.redelivered,
         })
+        every = self.cfg.logger.rollouts_every
+        if every and step % every == 0:  # the driver decodes and writes them (rlpost/rollout_dump.py)
+            metrics[SAMPLES_KEY] = trained_rows(trajs, adv.tolist())
         return metrics
 
     def _batch_metrics(self, trajs: list[Trajectory], rewards: torch.Tensor, version: int,
