@@ -1,6 +1,7 @@
 """env=dataset: a user's JSONL prompts with the math, exact or their own verifier."""
 
 import json
+import re
 
 import pytest
 
@@ -161,15 +162,28 @@ def test_extra_eval_sets_are_named_tasks_of_the_same_evaluation(tmp_path):
         EnvConfig(eval_sets={"x": bench}).validate()
 
 
-def test_a_jsonl_dataset_with_a_custom_verifier_trains_end_to_end(tmp_path):
-    """The whole loop on env=dataset: the driver, the workers (separate processes, which import
-    the user's verifier by name) and the trainer; every reward is the verifier's 0.5."""
+def test_a_jsonl_dataset_on_a_checkpoint_with_its_tokenizer_and_a_custom_verifier_trains_end_to_end(tmp_path):
+    """The whole loop on env=dataset as a user runs it on a real checkpoint: model.path holds the
+    weights and the tokenizer files (DeepSeek-V4's, with a chat template), env.tokenizer=hf, the
+    user's verifier imported by name in every worker (separate processes), an extra eval set.
+    Every reward is the verifier's 0.5; the eval answers show each prompt as the template
+    rendered it; final/ carries the tokenizer, so it loads as a whole checkpoint."""
     import os
 
+    import torch
+    from transformers import AutoTokenizer
+
+    from rlpost.config import ModelConfig
     from rlpost.metrics import read_metrics
+    from rlpost.modeling import Qwen3MoeForCausalLM, save_pretrained
 
     from test_e2e import run_cli
+    from test_hf_tokenizer import tokenizer_dir
 
+    checkpoint = tokenizer_dir(tmp_path / "ckpt")
+    model_cfg = ModelConfig(vocab_size=129280, max_seq_len=64)
+    torch.manual_seed(0)
+    save_pretrained(Qwen3MoeForCausalLM(model_cfg).canonical_state_dict(), model_cfg, checkpoint)
     data = write_jsonl(tmp_path / "d.jsonl", additions(80))
     bench = write_jsonl(tmp_path / "b.jsonl", [{"question": f"{a}+1=", "label": a + 1} for a in range(3)])
     run_dir = tmp_path / "run"
@@ -178,20 +192,30 @@ def test_a_jsonl_dataset_with_a_custom_verifier_trains_end_to_end(tmp_path):
     pythonpath = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     run_cli(["experiment=toy_moe_local", "env=dataset", f"env.train_path={data}", "env.prompt_key=question",
              "env.answer_key=label", "env.num_eval=8", "env.reward=dataset_rewards:half", f"run_dir={run_dir}",
-             "warmup.steps=5", "trainer.steps=2", "rollout.batch_prompts=4", "logger.progress=false",
-             f"+env.eval_sets.bench={bench}"], timeout=300,
-            extra_env={"PYTHONPATH": pythonpath})
-    steps = [r for r in read_metrics(str(run_dir / "metrics.jsonl")) if "reward/mean" in r]
-    assert [r["reward/mean"] for r in steps] == [0.5, 0.5]
+             "env.tokenizer=hf", f"model.path={checkpoint}", "warmup.steps=3", "trainer.steps=2",
+             "rollout.batch_prompts=4", "rollout.max_new_tokens=8", "logger.progress=false",
+             f"+env.eval_sets.bench={bench}"], timeout=300, extra_env={"PYTHONPATH": pythonpath})
+    rows = read_metrics(str(run_dir / "metrics.jsonl"))
+    assert [r["reward/mean"] for r in rows if "reward/mean" in r] == [0.5, 0.5]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval_accuracy_before"] == summary["eval_accuracy_after"] == 0.5
     # the extra eval set: its own metric, summary entry and answers file, at every evaluation
     assert [e["bench/accuracy"] for e in summary["evals"]] == [0.5, 0.5]
-    assert [r["eval/bench/accuracy"] for r in read_metrics(str(run_dir / "metrics.jsonl")) if "eval/accuracy" in r] == [0.5, 0.5]
+    assert [r["eval/bench/accuracy"] for r in rows if "eval/accuracy" in r] == [0.5, 0.5]
     for tag in ("before", "after"):
-        assert len((run_dir / "evals" / f"{tag}.jsonl").read_text().splitlines()) == 8
+        answers = [json.loads(line) for line in (run_dir / "evals" / f"{tag}.jsonl").read_text().splitlines()]
+        assert len(answers) == 8 and all(re.fullmatch(r"<｜User｜>\d+\+\d=<｜Assistant｜></think>", a["prompt"])
+                                         for a in answers), answers[0]
         bench_rows = [json.loads(line) for line in (run_dir / "evals" / f"{tag}.bench.jsonl").read_text().splitlines()]
-        assert [r["prompt"] for r in bench_rows] == ["0+1=", "1+1=", "2+1="]
+        assert [r["prompt"] for r in bench_rows] == [f"<｜User｜>{a}+1=<｜Assistant｜></think>" for a in range(3)]
+    # the tokenizer: resolved from model.path into config.yaml, and carried into final/
+    assert "tokenizer_path: " + checkpoint in (run_dir / "config.yaml").read_text()
+    final = AutoTokenizer.from_pretrained(str(run_dir / "final"), local_files_only=True)
+    source = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    chat = [{"role": "user", "content": "12+5="}]
+    assert (final.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == source.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    assert json.loads((run_dir / "final" / "config.json").read_text())["vocab_size"] == 129280
 
 
 def test_a_training_prompt_too_long_for_the_model_is_refused_at_start_up(tmp_path):

