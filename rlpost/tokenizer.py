@@ -12,6 +12,7 @@ chat template: what a run on a real checkpoint (``model.path``) must use.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -274,7 +275,6 @@ class HFTokenizer:
                               f"(the token that ends a response)")
         self.pad_id = int(self._tok.pad_token_id) if self._tok.pad_token_id is not None else self.eos_id
         self.bos_id = int(self._tok.bos_token_id) if self._tok.bos_token_id is not None else self.eos_id
-        self._plain = _without_added_tokens(self._tok)
         if settings.chat_template and not self._tok.chat_template:
             raise ConfigError(f"env.chat_template=true: {path} has no chat template (tokenizer_config.json "
                               f"'chat_template' or chat_template.jinja); set env.chat_template=false to use "
@@ -287,6 +287,11 @@ class HFTokenizer:
             raise ConfigError(f"env.chat_template: the chat template of {path} fails on a user prompt with "
                               f"env.system_prompt={settings.system_prompt!r} and env.chat_template_kwargs="
                               f"{settings.template_kwargs!r}: {exc}") from None
+
+    @functools.cached_property
+    def _plain(self) -> Any:
+        """Built at the first continuation (about a second for a 6 MB tokenizer.json)."""
+        return _without_added_tokens(self._tok)
 
     def messages(self, text: str) -> list[dict[str, str]]:
         system = [] if self.settings.system_prompt is None else [{"role": "system", "content": self.settings.system_prompt}]
