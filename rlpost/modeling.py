@@ -21,6 +21,7 @@ routing (softmax, top-k, renormalised) is the same.
 from __future__ import annotations
 
 import glob
+import importlib.metadata
 import json
 import math
 import os
@@ -423,6 +424,11 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
                     "mlp_only_layers": [], "norm_topk_prob": cfg.top_k > 1, "use_sliding_window": False,
                     "max_window_layers": cfg.n_layers})
     out.update({hf: getattr(cfg, ours) for ours, hf in _fields(cfg.type).items()})
+    try:  # what every Hugging Face config.json records; without it transformers 5 takes a local
+        # checkpoint for an old Mistral one and warns that its tokenizer's regex is wrong
+        out["transformers_version"] = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        pass
     return out
 
 

@@ -184,3 +184,30 @@ def test_a_changed_tokenizer_or_template_is_a_new_warm_up(tmp_path):
     assert warmup_key(load_config(args)) == before
     tokenizer_dir(folder, template=TEMPLATE.replace("<｜User｜>", "<｜User｜> "))
     assert warmup_key(load_config(args)) != before
+
+
+def test_our_checkpoints_load_with_their_tokenizer_without_transformers_mistral_warning(tmp_path, caplog):
+    """A config.json we write records transformers_version as Hugging Face's do: without it,
+    transformers 5 takes any local checkpoint for an old Mistral one and warns that its
+    tokenizer's regex is wrong (it did for every run's final/ and every worker's tokenizer)."""
+    import importlib.metadata
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from rlpost.config import ModelConfig
+    from rlpost.modeling import hf_config
+
+    folder = tokenizer_dir(tmp_path / "ckpt")
+    with open(os.path.join(folder, "config.json"), "w") as fh:
+        json.dump(hf_config(ModelConfig(vocab_size=129280)), fh)
+    assert json.load(open(os.path.join(folder, "config.json")))["transformers_version"] == \
+        importlib.metadata.version("transformers")
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    finally:
+        hf_logging.disable_propagation()
+    assert "incorrect regex pattern" not in caplog.text
+
