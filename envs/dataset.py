@@ -163,7 +163,7 @@ class DatasetEnv:
         self._eval_sets = {name: load_records(path, cfg, f"env.eval_sets.{name}", sft=False)[:cfg.num_eval]
                            for name, path in cfg.eval_sets.items()}
         alphabet = ""
-        if cfg.tokenizer == "char":  # a character vocabulary over every text the run will encode
+        if cfg.tokenizer in ("char", "auto"):  # a character vocabulary over every text the run will encode
             every = self._train + self._eval + [r for rs in self._eval_sets.values() for r in rs]
             texts = [t for r in every for t in (self._prompt(r), r.answer, r.sft_target)]
             alphabet = "".join(sorted(set("".join(texts))))

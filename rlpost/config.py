@@ -338,8 +338,9 @@ class EnvConfig:
     # Tokenizer of the env's text: char (the toy envs' alphabets), gpt2 or qwen3 (byte-level BPE),
     # qwen3_chat (Qwen3's, prompts as a ChatML user turn, eos <|im_end|>: instruct checkpoints),
     # mixtral (SentencePiece, 32k ids), hf (a Hugging Face checkpoint's own, below); the real ones
-    # for coding, arithmetic and dataset.
-    tokenizer: str = "char"
+    # for coding, arithmetic, dataset and your own envs. auto: hf when model.path holds tokenizer
+    # files and the env takes a real tokenizer, else char (resolved at start-up).
+    tokenizer: str = "auto"
     # hf: the folder with tokenizer.json / tokenizer_config.json (null: model.path). Prompts go
     # through its chat template (chat_template=true) as a user turn after system_prompt (if set),
     # with chat_template_kwargs passed to the template (Qwen3: {enable_thinking: false});
@@ -382,13 +383,18 @@ class EnvConfig:
     # Settings of your own env (env.name=package.module:Factory reads them from cfg.options)
     options: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def takes_real_tokenizer(self) -> bool:
+        """The envs that work on a real tokenizer's text (the others on their own alphabet)."""
+        return ":" in self.name or self.name in ("coding", "arithmetic", "dataset")
+
     def validate(self, p: str = "env") -> None:
         custom = ":" in self.name
         _check(self.name in ENVS or (custom and all(self.name.split(":", 1))), f"{p}.name", self.name,
                f"available: {', '.join(ENVS)}, or your own as package.module:Factory")
         _check(self.max_turns >= 1, f"{p}.max_turns", self.max_turns, "must be >= 1")
         _check(self.tokenizer in TOKENIZERS, f"{p}.tokenizer", self.tokenizer, f"must be one of {', '.join(TOKENIZERS)}")
-        _check(self.tokenizer == "char" or custom or self.name in ("coding", "arithmetic", "dataset"), f"{p}.tokenizer",
+        _check(self.tokenizer in ("char", "auto") or self.takes_real_tokenizer, f"{p}.tokenizer",
                self.tokenizer, f"env.name={self.name} works on its character alphabet; real tokenizers are for "
                f"the coding, arithmetic and dataset envs")
         if self.name == "dataset":
@@ -413,7 +419,7 @@ class EnvConfig:
             _check(not self.chat_template_kwargs, f"{p}.chat_template_kwargs", self.chat_template_kwargs,
                    f"is for env.tokenizer=hf (this is {self.tokenizer})")
         _check(self.eval_set in ("toy", "humaneval"), f"{p}.eval_set", self.eval_set, "must be toy or humaneval")
-        _check(self.eval_set == "toy" or (self.name == "coding" and self.tokenizer != "char"), f"{p}.eval_set",
+        _check(self.eval_set == "toy" or (self.name == "coding" and self.tokenizer not in ("char", "auto")), f"{p}.eval_set",
                self.eval_set, "humaneval is an eval set of env.name=coding with a real tokenizer (env.tokenizer=gpt2)")
         _check(self.eval_max_new_tokens >= 0, f"{p}.eval_max_new_tokens", self.eval_max_new_tokens, "must be >= 0")
         _check(self.len_median >= 1, f"{p}.len_median", self.len_median, "must be >= 1")
@@ -593,6 +599,8 @@ class RlpostConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "RlpostConfig":
+        if self.env.tokenizer == "auto":  # resolved first, so every rule and config.yaml see the real one
+            self.env.tokenizer = "hf" if self.env.takes_real_tokenizer and holds_tokenizer(self.model.path) else "char"
         _check(self.mode in MODES, "mode", self.mode, f"must be one of {', '.join(MODES)}")
         if self.mode == "sync":
             _check(self.rollout.over_sampling == 1, "rollout.over_sampling", self.rollout.over_sampling,
@@ -627,6 +635,12 @@ class RlpostConfig:
             _check(self.sandbox.wall_s <= self.env.reward_timeout_s, "sandbox.wall_s", self.sandbox.wall_s,
                    f"must be <= env.reward_timeout_s={self.env.reward_timeout_s} (the per-sample reward budget)")
         return self
+
+
+def holds_tokenizer(path: Optional[str]) -> bool:
+    """Whether a checkpoint folder ships its tokenizer (what ``env.tokenizer=auto`` looks for)."""
+    return bool(path) and any(os.path.isfile(os.path.join(path, name))
+                              for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
 def register_schema() -> None:

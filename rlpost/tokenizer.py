@@ -332,7 +332,7 @@ class HFTokenizer:
                 dst.write(src.read())
 
 
-TOKENIZERS = ("char", "gpt2", "qwen3", "qwen3_chat", "mixtral", "hf")
+TOKENIZERS = ("auto", "char", "gpt2", "qwen3", "qwen3_chat", "mixtral", "hf")
 Tokenizer = CharTokenizer | Gpt2Tokenizer | Qwen3Tokenizer | MixtralTokenizer | HFTokenizer
 
 
@@ -347,7 +347,7 @@ def make_tokenizer(name: str, alphabet: str, hf: HFTokenizerSettings | None = No
             raise ConfigError("env.tokenizer=hf: needs env.tokenizer_path or model.path (a local Hugging Face "
                               "checkpoint or tokenizer folder)")
         return HFTokenizer(hf)
-    if name == "char":
+    if name in ("char", "auto"):  # auto is resolved at start-up; an env built on its own is the toy's
         return CharTokenizer(alphabet)
     if name == "gpt2":
         return Gpt2Tokenizer()

@@ -164,7 +164,7 @@ def test_extra_eval_sets_are_named_tasks_of_the_same_evaluation(tmp_path):
 
 def test_a_jsonl_dataset_on_a_checkpoint_with_its_tokenizer_and_a_custom_verifier_trains_end_to_end(tmp_path):
     """The whole loop on env=dataset as a user runs it on a real checkpoint: model.path holds the
-    weights and the tokenizer files (DeepSeek-V4's, with a chat template), env.tokenizer=hf, the
+    weights and the tokenizer files (DeepSeek-V4's, with a chat template), so env.tokenizer=auto is hf, the
     user's verifier imported by name in every worker (separate processes), an extra eval set.
     Every reward is the verifier's 0.5; the eval answers show each prompt as the template
     rendered it; final/ carries the tokenizer, so it loads as a whole checkpoint."""
@@ -192,7 +192,7 @@ def test_a_jsonl_dataset_on_a_checkpoint_with_its_tokenizer_and_a_custom_verifie
     pythonpath = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     run_cli(["experiment=toy_moe_local", "env=dataset", f"env.train_path={data}", "env.prompt_key=question",
              "env.answer_key=label", "env.num_eval=8", "env.reward=dataset_rewards:half", f"run_dir={run_dir}",
-             "env.tokenizer=hf", f"model.path={checkpoint}", "warmup.steps=3", "trainer.steps=2",
+             f"model.path={checkpoint}", "warmup.steps=3", "trainer.steps=2",  # env.tokenizer=auto: hf
              "rollout.batch_prompts=4", "rollout.max_new_tokens=8", "logger.progress=false",
              f"+env.eval_sets.bench={bench}"], timeout=300, extra_env={"PYTHONPATH": pythonpath})
     rows = read_metrics(str(run_dir / "metrics.jsonl"))
@@ -209,7 +209,7 @@ def test_a_jsonl_dataset_on_a_checkpoint_with_its_tokenizer_and_a_custom_verifie
         bench_rows = [json.loads(line) for line in (run_dir / "evals" / f"{tag}.bench.jsonl").read_text().splitlines()]
         assert [r["prompt"] for r in bench_rows] == [f"<｜User｜>{a}+1=<｜Assistant｜></think>" for a in range(3)]
     # the tokenizer: resolved from model.path into config.yaml, and carried into final/
-    assert "tokenizer_path: " + checkpoint in (run_dir / "config.yaml").read_text()
+    assert f"tokenizer: hf\n  tokenizer_path: {checkpoint}\n" in (run_dir / "config.yaml").read_text()
     final = AutoTokenizer.from_pretrained(str(run_dir / "final"), local_files_only=True)
     source = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
     chat = [{"role": "user", "content": "12+5="}]

@@ -121,7 +121,7 @@ def test_bad_tokenizer_settings_are_one_line_config_errors(tmp_path, tok_dir):
     with pytest.raises(ConfigError, match=r"env.tokenizer='hf': needs env.tokenizer_path or model.path"):
         load_config(["env.tokenizer=hf"])
     with pytest.raises(ConfigError, match=r"env.system_prompt='hi': is for env.tokenizer=hf \(this is char\)"):
-        EnvConfig(system_prompt="hi").validate()
+        EnvConfig(tokenizer="char", system_prompt="hi").validate()
     cfg = load_config(["env.tokenizer=hf", f"model.path={tok_dir}", "+env.chat_template_kwargs.thinking=true"])
     assert cfg.env.tokenizer_path == tok_dir  # resolved from model.path, so config.yaml names it
     assert HFTokenizerSettings.from_env(cfg.env).template_kwargs == {"thinking": True}
@@ -157,7 +157,7 @@ def test_a_dataset_of_conversations_goes_through_the_chat_template(tmp_path, tok
     assert env.score(record.answer, env.tokenizer.encode("0") + [env.tokenizer.eos_id]).reward == 0.0
 
     bad = [
-        ({}, [{"role": "user", "content": "1+1="}], r"record 1: env.prompt_key='messages' is a list of messages: "
+        ({"tokenizer": "char"}, [{"role": "user", "content": "1+1="}], r"record 1: env.prompt_key='messages' is a list of messages: "
                                                     r"that needs a chat template .*this is env.tokenizer=char"),
         ({"tokenizer": "hf", "tokenizer_path": tok_dir}, [{"role": "user", "content": "1+1="},
                                                           {"role": "assistant", "content": "2"}],
@@ -210,4 +210,23 @@ def test_our_checkpoints_load_with_their_tokenizer_without_transformers_mistral_
     finally:
         hf_logging.disable_propagation()
     assert "incorrect regex pattern" not in caplog.text
+
+
+def test_a_checkpoint_with_tokenizer_files_brings_its_tokenizer_by_default(tmp_path, tok_dir):
+    """env.tokenizer=auto (the default): model.path with tokenizer files means env.tokenizer=hf
+    for the envs that take a real tokenizer; without them, or for the toy envs on their own
+    alphabets, or when the user names one, nothing changes."""
+    from rlpost.cli_config import load_config
+
+    def resolved(*args):
+        env = load_config(list(args)).env
+        return env.tokenizer, env.tokenizer_path
+
+    assert resolved(f"model.path={tok_dir}") == ("hf", tok_dir)
+    assert resolved("env=dataset", "env.train_path=d.jsonl", f"model.path={tok_dir}") == ("hf", tok_dir)
+    assert resolved(f"model.path={tmp_path}") == ("char", None)  # weights only
+    assert resolved("env=tools", f"model.path={tok_dir}") == ("char", None)
+    assert resolved("env.tokenizer=char", f"model.path={tok_dir}") == ("char", None)
+    assert resolved("experiment=mixtral_tok_local", f"model.path={tok_dir}") == ("mixtral", None)
+    assert resolved() == ("char", None)
 
