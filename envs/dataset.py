@@ -178,6 +178,32 @@ class DatasetEnv:
         longest = max(range(len(lengths)), key=lengths.__getitem__)
         return lengths[longest], self._train[longest].where
 
+    def drop_long_prompts(self, max_seq_len: int, train_new_tokens: int) -> dict[str, list[str]]:
+        """``env.filter_long_prompts``: drop the records whose prompt leaves no room for its
+        completion budget in ``max_seq_len`` (training: ``train_new_tokens``; eval sets: their
+        own budget) instead of refusing the run, as verl's ``filter_overlong_prompts`` and slime's
+        ``--rollout-max-prompt-len`` do. Returns where the dropped records were, per set
+        (``train``, ``eval``, each extra eval set's name). Called once, by the driver, before any
+        task is made: it alone turns records into tasks, so every task index keeps one meaning."""
+        budget = self.cfg.eval_max_new_tokens or self.max_answer_len() + 1
+
+        def keep(records: list[Record], limit: int) -> tuple[list[Record], list[str]]:
+            fits = [len(self._prompt_ids(r)) <= limit for r in records]
+            return [r for r, ok in zip(records, fits) if ok], [r.where for r, ok in zip(records, fits) if not ok]
+
+        dropped: dict[str, list[str]] = {}
+        self._train, dropped["train"] = keep(self._train, max_seq_len - train_new_tokens)
+        self._eval, dropped["eval"] = keep(self._eval, max_seq_len - budget)
+        for name in list(self._eval_sets):
+            self._eval_sets[name], dropped[name] = keep(self._eval_sets[name], max_seq_len - budget)
+        for name, records in [("train", self._train), ("eval", self._eval), *self._eval_sets.items()]:
+            if not records:
+                raise ConfigError(f"env.filter_long_prompts=true: every {name} prompt is longer than model.max_seq_len="
+                                  f"{max_seq_len} leaves room for (first: {dropped[name][0]})")
+        self.__dict__.pop("longest_train_prompt", None)
+        self._epoch_order.cache_clear()
+        return dropped
+
     def _prompt(self, r: Record) -> str:
         return self.cfg.prompt_template.replace("{prompt}", r.prompt)
 

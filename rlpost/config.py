@@ -364,6 +364,9 @@ class EnvConfig:
     # more held-out sets, {name: path} (same keys; up to num_eval records each), evaluated with the
     # main one and reported as eval/<name>/accuracy (and pass@k), answers in evals/<tag>.<name>.jsonl
     eval_sets: dict[str, str] = field(default_factory=dict)
+    # drop (and count) the records whose prompt leaves no room for the completion budget in
+    # model.max_seq_len, instead of refusing the run (verl's filter_overlong_prompts)
+    filter_long_prompts: bool = False
     prompt_key: str = "prompt"
     answer_key: str = "answer"
     sft_key: Optional[str] = None
@@ -404,6 +407,8 @@ class EnvConfig:
                    "must contain {prompt}")
             _check(self.reward in ("math", "exact") or (":" in self.reward and all(self.reward.split(":", 1))),
                    f"{p}.reward", self.reward, "must be math, exact or package.module:function")
+        _check(not self.filter_long_prompts or self.name == "dataset", f"{p}.filter_long_prompts", True,
+               "is for env.name=dataset")
         for name, path in self.eval_sets.items():
             _check(self.name == "dataset", f"{p}.eval_sets", dict(self.eval_sets), "is for env.name=dataset")
             _check(re.fullmatch(r"[A-Za-z0-9_.]+", str(name)) is not None and name != "accuracy"

@@ -183,6 +183,15 @@ class Run:
         if cfg.rollout.max_new_tokens < needed:
             raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}: answers of this env "
                               f"need up to {needed} tokens (incl. eos)")
+        self.dropped_prompts: dict[str, int] = {}
+        if cfg.env.filter_long_prompts:
+            dropped = self.env.drop_long_prompts(cfg.model.max_seq_len, cfg.rollout.max_new_tokens)
+            self.dropped_prompts = {name: len(where) for name, where in dropped.items()}
+            if any(dropped.values()):
+                first = next(where[0] for where in dropped.values() if where)
+                print(f"rlpost: env.filter_long_prompts dropped {self.dropped_prompts} prompts too long for "
+                      f"model.max_seq_len={cfg.model.max_seq_len} with their completion budget (first: {first})",
+                      flush=True)
         train_prompt = getattr(self.env, "longest_train_prompt", None)  # (tokens, where): datasets
         if train_prompt and train_prompt[0] + cfg.rollout.max_new_tokens > cfg.model.max_seq_len:
             raise ConfigError(f"model.max_seq_len={cfg.model.max_seq_len}: the training prompt at {train_prompt[1]} "
@@ -761,6 +770,7 @@ class Run:
                 "trained_tokens": self.state.trained_tokens,
                 "samples_per_s": self.state.trained_samples / max(time.time() - rl_start, 1e-9),
                 "filtered_groups": self.buffer.filtered_groups(),
+                "dropped_long_prompts": self.dropped_prompts,  # env.filter_long_prompts, per set
                 "evals": self.state.evals,
                 "weight_transport": getattr(self.buffer.current_version(), "transport", None),
             })

@@ -231,6 +231,34 @@ def test_a_training_prompt_too_long_for_the_model_is_refused_at_start_up(tmp_pat
         Run(cfg)
 
 
+def test_long_prompts_are_dropped_and_counted_when_asked_and_refused_otherwise(tmp_path, capsys):
+    """env.filter_long_prompts: records whose prompt leaves no room for the completion budget
+    go (training and eval sets alike), the rest keep their order and seeded stream; without it
+    the run is refused at the first such record, as before."""
+    from rlpost.cli_config import load_config
+    from rlpost.run import Run
+
+    long = [{"question": "1+" * 40 + "1=", "label": 41}]
+    data = write_jsonl(tmp_path / "d.jsonl", additions(10)[:5] + long + additions(10)[5:] + long)
+    evals = write_jsonl(tmp_path / "e.jsonl", long + additions(3))
+    bench = write_jsonl(tmp_path / "b.jsonl", additions(2) + long)
+    args = ["env=dataset", f"env.train_path={data}", f"env.eval_path={evals}", f"+env.eval_sets.bench={bench}",
+            "env.prompt_key=question", "env.answer_key=label", "model.max_seq_len=64",
+            "rollout.max_new_tokens=8", f"run_dir={tmp_path}/r"]
+    with pytest.raises(ConfigError, match=r"the training prompt at .*d.jsonl:6 needs 83 tokens"):
+        Run(load_config(args))
+    run = Run(load_config(args + ["env.filter_long_prompts=true"]))
+    assert run.dropped_prompts == {"train": 2, "eval": 1, "bench": 1}
+    assert "dropped {'train': 2, 'eval': 1, 'bench': 1} prompts" in capsys.readouterr().out
+    env = run.env
+    assert [r.where.rsplit(":", 1)[1] for r in env._train] == ["1", "2", "3", "4", "5", "7", "8", "9", "10", "11"]
+    assert len(env.eval_tasks("x", 0)) == 3 + 2 and env.longest_train_prompt[0] < 64 - 8
+    assert {env.train_record(i, seed=0).where for i in range(10)} == {r.where for r in env._train}
+    only_long = write_jsonl(tmp_path / "l.jsonl", long * 3)
+    with pytest.raises(ConfigError, match=r"env.filter_long_prompts=true: every eval prompt is longer"):
+        Run(load_config(args[:2] + [f"env.eval_path={only_long}"] + args[4:] + ["env.filter_long_prompts=true"]))
+
+
 def test_the_toy_dataset_experiment_starts_on_the_data_its_script_writes(tmp_path):
     """experiment=toy_moe_dataset + scripts/make_addition_dataset.py (README "Your own data"):
     the config accepts the written files (budget, sequence length, keys), held-out prompts are
