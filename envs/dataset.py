@@ -18,8 +18,11 @@ What slime (``--prompt-data``, ``--input-key``, ``--label-key``, ``--rm-type``,
   template wraps that turn's content).
 * ``env.reward``: ``math`` (the committed final answer, numerically equivalent to the reference:
   rlpost/envs/answers.py), ``exact`` (the whole response, stripped, equals the reference), or
-  ``package.module:function``, your own verifier: ``function(response: str, label: str)``
-  returning a float or ``(float, info dict)``, run in the rollout workers' reward threads with
+  ``package.module:function``, your own verifier: ``function(response: str, label)``
+  returning a float or ``(float, info dict)``; ``label`` is the record's answer as text, or the
+  JSON object or list itself when the record holds one (verl's dict ground truths), and a
+  verifier with a third parameter also gets ``{key: value}`` of the record's ``env.extra_keys``
+  (verl's ``extra_info``), run in the rollout workers' reward threads with
   ``env.reward_timeout_s`` and checked to be finite and within ``env.reward_range``. It is your
   code, trusted like the rest of the config; the model's text is only its input. Code-running
   verifiers belong in the sandboxed coding env.
@@ -82,6 +85,7 @@ def load_records(path: str, cfg: EnvConfig, field: str, sft: bool = True) -> lis
                 numbered.append((n, json.loads(line)))
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{field}={path!r}: line {n} is not JSON ({exc.msg})") from None
+    custom = ":" in cfg.reward
     records = []
     for n, row in numbered:
         where = f"{path}:{n}"
@@ -94,13 +98,28 @@ def load_records(path: str, cfg: EnvConfig, field: str, sft: bool = True) -> lis
             if key_field == "env.prompt_key" and isinstance(value, list):
                 values.append(_messages(value, f"{field}={path!r}: record {n}: {key_field}={key!r}", cfg))
                 continue
+            if custom and key_field != "env.prompt_key" and isinstance(value, (dict, list)) and value:
+                # a structured label (verl's dict ground truth): the verifier gets the object; it is no
+                # warm-up target, which then must come from env.sft_key
+                values.append(value if key_field == "env.answer_key" else "")
+                continue
             if isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value).strip() == "":
+                structured = " (a list or object needs a custom verifier, env.reward=package.module:function)" \
+                    if isinstance(value, (dict, list)) and value and not custom else ""
                 raise ConfigError(f"{field}={path!r}: record {n} has no usable {key_field}={key!r} "
-                                  f"(got {value!r}; keys: {sorted(row)[:8]})")
+                                  f"(got {str(value)[:80]!r}; keys: {sorted(row)[:8]}){structured}")
             values.append(str(value))
-        records.append(Record(values[0], values[1], values[2], where))
+        label, answer = values[1], values[1]
+        if custom:  # what the verifier gets travels with the task as JSON (Task.answer is text)
+            extra = {key: row.get(key) for key in cfg.extra_keys}
+            answer = json.dumps({"label": label, "extra": extra}, ensure_ascii=False, separators=(",", ":"))
+        records.append(Record(values[0], answer, values[2], where))
     if not records:
         raise ConfigError(f"{field}={path!r}: no records")
+    for key in cfg.extra_keys:  # a key no record has is a typo, not data
+        if all(key not in row for _, row in numbered if isinstance(row, dict)):
+            raise ConfigError(f"env.extra_keys: {key!r} is in no record of {field}={path!r} "
+                              f"(keys: {sorted(numbered[0][1])[:8]})")
     return records
 
 
@@ -118,6 +137,24 @@ def _messages(value: list, where: str, cfg: EnvConfig) -> list[dict[str, str]]:
     if not value or value[-1]["role"] != "user":
         raise ConfigError(f"{where}: the last message must be the user's (the model answers it)")
     return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _takes_extra(fn: Callable, cfg: EnvConfig) -> bool:
+    """Whether the verifier is called with the record's ``env.extra_keys`` fields as a third
+    argument: it is when it accepts one (verl's ``extra_info``); asking for extra keys from a
+    two-argument verifier is a config error."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: called as (response, label)
+        params = []
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    takes = len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+    if cfg.extra_keys and not takes:
+        raise ConfigError(f"env.extra_keys={list(cfg.extra_keys)}: env.reward={cfg.reward!r} takes (response, label); "
+                          f"give it a third parameter for the records' extra fields")
+    return takes
 
 
 def load_reward_fn(spec: str) -> Callable[[str, str], Any]:
@@ -169,6 +206,8 @@ class DatasetEnv:
             alphabet = "".join(sorted(set("".join(texts))))
         self.tokenizer = env_tokenizer(cfg, alphabet)
         self._reward_fn = None if cfg.reward in ("math", "exact") else load_reward_fn(cfg.reward)
+        self._reward_takes_extra = self._reward_fn is not None and _takes_extra(self._reward_fn, cfg)
+        self.missing_sft = any(r.sft_target == "" for r in self._train)  # structured labels, no env.sft_key
 
     @functools.cached_property
     def longest_train_prompt(self) -> tuple[int, str]:
@@ -259,7 +298,9 @@ class DatasetEnv:
         text = self.tokenizer.decode(response_ids)
         ended = self.tokenizer.eos_id in list(response_ids)
         if self._reward_fn is not None:
-            out = self._reward_fn(text, answer)
+            packed = json.loads(answer)
+            args = (text, packed["label"], packed["extra"]) if self._reward_takes_extra else (text, packed["label"])
+            out = self._reward_fn(*args)
             reward, info = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
             if isinstance(reward, numbers.Real) and not isinstance(reward, bool):
                 reward = float(reward)  # numpy scalars; anything else is refused by the range check

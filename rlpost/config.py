@@ -367,6 +367,8 @@ class EnvConfig:
     # drop (and count) the records whose prompt leaves no room for the completion budget in
     # model.max_seq_len, instead of refusing the run (verl's filter_overlong_prompts)
     filter_long_prompts: bool = False
+    # record fields a custom verifier with a third parameter gets as {key: value} (verl's extra_info)
+    extra_keys: list[str] = field(default_factory=list)
     prompt_key: str = "prompt"
     answer_key: str = "answer"
     sft_key: Optional[str] = None
@@ -409,6 +411,8 @@ class EnvConfig:
                    f"{p}.reward", self.reward, "must be math, exact or package.module:function")
         _check(not self.filter_long_prompts or self.name == "dataset", f"{p}.filter_long_prompts", True,
                "is for env.name=dataset")
+        _check(not self.extra_keys or (self.name == "dataset" and ":" in self.reward), f"{p}.extra_keys",
+               list(self.extra_keys), "is for env.name=dataset with a custom verifier (env.reward=package.module:function)")
         for name, path in self.eval_sets.items():
             _check(self.name == "dataset", f"{p}.eval_sets", dict(self.eval_sets), "is for env.name=dataset")
             _check(re.fullmatch(r"[A-Za-z0-9_.]+", str(name)) is not None and name != "accuracy"

@@ -179,6 +179,9 @@ class Run:
         if cfg.warmup.steps and not callable(getattr(self.env, "sft_example", None)):
             raise ConfigError(f"warmup.steps={cfg.warmup.steps}: env {cfg.env.name!r} has no sft_example "
                               f"(warm-up demonstrations); set warmup.steps=0")
+        if cfg.warmup.steps and getattr(self.env, "missing_sft", False):
+            raise ConfigError(f"warmup.steps={cfg.warmup.steps}: the training records' labels are lists or objects, "
+                              f"which are no warm-up targets; set env.sft_key (a text target) or warmup.steps=0")
         needed = self.env.max_answer_len() + 1
         if cfg.rollout.max_new_tokens < needed:
             raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}: answers of this env "

@@ -19,3 +19,11 @@ def broken(response: str, label: str) -> float:
 
 
 NOT_A_FUNCTION = 3
+
+
+def structured(response: str, label, extra):
+    """verl-style: the label may be an object; the record's extra fields come third."""
+    kind = type(label).__name__
+    right = str(label["sum"]) if isinstance(label, dict) else label
+    return (1.0 if response.strip() == right else 0.0), {"seen": f"{kind}/{extra.get('source')}/{extra.get('level')}"}
+

@@ -128,17 +128,57 @@ def test_exact_and_custom_rewards_with_their_failures_bounded(tmp_path):
     ids = exact.tokenizer.encode
     assert exact.score("17", ids(" 17 ")).reward == 1.0 and exact.score("17", ids("#### 17")).reward == 0.0
     custom = env_for(path, num_eval=1, reward="dataset_rewards:mentions_label", tokenizer="gpt2")
-    result = custom.score("17", ids("it is 17"))
+    # a custom verifier's label travels with the task as JSON: the record's label "17"
+    seventeen = next(r.answer for r in custom._train + custom._eval if json.loads(r.answer)["label"] == "17")
+    result = custom.score(seventeen, ids("it is 17"))
     assert result.reward == 1.0 and result.info["checked"] == "substring"
     # what a record can carry: anything but plain scalars becomes a short repr
     assert result.info["objects"] == "{1, 2}" and result.info["big"] == repr(2**70) and result.info["ended"] is False
     # a verifier that returns junk or raises is that sample's 0 with the reason, never a crash
     for name, reason in [("forged", "invalid reward 100.0"), ("broken", "RuntimeError: verifier bug")]:
         env = env_for(path, num_eval=1, reward=f"dataset_rewards:{name}", tokenizer="gpt2")
-        results = score_group_with_timeout(env, ["17", "17"], [ids("9"), ids("1")], timeout_s=2.0)
+        results = score_group_with_timeout(env, [seventeen, seventeen], [ids("9"), ids("1")], timeout_s=2.0)
         assert reason in results[0].info["reason"] and results[0].reward == 0.0
         # the group's other sample keeps its own verdict (forged: a valid 0.0; broken: its own error)
         assert results[1].reward == 0.0 and ("reason" in results[1].info) == (name == "broken")
+
+
+def test_a_custom_verifier_gets_structured_labels_and_the_records_extra_fields(tmp_path):
+    """verl-style records: the label is an object and other fields (data_source, tests) ride
+    along. A verifier with a third parameter gets env.extra_keys's fields; labels that are objects
+    reach it as objects, text labels as text, through the task's JSON answer. Asking for extra
+    fields from a two-parameter verifier, or an extra key no record has, is a config error; so is
+    an object label with a built-in reward, and a warm-up with no text target."""
+    from rlpost.cli_config import load_config
+    from rlpost.run import Run
+
+    rows = [{"question": f"{a}+1=", "label": {"sum": a + 1, "alts": [str(a + 1)]}, "source": "toy", "level": a % 3}
+            for a in range(10, 20)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    env = env_for(path, num_eval=2, reward="dataset_rewards:structured", extra_keys=["source", "level"])
+    task = env.train_task(0, seed=0, group_size=2, sampling=SamplingParams(max_new_tokens=4))
+    a = int(env.tokenizer.decode(task.prompt_ids).split("+")[0])
+    result = env.score(task.answer, env.tokenizer.encode(str(a + 1)) + [env.tokenizer.eos_id])
+    assert result.reward == 1.0 and result.info["seen"] == f"dict/toy/{a % 3}", result
+    assert env.score(task.answer, env.tokenizer.encode("0")).reward == 0.0
+    text_labels = env_for(write_jsonl(tmp_path / "t.jsonl", additions(10)), num_eval=2,
+                          reward="dataset_rewards:structured", extra_keys=["solution"])
+    t = text_labels.train_task(0, seed=0, group_size=2, sampling=SamplingParams(max_new_tokens=4))
+    assert text_labels.score(t.answer, []).info["seen"].startswith("str/")
+    for kw, message in [({"reward": "dataset_rewards:half", "extra_keys": ["source"]},
+                         r"env.extra_keys=\['source'\]: env.reward='dataset_rewards:half' takes \(response, label\)"),
+                        ({"reward": "dataset_rewards:structured", "extra_keys": ["sorce"]},
+                         r"env.extra_keys: 'sorce' is in no record of env.train_path="),
+                        ({"reward": "math"}, r"record 1 has no usable env.answer_key='label' .*needs a custom verifier")]:
+        with pytest.raises(ConfigError, match=message):
+            env_for(path, num_eval=2, **kw)
+    with pytest.raises(ConfigError, match=r"env.extra_keys=\['source'\]: is for env.name=dataset with a custom verifier"):
+        EnvConfig(name="dataset", train_path=path, extra_keys=["source"]).validate()
+    args = ["env=dataset", f"env.train_path={path}", "env.prompt_key=question", "env.answer_key=label",
+            "env.num_eval=2", "env.reward=dataset_rewards:structured", f"run_dir={tmp_path}/r"]
+    with pytest.raises(ConfigError, match=r"warmup.steps=\d+: the training records' labels are lists or objects"):
+        Run(load_config(args))
+    assert Run(load_config(args + ["warmup.steps=0"])).env.missing_sft
 
 
 def test_extra_eval_sets_are_named_tasks_of_the_same_evaluation(tmp_path):
