@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from rlpost.config import EnvConfig
 from rlpost.records import SamplingParams, Task
 from rlpost.tokenizer import CharTokenizer
+from rlpost.tokenizer import ended as response_ended
 from rlpost.tokenizer import env_tokenizer
 
 from rlpost.envs.base import RewardResult, eval_task_set
@@ -121,7 +122,7 @@ class ArithmeticEnv:
 
     def score(self, answer: str, response_ids: list[int]) -> RewardResult:
         text = self.tokenizer.decode(response_ids)
-        ended = self.tokenizer.eos_id in list(response_ids)
+        ended = response_ended(self.tokenizer, response_ids)
         correct = ended and text == answer
         return RewardResult(1.0 if correct else 0.0, {"text": text, "ended": ended})
 

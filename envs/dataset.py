@@ -44,6 +44,7 @@ from typing import Any, Callable
 
 from rlpost.config import ConfigError, EnvConfig
 from rlpost.records import SamplingParams, Task
+from rlpost.tokenizer import ended as response_ended
 from rlpost.tokenizer import env_tokenizer
 
 from rlpost.envs.answers import equivalent, extract_answer
@@ -296,7 +297,7 @@ class DatasetEnv:
 
     def score(self, answer: str, response_ids: list[int]) -> RewardResult:
         text = self.tokenizer.decode(response_ids)
-        ended = self.tokenizer.eos_id in list(response_ids)
+        ended = response_ended(self.tokenizer, response_ids)
         if self._reward_fn is not None:
             packed = json.loads(answer)
             args = (text, packed["label"], packed["extra"]) if self._reward_takes_extra else (text, packed["label"])

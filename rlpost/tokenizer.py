@@ -193,6 +193,30 @@ def _without_added_tokens(tok: Any) -> Any:
     return Tokenizer.from_str(json.dumps(spec))
 
 
+def _generation_eos(folder: str, vocab_size: int) -> list[int]:
+    """The ids ``generation_config.json`` in ``folder`` ends generation at (none if absent)."""
+    import json
+
+    try:
+        with open(os.path.join(folder, "generation_config.json")) as fh:
+            value = json.load(fh).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return []
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size]
+
+
+def end_ids(tokenizer: Any) -> tuple[int, ...]:
+    """Every id a response ends at: the tokenizer's ``end_ids`` (``hf``), else its eos."""
+    return tuple(getattr(tokenizer, "end_ids", None) or (tokenizer.eos_id,))
+
+
+def ended(tokenizer: Any, response_ids) -> bool:
+    """Whether a response reached one of the tokenizer's end ids (not its token budget)."""
+    ends = set(end_ids(tokenizer))
+    return any(int(i) in ends for i in response_ids)
+
+
 @dataclass(frozen=True)
 class HFTokenizerSettings:
     """What ``env.tokenizer=hf`` reads from the env config: the folder and how a prompt becomes
@@ -237,8 +261,10 @@ class HFTokenizer:
       none recognised, so a literal ``<|im_end|>`` in text stays characters and text can never
       forge a turn boundary.
     * ``eos_id`` is ``eos_token`` if given, else the tokenizer's eos token (an instruct
-      checkpoint's end of turn, e.g. Qwen3's ``<|im_end|>``): responses stop there, and ``decode``
-      stops there and drops special tokens, keeping added ones that are text to a verifier
+      checkpoint's end of turn, e.g. Qwen3's ``<|im_end|>``). ``end_ids`` adds the other ids the
+      checkpoint's ``generation_config.json`` ends generation at (``eos_token_id``, an int or a list:
+      Qwen3 instruct's ``<|endoftext|>`` beside ``<|im_end|>``), unless ``eos_token`` names the one.
+      Responses stop at any of them, and ``decode`` stops there and drops special tokens, keeping added ones that are text to a verifier
       (``<think>``, ``</think>``), as vLLM's and ``transformers``' ``skip_special_tokens`` do.
       ``vocab_size`` counts added tokens (``len(tokenizer)``).
 
@@ -273,6 +299,8 @@ class HFTokenizer:
         else:
             raise ConfigError(f"env.tokenizer_path={path!r}: the tokenizer names no eos token; set env.eos_token "
                               f"(the token that ends a response)")
+        self.end_ids = (self.eos_id,) if settings.eos_token is not None else \
+            (self.eos_id, *sorted(set(_generation_eos(path, self.vocab_size)) - {self.eos_id}))
         self.pad_id = int(self._tok.pad_token_id) if self._tok.pad_token_id is not None else self.eos_id
         self.bos_id = int(self._tok.bos_token_id) if self._tok.bos_token_id is not None else self.eos_id
         if settings.chat_template and not self._tok.chat_template:
@@ -315,11 +343,10 @@ class HFTokenizer:
         return list(self._tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def decode(self, ids) -> str:
-        """Text of ``ids`` up to the first eos; special tokens are dropped."""
+        """Text of ``ids`` up to the first end token; special tokens are dropped."""
         ids = [int(i) for i in ids]
-        if self.eos_id in ids:
-            ids = ids[:ids.index(self.eos_id)]
-        return self._tok.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
+        cut = next((at for at, i in enumerate(ids) if i in self.end_ids), len(ids))
+        return self._tok.decode([i for i in ids[:cut] if 0 <= i < self.vocab_size], skip_special_tokens=True)
 
     def save(self, folder: str) -> None:
         """Write the tokenizer files (chat template included) and the source folder's

@@ -25,6 +25,7 @@ from rlpost.records import GroupEntry, Status, Task, Trajectory
 from rlpost.rollout.engine import GenOutput, GenRequest, make_engine
 from rlpost.rollout.scoring import GroupScorer, OverlongPenalty
 from rlpost.scheduler import too_stale
+from rlpost.tokenizer import end_ids
 from rlpost.weights import fetch_weights, load_published
 
 UNFINISHED = (Status.PENDING, Status.PARTIAL)
@@ -89,6 +90,8 @@ class RolloutWorker:
         self.engine = make_engine(cfg.model, cfg.engine, eos_id=self.env.tokenizer.eos_id,
                                   pad_id=self.env.tokenizer.pad_id, seed=cfg.seed * 1000 + index,
                                   device=engine_device(cfg.engine.num_gpus))
+        # a checkpoint's other end-of-generation ids (generation_config.json), beside the eos
+        self._end_ids = tuple(i for i in end_ids(self.env.tokenizer) if i != self.env.tokenizer.eos_id)
         self.stats = WorkerStats()
         self.stats.restarts = self._lives(index) - 1
         self._last_beat = 0.0
@@ -320,13 +323,14 @@ class RolloutWorker:
         finally:
             self.stats.gen_s += time.perf_counter() - t0
 
-    @staticmethod
-    def _request(item: WorkItem, traj: Trajectory) -> GenRequest:
-        """Continue ``traj`` from its exact tokens with the rest of its budget."""
+    def _request(self, item: WorkItem, traj: Trajectory) -> GenRequest:
+        """Continue ``traj`` from its exact tokens with the rest of its budget. It stops at the
+        task's tool-call ids and at every end id of the tokenizer (the engine adds its eos)."""
+        stops = (*item.task.meta.get("stop_ids", ()), *self._end_ids)
         return GenRequest(prompt_ids=list(item.task.prompt_ids), prefix_ids=traj.response_ids.tolist(),
                           max_new_tokens=item.task.sampling.max_new_tokens - len(traj),
                           temperature=item.task.sampling.temperature, top_p=item.task.sampling.top_p,
-                          stop_ids=tuple(item.task.meta.get("stop_ids", ())), cache_key=traj.traj_id)
+                          stop_ids=tuple(dict.fromkeys(stops)), cache_key=traj.traj_id)
 
     def _absorb(self, traj: Trajectory, out: GenOutput, version: int, task: Task) -> None:
         if out.token_ids:

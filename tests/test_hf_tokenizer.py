@@ -230,3 +230,38 @@ def test_a_checkpoint_with_tokenizer_files_brings_its_tokenizer_by_default(tmp_p
     assert resolved("experiment=mixtral_tok_local", f"model.path={tok_dir}") == ("mixtral", None)
     assert resolved() == ("char", None)
 
+
+def test_every_end_id_of_the_checkpoints_generation_config_ends_a_response(tmp_path, reference):
+    """generation_config.json's eos_token_id (a list: Qwen3 instruct ends at <|im_end|> or
+    <|endoftext|>) joins the tokenizer's eos: the rollout worker asks the engine to stop at each,
+    decode stops at the first, and the env counts the response as ended (its reward needs it)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from rlpost.envs.arithmetic import ArithmeticEnv
+    from rlpost.records import SamplingParams, Task, Trajectory
+    from rlpost.rollout.worker import RolloutWorker, WorkItem
+    from rlpost.tokenizer import ended
+
+    encode, special = reference
+    folder = tokenizer_dir(tmp_path / "tok")
+    eot = special("<|EOT|>")
+    with open(os.path.join(folder, "generation_config.json"), "w") as fh:
+        json.dump({"eos_token_id": [1, eot, 10**9]}, fh)  # an id beyond the vocabulary is ignored
+    tok = HFTokenizer(HFTokenizerSettings(path=folder))
+    assert tok.eos_id == 1 and tok.end_ids == (1, eot)
+    assert tok.decode(encode("42") + [eot] + encode("7")) == "42" and ended(tok, encode("42") + [eot])
+    assert not ended(tok, encode("42"))
+    assert HFTokenizer(HFTokenizerSettings(path=folder, eos_token="<|EOT|>")).end_ids == (eot,)  # named: only it
+
+    env = ArithmeticEnv(EnvConfig(tokenizer="hf", tokenizer_path=folder, num_eval=4))
+    task = env.eval_tasks("x", 0)[0]
+    right = env.tokenizer.encode(task.answer)
+    assert env.score(task.answer, right + [eot]).reward == 1.0 and env.score(task.answer, right).reward == 0.0
+    worker = SimpleNamespace(_end_ids=tuple(i for i in env.tokenizer.end_ids if i != env.tokenizer.eos_id))
+    tool_task = Task("t", [5, 6], "x", sampling=SamplingParams(max_new_tokens=8), meta={"stop_ids": [9]})
+    item = WorkItem(delivery=None, task=tool_task, group=[])
+    request = RolloutWorker._request(worker, item, Trajectory.start(tool_task, 0))
+    assert request.stop_ids == (9, eot)
+
