@@ -264,8 +264,9 @@ class HFTokenizer:
       checkpoint's end of turn, e.g. Qwen3's ``<|im_end|>``). ``end_ids`` adds the other ids the
       checkpoint's ``generation_config.json`` ends generation at (``eos_token_id``, an int or a list:
       Qwen3 instruct's ``<|endoftext|>`` beside ``<|im_end|>``), unless ``eos_token`` names the one.
-      Responses stop at any of them, and ``decode`` stops there and drops special tokens, keeping added ones that are text to a verifier
-      (``<think>``, ``</think>``), as vLLM's and ``transformers``' ``skip_special_tokens`` do.
+      Responses stop at any of them, and ``decode`` stops there and drops special tokens, keeping
+      added ones that are text to a verifier (``<think>``, ``</think>``), as vLLM's and
+      ``transformers``' ``skip_special_tokens`` do.
       ``vocab_size`` counts added tokens (``len(tokenizer)``).
 
     Every setting is tried once when the tokenizer is built (a template that refuses a system
