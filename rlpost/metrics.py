@@ -51,7 +51,11 @@ class MetricsLogger:
         import wandb
 
         columns = list(dict.fromkeys(k for r in rows for k in r))  # every row's keys, first-seen order
-        self._wandb.log({name: wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])},
+
+        def cell(value: Any) -> Any:  # lists and dicts as text: a wandb column keeps one type
+            return value if value is None or isinstance(value, (str, int, float, bool)) else json.dumps(value)
+
+        self._wandb.log({name: wandb.Table(columns=columns, data=[[cell(r.get(c)) for c in columns] for r in rows])},
                         step=step)
 
     def progress(self, step: int, metrics: dict[str, Any]) -> None:

@@ -35,18 +35,19 @@ def trained_rows(trajs: list[Trajectory], advantages: list[float]) -> list[dict[
     return rows
 
 
-def write_rollouts(run_dir: str, step: int, rows: list[dict[str, Any]], tokenizer) -> str:
-    """The driver's side: decode every rank's rows and write ``rollouts/step<step>.jsonl`` (a
-    step run again after a trainer restart replaces its file)."""
+def write_rollouts(run_dir: str, step: int, rows: list[dict[str, Any]], tokenizer) -> list[dict[str, Any]]:
+    """The driver's side: decode every rank's rows, write ``rollouts/step<step>.jsonl`` (a step
+    run again after a trainer restart replaces its file) and return the rows as written."""
     folder = os.path.join(run_dir, "rollouts")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"step{step}.jsonl")
+    out = []
+    for row in sorted(rows, key=lambda r: natural_key(r["id"])):
+        text = sample_text(row["prompt_ids"], row["response_ids"], tokenizer)
+        out.append({"id": row["id"], **text, **{k: row[k] for k in ("reward", "advantage", "status", "tokens",
+                                                                    "trained_tokens", "versions", "resumes")},
+                    **row["env_info"]})
     with open(path + ".tmp", "w") as fh:
-        for row in sorted(rows, key=lambda r: natural_key(r["id"])):
-            text = sample_text(row["prompt_ids"], row["response_ids"], tokenizer)
-            out = {"id": row["id"], **text, **{k: row[k] for k in ("reward", "advantage", "status", "tokens",
-                                                                   "trained_tokens", "versions", "resumes")},
-                   **row["env_info"]}
-            fh.write(json.dumps(out, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in out)
     os.replace(path + ".tmp", path)
-    return path
+    return out

@@ -704,8 +704,9 @@ class Run:
                     self.state.trained_samples += int(metrics["train/samples"]) * cfg.trainer.num_ranks
                     self.state.trained_tokens += int(metrics["train/tokens"]) * cfg.trainer.num_ranks
                     step = self.state.step
-                    if samples:
-                        write_rollouts(self.run_dir, step, samples, self.env.tokenizer)
+                    if samples:  # and the first rows to wandb, as the eval answers go
+                        dumped = write_rollouts(self.run_dir, step, samples, self.env.tokenizer)
+                        logger.table("rollouts/samples", dumped[:cfg.logger.table_rows], step=step)
                     eval_due = bool(cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.trainer.steps)
                     checkpoint_due = bool(cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0)
                     if not (eval_due or checkpoint_due) and may_start_next():

@@ -42,7 +42,8 @@ def test_short_loop_writes_a_complete_run_dir(tmp_path):
              "env.num_eval=16", "eval.every=2", "trainer.checkpoint_every=2", "rollout.batch_prompts=4",
              "rollout.num_workers=2", "logger=wandb", "logger.progress=false",
              "eval.samples_per_prompt=4", "eval.temperature=1.0", "trainer.lr_warmup_steps=2",
-             "trainer.lr_decay=linear", "trainer.min_lr_ratio=0.5", "env.overlong_buffer=4"], timeout=400)
+             "trainer.lr_decay=linear", "trainer.min_lr_ratio=0.5", "env.overlong_buffer=4",
+             "logger.rollouts_every=2"], timeout=400)
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "curve.png", "final/model.safetensors",
                  "final/config.json", "checkpoints/latest_driver", "checkpoints/step4/driver_state.json"):
         assert (run_dir / name).exists(), name
@@ -82,6 +83,8 @@ def test_short_loop_writes_a_complete_run_dir(tmp_path):
     assert all(a["prompt"].endswith("=") and set(a["response"]) <= set("0123456789+-*=") for a in answers)
     assert sorted(p.name for p in (run_dir / "evals").iterdir()) == ["after.jsonl", "before.jsonl", "step2.jsonl"]
     assert list((run_dir / "wandb").glob("offline-run-*/files/media/table/eval/answers_*.table.json"))  # and to wandb
+    assert sorted(os.listdir(run_dir / "rollouts")) == ["step2.jsonl", "step4.jsonl"]  # logger.rollouts_every
+    assert len(list((run_dir / "wandb").glob("offline-run-*/files/media/table/rollouts/samples_*.table.json"))) == 2
     resolved = (run_dir / "config.yaml").read_text()
     assert "vocab_size: 17" in resolved and "num_workers: 2" in resolved  # resolved, with overrides
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"
