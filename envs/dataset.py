@@ -140,6 +140,18 @@ def _messages(value: list, where: str, cfg: EnvConfig) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
+def _unpack(answer: str) -> tuple[Any, dict[str, Any]]:
+    """(label, extra fields) of a custom verifier's task answer; a plain text answer (a task
+    written by an older rlpost, resumed from its Redis file) is the label itself."""
+    try:
+        packed = json.loads(answer)
+    except ValueError:
+        return answer, {}
+    if isinstance(packed, dict) and set(packed) == {"label", "extra"} and isinstance(packed["extra"], dict):
+        return packed["label"], packed["extra"]
+    return answer, {}
+
+
 def _takes_extra(fn: Callable, cfg: EnvConfig) -> bool:
     """Whether the verifier is called with the record's ``env.extra_keys`` fields as a third
     argument: it is when it accepts one (verl's ``extra_info``); asking for extra keys from a
@@ -299,8 +311,8 @@ class DatasetEnv:
         text = self.tokenizer.decode(response_ids)
         ended = response_ended(self.tokenizer, response_ids)
         if self._reward_fn is not None:
-            packed = json.loads(answer)
-            args = (text, packed["label"], packed["extra"]) if self._reward_takes_extra else (text, packed["label"])
+            label, extra = _unpack(answer)
+            args = (text, label, extra) if self._reward_takes_extra else (text, label)
             out = self._reward_fn(*args)
             reward, info = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
             if isinstance(reward, numbers.Real) and not isinstance(reward, bool):

@@ -161,6 +161,8 @@ def test_a_custom_verifier_gets_structured_labels_and_the_records_extra_fields(t
     result = env.score(task.answer, env.tokenizer.encode(str(a + 1)) + [env.tokenizer.eos_id])
     assert result.reward == 1.0 and result.info["seen"] == f"dict/toy/{a % 3}", result
     assert env.score(task.answer, env.tokenizer.encode("0")).reward == 0.0
+    # a task written by an older rlpost (its answer the plain label), resumed: still the label
+    assert env.score("17", env.tokenizer.encode("17") + [env.tokenizer.eos_id]).info["seen"] == "str/None/None"
     text_labels = env_for(write_jsonl(tmp_path / "t.jsonl", additions(10)), num_eval=2,
                           reward="dataset_rewards:structured", extra_keys=["solution"])
     t = text_labels.train_task(0, seed=0, group_size=2, sampling=SamplingParams(max_new_tokens=4))
