@@ -215,7 +215,9 @@ class DatasetEnv:
         alphabet = ""
         if cfg.tokenizer in ("char", "auto"):  # a character vocabulary over every text the run will encode
             every = self._train + self._eval + [r for rs in self._eval_sets.values() for r in rs]
-            texts = [t for r in every for t in (self._prompt(r), r.answer, r.sft_target)]
+            labels = [_unpack(r.answer)[0] if ":" in cfg.reward else r.answer for r in every]  # not the JSON
+            texts = [self._prompt(r) for r in every] + [r.sft_target for r in every] + \
+                [label for label in labels if isinstance(label, str)]
             alphabet = "".join(sorted(set("".join(texts))))
         self.tokenizer = env_tokenizer(cfg, alphabet)
         self._reward_fn = None if cfg.reward in ("math", "exact") else load_reward_fn(cfg.reward)

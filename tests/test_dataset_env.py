@@ -167,6 +167,8 @@ def test_a_custom_verifier_gets_structured_labels_and_the_records_extra_fields(t
                           reward="dataset_rewards:structured", extra_keys=["solution"])
     t = text_labels.train_task(0, seed=0, group_size=2, sampling=SamplingParams(max_new_tokens=4))
     assert text_labels.score(t.answer, []).info["seen"].startswith("str/")
+    # the character vocabulary covers the label's text, not the JSON the task carries it in
+    assert not set('{}":') & set(text_labels.tokenizer.alphabet), text_labels.tokenizer.alphabet
     for kw, message in [({"reward": "dataset_rewards:half", "extra_keys": ["source"]},
                          r"env.extra_keys=\['source'\]: env.reward='dataset_rewards:half' takes \(response, label\)"),
                         ({"reward": "dataset_rewards:structured", "extra_keys": ["sorce"]},
