@@ -241,20 +241,25 @@ class DatasetEnv:
         task is made: it alone turns records into tasks, so every task index keeps one meaning."""
         budget = self.cfg.eval_max_new_tokens or self.max_answer_len() + 1
 
-        def keep(records: list[Record], limit: int) -> tuple[list[Record], list[str]]:
-            fits = [len(self._prompt_ids(r)) <= limit for r in records]
-            return [r for r, ok in zip(records, fits) if ok], [r.where for r, ok in zip(records, fits) if not ok]
+        def keep(records: list[Record], limit: int) -> tuple[list[tuple[Record, int]], list[str]]:
+            lengths = [len(self._prompt_ids(r)) for r in records]
+            return ([(r, n) for r, n in zip(records, lengths) if n <= limit],
+                    [r.where for r, n in zip(records, lengths) if n > limit])
 
         dropped: dict[str, list[str]] = {}
-        self._train, dropped["train"] = keep(self._train, max_seq_len - train_new_tokens)
-        self._eval, dropped["eval"] = keep(self._eval, max_seq_len - budget)
-        for name in list(self._eval_sets):
-            self._eval_sets[name], dropped[name] = keep(self._eval_sets[name], max_seq_len - budget)
-        for name, records in [("train", self._train), ("eval", self._eval), *self._eval_sets.items()]:
-            if not records:
+        train, dropped["train"] = keep(self._train, max_seq_len - train_new_tokens)
+        evals, dropped["eval"] = keep(self._eval, max_seq_len - budget)
+        sets = {}
+        for name, records in self._eval_sets.items():
+            sets[name], dropped[name] = keep(records, max_seq_len - budget)
+        for name, kept in [("train", train), ("eval", evals), *sets.items()]:
+            if not kept:
                 raise ConfigError(f"env.filter_long_prompts=true: every {name} prompt is longer than model.max_seq_len="
                                   f"{max_seq_len} leaves room for (first: {dropped[name][0]})")
-        self.__dict__.pop("longest_train_prompt", None)
+        self._train, self._eval = [r for r, _ in train], [r for r, _ in evals]
+        self._eval_sets = {name: [r for r, _ in kept] for name, kept in sets.items()}
+        longest, n = max(train, key=lambda kept: kept[1])  # measured here: not tokenized a second time
+        self.__dict__["longest_train_prompt"] = (n, longest.where)
         self._epoch_order.cache_clear()
         return dropped
 

@@ -26,7 +26,7 @@ def trained_rows(trajs: list[Trajectory], advantages: list[float]) -> list[dict[
     """The trainer's side: one plain row per trained sample, token ids not yet text."""
     rows = []
     for t, advantage in zip(trajs, advantages):
-        trained = t.versions[t.loss_mask.astype(bool)] if len(t) else t.versions
+        trained = t.versions[t.loss_mask.astype(bool)]
         rows.append({"id": t.traj_id, "prompt_ids": t.prompt_ids.tolist(), "response_ids": t.response_ids.tolist(),
                      "reward": float(t.reward), "advantage": float(advantage), "status": t.status.value,
                      "tokens": len(t), "trained_tokens": int(t.loss_mask.sum()),
