@@ -30,11 +30,14 @@ def _check(cond: bool, key: str, value: Any, rule: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """A Qwen3-MoE (Hugging Face ``qwen3_moe``) or Mixtral (``mixtral``: no q/k norms, Mixtral's
-    parameter names) configuration; the defaults are a tiny Qwen3-MoE.
+    """A Qwen3-MoE (Hugging Face ``qwen3_moe``), Mixtral (``mixtral``: no q/k norms, Mixtral's
+    parameter names) or GLM-4.5 MoE (``glm4_moe``: sigmoid routing with a score-correction bias,
+    expert groups, a shared expert, dense first layers, q/k/v biases, partial rotary) configuration;
+    the defaults are a tiny Qwen3-MoE.
     ``vocab_size=0`` takes the environment tokenizer's size. ``path`` names a local Hugging Face
     checkpoint folder (``config.json`` + safetensors): its architecture replaces these fields and
-    its weights are the starting point."""
+    its weights are the starting point. The fields after ``init_std`` are GLM-4.5's (DeepSeek-V3's
+    router); the other types refuse values other than their defaults, naming the field."""
 
     type: str = "qwen3_moe"
     path: Optional[str] = None
@@ -53,9 +56,30 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     aux_loss_coef: float = 0.01
     init_std: float = 0.02
+    # glm4_moe only (config.json name after the colon)
+    first_dense_layers: int = 0    # first_k_dense_replace: layers 0..n-1 have a dense MLP, no experts
+    dense_d_ff: int = 0            # intermediate_size: the dense layers' SwiGLU width
+    shared_experts: int = 0        # n_shared_experts: an always-on expert of width d_ff * this
+    n_group: int = 1               # n_group: experts in groups; a token picks topk_group groups first
+    topk_group: int = 1            # topk_group
+    routed_scaling: float = 1.0    # routed_scaling_factor: multiplies the routed experts' weights
+    norm_topk_prob: bool = True    # norm_topk_prob: renormalise the top-k weights to sum to 1
+    attention_bias: bool = False   # attention_bias: q/k/v projections with biases
+    qk_norm: bool = False          # use_qk_norm (qwen3_moe always has it, mixtral never)
+    partial_rotary: float = 1.0    # partial_rotary_factor: share of each head's dims that rotate
+
+    @property
+    def moe_layers(self) -> int:
+        """Layers with experts (the rest are the first dense ones): the routing every engine
+        reports and the trainer replays is (tokens, moe_layers, top_k)."""
+        return self.n_layers - self.first_dense_layers
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary)
 
     def validate(self, p: str = "model") -> None:
-        _check(self.type in ("qwen3_moe", "mixtral"), f"{p}.type", self.type, "supported: qwen3_moe, mixtral")
+        _check(self.type in MODEL_TYPES, f"{p}.type", self.type, f"supported: {', '.join(MODEL_TYPES)}")
         for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "num_experts",
                      "max_seq_len"):
             _check(getattr(self, name) > 0, f"{p}.{name}", getattr(self, name), "must be > 0")
@@ -63,12 +87,45 @@ class ModelConfig:
         _check(self.n_heads % self.n_kv_heads == 0, f"{p}.n_heads", self.n_heads,
                f"must be a multiple of model.n_kv_heads={self.n_kv_heads}")
         _check(self.head_dim % 2 == 0, f"{p}.head_dim", self.head_dim, "must be even (rotary embedding)")
-        _check(self.top_k in (1, 2), f"{p}.top_k", self.top_k, "DeepSpeed top-k gating here supports 1 or 2")
+        if self.type == "glm4_moe":
+            self._validate_glm(p)
+        else:
+            _check(self.top_k in (1, 2), f"{p}.top_k", self.top_k,
+                   f"{self.type}'s softmax routing here supports 1 or 2 (DeepSpeed's gate); glm4_moe any")
+            for name in GLM_ONLY_FIELDS:
+                default = getattr(ModelConfig, name)
+                _check(getattr(self, name) == default, f"{p}.{name}", getattr(self, name),
+                       f"only model.type=glm4_moe has it ({self.type} needs {default!r})")
         _check(self.top_k <= self.num_experts, f"{p}.top_k", self.top_k,
                f"must be <= model.num_experts={self.num_experts}")
         _check(self.rope_theta > 0, f"{p}.rope_theta", self.rope_theta, "must be > 0")
         _check(self.rms_norm_eps > 0, f"{p}.rms_norm_eps", self.rms_norm_eps, "must be > 0")
         _check(self.aux_loss_coef >= 0, f"{p}.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
+
+    def _validate_glm(self, p: str) -> None:
+        _check(0 <= self.first_dense_layers < self.n_layers, f"{p}.first_dense_layers", self.first_dense_layers,
+               f"must be in [0, model.n_layers={self.n_layers}) (at least one layer with experts)")
+        _check(self.first_dense_layers == 0 or self.dense_d_ff > 0, f"{p}.dense_d_ff", self.dense_d_ff,
+               f"must be > 0 with model.first_dense_layers={self.first_dense_layers}")
+        _check(self.shared_experts >= 0, f"{p}.shared_experts", self.shared_experts, "must be >= 0")
+        _check(self.n_group >= 1 and self.num_experts % self.n_group == 0, f"{p}.n_group", self.n_group,
+               f"must divide model.num_experts={self.num_experts}")
+        _check(self.n_group == 1 or self.num_experts // self.n_group >= 2, f"{p}.n_group", self.n_group,
+               "groups are scored by their two best experts: at least 2 experts per group")
+        _check(1 <= self.topk_group <= self.n_group, f"{p}.topk_group", self.topk_group,
+               f"must be in [1, model.n_group={self.n_group}]")
+        _check(self.top_k <= self.topk_group * (self.num_experts // self.n_group), f"{p}.top_k", self.top_k,
+               f"must be <= the experts in model.topk_group={self.topk_group} groups")
+        _check(self.routed_scaling > 0, f"{p}.routed_scaling", self.routed_scaling, "must be > 0")
+        _check(0 < self.partial_rotary <= 1 and self.rotary_dim % 2 == 0 and self.rotary_dim > 0,
+               f"{p}.partial_rotary", self.partial_rotary,
+               f"must be in (0, 1] and leave an even rotary width of model.head_dim={self.head_dim}")
+
+
+MODEL_TYPES = ("qwen3_moe", "mixtral", "glm4_moe")
+# the ModelConfig fields only glm4_moe may set to other than their defaults
+GLM_ONLY_FIELDS = ("first_dense_layers", "dense_d_ff", "shared_experts", "n_group", "topk_group",
+                   "routed_scaling", "norm_topk_prob", "attention_bias", "qk_norm", "partial_rotary")
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""The policy model: Qwen3-MoE (Hugging Face's ``qwen3_moe`` architecture), written once, and
-Mixtral (``mixtral``) as its variant without q/k norms and with Mixtral's parameter names.
+"""The policy model: Qwen3-MoE (Hugging Face's ``qwen3_moe`` architecture), written once, with
+Mixtral (``mixtral``) and GLM-4.5 MoE (``glm4_moe``) as its variants.
 
 The DeepSpeed trainer and the native inference engine build the same :class:`Qwen3MoeForCausalLM`
 and differ only in the sparse MoE block they plug in: the trainer wraps the experts in
@@ -16,6 +16,18 @@ softmax top-k routing over fp32 logits with the top-k weights renormalised for k
 and names the sparse block ``block_sparse_moe`` with experts' ``w1``/``w3``/``w2`` (gate, up,
 down), as Mixtral checkpoints, vLLM's and SGLang's Mixtral loaders and ``transformers`` expect; the
 routing (softmax, top-k, renormalised) is the same.
+
+``model.type=glm4_moe`` is GLM-4.5's (and GLM-4.5-Air's) architecture, whose router is
+DeepSeek-V3's: sigmoid scores per expert, a score-correction bias (``e_score_correction_bias``,
+a buffer: aux-loss-free load balancing) added only to *choose* the experts, optionally within
+the ``topk_group`` best of ``n_group`` expert groups (a group scores by its two best experts),
+the chosen experts weighted by their uncorrected scores, renormalised (``norm_topk_prob``) and
+multiplied by ``routed_scaling_factor``; a shared expert every token goes through; the first
+``first_k_dense_replace`` layers with a dense SwiGLU MLP instead of experts; q/k/v projections
+with biases, optional q/k norms and rotary embeddings on the first ``partial_rotary_factor`` of
+each head's dimensions. The correction bias is kept as loaded during RL (it is published with
+the weights, so every engine routes with the trainer's); the multi-token-prediction layers a
+GLM checkpoint carries are not part of the policy and are dropped when it is loaded.
 """
 
 from __future__ import annotations
@@ -34,11 +46,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rlpost.config import ConfigError, ModelConfig
+from rlpost.config import GLM_ONLY_FIELDS, ConfigError, ModelConfig
 
 HF_MODEL_TYPE = "qwen3_moe"
 # model.type -> the Hugging Face architecture written to and read from config.json
-HF_ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+HF_ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+                    "glm4_moe": "Glm4MoeForCausalLM"}
 
 
 class RMSNorm(nn.Module):
@@ -54,15 +67,17 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float, rotary_dim: int | None = None) -> torch.Tensor:
     """Rotary embedding of ``x`` (B, heads, T, D) at ``positions`` (B, T), neox layout (the
-    two halves of the head dimension rotate together, as in HF's ``rotate_half``)."""
-    d = x.shape[-1]
+    two halves of the rotated dimensions rotate together, as in HF's ``rotate_half``). Only the
+    first ``rotary_dim`` dimensions rotate (GLM's partial rotary); the rest pass unchanged."""
+    d = x.shape[-1] if rotary_dim is None else rotary_dim
     inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    freqs = positions.float()[:, None, :, None] * inv_freq  # (B, 1, T, D/2)
+    freqs = positions.float()[:, None, :, None] * inv_freq  # (B, 1, T, d/2)
     cos, sin = freqs.cos(), freqs.sin()
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    x1, x2 = x[..., :d].float().chunk(2, dim=-1)
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return rotated if d == x.shape[-1] else torch.cat([rotated, x[..., d:]], dim=-1)
 
 
 @dataclass
@@ -90,12 +105,15 @@ class Qwen3MoeAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim, self.theta = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.rotary_dim = cfg.rotary_dim
+        bias = cfg.attention_bias  # GLM: q/k/v biases (never o)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-        # Qwen3 normalises each head's queries and keys before the rotary embedding; Mixtral does not
-        self.qk_norm = cfg.type == "qwen3_moe"
+        # Qwen3 normalises each head's queries and keys before the rotary embedding; Mixtral does
+        # not; GLM-4.5 does when its config says so (use_qk_norm)
+        self.qk_norm = cfg.type == "qwen3_moe" or (cfg.type == "glm4_moe" and cfg.qk_norm)
         if self.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -112,7 +130,7 @@ class Qwen3MoeAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
+        q, k = rotary(q, positions, self.theta, self.rotary_dim), rotary(k, positions, self.theta, self.rotary_dim)
         if cache is not None:
             start = cache.length
             cache.keys[layer][:, :, start:start + t] = k
@@ -178,6 +196,40 @@ def route(probs: torch.Tensor, k: int, replay: torch.Tensor | None = None) -> tu
     return experts, weights, own
 
 
+def route_tokens(hidden: torch.Tensor, gate_weight: torch.Tensor, cfg: ModelConfig,
+                 correction_bias: torch.Tensor | None = None, replay: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The router of ``cfg.type`` on ``hidden`` (N, D): (experts used (N, k), their weights
+    (N, k, fp32), the router's own top-k (N, k), per-expert probabilities (N, E) for the
+    load-balancing loss). Softmax models: :func:`topk_route`. glm4_moe (DeepSeek-V3's router, as
+    transformers' ``Glm4MoeTopkRouter`` and vLLM's grouped top-k): sigmoid scores; the
+    correction bias added to choose; with groups, only the ``topk_group`` groups whose two best
+    corrected scores sum highest; weights are the uncorrected scores of the chosen experts,
+    renormalised (``norm_topk_prob``) and scaled by ``routed_scaling``. ``replay`` as in
+    :func:`route` (the weights are still this router's scores of the replayed experts)."""
+    logits = F.linear(hidden.float(), gate_weight.float())
+    if cfg.type != "glm4_moe":
+        probs = torch.softmax(logits, dim=-1)
+        return (*route(probs, cfg.top_k, replay), probs)
+    scores = logits.sigmoid()
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if cfg.n_group > 1:
+        grouped = choice.view(-1, cfg.n_group, cfg.num_experts // cfg.n_group)
+        best = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, groups)
+        keep = torch.zeros_like(best, dtype=torch.bool).scatter_(1, best.topk(cfg.topk_group, dim=-1).indices, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(cfg.num_experts // cfg.n_group, dim=1), float("-inf"))
+    own = choice.topk(cfg.top_k, dim=-1).indices
+    experts = own
+    if replay is not None:
+        use = replayable(replay, cfg.num_experts)
+        if bool(use.any()):
+            experts = torch.where(use[:, None], replay.to(own.device, torch.long).clamp(0, cfg.num_experts - 1), own)
+    weights = scores.gather(-1, experts)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return experts, weights * cfg.routed_scaling, own, scores / scores.sum(dim=-1, keepdim=True)
+
+
 def replayable(replay: torch.Tensor, num_experts: int) -> torch.Tensor:
     """(N,) rows of ``replay`` (N, k) that name k distinct experts in [0, num_experts): only
     those are replayed (a row the engine did not fill is -1; anything else is not a routing)."""
@@ -188,17 +240,41 @@ def replayable(replay: torch.Tensor, num_experts: int) -> torch.Tensor:
     return ok
 
 
+class DenseMlp(SwiGLUExpert):
+    """A dense layer's MLP (GLM's first ``first_k_dense_replace`` layers): ``mlp.gate_proj`` etc.,
+    no router, nothing to report."""
+
+    def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> MoEResult:  # type: ignore[override]
+        return MoEResult(super().forward(x), None, None, None)
+
+
+def shared_expert(cfg: ModelConfig) -> SwiGLUExpert | None:
+    """GLM's shared expert (``mlp.shared_experts``, width ``d_ff * shared_experts``), or None."""
+    return SwiGLUExpert(cfg.d_model, cfg.d_ff * cfg.shared_experts) if cfg.shared_experts else None
+
+
+def correction_bias(cfg: ModelConfig) -> torch.Tensor | None:
+    """GLM's router score-correction bias (``mlp.gate.e_score_correction_bias``, fp32), or None."""
+    return torch.zeros(cfg.num_experts, dtype=torch.float32) if cfg.type == "glm4_moe" else None
+
+
 class RoutedSparseMoe(nn.Module):
-    """HF's ``Qwen3MoeSparseMoeBlock`` (``gate`` + ``experts.{i}``) that routes tokens itself and
-    reports each token's experts: the inference block."""
+    """HF's ``Qwen3MoeSparseMoeBlock`` (``gate`` + ``experts.{i}``, and GLM's shared expert) that
+    routes tokens itself and reports each token's experts: the inference block."""
 
     DENSE_MAX_TOKENS = 256
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.k = cfg.top_k
+        self.cfg, self.k = cfg, cfg.top_k
         self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
+        bias = correction_bias(cfg)
+        if bias is not None:
+            self.gate.register_buffer("e_score_correction_bias", bias)
         self.experts = nn.ModuleList(SwiGLUExpert(cfg.d_model, cfg.d_ff) for _ in range(cfg.num_experts))
+        shared = shared_expert(cfg)
+        if shared is not None:
+            self.shared_experts = shared
         self._stack: tuple[torch.Tensor, torch.Tensor] | None = None
         # loading weights copies into the parameters: the stack is rebuilt on next use
         self.register_load_state_dict_post_hook(RoutedSparseMoe._forget_stack)
@@ -223,8 +299,9 @@ class RoutedSparseMoe(nn.Module):
     def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> MoEResult:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        experts, weights, own = topk_route(flat, self.gate.weight, self.k,
-                                           None if replay is None else replay.reshape(-1, self.k))
+        experts, weights, own, _ = route_tokens(flat, self.gate.weight, self.cfg,
+                                                getattr(self.gate, "e_score_correction_bias", None),
+                                                None if replay is None else replay.reshape(-1, self.k))
         if flat.shape[0] <= self.DENSE_MAX_TOKENS:
             # a decode step: every expert on every token (two batched matmuls) and a gather beat
             # per-expert index bookkeeping on small batches (same math: each token still gets
@@ -240,6 +317,8 @@ class RoutedSparseMoe(nn.Module):
                 rows, slot = torch.nonzero(experts == e, as_tuple=True)
                 if rows.numel():
                     out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot, None].to(flat.dtype))
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(flat)
         return MoEResult(out.view(shape), None, None, own.view(*shape[:-1], self.k))
 
 
@@ -247,12 +326,13 @@ MoEFactory = Callable[[ModelConfig], nn.Module]
 
 
 class Qwen3MoeDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe_factory: MoEFactory):
+    def __init__(self, cfg: ModelConfig, moe_factory: MoEFactory, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.self_attn = Qwen3MoeAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.mlp = moe_factory(cfg)
+        self.sparse = index >= cfg.first_dense_layers
+        self.mlp = moe_factory(cfg) if self.sparse else DenseMlp(cfg.d_model, cfg.dense_d_ff)
 
     def forward(self, x, positions, attn_mask, cache, layer, replay=None) -> tuple[torch.Tensor, MoEResult]:
         x = x + self.self_attn(self.input_layernorm(x), positions, attn_mask, cache, layer)
@@ -265,15 +345,15 @@ class Qwen3MoeModel(nn.Module):
     def __init__(self, cfg: ModelConfig, moe_factory: MoEFactory):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Qwen3MoeDecoderLayer(cfg, moe_factory) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Qwen3MoeDecoderLayer(cfg, moe_factory, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
 
 
 class CausalLMOutput(NamedTuple):
     logits: torch.Tensor                 # (B, T, V), or (N, V) at the N positions of ``logits_at``
     aux_loss: torch.Tensor               # summed load-balancing loss (0 for routing blocks)
-    expert_counts: torch.Tensor | None   # (n_layers, num_experts), training blocks
-    routed_experts: torch.Tensor | None  # (B, T, n_layers, top_k), routing blocks
+    expert_counts: torch.Tensor | None   # (moe_layers, num_experts), training blocks
+    routed_experts: torch.Tensor | None  # (B, T, moe_layers, top_k), routing blocks
 
 
 class Qwen3MoeForCausalLM(nn.Module):
@@ -305,9 +385,10 @@ class Qwen3MoeForCausalLM(nn.Module):
         prompt position costs more than the rest of a small model, and the loss scores only
         response tokens, an engine's prefill only the last position.
 
-        ``replay_experts`` (B, T, n_layers, top_k) routes the hidden state at each position
+        ``replay_experts`` (B, T, moe_layers, top_k) routes the hidden state at each position
         through the experts the inference engine used there (rollout routing replay); -1 rows
-        are routed by this model's own router."""
+        are routed by this model's own router. Routing covers the layers with experts only
+        (``cfg.moe_layers``: GLM's first dense layers have none)."""
         b, t = input_ids.shape
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
@@ -318,8 +399,9 @@ class Qwen3MoeForCausalLM(nn.Module):
         aux_total = x.new_zeros(())
         counts, routed = [], []
         for i, layer in enumerate(self.model.layers):
+            sparse = i - self.cfg.first_dense_layers
             x, moe = layer(x, positions, attn_mask, cache, i,
-                           None if replay_experts is None else replay_experts[:, :, i])
+                           None if replay_experts is None or sparse < 0 else replay_experts[:, :, sparse])
             if moe.aux_loss is not None:
                 aux_total = aux_total + moe.aux_loss
             if moe.expert_counts is not None:
@@ -357,16 +439,19 @@ class Qwen3MoeForCausalLM(nn.Module):
 
 def init_weights(module: nn.Module, std: float, n_layers: int) -> None:
     """Normal init of every matrix; output projections (``o_proj``, ``down_proj``) scaled by depth
-    so the residual stream stays bounded; norms start at one."""
+    so the residual stream stays bounded; norms start at one, biases at zero."""
     for name, p in module.named_parameters():
         if p.dim() >= 2:
             scale = 1.0 / math.sqrt(2 * n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
             nn.init.normal_(p, mean=0.0, std=std * scale)
+        elif name.endswith(".bias"):
+            nn.init.zeros_(p)
 
 
 # DeepSpeed's MoE wrappers -> Hugging Face names (the trainer's block is ``mlp.moe``)
 _DEEPSPEED_TO_CANONICAL = (
     ("mlp.moe.deepspeed_moe.gate.wg.", "mlp.gate."),
+    ("mlp.moe.deepspeed_moe.gate.e_score_correction_bias", "mlp.gate.e_score_correction_bias"),
     ("mlp.moe.deepspeed_moe.experts.deepspeed_experts.", "mlp.experts."),
 )
 
@@ -408,22 +493,38 @@ _HF_FIELDS = {  # ModelConfig field -> config.json key
 _MIXTRAL_FIELDS = {**_HF_FIELDS, "d_ff": "intermediate_size", "num_experts": "num_local_experts"}
 
 
+# GLM-4.5's: DeepSeek-V3's router names, dense first layers, the shared expert
+_GLM_FIELDS = {**_HF_FIELDS, "num_experts": "n_routed_experts", "first_dense_layers": "first_k_dense_replace",
+               "dense_d_ff": "intermediate_size", "shared_experts": "n_shared_experts", "n_group": "n_group",
+               "topk_group": "topk_group", "routed_scaling": "routed_scaling_factor",
+               "norm_topk_prob": "norm_topk_prob", "attention_bias": "attention_bias", "qk_norm": "use_qk_norm",
+               "partial_rotary": "partial_rotary_factor"}
+# what transformers' (and vLLM's) Glm4MoeConfig assume when a config.json leaves a key out
+_GLM_DEFAULTS = {"first_k_dense_replace": 1, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
+                 "routed_scaling_factor": 1.0, "norm_topk_prob": True, "attention_bias": False,
+                 "use_qk_norm": False, "partial_rotary_factor": 0.5}
+
+
 def _fields(model_type: str) -> dict[str, str]:
-    return _MIXTRAL_FIELDS if model_type == "mixtral" else _HF_FIELDS
+    return {"mixtral": _MIXTRAL_FIELDS, "glm4_moe": _GLM_FIELDS}.get(model_type, _HF_FIELDS)
 
 
 def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """``config.json`` of a ``qwen3_moe`` or ``mixtral`` checkpoint for ``cfg`` (every layer sparse)."""
+    """``config.json`` of a ``qwen3_moe``, ``mixtral`` or ``glm4_moe`` checkpoint for ``cfg``."""
     out = {"architectures": [HF_ARCHITECTURES[cfg.type]], "model_type": cfg.type, "torch_dtype": dtype,
            "hidden_act": "silu", "attention_dropout": 0.0, "output_router_logits": False, "use_cache": True,
            "sliding_window": None, "rope_scaling": None}
     if cfg.type == "mixtral":
         out["router_jitter_noise"] = 0.0
+    elif cfg.type == "glm4_moe":  # no multi-token-prediction layers: the policy has none
+        out.update({"attention_bias": cfg.attention_bias, "num_nextn_predict_layers": 0})
     else:
         out.update({"attention_bias": False, "intermediate_size": cfg.d_ff, "decoder_sparse_step": 1,
                     "mlp_only_layers": [], "norm_topk_prob": cfg.top_k > 1, "use_sliding_window": False,
                     "max_window_layers": cfg.n_layers})
     out.update({hf: getattr(cfg, ours) for ours, hf in _fields(cfg.type).items()})
+    if cfg.type == "glm4_moe" and not cfg.dense_d_ff:  # no dense layer uses it; loaders want a width
+        out["intermediate_size"] = cfg.d_ff
     try:  # what every Hugging Face config.json records; without it transformers 5 takes a local
         # checkpoint for an old Mistral one and warns that its tokenizer's regex is wrong
         out["transformers_version"] = importlib.metadata.version("transformers")
@@ -453,12 +554,26 @@ def model_config_from_hf(path: str, base: ModelConfig | None = None) -> ModelCon
                    "attention_bias": False, "rope_scaling": None}
     if model_type == "mixtral":  # a sliding window would make vLLM attend differently from the trainer
         unsupported = {"sliding_window": None, "rope_scaling": None}
+    elif model_type == "glm4_moe":
+        unsupported = {"rope_scaling": None, "hidden_act": "silu", "scoring_func": "sigmoid",
+                       "topk_method": "noaux_tc"}
     for key, wanted in unsupported.items():
         if hf.get(key, wanted) != wanted:
             raise ConfigError(f"model.path={path!r}: config.json {key}={hf[key]!r} is not supported "
                               f"(needs {wanted!r})")
+    # transformers 5 writes rope_theta (and GLM's partial_rotary_factor) inside rope_parameters
+    rope = hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
+        raise ConfigError(f"model.path={path!r}: config.json rope_parameters={rope!r} is not supported "
+                          f"(needs rope_type 'default': no RoPE scaling)")
+    hf = {**rope, **{k: v for k, v in hf.items() if v is not None}}
+    if model_type == "glm4_moe":
+        hf = {**_GLM_DEFAULTS, **hf}
     cfg = ModelConfig(**vars(base)) if base is not None else ModelConfig()
     cfg.type = model_type
+    if model_type != "glm4_moe":  # a glm base's own fields do not carry over to another architecture
+        for name in GLM_ONLY_FIELDS:
+            setattr(cfg, name, getattr(ModelConfig, name))
     for ours, key in _fields(model_type).items():
         if key in hf and hf[key] is not None:
             setattr(cfg, ours, type(getattr(cfg, ours))(hf[key]))
@@ -499,4 +614,14 @@ def load_pretrained(path: str, base: ModelConfig | None = None) -> tuple[dict[st
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(f))
+    # GLM checkpoints carry their multi-token-prediction module as extra layers after the last
+    # one (num_nextn_predict_layers): a speculative-decoding head the policy does not have
+    extra = {f"model.layers.{i}." for i in range(cfg.n_layers, cfg.n_layers + int(_mtp_layers(path)))}
+    if extra:
+        state = {k: v for k, v in state.items() if not k.startswith(tuple(extra))}
     return state, cfg
+
+
+def _mtp_layers(path: str) -> int:
+    with open(os.path.join(path, "config.json")) as fh:
+        return int(json.load(fh).get("num_nextn_predict_layers") or 0)

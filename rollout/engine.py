@@ -14,6 +14,8 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from rlpost.config import ModelConfig
+
 
 @dataclass
 class GenRequest:
@@ -46,11 +48,25 @@ class GenRequest:
 class GenOutput:
     token_ids: list[int]
     logprobs: list[float]
-    # (n_new_tokens, n_layers, top_k): experts that routed the hidden state producing each token.
+    # (n_new_tokens, moe_layers, top_k): experts that routed the hidden state producing each token
+    # in each layer with experts (GLM's first dense layers have none).
     routed_experts: np.ndarray | None
     # "stop" (a stop token was produced), "length" (budget used up) or "abort" (stopped between
     # chunks by the caller; resumable).
     finish_reason: str
+
+
+def moe_layer_rows(experts: np.ndarray | None, cfg: ModelConfig) -> np.ndarray | None:
+    """An engine's (tokens, layers, top_k) routing as ours, (tokens, moe_layers, top_k): an
+    engine that reports every layer (dense ones too) has the first dense layers' rows dropped;
+    any other shape is no routing (partial routing information is worse than none)."""
+    if experts is None or experts.ndim != 3 or experts.shape[2] != cfg.top_k:
+        return None
+    if experts.shape[1] == cfg.moe_layers:
+        return experts
+    if experts.shape[1] == cfg.n_layers:
+        return np.ascontiguousarray(experts[:, cfg.first_dense_layers:])
+    return None
 
 
 ShouldStop = Callable[[], bool]

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from rlpost.config import EngineConfig, ModelConfig
-from rlpost.rollout.engine import GenOutput, GenRequest, ServedEngineBase
+from rlpost.rollout.engine import GenOutput, GenRequest, ServedEngineBase, moe_layer_rows
 
 # An update or an abort that SGLang has not answered within this long is a dead engine.
 _CONTROL_TIMEOUT_S = 120.0
@@ -73,15 +73,18 @@ def finish_reason(meta_info: dict) -> str | None:
     raise ValueError(f"SGLang finish_reason {reason!r}: expected type stop, length or abort")
 
 
-def decode_routed_experts(encoded: str | None, n_tokens: int, n_layers: int, top_k: int) -> np.ndarray | None:
-    """One (n_layers, top_k) row per generated token, or None when SGLang sent no routing or a
-    length that does not match (partial routing is worse than none)."""
+def decode_routed_experts(encoded: str | None, n_tokens: int, model_cfg: ModelConfig) -> np.ndarray | None:
+    """One (moe_layers, top_k) row per generated token, or None when SGLang sent no routing or a
+    length that does not match (partial routing is worse than none). SGLang may report every
+    layer or only those with experts; the first dense layers' rows are dropped."""
     if not encoded or n_tokens == 0:
         return None
     flat = np.frombuffer(base64.b64decode(encoded), dtype=np.int32)
-    if flat.size != n_tokens * n_layers * top_k:
+    per_token = flat.size // n_tokens if flat.size % n_tokens == 0 else 0
+    if per_token == 0 or per_token % model_cfg.top_k:
         return None
-    return flat.reshape(n_tokens, n_layers, top_k).astype(np.int16)
+    return moe_layer_rows(flat.reshape(n_tokens, per_token // model_cfg.top_k, model_cfg.top_k).astype(np.int16),
+                          model_cfg)
 
 
 @dataclass
@@ -109,7 +112,7 @@ def output_of(stream: _Stream, reason: str, model_cfg: ModelConfig) -> GenOutput
     if len(stream.logprobs) != len(stream.tokens):
         raise RuntimeError(f"SGLang request {stream.vid}: {len(stream.tokens)} tokens but "
                            f"{len(stream.logprobs)} logprobs")
-    experts = decode_routed_experts(stream.experts, len(stream.tokens), model_cfg.n_layers, model_cfg.top_k)
+    experts = decode_routed_experts(stream.experts, len(stream.tokens), model_cfg)
     return GenOutput(stream.tokens, stream.logprobs, experts, reason)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from rlpost.config import EngineConfig, ModelConfig
-from rlpost.rollout.engine import GenOutput, GenRequest, ServedEngineBase
+from rlpost.rollout.engine import GenOutput, GenRequest, ServedEngineBase, moe_layer_rows
 
 _REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 
@@ -160,6 +160,7 @@ class VLLMEngine(ServedEngineBase):
         experts = np.concatenate(stream.experts) if stream.experts else None
         if experts is not None and len(experts) != len(stream.tokens):
             experts = None  # partial routing information is worse than none
+        experts = moe_layer_rows(experts, self.model_cfg)
         return GenOutput(stream.tokens, stream.logprobs, experts, reason)
 
     def _load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:

@@ -164,13 +164,13 @@ def test_two_deepspeed_ranks_train_disjoint_whole_groups(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, model", [("sync", "qwen3_moe_tiny"), ("april", "mixtral_tiny")])
+@pytest.mark.parametrize("mode, model", [("sync", "qwen3_moe_tiny"), ("april", "glm4_moe_tiny")])
 def test_vllm_engine_end_to_end(tmp_path, mode, model):
     """The whole loop with vLLM as the rollout engine and a real tokenizer (Mixtral's 32k
-    SentencePiece ids): the Qwen3-MoE (sync) or Mixtral (april) checkpoint the driver's trainer
-    publishes loads into vLLM as is, every step trains, and the train-inference mismatch on
-    on-policy tokens stays at fp32 noise. (The full-length runs that gain 30+ points are
-    measured in the README.)"""
+    SentencePiece ids): the Qwen3-MoE (sync) or GLM-4.5 MoE (april) checkpoint the driver's
+    trainer publishes loads into vLLM as is, every step trains, and the train-inference mismatch
+    on on-policy tokens stays at fp32 noise. (Mixtral in vLLM: tests/test_vllm_engine.py. The
+    full-length runs that gain 30+ points are measured in the README.)"""
     pytest.importorskip("vllm", reason="vLLM is not installed (bash scripts/install.sh vllm)")
     run_dir = tmp_path / f"vllm-{mode}"
     extra = ["rollout.over_sampling=2", "rollout.max_staleness=4"] if mode == "april" else []
@@ -356,14 +356,18 @@ def _redis_pid(driver: int) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, expert_weight", [("qwen3_moe_tiny", "mlp.experts.{e}.down_proj"),
-                                                  ("mixtral_tiny", "block_sparse_moe.experts.{e}.w2")])
-def test_expert_parallel_ranks_hold_half_the_experts_and_publish_all_of_them(tmp_path, model, expert_weight):
+@pytest.mark.parametrize("model, expert_weight, layers, experts", [
+    ("qwen3_moe_tiny", "mlp.experts.{e}.down_proj", [0, 1], 4),
+    ("mixtral_tiny", "block_sparse_moe.experts.{e}.w2", [0, 1], 4),
+    ("glm4_moe_tiny", "mlp.experts.{e}.down_proj", [1, 2], 8)])  # GLM: layer 0 is dense
+def test_expert_parallel_ranks_hold_half_the_experts_and_publish_all_of_them(tmp_path, model, expert_weight, layers,
+                                                                             experts):
     """trainer.ep_size=2 on 2 ranks (gloo): each rank holds half of every layer's experts, the
     run trains, and the weights it publishes and saves carry every expert under HF names (the
-    native engine and the final checkpoint load them; Qwen3-MoE's or Mixtral's). With routing
-    replay on, every trained token is routed through the engine's experts across the
-    expert-parallel all-to-all."""
+    native engine and the final checkpoint load them; Qwen3-MoE's, Mixtral's or GLM-4.5's). With
+    routing replay on, every trained token is routed through the engine's experts across the
+    expert-parallel all-to-all (for GLM, through rlpost's router, top-4, and a shared expert
+    that stays data-parallel)."""
     from safetensors import safe_open
 
     run_dir = tmp_path / "ep"
@@ -374,11 +378,11 @@ def test_expert_parallel_ranks_hold_half_the_experts_and_publish_all_of_them(tmp
     ranks = json.loads((run_dir / "placement.json").read_text())["actors"]["trainer"]
     steps = read_metrics(str(run_dir / "metrics.jsonl"))
     assert [m["replay/token_frac"] for m in steps if "replay/token_frac" in m] == [1.0] * 3
-    assert [r["experts"] for r in ranks] == [[0, 2], [2, 4]]  # model.num_experts=4 split in two
+    assert [r["experts"] for r in ranks] == [[0, experts // 2], [experts // 2, experts]]  # split in two
     with safe_open(str(run_dir / "final" / "model.safetensors"), "pt") as fh:
         names = set(fh.keys())
-    for layer in range(2):
-        for expert in range(4):
+    for layer in layers:
+        for expert in range(experts):
             assert f"model.layers.{layer}.{expert_weight.format(e=expert)}.weight" in names
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3

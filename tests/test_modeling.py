@@ -6,11 +6,14 @@ import json
 import pytest
 import torch
 
+from glm_toy import GLM, randomise_glm_extras
 from rlpost.config import ConfigError, ModelConfig
 from rlpost.modeling import Qwen3MoeForCausalLM, load_pretrained, model_config_from_hf, save_pretrained
 
 
 def tiny(**kw) -> ModelConfig:
+    if kw.get("type") == "glm4_moe":
+        kw = {**GLM, **kw}
     return ModelConfig(**{"vocab_size": 100, "max_seq_len": 64, "init_std": 0.2, **kw})
 
 
@@ -61,17 +64,91 @@ def test_checkpoint_is_a_hugging_face_mixtral(tmp_path):
         model_config_from_hf(str(tmp_path))
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_checkpoint_is_a_hugging_face_glm4_moe(tmp_path):
+    """model.type=glm4_moe: GLM-4.5's config.json keys and parameter names (dense first layer,
+    shared expert, router correction bias, q/k/v biases), loaded back into the same function; a
+    GLM checkpoint's multi-token-prediction layer is dropped on load (not part of the policy)."""
+    cfg = tiny(type="glm4_moe")
+    cfg.validate()
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(cfg)
+    randomise_glm_extras(model)
+    save_pretrained(model.canonical_state_dict(), cfg, str(tmp_path))
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["model_type"] == "glm4_moe" and meta["architectures"] == ["Glm4MoeForCausalLM"]
+    assert {k: meta[k] for k in ("n_routed_experts", "num_experts_per_tok", "first_k_dense_replace", "intermediate_size",
+                                 "moe_intermediate_size", "n_shared_experts", "n_group", "topk_group",
+                                 "routed_scaling_factor", "norm_topk_prob", "attention_bias", "use_qk_norm",
+                                 "partial_rotary_factor", "num_nextn_predict_layers")} == {
+        "n_routed_experts": 8, "num_experts_per_tok": 4, "first_k_dense_replace": 1, "intermediate_size": 96,
+        "moe_intermediate_size": 32, "n_shared_experts": 1, "n_group": 2, "topk_group": 1,
+        "routed_scaling_factor": 2.5, "norm_topk_prob": True, "attention_bias": True, "use_qk_norm": True,
+        "partial_rotary_factor": 0.5, "num_nextn_predict_layers": 0}
+    state, loaded = load_pretrained(str(tmp_path))
+    assert {"model.layers.0.mlp.gate_proj.weight", "model.layers.0.self_attn.q_proj.bias",
+            "model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.2.mlp.experts.7.down_proj.weight",
+            "model.layers.1.mlp.shared_experts.up_proj.weight", "model.layers.1.self_attn.k_norm.weight"} <= set(state)
+    assert not any(k.startswith("model.layers.0.mlp.") and ("experts" in k or "gate." in k) for k in state)
+    assert state["model.layers.1.mlp.shared_experts.up_proj.weight"].shape == (32, 64)
+    assert not any("o_proj.bias" in k for k in state)
+    assert {k: getattr(loaded, k) for k in GLM} == GLM and loaded.type == "glm4_moe"
+    again = Qwen3MoeForCausalLM(loaded)
+    again.load_canonical_state_dict(state)
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
+    # a real GLM checkpoint: its MTP layer (model.layers.<n_layers>.*) and rope_parameters
+    from safetensors.torch import save_file
+    save_file({"model.layers.3.eh_proj.weight": torch.zeros(64, 128),
+               "model.layers.3.mlp.experts.0.up_proj.weight": torch.zeros(32, 64)}, str(tmp_path / "mtp.safetensors"))
+    meta.update(num_nextn_predict_layers=1, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    del meta["rope_theta"], meta["partial_rotary_factor"], meta["use_qk_norm"]
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    state, loaded = load_pretrained(str(tmp_path))
+    assert not any(k.startswith("model.layers.3.") for k in state)
+    # absent keys take transformers' Glm4MoeConfig defaults (half-width rotary, no q/k norm)
+    assert loaded.rope_theta == 1e6 and loaded.partial_rotary == 0.5 and loaded.qk_norm is False
+
+
+def test_model_fields_of_another_architecture_are_one_line_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.shared_experts=1: only model.type=glm4_moe has it \(qwen3_moe needs 0\)"):
+        tiny(shared_experts=1).validate()
+    with pytest.raises(ConfigError, match=r"model.top_k=8: qwen3_moe's softmax routing here supports 1 or 2"):
+        tiny(top_k=8, num_experts=8).validate()
+    with pytest.raises(ConfigError, match=r"model.n_group=3: must divide model.num_experts=8"):
+        tiny(type="glm4_moe", n_group=3).validate()
+    with pytest.raises(ConfigError, match=r"model.top_k=8: must be <= the experts in model.topk_group=1 groups"):
+        tiny(type="glm4_moe", top_k=8).validate()
+    with pytest.raises(ConfigError, match=r"model.first_dense_layers=3: must be in \[0, model.n_layers=3\)"):
+        tiny(type="glm4_moe", first_dense_layers=3).validate()
+    with pytest.raises(ConfigError, match=r"model.partial_rotary=0.3: must be in \(0, 1\] and leave an even"):
+        tiny(type="glm4_moe", partial_rotary=0.3).validate()
+    # a checkpoint with RoPE scaling (transformers 5 writes it in rope_parameters) is refused
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "rope_parameters": {
+        "rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}}))
+    with pytest.raises(ConfigError, match=r"config.json rope_parameters=.*yarn.* is not supported"):
+        model_config_from_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "rope_parameters": {
+        "rope_type": "default", "rope_theta": 1e6}}))
+    assert model_config_from_hf(str(tmp_path)).rope_theta == 1e6  # not the default 10,000
+    glm = tiny(type="glm4_moe")  # a glm base's fields do not leak into a qwen3 checkpoint's config
+    assert model_config_from_hf(str(tmp_path), glm).shared_experts == 0
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "glm4_moe"])
 def test_same_function_as_transformers(tmp_path, model_type):
-    """transformers loads our checkpoint as is (its own Qwen3-MoE or Mixtral class) and
-    computes the same logits (fp32)."""
+    """transformers loads our checkpoint as is (its own Qwen3-MoE, Mixtral or GLM-4.5 MoE class)
+    and computes the same logits (fp32); for GLM with grouped sigmoid routing and a random
+    correction bias, so a wrong group choice, bias or scaling shows."""
     transformers = pytest.importorskip("transformers")
     cfg = tiny(type=model_type)
     torch.manual_seed(1)
     model = Qwen3MoeForCausalLM(cfg).eval()
+    randomise_glm_extras(model)
     save_pretrained(model.canonical_state_dict(), cfg, str(tmp_path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
-    assert type(hf).__name__ == {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}[model_type]
+    assert type(hf).__name__ == {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+                                 "glm4_moe": "Glm4MoeForCausalLM"}[model_type]
     ids = torch.randint(0, 100, (3, 20))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
@@ -99,7 +176,7 @@ def test_logits_at_selects_positions_and_scattered_logprobs_match_the_full_head(
     assert scattered[1].abs().sum() == 0 and not scattered.isnan().any()
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "glm4_moe"])
 def test_trainer_block_has_the_engines_names_and_function(model_type):
     """The DeepSpeed-wrapped policy publishes exactly the routing model's (HF) names, and with
     the same weights both compute the same logits."""
@@ -114,6 +191,7 @@ def test_trainer_block_has_the_engines_names_and_function(model_type):
     cfg = tiny(type=model_type)
     torch.manual_seed(2)
     trainer_model = build_policy(cfg).eval()
+    randomise_glm_extras(trainer_model)
     engine_model = Qwen3MoeForCausalLM(cfg).eval()
     state = trainer_model.canonical_state_dict()
     assert set(state) == set(engine_model.canonical_state_dict())
@@ -227,3 +305,40 @@ def test_routing_replay_routes_through_the_given_experts_in_trainer_and_engine_b
     replayed.logits.logsumexp(-1).sum().backward()
     gate = next(p for n, p in trainer_model.named_parameters() if n.endswith("gate.wg.weight"))
     assert gate.grad is not None and gate.grad.abs().sum() > 0
+
+
+def test_glm_routing_replay_and_gradients_through_deepspeeds_dispatch():
+    """glm4_moe in the trainer: DeepSpeed's MoE layer dispatches the routing computed by
+    rlpost's router (top-4, groups, correction bias, scaling), replays the engine's experts for
+    the layers that have them (the dense first layer has none: routing is (B, T, moe_layers, k)),
+    and the router, experts, shared expert and biases all get gradients; the correction bias
+    is a buffer (never trained)."""
+    from rlpost.trainer.policy import build_policy
+
+    _init_single_rank()
+    cfg = tiny(type="glm4_moe")
+    torch.manual_seed(5)
+    trainer_model = build_policy(cfg).train()
+    randomise_glm_extras(trainer_model)
+    engine_model = Qwen3MoeForCausalLM(cfg).eval()
+    engine_model.load_canonical_state_dict(trainer_model.canonical_state_dict())
+    ids = torch.randint(0, 100, (2, 9))
+    natural = trainer_model(ids)
+    own = natural.routed_experts
+    assert own.shape == (2, 9, cfg.moe_layers, 4) and natural.expert_counts.shape == (cfg.moe_layers, 8)
+    assert natural.expert_counts.sum(-1).tolist() == [2 * 9 * 4] * cfg.moe_layers and natural.aux_loss > 0
+    with torch.no_grad():
+        torch.testing.assert_close(trainer_model(ids, replay_experts=own).logits, natural.logits, atol=1e-6, rtol=0)
+        other = torch.stack([(own[..., 0] + 1 + j) % 8 for j in range(4)], dim=-1)  # 4 distinct, not the first choice
+        replayed = trainer_model(ids, replay_experts=other)
+        torch.testing.assert_close(replayed.logits, engine_model(ids, replay_experts=other).logits, atol=2e-5, rtol=0)
+    assert (replayed.logits - natural.logits).abs().max() > 1e-3
+    assert replayed.expert_counts[0].tolist() == torch.bincount(other[:, :, 0].reshape(-1), minlength=8).tolist()
+    (natural.logits.logsumexp(-1).sum() + natural.aux_loss).backward()
+    grads = {n: p.grad for n, p in trainer_model.named_parameters()}
+    for suffix in ("1.mlp.moe.deepspeed_moe.gate.wg.weight", "1.mlp.shared_experts.up_proj.weight",
+                   "0.mlp.gate_proj.weight", "0.self_attn.q_proj.bias"):
+        name = next(n for n in grads if n.endswith(suffix))
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    assert not any("e_score_correction_bias" in n for n in grads)
+    assert any(n.endswith("gate.e_score_correction_bias") for n, _ in trainer_model.named_buffers())

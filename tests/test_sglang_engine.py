@@ -82,9 +82,9 @@ def test_an_unknown_finish_reason_is_refused_by_name():
 
 def test_routing_of_the_wrong_size_is_dropped_not_misread():
     enc = base64.b64encode(np.zeros(2 * 2 * 2, dtype=np.int32).tobytes()).decode()
-    assert decode_routed_experts(enc, n_tokens=2, n_layers=2, top_k=2).shape == (2, 2, 2)
-    assert decode_routed_experts(enc, n_tokens=3, n_layers=2, top_k=2) is None  # partial: none
-    assert decode_routed_experts(None, 2, 2, 2) is None
+    assert decode_routed_experts(enc, 2, ModelConfig(n_layers=2, top_k=2)).shape == (2, 2, 2)
+    assert decode_routed_experts(enc, 3, ModelConfig(n_layers=2, top_k=2)) is None  # partial: none
+    assert decode_routed_experts(None, 2, ModelConfig(n_layers=2, top_k=2)) is None
 
 
 def test_published_weights_carry_the_names_of_the_hugging_face_checkpoint_sglang_loads(tmp_path):

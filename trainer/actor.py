@@ -380,11 +380,11 @@ class TrainerRank:
 
     def _replay(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """The forward's routing-replay argument for ``batch``: nothing when replay is off or
-        the batch carries no engine routing of this model's (n_layers, top_k) shape (another
+        the batch carries no engine routing of this model's (moe_layers, top_k) shape (another
         model's routing in the buffer is not replayed; ``replay/token_frac`` shows it)."""
         m = self.cfg.model
         if not self.cfg.trainer.routing_replay or batch.engine_experts is None \
-                or tuple(batch.engine_experts.shape[2:]) != (m.n_layers, m.top_k):
+                or tuple(batch.engine_experts.shape[2:]) != (m.moe_layers, m.top_k):
             return {}
         return {"replay_experts": batch.replay_experts()}
 
@@ -455,9 +455,10 @@ class TrainerRank:
         metrics.update(mismatch.metrics())
         metrics.update(replayed.metrics())
         frac = (counts_total.float() / counts_total.sum(dim=-1, keepdim=True)).cpu()
-        for layer in range(frac.shape[0]):
+        for sparse in range(frac.shape[0]):  # named by the model's layer index (dense layers have none)
+            layer = sparse + self.cfg.model.first_dense_layers
             for e in range(frac.shape[1]):
-                metrics[f"moe/layer{layer}_expert{e}_frac"] = float(frac[layer, e])
+                metrics[f"moe/layer{layer}_expert{e}_frac"] = float(frac[layer - self.cfg.model.first_dense_layers, e])
         metrics["moe/max_expert_frac"] = float(frac.max())
         return metrics
 

@@ -14,6 +14,13 @@ Rollout routing replay (``trainer.routing_replay``, R3): the gate is replaced by
 for it when the forward pass is given them. Without replay a bf16 engine and the fp32 trainer
 send some tokens through different experts, and the trainer then updates experts the sample
 never used and scores it with a router the engine did not follow.
+
+Routers DeepSpeed's gate does not compute (``model.type=glm4_moe``: sigmoid scores with a
+correction bias, expert groups, scaled weights, any top-k) take the same path as replay with
+nothing to replay: :func:`rlpost.modeling.route_tokens` routes, the gate returns DeepSpeed's
+sparse-route layout, and DeepSpeed's MoE layer dispatches (and all-to-alls under expert
+parallelism) as for its own gate. GLM's shared expert is a plain dense SwiGLU next to the MoE
+layer (data-parallel, not split over expert-parallel ranks).
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from deepspeed.utils import groups
 from torch import nn
 
 from rlpost.config import ModelConfig
-from rlpost.modeling import MoEResult, Qwen3MoeForCausalLM, SwiGLUExpert, route, topk_route
+from rlpost.modeling import (MoEResult, Qwen3MoeForCausalLM, SwiGLUExpert, correction_bias, route_tokens,
+                             shared_expert)
 
 
 class ReplayTopKGate(TopKGate):
@@ -40,25 +48,33 @@ class ReplayTopKGate(TopKGate):
     load-balancing loss and expert counts are DeepSpeed's formulas over the experts used."""
 
     replay: torch.Tensor | None = None
-    own: torch.Tensor | None = None  # after a replayed forward: the router's own top-k (S, k)
+    own: torch.Tensor | None = None  # after a routed forward: the router's own top-k (S, k)
+    model_cfg: ModelConfig  # set by DeepSpeedSparseMoe: which router this is
 
     def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):  # noqa: A002
-        if self.replay is None:
+        if self.replay is None and self.model_cfg.type != "glm4_moe":
             return super().forward(input, used_token, sparse_routes, use_tutel)
         if not sparse_routes or use_tutel or used_token is not None:
-            raise NotImplementedError("routing replay needs DeepSpeed's sparse-route dispatch (no tutel, no used_token)")
+            raise NotImplementedError("routing replay and glm4_moe routing need DeepSpeed's sparse-route "
+                                      "dispatch (no tutel, no used_token)")
         if groups.mpu is not None:
-            raise NotImplementedError("routing replay with tensor-parallel experts")
-        probs = F.softmax(F.linear(input.float(), self.wg.weight.float()), dim=-1)
-        experts, weights, own = route(probs, self.k, self.replay)
+            raise NotImplementedError("routing replay and glm4_moe routing with tensor-parallel experts")
+        experts, weights, own, probs = route_tokens(input, self.wg.weight, self.model_cfg,
+                                                    getattr(self, "e_score_correction_bias", None), self.replay)
         self.own = own.detach()
         num_experts = probs.shape[-1]
         mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, experts, True)
         exp_counts = mask.sum(dim=0).detach()
-        # DeepSpeed's top-1/top-2 balancing loss: mean router probability x share of tokens whose
-        # first expert is e (the replayed first expert here)
-        first = F.one_hot(experts[:, 0], num_experts).float()
-        l_aux = torch.sum(probs.mean(dim=0) * first.mean(dim=0)) * num_experts
+        if self.k <= 2 and self.model_cfg.type != "glm4_moe":
+            # DeepSpeed's top-1/top-2 balancing loss: mean router probability x share of tokens
+            # whose first expert is e (the replayed first expert here)
+            first = F.one_hot(experts[:, 0], num_experts).float()
+            l_aux = torch.sum(probs.mean(dim=0) * first.mean(dim=0)) * num_experts
+        else:
+            # DeepSpeed's top-k (and Switch/HF's) loss over all k picks: E / k x sum over experts
+            # of mean probability x share of tokens routed there; glm's probabilities are the
+            # normalised sigmoid scores (DeepSeek-V3's sequence-wise balance loss, per batch here)
+            l_aux = torch.sum(probs.mean(dim=0) * mask.float().mean(dim=0)) * num_experts / self.k
         capacity = exp_counts.max()
         if self.ep_group is not None and dist.get_world_size(group=self.ep_group) > 1:
             dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.ep_group)
@@ -78,7 +94,15 @@ class DeepSpeedSparseMoe(nn.Module):
         self.k = cfg.top_k
         # the gate DeepSpeed built becomes a ReplayTopKGate in place (same state, parameters and
         # names; no new module, so the random stream and every initial weight are unchanged)
-        self.moe.deepspeed_moe.gate.__class__ = ReplayTopKGate
+        gate = self.moe.deepspeed_moe.gate
+        gate.__class__ = ReplayTopKGate
+        gate.model_cfg = cfg
+        bias = correction_bias(cfg)
+        if bias is not None:  # a buffer: loaded, saved and published, never trained
+            gate.register_buffer("e_score_correction_bias", bias)
+        shared = shared_expert(cfg)
+        if shared is not None:
+            self.shared_experts = shared
 
     def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> MoEResult:
         gate = self.moe.deepspeed_moe.gate
@@ -92,7 +116,9 @@ class DeepSpeedSparseMoe(nn.Module):
             # DeepSpeed's gate does not return its routing; recompute the router's own ids (one
             # small matmul per layer) so the trainer can compare them with the engine's
             with torch.no_grad():
-                _, _, own = topk_route(x.reshape(-1, x.shape[-1]), gate.wg.weight, self.k)
+                _, _, own, _ = route_tokens(x.reshape(-1, x.shape[-1]), gate.wg.weight, gate.model_cfg)
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(x)
         return MoEResult(out, aux, counts, own.view(*x.shape[:-1], self.k))
 
 
