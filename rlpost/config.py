@@ -87,11 +87,10 @@ class ModelConfig:
         _check(self.n_heads % self.n_kv_heads == 0, f"{p}.n_heads", self.n_heads,
                f"must be a multiple of model.n_kv_heads={self.n_kv_heads}")
         _check(self.head_dim % 2 == 0, f"{p}.head_dim", self.head_dim, "must be even (rotary embedding)")
+        _check(self.top_k >= 1, f"{p}.top_k", self.top_k, "must be >= 1")
         if self.type == "glm4_moe":
             self._validate_glm(p)
         else:
-            _check(self.top_k in (1, 2), f"{p}.top_k", self.top_k,
-                   f"{self.type}'s softmax routing here supports 1 or 2 (DeepSpeed's gate); glm4_moe any")
             for name in GLM_ONLY_FIELDS:
                 default = getattr(ModelConfig, name)
                 _check(getattr(self, name) == default, f"{p}.{name}", getattr(self, name),

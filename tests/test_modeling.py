@@ -113,8 +113,8 @@ def test_checkpoint_is_a_hugging_face_glm4_moe(tmp_path):
 def test_model_fields_of_another_architecture_are_one_line_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"model.shared_experts=1: only model.type=glm4_moe has it \(qwen3_moe needs 0\)"):
         tiny(shared_experts=1).validate()
-    with pytest.raises(ConfigError, match=r"model.top_k=8: qwen3_moe's softmax routing here supports 1 or 2"):
-        tiny(top_k=8, num_experts=8).validate()
+    with pytest.raises(ConfigError, match=r"model.top_k=0: must be >= 1"):
+        tiny(top_k=0).validate()
     with pytest.raises(ConfigError, match=r"model.n_group=3: must divide model.num_experts=8"):
         tiny(type="glm4_moe", n_group=3).validate()
     with pytest.raises(ConfigError, match=r"model.top_k=8: must be <= the experts in model.topk_group=1 groups"):
@@ -135,13 +135,24 @@ def test_model_fields_of_another_architecture_are_one_line_config_errors(tmp_pat
     assert model_config_from_hf(str(tmp_path), glm).shared_experts == 0
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "glm4_moe"])
-def test_same_function_as_transformers(tmp_path, model_type):
+# Qwen3-30B-A3B routes each token to 8 of 128 experts: top-k > 2 at toy size
+VARIANTS = {"qwen3_moe": {}, "mixtral": {}, "glm4_moe": {}, "qwen3_moe_top4": dict(num_experts=8, top_k=4, d_ff=32)}
+
+
+def variant(name: str) -> ModelConfig:
+    cfg = tiny(type=name.removesuffix("_top4"), **VARIANTS[name])
+    cfg.validate()
+    return cfg
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_same_function_as_transformers(tmp_path, name):
     """transformers loads our checkpoint as is (its own Qwen3-MoE, Mixtral or GLM-4.5 MoE class)
     and computes the same logits (fp32); for GLM with grouped sigmoid routing and a random
-    correction bias, so a wrong group choice, bias or scaling shows."""
+    correction bias, so a wrong group choice, bias or scaling shows; Qwen3 also with top-4."""
     transformers = pytest.importorskip("transformers")
-    cfg = tiny(type=model_type)
+    cfg = variant(name)
+    model_type = cfg.type
     torch.manual_seed(1)
     model = Qwen3MoeForCausalLM(cfg).eval()
     randomise_glm_extras(model)
@@ -176,8 +187,8 @@ def test_logits_at_selects_positions_and_scattered_logprobs_match_the_full_head(
     assert scattered[1].abs().sum() == 0 and not scattered.isnan().any()
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "glm4_moe"])
-def test_trainer_block_has_the_engines_names_and_function(model_type):
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_trainer_block_has_the_engines_names_and_function(name):
     """The DeepSpeed-wrapped policy publishes exactly the routing model's (HF) names, and with
     the same weights both compute the same logits."""
     from rlpost.trainer.ds_engine import DistEnv, init_distributed
@@ -188,7 +199,7 @@ def test_trainer_block_has_the_engines_names_and_function(model_type):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     init_distributed(DistEnv(0, 1, "127.0.0.1", port))
-    cfg = tiny(type=model_type)
+    cfg = variant(name)
     torch.manual_seed(2)
     trainer_model = build_policy(cfg).eval()
     randomise_glm_extras(trainer_model)
@@ -262,7 +273,7 @@ def _init_single_rank():
     init_distributed(DistEnv(0, 1, "127.0.0.1", port))
 
 
-@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("top_k", [1, 2, 3])  # 3: rlpost's router into DeepSpeed's dispatch
 def test_routing_replay_routes_through_the_given_experts_in_trainer_and_engine_blocks(top_k):
     """Rollout routing replay: the DeepSpeed block (the trainer's) and the routing block (the KL
     reference's) both send each token through the experts they are given, weighted by their own
@@ -289,7 +300,7 @@ def test_routing_replay_routes_through_the_given_experts_in_trainer_and_engine_b
     other = torch.stack([(own[..., 0] + 1 + j) % 4 for j in range(top_k)], dim=-1)
     other[1, 3:] = -1   # the engine did not report these: the router's own choice
     other[0, 2] = 7     # out of range: not a routing, not replayed
-    if top_k == 2:
+    if top_k >= 2:
         other[0, 4] = other[0, 4, :, :1]  # one expert twice: not replayed
     valid = (other >= 0).all(-1) & (other < 4).all(-1) & ((other[..., :1] != other).sum(-1) == top_k - 1)
     replayed = trainer_model(ids, replay_experts=other)

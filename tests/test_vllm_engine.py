@@ -164,22 +164,26 @@ def test_routed_experts_on_cpu_are_refused_with_the_reason():
 def arch_cfg(model_type: str) -> ModelConfig:
     if model_type == "glm4_moe":  # GLM-4.5's router, shared expert, dense first layer, biases, partial rotary
         return ModelConfig(type="glm4_moe", vocab_size=40, max_seq_len=64, init_std=0.3, **GLM)
+    if model_type == "qwen3_moe_top4":  # Qwen3-30B-A3B's top-8 of 128, at toy size
+        return ModelConfig(vocab_size=40, max_seq_len=64, init_std=0.3, num_experts=8, top_k=4, d_ff=32)
     return ModelConfig(type=model_type, vocab_size=40, max_seq_len=64, init_std=0.3)
 
 
 @pytest.mark.parametrize("model_type, a_weight", [("mixtral", "model.layers.0.block_sparse_moe.experts.0.w1.weight"),
-                                                  ("glm4_moe", "model.layers.1.mlp.gate.e_score_correction_bias")])
+                                                  ("glm4_moe", "model.layers.1.mlp.gate.e_score_correction_bias"),
+                                                  ("qwen3_moe_top4", "model.layers.0.mlp.experts.7.up_proj.weight")])
 def test_another_architecture_runs_in_vllms_own_class_and_updates_in_place(model_type, a_weight):
-    """model.type=mixtral or glm4_moe: vLLM serves the trainer's checkpoint with its own
-    MixtralForCausalLM / Glm4MoeForCausalLM (for GLM: grouped sigmoid top-4 routing with a
-    random correction bias, shared expert, dense first layer, q/k/v biases, half-width rotary),
-    takes in-place updates under that architecture's parameter names (fused-MoE repack and the
-    correction bias included) and generates what the native engine does, with the same logprobs."""
+    """model.type=mixtral or glm4_moe, or a Qwen3-MoE with top-4 routing: vLLM serves the
+    trainer's checkpoint with its own MixtralForCausalLM / Glm4MoeForCausalLM /
+    Qwen3MoeForCausalLM (for GLM: grouped sigmoid top-4 routing with a random correction bias,
+    shared expert, dense first layer, q/k/v biases, half-width rotary), takes in-place updates
+    under that architecture's parameter names (fused-MoE repack and the correction bias
+    included) and generates what the native engine does, with the same logprobs."""
     from rlpost.rollout.vllm_engine import VLLMEngine
 
     cfg = arch_cfg(model_type)
     engine = VLLMEngine(cfg, EngineConfig(name="vllm", chunk_tokens=4, max_batch_size=64), eos_id=NO_EOS)
-    assert engine.llm.model_config.hf_config.model_type == model_type
+    assert engine.llm.model_config.hf_config.model_type == cfg.type
     native = NativeEngine(cfg, EngineConfig(chunk_tokens=4), eos_id=NO_EOS)
     outputs = []
     for version, seed in enumerate((0, 1)):

@@ -16,7 +16,8 @@ send some tokens through different experts, and the trainer then updates experts
 never used and scores it with a router the engine did not follow.
 
 Routers DeepSpeed's gate does not compute (``model.type=glm4_moe``: sigmoid scores with a
-correction bias, expert groups, scaled weights, any top-k) take the same path as replay with
+correction bias, expert groups, scaled weights) and softmax top-k for k > 2 (Qwen3-30B-A3B's
+top-8; one router for engine and trainer instead of DeepSpeed's ``topkgating``) take the same path as replay with
 nothing to replay: :func:`rlpost.modeling.route_tokens` routes, the gate returns DeepSpeed's
 sparse-route layout, and DeepSpeed's MoE layer dispatches (and all-to-alls under expert
 parallelism) as for its own gate. GLM's shared expert is a plain dense SwiGLU next to the MoE
@@ -52,13 +53,13 @@ class ReplayTopKGate(TopKGate):
     model_cfg: ModelConfig  # set by DeepSpeedSparseMoe: which router this is
 
     def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):  # noqa: A002
-        if self.replay is None and self.model_cfg.type != "glm4_moe":
+        if self.replay is None and self.model_cfg.type != "glm4_moe" and self.k <= 2:
             return super().forward(input, used_token, sparse_routes, use_tutel)
         if not sparse_routes or use_tutel or used_token is not None:
-            raise NotImplementedError("routing replay and glm4_moe routing need DeepSpeed's sparse-route "
+            raise NotImplementedError("routing replay and rlpost's router need DeepSpeed's sparse-route "
                                       "dispatch (no tutel, no used_token)")
         if groups.mpu is not None:
-            raise NotImplementedError("routing replay and glm4_moe routing with tensor-parallel experts")
+            raise NotImplementedError("routing replay and rlpost's router with tensor-parallel experts")
         experts, weights, own, probs = route_tokens(input, self.wg.weight, self.model_cfg,
                                                     getattr(self, "e_score_correction_bias", None), self.replay)
         self.own = own.detach()
