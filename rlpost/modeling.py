@@ -258,6 +258,19 @@ def correction_bias(cfg: ModelConfig) -> torch.Tensor | None:
     return torch.zeros(cfg.num_experts, dtype=torch.float32) if cfg.type == "glm4_moe" else None
 
 
+def apply_keeping_fp32_bias(block: nn.Module, gate: nn.Module, apply: Callable[[], nn.Module]) -> nn.Module:
+    """``block._apply`` (``.to()``, ``.bfloat16()``, DeepSpeed's bf16 cast) with the gate's
+    correction bias kept in fp32, its values untouched: the bias shifts sigmoid scores in (0, 1)
+    by small amounts that decide near-ties between experts, bf16 keeps 3 significant digits, and
+    vLLM, SGLang and transformers all hold it in fp32 (a bf16 trainer or engine would route some
+    tokens differently from them)."""
+    bias = getattr(gate, "e_score_correction_bias", None)
+    out = apply()
+    if bias is not None:
+        gate.e_score_correction_bias = bias.to(device=gate.e_score_correction_bias.device, dtype=torch.float32)
+    return out
+
+
 class RoutedSparseMoe(nn.Module):
     """HF's ``Qwen3MoeSparseMoeBlock`` (``gate`` + ``experts.{i}``, and GLM's shared expert) that
     routes tokens itself and reports each token's experts: the inference block."""
@@ -285,7 +298,7 @@ class RoutedSparseMoe(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .float(): the stack must follow
         self._stack = None
-        return super()._apply(fn, *args, **kwargs)
+        return apply_keeping_fp32_bias(self, self.gate, lambda: super(RoutedSparseMoe, self)._apply(fn, *args, **kwargs))
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate|up weights (E, D, 2F), down weights (E, F, D)): every expert in one batched

@@ -353,3 +353,26 @@ def test_glm_routing_replay_and_gradients_through_deepspeeds_dispatch():
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
     assert not any("e_score_correction_bias" in n for n in grads)
     assert any(n.endswith("gate.e_score_correction_bias") for n, _ in trainer_model.named_buffers())
+
+
+def test_glm_correction_bias_stays_fp32_in_bf16_trainer_and_engine():
+    """A bf16 engine (``.to(bfloat16)``) or trainer (DeepSpeed's ``.bfloat16()``) keeps the
+    router's correction bias in fp32 with its exact values, as vLLM and transformers hold it:
+    in bf16 it would lose the digits that decide near-ties between experts."""
+    from rlpost.trainer.policy import build_policy
+
+    _init_single_rank()
+    cfg = tiny(type="glm4_moe")
+    for model in (Qwen3MoeForCausalLM(cfg), build_policy(cfg)):
+        randomise_glm_extras(model)
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    buf.add_(1e-3 * torch.arange(8))  # digits bf16 cannot hold
+        before = {k: v.clone() for k, v in model.canonical_state_dict().items() if k.endswith("correction_bias")}
+        model.to(torch.bfloat16)
+        after = {k: v for k, v in model.canonical_state_dict().items() if k.endswith("correction_bias")}
+        assert len(after) == cfg.moe_layers and all(v.dtype == torch.float32 for v in after.values())
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+        model(torch.randint(0, 100, (1, 5)))  # still runs in bf16

@@ -35,8 +35,8 @@ from deepspeed.utils import groups
 from torch import nn
 
 from rlpost.config import ModelConfig
-from rlpost.modeling import (MoEResult, Qwen3MoeForCausalLM, SwiGLUExpert, correction_bias, route_tokens,
-                             shared_expert)
+from rlpost.modeling import (MoEResult, Qwen3MoeForCausalLM, SwiGLUExpert, apply_keeping_fp32_bias, correction_bias,
+                             route_tokens, shared_expert)
 
 
 class ReplayTopKGate(TopKGate):
@@ -104,6 +104,10 @@ class DeepSpeedSparseMoe(nn.Module):
         shared = shared_expert(cfg)
         if shared is not None:
             self.shared_experts = shared
+
+    def _apply(self, fn, *args, **kwargs):
+        return apply_keeping_fp32_bias(self, self.moe.deepspeed_moe.gate,
+                                       lambda: super(DeepSpeedSparseMoe, self)._apply(fn, *args, **kwargs))
 
     def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> MoEResult:
         gate = self.moe.deepspeed_moe.gate
