@@ -31,5 +31,5 @@ def make_env(cfg: EnvConfig, sandbox: SandboxConfig | None = None):
     if cfg.name == "dataset":
         from rlpost.envs.dataset import DatasetEnv
 
-        return DatasetEnv(cfg)
+        return DatasetEnv(cfg, sandbox)
     raise ValueError(f"env.name={cfg.name!r}: unknown environment (arithmetic, longtail, coding, tools, dataset)")

@@ -19,7 +19,10 @@ class RewardResult:
 
 class Env(Protocol):
     """What the driver (tasks, warm-up data) and the rollout worker (scoring) use of an env.
-    Optional: ``score_many`` (score a group in one call), ``observe`` (multi-turn tool envs),
+    Optional: ``score_many`` (score a group in one call), ``observe`` (multi-turn tool envs: the
+    observation for the tool call that ended the response), ``has_tool_call`` (for an env whose
+    tool turns end at the end-of-turn token: whether the turn that just ended made a call; a turn
+    without one is the final answer),
     ``sft_example`` (warm-up demonstrations: an env without them runs with ``warmup.steps=0``),
     ``longest_train_prompt`` ((tokens, where) for envs whose training prompts come from data:
     the driver checks it against ``model.max_seq_len`` at start-up)."""

@@ -26,6 +26,9 @@ What slime (``--prompt-data``, ``--input-key``, ``--label-key``, ``--rm-type``,
   ``env.reward_timeout_s`` and checked to be finite and within ``env.reward_range``. It is your
   code, trusted like the rest of the config; the model's text is only its input. Code-running
   verifiers belong in the sandboxed coding env.
+* ``env.tools`` (with a checkpoint's chat template): the model may call tools (``calculator``,
+  ``python`` in the sandbox, your functions) in its chat format for up to ``env.max_turns`` tool
+  turns before its final answer; the reward scores the final turn (rlpost/envs/chat_tools.py).
 
 Bad data is a config error that names the file, the line and the key, before anything starts.
 Training prompts are drawn as seeded permutations of the training records, one epoch after
@@ -42,7 +45,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from rlpost.config import ConfigError, EnvConfig
+from rlpost.config import ConfigError, EnvConfig, SandboxConfig
 from rlpost.records import SamplingParams, Task
 from rlpost.tokenizer import ended as response_ended
 from rlpost.tokenizer import env_tokenizer
@@ -195,7 +198,7 @@ def _plain(info: Any) -> dict[str, Any]:
 class DatasetEnv:
     name = "dataset"
 
-    def __init__(self, cfg: EnvConfig):
+    def __init__(self, cfg: EnvConfig, sandbox: SandboxConfig | None = None):
         self.cfg = cfg
         self.reward_range = (float(cfg.reward_range[0]), float(cfg.reward_range[1]))
         records = load_records(cfg.train_path, cfg, "env.train_path")
@@ -223,6 +226,14 @@ class DatasetEnv:
         self._reward_fn = None if cfg.reward in ("math", "exact") else load_reward_fn(cfg.reward)
         self._reward_takes_extra = self._reward_fn is not None and _takes_extra(self._reward_fn, cfg)
         self.missing_sft = any(r.sft_target == "" for r in self._train)  # structured labels, no env.sft_key
+        self.turns = None
+        if cfg.tools:
+            from rlpost.envs.chat_tools import ChatToolTurns
+
+            self.turns = ChatToolTurns(self.tokenizer, cfg, sandbox)
+            self.stats = self.turns.stats
+        # python calls run model-written code: the driver smoke-tests the sandbox first
+        self.sandboxed = "python" in cfg.tools
 
     @functools.cached_property
     def longest_train_prompt(self) -> tuple[int, str]:
@@ -271,9 +282,11 @@ class DatasetEnv:
         env.tokenizer=hf), a conversation through the chat template with the template applied to
         its last (user) turn."""
         if isinstance(r.prompt, str):
-            return self.tokenizer.encode(self._prompt(r), bos=True)
+            if self.turns is None:
+                return self.tokenizer.encode(self._prompt(r), bos=True)
+            return self.tokenizer.encode_chat(self.tokenizer.messages(self._prompt(r)), tools=self.turns.schemas)
         last = {"role": "user", "content": self.cfg.prompt_template.replace("{prompt}", r.prompt[-1]["content"])}
-        return self.tokenizer.encode_chat(r.prompt[:-1] + [last])
+        return self.tokenizer.encode_chat(r.prompt[:-1] + [last], tools=None if self.turns is None else self.turns.schemas)
 
     def train_record(self, index: int, seed: int) -> Record:
         epoch, at = divmod(index, len(self._train))
@@ -297,8 +310,10 @@ class DatasetEnv:
         return max(len(self.tokenizer.encode(r.sft_target)) for r in every)
 
     def _task(self, r: Record, task_id: str, purpose: str, group_size: int, sampling: SamplingParams) -> Task:
+        # with tools, every end of an assistant turn is a possible tool turn (has_tool_call decides)
+        meta = {} if self.turns is None else {"stop_ids": list(self.tokenizer.end_ids), "max_turns": self.cfg.max_turns}
         return Task(task_id=task_id, prompt_ids=self._prompt_ids(r), answer=r.answer,
-                    group_size=group_size, sampling=sampling, purpose=purpose, env=self.name)
+                    group_size=group_size, sampling=sampling, purpose=purpose, env=self.name, meta=meta)
 
     def train_task(self, index: int, seed: int, group_size: int, sampling: SamplingParams) -> Task:
         return self._task(self.train_record(index, seed), f"train-{seed}-{index}", "train", group_size, sampling)
@@ -314,7 +329,28 @@ class DatasetEnv:
         r = self.train_record(index, seed)
         return (self._prompt_ids(r), self.tokenizer.encode(r.sft_target) + [self.tokenizer.eos_id])
 
+    # ------------------------------------------------------------------ tool turns (env.tools)
+    def has_tool_call(self, response_ids: list[int]) -> bool:
+        """Whether the turn that just ended calls a tool (the worker then asks ``observe``)."""
+        return self.turns is not None and bool(self.turns.calls(response_ids))
+
+    def observe(self, response_ids: list[int]) -> list[int]:
+        if self.turns is None:
+            raise RuntimeError("env.tools is empty: this dataset env makes no tool turns")
+        return self.turns.observe(response_ids)
+
     def score(self, answer: str, response_ids: list[int]) -> RewardResult:
+        if self.turns is not None:
+            tool_turns = self.turns.tool_turns(response_ids)
+            final = self.turns.last_turn(response_ids)
+            if self.turns.calls(final):  # the turn limit or the budget cut it before an answer
+                return RewardResult(0.0, {"reason": "ended on a tool call, with no final answer",
+                                          "tool_turns": tool_turns, "ended": False})
+            result = self._score_text(answer, final)
+            return RewardResult(result.reward, {**result.info, "tool_turns": tool_turns})
+        return self._score_text(answer, response_ids)
+
+    def _score_text(self, answer: str, response_ids: list[int]) -> RewardResult:
         text = self.tokenizer.decode(response_ids)
         ended = response_ended(self.tokenizer, response_ids)
         if self._reward_fn is not None:

@@ -389,8 +389,15 @@ class EnvConfig:
     len_median: float = 6.0
     len_sigma: float = 1.1
     len_max: int = 120
-    # tools: tool calls allowed per sample.
+    # tools, and dataset with env.tools: tool turns allowed per sample.
     max_turns: int = 3
+    # dataset: tools the model may call in its checkpoint's chat format (rlpost/envs/chat_tools.py):
+    # calculator, python (sandboxed) or package.module:function (yours); their schemas go to the
+    # chat template, calls are parsed in tool_format (hermes: Qwen's <tool_call>{json}</tool_call>),
+    # each result cut to tool_output_chars; the final turn (no call) is what the reward scores.
+    tools: list[str] = field(default_factory=list)
+    tool_format: str = "hermes"
+    tool_output_chars: int = 2000
     # Tokenizer of the env's text: char (the toy envs' alphabets), gpt2 or qwen3 (byte-level BPE),
     # qwen3_chat (Qwen3's, prompts as a ChatML user turn, eos <|im_end|>: instruct checkpoints),
     # mixtral (SentencePiece, 32k ids), hf (a Hugging Face checkpoint's own, below); the real ones
@@ -467,6 +474,14 @@ class EnvConfig:
                    f"{p}.reward", self.reward, "must be math, exact or package.module:function")
         _check(not self.filter_long_prompts or self.name == "dataset", f"{p}.filter_long_prompts", True,
                "is for env.name=dataset")
+        _check(not self.tools or self.name == "dataset", f"{p}.tools", list(self.tools),
+               "is for env.name=dataset (env.name=tools is the toy calculator env)")
+        for tool in self.tools:
+            _check(tool in ("calculator", "python") or (":" in str(tool) and all(str(tool).split(":", 1))),
+                   f"{p}.tools", list(self.tools), "each is calculator, python or package.module:function")
+        _check(self.tool_format in ("hermes",), f"{p}.tool_format", self.tool_format,
+               "must be hermes (Qwen2.5/Qwen3's <tool_call>{json}</tool_call>)")
+        _check(self.tool_output_chars > 0, f"{p}.tool_output_chars", self.tool_output_chars, "must be > 0")
         _check(not self.extra_keys or (self.name == "dataset" and ":" in self.reward), f"{p}.extra_keys",
                list(self.extra_keys), "is for env.name=dataset with a custom verifier (env.reward=package.module:function)")
         for name, path in self.eval_sets.items():
@@ -666,6 +681,11 @@ class RlpostConfig:
     def validate(self) -> "RlpostConfig":
         if self.env.tokenizer == "auto":  # resolved first, so every rule and config.yaml see the real one
             self.env.tokenizer = "hf" if self.env.takes_real_tokenizer and holds_tokenizer(self.model.path) else "char"
+        if self.model.path:  # the checkpoint's architecture replaces the model fields before any rule reads
+            # them (a 32k-context checkpoint takes rollout.max_new_tokens=1024 without model.max_seq_len)
+            from rlpost.modeling import model_config_from_hf
+
+            self.model = model_config_from_hf(os.path.abspath(self.model.path), self.model)
         _check(self.mode in MODES, "mode", self.mode, f"must be one of {', '.join(MODES)}")
         if self.mode == "sync":
             _check(self.rollout.over_sampling == 1, "rollout.over_sampling", self.rollout.over_sampling,

@@ -83,9 +83,11 @@ def answer_rows(trajs: list[Trajectory], tokenizer) -> list[dict[str, Any]]:
 
 def sample_text(prompt_ids: list[int], response_ids: list[int], tokenizer) -> dict[str, str]:
     """A sample's prompt and response as text (the special ids the tokenizer stops at are left out
-    of the prompt; the response ends at its eos)."""
+    of the prompt; the response ends at its eos, or, with a checkpoint's tokenizer, shows every
+    turn with the chat markup: tool calls and their results)."""
     stop = getattr(tokenizer, "eos_id", None)
-    return {"prompt": tokenizer.decode([i for i in prompt_ids if i != stop]), "response": tokenizer.decode(response_ids)}
+    response = getattr(tokenizer, "decode_turns", tokenizer.decode)(response_ids)
+    return {"prompt": tokenizer.decode([i for i in prompt_ids if i != stop]), "response": response}
 
 
 def verdict(env_info: dict[str, Any]) -> dict[str, Any]:

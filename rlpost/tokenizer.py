@@ -326,13 +326,41 @@ class HFTokenizer:
         system = [] if self.settings.system_prompt is None else [{"role": "system", "content": self.settings.system_prompt}]
         return system + [{"role": "user", "content": text}]
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """A conversation rendered by the chat template, ending in the opened assistant turn."""
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None) -> str:
+        """The chat template's text of ``messages`` (with the tools' JSON schemas, if any)."""
         if not self.settings.chat_template:
             raise ValueError("a prompt given as messages needs env.chat_template=true")
-        text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             **self.settings.template_kwargs)
+        return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             tools=tools or None, **self.settings.template_kwargs)
+
+    def encode_template_text(self, text: str) -> list[int]:
+        """Text the chat template wrote (role markers and all): special tokens recognised, none
+        added. Never for text a model or a tool wrote (``encode`` is for that)."""
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
+
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """A conversation rendered by the chat template, ending in the opened assistant turn."""
+        return self.encode_template_text(self.render(messages, True, tools))
+
+    @functools.cached_property
+    def added_ids(self) -> frozenset[int]:
+        """Ids of the added tokens (special or not): what ``encode`` of any text never yields."""
+        return frozenset(int(i) for i in self._tok.added_tokens_decoder)
+
+    def decode_turns(self, ids) -> str:
+        """A response of several turns (tool calls, their results) as text, the chat markup
+        included, the final end token left out: what a person reading rollouts wants to see."""
+        ids = [int(i) for i in ids]
+        while ids and ids[-1] in self.end_ids:
+            ids.pop()
+        return self._tok.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=False)
+
+    def token_text(self, token_id: int) -> str:
+        return str(self._tok.convert_ids_to_tokens(int(token_id)))
+
+    def token_text_of(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         if bos and self.settings.chat_template:

@@ -349,7 +349,17 @@ class RolloutWorker:
 
     def _tool_turn(self, traj: Trajectory, task: Task, version: int) -> None:
         """The sample ended with a tool call: append the observation (loss mask 0, tokenized once)
-        and let it continue, unless the turn limit or the token budget is used up."""
+        and let it continue, unless the turn limit or the token budget is used up. An env whose
+        turns end at the end-of-turn token (chat-format tools) says first whether the turn made a
+        call at all (``has_tool_call``); a turn without one is the final answer."""
+        has_call = getattr(self.env, "has_tool_call", None)
+        if has_call is not None:
+            try:
+                if not has_call(traj.response_ids.tolist()):
+                    return
+            except Exception as exc:  # an env bug ends the sample as it is, never the worker
+                traj.env_info["reason"] = f"has_tool_call failed: {type(exc).__name__}: {exc}"
+                return
         turns = int(traj.env_info.get("turns", 0))
         if turns >= int(task.meta.get("max_turns", 1)):
             traj.env_info["reason"] = f"tool-call limit of {turns} turns reached"

@@ -46,9 +46,20 @@ def tokenizer_dir(folder, template: str | None = TEMPLATE) -> str:
     return str(folder)
 
 
+def checkpoint_config(folder) -> str:
+    """A config.json in ``folder`` (a tiny qwen3_moe with the tokenizer's vocabulary): enough of a
+    checkpoint for tests that only load the config, which reads the checkpoint's architecture."""
+    from rlpost.config import ModelConfig
+    from rlpost.modeling import hf_config
+
+    with open(os.path.join(folder, "config.json"), "w") as fh:
+        json.dump(hf_config(ModelConfig(vocab_size=129280)), fh)
+    return str(folder)
+
+
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    return tokenizer_dir(tmp_path_factory.mktemp("ds-tokenizer"))
+    return checkpoint_config(tokenizer_dir(tmp_path_factory.mktemp("ds-tokenizer")))
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +235,7 @@ def test_a_checkpoint_with_tokenizer_files_brings_its_tokenizer_by_default(tmp_p
 
     assert resolved(f"model.path={tok_dir}") == ("hf", tok_dir)
     assert resolved("env=dataset", "env.train_path=d.jsonl", f"model.path={tok_dir}") == ("hf", tok_dir)
-    assert resolved(f"model.path={tmp_path}") == ("char", None)  # weights only
+    assert resolved(f"model.path={checkpoint_config(tmp_path)}") == ("char", None)  # weights only
     assert resolved("env=tools", f"model.path={tok_dir}") == ("char", None)
     assert resolved("env.tokenizer=char", f"model.path={tok_dir}") == ("char", None)
     assert resolved("experiment=mixtral_tok_local", f"model.path={tok_dir}") == ("mixtral", None)

@@ -257,9 +257,13 @@ def test_model_path_sizes_are_checked_against_the_rest_of_the_config(tmp_path):
 
     cfg = tiny(max_seq_len=16)
     save_pretrained(Qwen3MoeForCausalLM(cfg).canonical_state_dict(), cfg, str(tmp_path))
-    run_cfg = load_config([f"model.path={tmp_path}", "rollout.max_new_tokens=20"])
     with pytest.raises(ConfigError, match=r"rollout.max_new_tokens=20: must be < model.max_seq_len=16"):
-        Run(run_cfg)
+        load_config([f"model.path={tmp_path}", "rollout.max_new_tokens=20"])
+    # and the other way: a longer checkpoint takes a budget the default model.max_seq_len (64) would not
+    cfg = tiny(max_seq_len=256)
+    save_pretrained(Qwen3MoeForCausalLM(cfg).canonical_state_dict(), cfg, str(tmp_path))
+    run_cfg = load_config([f"model.path={tmp_path}", "rollout.max_new_tokens=100"])
+    assert run_cfg.model.max_seq_len == 256 and Run(run_cfg).cfg.model.max_seq_len == 256
 
 
 def _init_single_rank():
