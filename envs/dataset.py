@@ -304,6 +304,8 @@ class DatasetEnv:
         return self.cfg.prompt_template.replace("{prompt}", r.prompt)
 
     def _prompt_messages(self, r: Record) -> list[dict[str, str]]:
+        """The prompt as chat messages: a text as a user turn (after env.system_prompt), a
+        conversation with ``env.prompt_template`` applied to its last (user) turn."""
         if isinstance(r.prompt, str):
             return self.tokenizer.messages(self._prompt(r))
         return r.prompt[:-1] + [{"role": "user", "content": self.cfg.prompt_template.replace("{prompt}", r.prompt[-1]["content"])}]
@@ -311,13 +313,10 @@ class DatasetEnv:
     def _prompt_ids(self, r: Record) -> list[int]:
         """The prompt's tokens: a text through ``env.prompt_template`` (and the chat template, with
         env.tokenizer=hf), a conversation through the chat template with the template applied to
-        its last (user) turn."""
-        if isinstance(r.prompt, str):
-            if self.turns is None:
-                return self.tokenizer.encode(self._prompt(r), bos=True)
-            return self.tokenizer.encode_chat(self.tokenizer.messages(self._prompt(r)), tools=self.turns.schemas)
-        last = {"role": "user", "content": self.cfg.prompt_template.replace("{prompt}", r.prompt[-1]["content"])}
-        return self.tokenizer.encode_chat(r.prompt[:-1] + [last], tools=None if self.turns is None else self.turns.schemas)
+        its last (user) turn; with ``env.tools`` the template also gets the tools' schemas."""
+        if isinstance(r.prompt, str) and self.turns is None:
+            return self.tokenizer.encode(self._prompt(r), bos=True)
+        return self.tokenizer.encode_chat(self._prompt_messages(r), tools=None if self.turns is None else self.turns.schemas)
 
     def train_record(self, index: int, seed: int) -> Record:
         epoch, at = divmod(index, len(self._train))

@@ -167,18 +167,11 @@ class MoEResult(NamedTuple):
     experts: torch.Tensor | None
 
 
-def topk_route(hidden: torch.Tensor, gate_weight: torch.Tensor, k: int,
-               replay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax top-k gating over fp32 logits, identical to DeepSpeed's TopKGate with
-    drop_tokens=False, no noise and no second-expert sampling, and to Qwen3-MoE's router: k=1
-    weighs by the top probability, k=2 renormalises the two (``norm_topk_prob``).
-    Returns (experts used (N, k), their weights (N, k), the router's own top-k (N, k)); see
-    :func:`route` for ``replay``."""
-    return route(torch.softmax(F.linear(hidden.float(), gate_weight.float()), dim=-1), k, replay)
-
-
 def route(probs: torch.Tensor, k: int, replay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k routing from router probabilities (N, E), as :func:`topk_route`.
+    """Top-k routing from router probabilities (N, E): k=1 weighs by the top probability, k > 1
+    renormalises the k (``norm_topk_prob``), as DeepSpeed's TopKGate with drop_tokens=False, no
+    noise and no second-expert sampling, and Qwen3-MoE's and Mixtral's routers.
+    Returns (experts used (N, k), their weights (N, k), the router's own top-k (N, k)).
 
     ``replay`` (N, k) routes each token through the given experts instead (rollout routing
     replay, R3): the weights are still this router's probabilities of those experts, so the
@@ -201,7 +194,7 @@ def route_tokens(hidden: torch.Tensor, gate_weight: torch.Tensor, cfg: ModelConf
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The router of ``cfg.type`` on ``hidden`` (N, D): (experts used (N, k), their weights
     (N, k, fp32), the router's own top-k (N, k), per-expert probabilities (N, E) for the
-    load-balancing loss). Softmax models: :func:`topk_route`. glm4_moe (DeepSeek-V3's router, as
+    load-balancing loss). Softmax models: softmax over fp32 logits, then :func:`route`. glm4_moe (DeepSeek-V3's router, as
     transformers' ``Glm4MoeTopkRouter`` and vLLM's grouped top-k): sigmoid scores; the
     correction bias added to choose; with groups, only the ``topk_group`` groups whose two best
     corrected scores sum highest; weights are the uncorrected scores of the chosen experts,

@@ -85,6 +85,14 @@ def test_routing_of_the_wrong_size_is_dropped_not_misread():
     assert decode_routed_experts(enc, 2, ModelConfig(n_layers=2, top_k=2)).shape == (2, 2, 2)
     assert decode_routed_experts(enc, 3, ModelConfig(n_layers=2, top_k=2)) is None  # partial: none
     assert decode_routed_experts(None, 2, ModelConfig(n_layers=2, top_k=2)) is None
+    # GLM's first dense layer has no experts: reported for every layer, its rows are dropped;
+    # reported for the layers with experts only, taken as they are
+    glm = ModelConfig(type="glm4_moe", n_layers=3, first_dense_layers=1, dense_d_ff=8, num_experts=8, top_k=4)
+    every = np.arange(2 * 3 * 4, dtype=np.int32)
+    got = decode_routed_experts(base64.b64encode(every.tobytes()).decode(), 2, glm)
+    np.testing.assert_array_equal(got, every.reshape(2, 3, 4)[:, 1:])
+    sparse_only = decode_routed_experts(base64.b64encode(every[:16].tobytes()).decode(), 2, glm)
+    assert sparse_only.shape == (2, 2, 4)
 
 
 def test_published_weights_carry_the_names_of_the_hugging_face_checkpoint_sglang_loads(tmp_path):

@@ -458,7 +458,7 @@ class TrainerRank:
         for sparse in range(frac.shape[0]):  # named by the model's layer index (dense layers have none)
             layer = sparse + self.cfg.model.first_dense_layers
             for e in range(frac.shape[1]):
-                metrics[f"moe/layer{layer}_expert{e}_frac"] = float(frac[layer - self.cfg.model.first_dense_layers, e])
+                metrics[f"moe/layer{layer}_expert{e}_frac"] = float(frac[sparse, e])
         metrics["moe/max_expert_frac"] = float(frac.max())
         return metrics
 
