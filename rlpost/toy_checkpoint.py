@@ -53,7 +53,7 @@ QWEN_ADDED = [("<|im_start|>", True), ("<|im_end|>", True), ("<tool_call>", Fals
               ("<tool_response>", False), ("</tool_response>", False)]
 
 
-# A compact template in the same format (tools listed by name only) for the loop test, where every
+# A compact template in the same format (tools listed by name only) for the toy runs, where every
 # prompt character is a token the tiny model reads
 COMPACT_TOOLS_TEMPLATE = QWEN_TOOLS_TEMPLATE.replace(
     "{{ '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"

@@ -193,7 +193,7 @@ def test_tool_calls_run_through_the_rollout_worker_in_the_whole_loop(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run_dir = tmp_path / "run"
     run_cli(["experiment=toy_moe_local", "env=dataset", f"env.train_path={data}", "env.sft_key=demo",
-             "env.num_eval=8", "env.eval_max_new_tokens=120", "+env.tools=[calculator]", "env.max_turns=1",
+             "env.num_eval=8", "env.eval_max_new_tokens=120", "env.tools=[calculator]", "env.max_turns=1",
              f"model.path={checkpoint}", f"run_dir={run_dir}", "warmup.steps=120", "warmup.batch_size=32", "trainer.steps=3",
              "rollout.batch_prompts=8", "rollout.max_new_tokens=120", "logger.progress=false",
              "logger.rollouts_every=1", "eval.every=0"], timeout=400)
