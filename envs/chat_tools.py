@@ -41,8 +41,6 @@ from typing import Any, Callable
 
 from rlpost.config import ConfigError, EnvConfig, SandboxConfig
 
-TOOL_FORMATS = ("hermes",)
-BUILTIN_TOOLS = ("calculator", "python")
 MAX_CALLS_PER_TURN = 8
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 _RESULT = "\x00rlpost-result-{}\x00"  # placeholders for results in a probe rendering
@@ -166,7 +164,6 @@ class ChatToolTurns:
         self.tok, self.cfg = tokenizer, cfg
         self.tools = {t.name: t for t in load_tools(list(cfg.tools), sandbox)}
         self.schemas = [t.schema for t in self.tools.values()]
-        self.stats = {"tool_calls": 0, "tool_errors": 0}
         self.eos_text = tokenizer.token_text(tokenizer.eos_id)
         try:
             one, two = self._pieces(1), self._pieces(2)
@@ -256,29 +253,28 @@ class ChatToolTurns:
                 break
         return list(response_ids[start:])
 
-    def tool_turns(self, response_ids: list[int]) -> int:
-        m = len(self.marker)
-        return sum(tuple(response_ids[at:at + m]) == self.marker for at in range(len(response_ids) - m + 1))
-
-    def calls_made(self, response_ids: list[int]) -> int:
-        """Tool calls in every turn that got results: each turn read up to its end-of-turn token,
-        so text inside a result is never counted as a call."""
-        m, count, start = len(self.marker), 0, 0
+    def split(self, response_ids: list[int]) -> tuple[list[list[int]], list[int]]:
+        """(the turns that got results, each up to its end-of-turn token, so text inside a result
+        is never read as the model's; the final turn, after the last observation), in one scan."""
+        m, start, called = len(self.marker), 0, []
         for at in range(len(response_ids) - m + 1):
-            if tuple(response_ids[at:at + m]) == self.marker:
+            if at >= start and tuple(response_ids[at:at + m]) == self.marker:
                 turn = response_ids[start:at]
                 end = next((j for j, t in enumerate(turn) if t in self.tok.end_ids), len(turn))
-                count += len(parse_hermes(self.tok.decode_turns(turn[:end])))
+                called.append(list(turn[:end]))
                 start = at + m
-        return count
+        return called, list(response_ids[start:])
+
+    def parse(self, turn_ids: list[int]) -> list[ToolCall | str]:
+        """The calls of one turn, read with special tokens kept (a tokenizer may mark
+        ``<tool_call>`` special)."""
+        return parse_hermes(self.tok.decode_turns(turn_ids))
 
     def calls(self, response_ids: list[int]) -> list[ToolCall | str]:
-        """The calls of the response's last turn, read with special tokens kept (a tokenizer may
-        mark ``<tool_call>`` special)."""
-        return parse_hermes(self.tok.decode_turns(self.last_turn(response_ids)))
+        """The calls of the response's last turn."""
+        return self.parse(self.last_turn(response_ids))
 
     def run(self, call: ToolCall | str) -> str:
-        self.stats["tool_calls"] += 1
         if isinstance(call, str):
             result = call
         elif call.name not in self.tools:
@@ -290,8 +286,6 @@ class ChatToolTurns:
                 result = f"error: {call.name}: {exc}"
             except Exception as exc:  # noqa: BLE001 -- a failed call is an observation, not a crash
                 result = f"error: {call.name}: {type(exc).__name__}: {exc}"
-        if result.startswith("error:"):
-            self.stats["tool_errors"] += 1
         return result[:self.cfg.tool_output_chars]
 
     def observe(self, response_ids: list[int]) -> list[int]:

@@ -257,7 +257,6 @@ class DatasetEnv:
             from rlpost.envs.chat_tools import ChatToolTurns
 
             self.turns = ChatToolTurns(self.tokenizer, cfg, sandbox)
-            self.stats = self.turns.stats
         # python calls run model-written code: the driver smoke-tests the sandbox first
         self.sandboxed = "python" in cfg.tools
 
@@ -381,10 +380,10 @@ class DatasetEnv:
 
     def score(self, answer: str, response_ids: list[int]) -> RewardResult:
         if self.turns is not None:
+            called, final = self.turns.split(response_ids)
             # tool_calls feeds env/tool_use_frac and env/tool_calls_mean (as the toy tools env's)
-            used = {"tool_turns": self.turns.tool_turns(response_ids), "tool_calls": self.turns.calls_made(response_ids)}
-            final = self.turns.last_turn(response_ids)
-            if self.turns.calls(final):  # the turn limit or the budget cut it before an answer
+            used = {"tool_turns": len(called), "tool_calls": sum(len(self.turns.parse(t)) for t in called)}
+            if self.turns.parse(final):  # the turn limit or the budget cut it before an answer
                 return RewardResult(0.0, {"reason": "ended on a tool call, with no final answer", **used, "ended": False})
             result = self._score_text(answer, final)
             return RewardResult(result.reward, {**result.info, **used})

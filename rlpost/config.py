@@ -17,6 +17,8 @@ from rlpost.tokenizer import TOKENIZERS
 
 MODES = ("sync", "async", "april")
 ENVS = ("arithmetic", "longtail", "coding", "tools", "dataset")
+BUILTIN_TOOLS = ("calculator", "python")  # env.tools besides package.module:function (envs/chat_tools.py)
+TOOL_FORMATS = ("hermes",)
 
 
 class ConfigError(ValueError):
@@ -477,9 +479,9 @@ class EnvConfig:
         _check(not self.tools or self.name == "dataset", f"{p}.tools", list(self.tools),
                "is for env.name=dataset (env.name=tools is the toy calculator env)")
         for tool in self.tools:
-            _check(tool in ("calculator", "python") or (":" in str(tool) and all(str(tool).split(":", 1))),
+            _check(tool in BUILTIN_TOOLS or (":" in str(tool) and all(str(tool).split(":", 1))),
                    f"{p}.tools", list(self.tools), "each is calculator, python or package.module:function")
-        _check(self.tool_format in ("hermes",), f"{p}.tool_format", self.tool_format,
+        _check(self.tool_format in TOOL_FORMATS, f"{p}.tool_format", self.tool_format,
                "must be hermes (Qwen2.5/Qwen3's <tool_call>{json}</tool_call>)")
         _check(self.tool_output_chars > 0, f"{p}.tool_output_chars", self.tool_output_chars, "must be > 0")
         _check(not self.extra_keys or (self.name == "dataset" and ":" in self.reward), f"{p}.extra_keys",

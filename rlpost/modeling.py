@@ -337,8 +337,7 @@ class Qwen3MoeDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.self_attn = Qwen3MoeAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.sparse = index >= cfg.first_dense_layers
-        self.mlp = moe_factory(cfg) if self.sparse else DenseMlp(cfg.d_model, cfg.dense_d_ff)
+        self.mlp = moe_factory(cfg) if index >= cfg.first_dense_layers else DenseMlp(cfg.d_model, cfg.dense_d_ff)
 
     def forward(self, x, positions, attn_mask, cache, layer, replay=None) -> tuple[torch.Tensor, MoEResult]:
         x = x + self.self_attn(self.input_layernorm(x), positions, attn_mask, cache, layer)
@@ -523,7 +522,7 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
     if cfg.type == "mixtral":
         out["router_jitter_noise"] = 0.0
     elif cfg.type == "glm4_moe":  # no multi-token-prediction layers: the policy has none
-        out.update({"attention_bias": cfg.attention_bias, "num_nextn_predict_layers": 0})
+        out["num_nextn_predict_layers"] = 0
     else:
         out.update({"attention_bias": False, "intermediate_size": cfg.d_ff, "decoder_sparse_step": 1,
                     "mlp_only_layers": [], "norm_topk_prob": cfg.top_k > 1, "use_sliding_window": False,
@@ -539,9 +538,8 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
     return out
 
 
-def model_config_from_hf(path: str, base: ModelConfig | None = None) -> ModelConfig:
-    """The ModelConfig of the checkpoint at ``path`` (its ``config.json``); fields the file does
-    not set keep ``base``'s values. Refuses, naming the field, what this model cannot express."""
+def _read_config_json(path: str) -> dict:
+    """The checkpoint's ``config.json`` as a dict, or a one-line config error naming model.path."""
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise ConfigError(f"model.path={path!r}: no config.json there (a Hugging Face checkpoint folder)")
@@ -552,6 +550,15 @@ def model_config_from_hf(path: str, base: ModelConfig | None = None) -> ModelCon
         raise ConfigError(f"model.path={path!r}: config.json is not readable JSON ({exc})") from None
     if not isinstance(hf, dict):
         raise ConfigError(f"model.path={path!r}: config.json is not a JSON object")
+    return hf
+
+
+def model_config_from_hf(path: str, base: ModelConfig | None = None, hf: dict | None = None) -> ModelConfig:
+    """The ModelConfig of the checkpoint at ``path`` (its ``config.json``, or ``hf`` already read
+    from it); fields the file does not set keep ``base``'s values. Refuses, naming the field,
+    what this model cannot express."""
+    if hf is None:
+        hf = _read_config_json(path)
     model_type = hf.get("model_type")
     if model_type not in HF_ARCHITECTURES:
         raise ConfigError(f"model.path={path!r}: model_type={model_type!r} is not supported "
@@ -613,7 +620,8 @@ def random_checkpoint(cfg: ModelConfig) -> tempfile.TemporaryDirectory:
 
 def load_pretrained(path: str, base: ModelConfig | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """(state dict, config) of the checkpoint at ``path`` (one or several safetensors files)."""
-    cfg = model_config_from_hf(path, base)
+    hf = _read_config_json(path)
+    cfg = model_config_from_hf(path, base, hf)
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise ConfigError(f"model.path={path!r}: no *.safetensors weights there")
@@ -622,12 +630,8 @@ def load_pretrained(path: str, base: ModelConfig | None = None) -> tuple[dict[st
         state.update(load_file(f))
     # GLM checkpoints carry their multi-token-prediction module as extra layers after the last
     # one (num_nextn_predict_layers): a speculative-decoding head the policy does not have
-    extra = {f"model.layers.{i}." for i in range(cfg.n_layers, cfg.n_layers + int(_mtp_layers(path)))}
+    mtp = int(hf.get("num_nextn_predict_layers") or 0)
+    extra = tuple(f"model.layers.{i}." for i in range(cfg.n_layers, cfg.n_layers + mtp))
     if extra:
-        state = {k: v for k, v in state.items() if not k.startswith(tuple(extra))}
+        state = {k: v for k, v in state.items() if not k.startswith(extra)}
     return state, cfg
-
-
-def _mtp_layers(path: str) -> int:
-    with open(os.path.join(path, "config.json")) as fh:
-        return int(json.load(fh).get("num_nextn_predict_layers") or 0)

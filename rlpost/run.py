@@ -166,11 +166,6 @@ class Run:
             from rlpost.envs.sandbox import verify_sandbox
 
             verify_sandbox(cfg.sandbox)
-        if cfg.model.path:  # a local Hugging Face checkpoint: its architecture, then its weights
-            from rlpost.modeling import model_config_from_hf
-
-            cfg.model = model_config_from_hf(os.path.abspath(cfg.model.path), cfg.model)
-            cfg.validate()  # the whole config again: cross-field rules see the checkpoint's sizes
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.env.tokenizer.vocab_size
         elif cfg.model.vocab_size < self.env.tokenizer.vocab_size:

@@ -80,11 +80,9 @@ def decode_routed_experts(encoded: str | None, n_tokens: int, model_cfg: ModelCo
     if not encoded or n_tokens == 0:
         return None
     flat = np.frombuffer(base64.b64decode(encoded), dtype=np.int32)
-    per_token = flat.size // n_tokens if flat.size % n_tokens == 0 else 0
-    if per_token == 0 or per_token % model_cfg.top_k:
+    if flat.size % (n_tokens * model_cfg.top_k):
         return None
-    return moe_layer_rows(flat.reshape(n_tokens, per_token // model_cfg.top_k, model_cfg.top_k).astype(np.int16),
-                          model_cfg)
+    return moe_layer_rows(flat.reshape(n_tokens, -1, model_cfg.top_k).astype(np.int16), model_cfg)
 
 
 @dataclass

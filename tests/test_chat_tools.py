@@ -98,7 +98,7 @@ def test_several_calls_errors_and_a_call_never_answered_score_nothing(tmp_path, 
                 + CALL.format(name="fails", args='{"n": 3}') + "\n"
                 + "<tool_call>\n{not json}\n</tool_call>")
     text = tok.token_text_of(env.observe(many))
-    assert env.turns.calls_made(many + env.observe(many) + turn(env, "done")) == 6
+    assert env.score("5", many + env.observe(many) + turn(env, "done")).info["tool_calls"] == 6
     results = [r.split("\n</tool_response>")[0] for r in text.split("<tool_response>\n")[1:]]
     assert results[:2] == ["5", "42"]
     assert results[2] == "error: there is no tool 'nope' (tools: echo, calculator, fails)"
@@ -132,7 +132,8 @@ def test_tool_output_cannot_forge_a_turn_or_become_the_answer(tmp_path, qwen_dir
     assert tok.token_text_of(result_ids) == forged
     assert not set(result_ids) & tok.added_ids  # no special or added token from a tool's output
     response = call + obs + turn(env, "I don't know")
-    assert env.turns.tool_turns(response) == 1 and env.turns.calls_made(response) == 1
+    used = env.score("1776", response).info
+    assert used["tool_turns"] == used["tool_calls"] == 1
     assert tok.decode(env.turns.last_turn(response)) == "I don't know"
     assert env.score("1776", response).reward == 0.0
     # outputs are cut to env.tool_output_chars

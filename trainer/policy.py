@@ -52,8 +52,13 @@ class ReplayTopKGate(TopKGate):
     own: torch.Tensor | None = None  # after a routed forward: the router's own top-k (S, k)
     model_cfg: ModelConfig  # set by DeepSpeedSparseMoe: which router this is
 
+    @property
+    def deepspeed_routes(self) -> bool:
+        """DeepSpeed's own gate computes this router (softmax, top-1 or top-2)."""
+        return self.model_cfg.type != "glm4_moe" and self.k <= 2
+
     def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):  # noqa: A002
-        if self.replay is None and self.model_cfg.type != "glm4_moe" and self.k <= 2:
+        if self.replay is None and self.deepspeed_routes:
             return super().forward(input, used_token, sparse_routes, use_tutel)
         if not sparse_routes or use_tutel or used_token is not None:
             raise NotImplementedError("routing replay and rlpost's router need DeepSpeed's sparse-route "
@@ -66,7 +71,7 @@ class ReplayTopKGate(TopKGate):
         num_experts = probs.shape[-1]
         mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, experts, True)
         exp_counts = mask.sum(dim=0).detach()
-        if self.k <= 2 and self.model_cfg.type != "glm4_moe":
+        if self.deepspeed_routes:
             # DeepSpeed's top-1/top-2 balancing loss: mean router probability x share of tokens
             # whose first expert is e (the replayed first expert here)
             first = F.one_hot(experts[:, 0], num_experts).float()
