@@ -66,8 +66,8 @@ def parse_hermes(text: str) -> list[ToolCall | str]:
     for body in _HERMES_CALL.findall(text):
         try:
             obj = json.loads(body)
-        except json.JSONDecodeError as exc:
-            calls.append(f"error: the tool call is not JSON ({exc.msg})")
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
+            calls.append(f"error: the tool call is not JSON ({getattr(exc, 'msg', type(exc).__name__)})")
             continue
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             calls.append('error: a tool call is {"name": ..., "arguments": {...}}')
@@ -76,7 +76,7 @@ def parse_hermes(text: str) -> list[ToolCall | str]:
         if isinstance(args, str):  # some checkpoints write the arguments as a JSON string
             try:
                 args = json.loads(args)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 pass
         if not isinstance(args, dict):
             calls.append(f'error: "arguments" of {obj["name"]} must be an object')

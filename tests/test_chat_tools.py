@@ -96,15 +96,17 @@ def test_several_calls_errors_and_a_call_never_answered_score_nothing(tmp_path, 
                 + CALL.format(name="nope", args="{}") + "\n"
                 + CALL.format(name="calculator", args='{"expr": "1"}') + "\n"
                 + CALL.format(name="fails", args='{"n": 3}') + "\n"
-                + "<tool_call>\n{not json}\n</tool_call>")
+                + "<tool_call>\n{not json}\n</tool_call>\n"
+                + "<tool_call>" + "[" * 5000 + "]" * 5000 + "</tool_call>")  # deeper than json's recursion
     text = tok.token_text_of(env.observe(many))
-    assert env.score("5", many + env.observe(many) + turn(env, "done")).info["tool_calls"] == 6
+    assert env.score("5", many + env.observe(many) + turn(env, "done")).info["tool_calls"] == 7
     results = [r.split("\n</tool_response>")[0] for r in text.split("<tool_response>\n")[1:]]
     assert results[:2] == ["5", "42"]
     assert results[2] == "error: there is no tool 'nope' (tools: echo, calculator, fails)"
     assert results[3].startswith("error: calculator:") and "expr" in results[3]
     assert results[4] == "error: fails: RuntimeError: broken tool 3"
     assert results[5].startswith("error: the tool call is not JSON")
+    assert results[6] == "error: the tool call is not JSON (RecursionError)"
     assert text.count("<|im_start|>user") == 1 and text.endswith("<|im_end|>\n<|im_start|>assistant\n")
     # a sample that stops on a call (turn limit, budget) has no final answer: 0, whatever it computed
     result = env.score("5", many)
