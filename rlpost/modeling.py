@@ -589,7 +589,7 @@ def model_config_from_hf(path: str, base: ModelConfig | None = None, hf: dict | 
             setattr(cfg, name, getattr(ModelConfig, name))
     for ours, key in _fields(model_type).items():
         if key in hf and hf[key] is not None:
-            setattr(cfg, ours, type(getattr(cfg, ours))(hf[key]))
+            setattr(cfg, ours, _json_value(hf[key], type(getattr(cfg, ours)), key, path))
     if "head_dim" not in hf:
         cfg.head_dim = cfg.d_model // cfg.n_heads
     if model_type == "qwen3_moe" and cfg.top_k > 1 and hf.get("norm_topk_prob") is False:
@@ -597,6 +597,20 @@ def model_config_from_hf(path: str, base: ModelConfig | None = None, hf: dict | 
                           f"supported (DeepSpeed's top-2 gate renormalises)")
     cfg.path = path
     return cfg
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _json_value(value, kind: type, key: str, path: str):
+    """``value`` of config.json ``key`` as ``kind``, only when JSON gave that kind (a number for a
+    float): ``bool("false")`` is True and ``int([64])`` a TypeError from deep inside, so anything
+    else is a one-line config error."""
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    raise ConfigError(f"model.path={path!r}: config.json {key}={value!r} is not {_KIND_NAMES[kind]}")
 
 
 def save_pretrained(state: dict[str, torch.Tensor], cfg: ModelConfig, path: str, dtype: str = "float32") -> None:
@@ -630,7 +644,7 @@ def load_pretrained(path: str, base: ModelConfig | None = None) -> tuple[dict[st
         state.update(load_file(f))
     # GLM checkpoints carry their multi-token-prediction module as extra layers after the last
     # one (num_nextn_predict_layers): a speculative-decoding head the policy does not have
-    mtp = int(hf.get("num_nextn_predict_layers") or 0)
+    mtp = _json_value(hf.get("num_nextn_predict_layers") or 0, int, "num_nextn_predict_layers", path)
     extra = tuple(f"model.layers.{i}." for i in range(cfg.n_layers, cfg.n_layers + mtp))
     if extra:
         state = {k: v for k, v in state.items() if not k.startswith(extra)}

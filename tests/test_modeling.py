@@ -2,6 +2,7 @@
 Qwen3-MoE, the trainer's DeepSpeed block and the engine's routing block interchangeable."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -246,6 +247,17 @@ def test_model_path_with_a_broken_config_json_is_a_one_line_config_error(tmp_pat
         model_config_from_hf(str(tmp_path))
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="not a JSON object"):
+        model_config_from_hf(str(tmp_path))
+    # a value of the wrong JSON type is a one-line error naming it, never silently converted
+    # (bool("false") is True: a GLM checkpoint would lose its q/k/v biases' meaning)
+    for key, value, kind in [("num_hidden_layers", "two", "an integer"), ("hidden_size", [64], "an integer"),
+                             ("tie_word_embeddings", "false", "true or false"), ("rope_theta", "1e6", "a number")]:
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", key: value}))
+        with pytest.raises(ConfigError, match=re.escape(f"config.json {key}={value!r} is not {kind}")):
+            model_config_from_hf(str(tmp_path))
+    glm = {"model_type": "glm4_moe", "attention_bias": "false", "num_hidden_layers": 2}
+    (tmp_path / "config.json").write_text(json.dumps(glm))
+    with pytest.raises(ConfigError, match=r"config.json attention_bias='false' is not true or false"):
         model_config_from_hf(str(tmp_path))
 
 
