@@ -33,13 +33,15 @@ def _check(cond: bool, key: str, value: Any, rule: str) -> None:
 @dataclass
 class ModelConfig:
     """A Qwen3-MoE (Hugging Face ``qwen3_moe``), Mixtral (``mixtral``: no q/k norms, Mixtral's
-    parameter names) or GLM-4.5 MoE (``glm4_moe``: sigmoid routing with a score-correction bias,
-    expert groups, a shared expert, dense first layers, q/k/v biases, partial rotary) configuration;
-    the defaults are a tiny Qwen3-MoE.
+    parameter names), GLM-4.5 MoE (``glm4_moe``: sigmoid routing with a score-correction bias,
+    expert groups, a shared expert, dense first layers, q/k/v biases, partial rotary) or
+    DeepSeek-V3 (``deepseek_v3``: GLM's router and experts with multi-head latent attention)
+    configuration; the defaults are a tiny Qwen3-MoE.
     ``vocab_size=0`` takes the environment tokenizer's size. ``path`` names a local Hugging Face
     checkpoint folder (``config.json`` + safetensors): its architecture replaces these fields and
-    its weights are the starting point. The fields after ``init_std`` are GLM-4.5's (DeepSeek-V3's
-    router); the other types refuse values other than their defaults, naming the field."""
+    its weights are the starting point. The fields after ``init_std`` belong to some types only
+    (:data:`TYPE_FIELDS`); the other types refuse values other than their defaults, naming the
+    field. The ``rope_*`` fields after them (YaRN context extension) apply to every type."""
 
     type: str = "qwen3_moe"
     path: Optional[str] = None
@@ -47,8 +49,8 @@ class ModelConfig:
     d_model: int = 64          # hidden_size
     n_layers: int = 2          # num_hidden_layers
     n_heads: int = 4           # num_attention_heads
-    n_kv_heads: int = 2        # num_key_value_heads (grouped-query attention)
-    head_dim: int = 32         # vLLM's CPU attention needs 32, 64, 80, 96, 112, 128, ...
+    n_kv_heads: int = 2        # num_key_value_heads (grouped-query attention; deepseek_v3: = n_heads)
+    head_dim: int = 32         # vLLM's CPU attention needs 32, 64, 80, 96, 112, 128, ... (unused by deepseek_v3)
     d_ff: int = 128            # moe_intermediate_size (each expert's SwiGLU width)
     num_experts: int = 4
     top_k: int = 2             # num_experts_per_tok
@@ -58,7 +60,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     aux_loss_coef: float = 0.01
     init_std: float = 0.02
-    # glm4_moe only (config.json name after the colon)
+    # glm4_moe and deepseek_v3: DeepSeek-V3's router and experts (config.json name after the colon)
     first_dense_layers: int = 0    # first_k_dense_replace: layers 0..n-1 have a dense MLP, no experts
     dense_d_ff: int = 0            # intermediate_size: the dense layers' SwiGLU width
     shared_experts: int = 0        # n_shared_experts: an always-on expert of width d_ff * this
@@ -66,9 +68,24 @@ class ModelConfig:
     topk_group: int = 1            # topk_group
     routed_scaling: float = 1.0    # routed_scaling_factor: multiplies the routed experts' weights
     norm_topk_prob: bool = True    # norm_topk_prob: renormalise the top-k weights to sum to 1
+    # glm4_moe only
     attention_bias: bool = False   # attention_bias: q/k/v projections with biases
     qk_norm: bool = False          # use_qk_norm (qwen3_moe always has it, mixtral never)
     partial_rotary: float = 1.0    # partial_rotary_factor: share of each head's dims that rotate
+    # deepseek_v3 only: multi-head latent attention (keys and values from one low-rank latent)
+    q_lora_rank: int = 0           # q_lora_rank: queries through a rank-r bottleneck (0: null, a full q_proj)
+    kv_lora_rank: int = 0          # kv_lora_rank: the latent keys and values are expanded from
+    qk_nope_head_dim: int = 0      # qk_nope_head_dim: each head's key/query dims without rotary
+    qk_rope_head_dim: int = 0      # qk_rope_head_dim: the rotary dims (one rotary key shared by all heads)
+    v_head_dim: int = 0            # v_head_dim: each head's value width
+    # every type: YaRN context extension (config.json rope_scaling / rope_parameters)
+    rope_type: str = "default"     # rope_type: default | yarn
+    rope_factor: float = 1.0       # factor: context-length multiple over the original
+    rope_original_max_len: int = 0  # original_max_position_embeddings
+    rope_beta_fast: float = 32.0   # beta_fast / beta_slow: YaRN's ramp between interpolated and
+    rope_beta_slow: float = 1.0    # extrapolated frequencies
+    rope_mscale: float = 0.0       # mscale / mscale_all_dim (deepseek_v3; 0: unset): attention
+    rope_mscale_all_dim: float = 0.0  # temperature from log(factor)
 
     @property
     def moe_layers(self) -> int:
@@ -77,8 +94,19 @@ class ModelConfig:
         return self.n_layers - self.first_dense_layers
 
     @property
+    def sigmoid_router(self) -> bool:
+        """DeepSeek-V3's router (sigmoid scores, correction bias, groups, scaling): glm4_moe and
+        deepseek_v3. The other types route by softmax top-k."""
+        return self.type in ("glm4_moe", "deepseek_v3")
+
+    @property
+    def latent_attention(self) -> bool:
+        """Multi-head latent attention (deepseek_v3) instead of grouped-query attention."""
+        return self.type == "deepseek_v3"
+
+    @property
     def rotary_dim(self) -> int:
-        return int(self.head_dim * self.partial_rotary)
+        return self.qk_rope_head_dim if self.latent_attention else int(self.head_dim * self.partial_rotary)
 
     def validate(self, p: str = "model") -> None:
         _check(self.type in MODEL_TYPES, f"{p}.type", self.type, f"supported: {', '.join(MODEL_TYPES)}")
@@ -90,20 +118,28 @@ class ModelConfig:
                f"must be a multiple of model.n_kv_heads={self.n_kv_heads}")
         _check(self.head_dim % 2 == 0, f"{p}.head_dim", self.head_dim, "must be even (rotary embedding)")
         _check(self.top_k >= 1, f"{p}.top_k", self.top_k, "must be >= 1")
+        own = TYPE_FIELDS.get(self.type, ())
+        for name in sorted(set().union(*TYPE_FIELDS.values()) - set(own)):
+            default = getattr(ModelConfig, name)
+            owners = " or ".join(t for t, names in TYPE_FIELDS.items() if name in names)
+            _check(getattr(self, name) == default, f"{p}.{name}", getattr(self, name),
+                   f"only model.type={owners} has it ({self.type} needs {default!r})")
+        if self.sigmoid_router:
+            self._validate_router(p)
         if self.type == "glm4_moe":
-            self._validate_glm(p)
-        else:
-            for name in GLM_ONLY_FIELDS:
-                default = getattr(ModelConfig, name)
-                _check(getattr(self, name) == default, f"{p}.{name}", getattr(self, name),
-                       f"only model.type=glm4_moe has it ({self.type} needs {default!r})")
+            _check(0 < self.partial_rotary <= 1 and self.rotary_dim % 2 == 0 and self.rotary_dim > 0,
+                   f"{p}.partial_rotary", self.partial_rotary,
+                   f"must be in (0, 1] and leave an even rotary width of model.head_dim={self.head_dim}")
+        if self.latent_attention:
+            self._validate_latent_attention(p)
+        self._validate_rope(p)
         _check(self.top_k <= self.num_experts, f"{p}.top_k", self.top_k,
                f"must be <= model.num_experts={self.num_experts}")
         _check(self.rope_theta > 0, f"{p}.rope_theta", self.rope_theta, "must be > 0")
         _check(self.rms_norm_eps > 0, f"{p}.rms_norm_eps", self.rms_norm_eps, "must be > 0")
         _check(self.aux_loss_coef >= 0, f"{p}.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
 
-    def _validate_glm(self, p: str) -> None:
+    def _validate_router(self, p: str) -> None:
         _check(0 <= self.first_dense_layers < self.n_layers, f"{p}.first_dense_layers", self.first_dense_layers,
                f"must be in [0, model.n_layers={self.n_layers}) (at least one layer with experts)")
         _check(self.first_dense_layers == 0 or self.dense_d_ff > 0, f"{p}.dense_d_ff", self.dense_d_ff,
@@ -118,15 +154,43 @@ class ModelConfig:
         _check(self.top_k <= self.topk_group * (self.num_experts // self.n_group), f"{p}.top_k", self.top_k,
                f"must be <= the experts in model.topk_group={self.topk_group} groups")
         _check(self.routed_scaling > 0, f"{p}.routed_scaling", self.routed_scaling, "must be > 0")
-        _check(0 < self.partial_rotary <= 1 and self.rotary_dim % 2 == 0 and self.rotary_dim > 0,
-               f"{p}.partial_rotary", self.partial_rotary,
-               f"must be in (0, 1] and leave an even rotary width of model.head_dim={self.head_dim}")
+
+    def _validate_latent_attention(self, p: str) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _check(getattr(self, name) > 0, f"{p}.{name}", getattr(self, name), "must be > 0 (deepseek_v3)")
+        _check(self.q_lora_rank >= 0, f"{p}.q_lora_rank", self.q_lora_rank, "must be >= 0 (0: a full q_proj)")
+        _check(self.qk_rope_head_dim % 2 == 0, f"{p}.qk_rope_head_dim", self.qk_rope_head_dim,
+               "must be even (rotary embedding)")
+        _check(self.n_kv_heads == self.n_heads, f"{p}.n_kv_heads", self.n_kv_heads,
+               f"must be model.n_heads={self.n_heads}: latent attention expands keys and values per head")
+
+    def _validate_rope(self, p: str) -> None:
+        _check(self.rope_type in ROPE_TYPES, f"{p}.rope_type", self.rope_type, f"supported: {', '.join(ROPE_TYPES)}")
+        if self.rope_type == "default":
+            for name in ("rope_factor", "rope_original_max_len", "rope_beta_fast", "rope_beta_slow",
+                         "rope_mscale", "rope_mscale_all_dim"):
+                _check(getattr(self, name) == getattr(ModelConfig, name), f"{p}.{name}", getattr(self, name),
+                       "applies with model.rope_type=yarn only")
+            return
+        _check(self.rope_factor >= 1, f"{p}.rope_factor", self.rope_factor, "must be >= 1")
+        _check(self.rope_original_max_len > 0, f"{p}.rope_original_max_len", self.rope_original_max_len,
+               "must be > 0 with model.rope_type=yarn (original_max_position_embeddings)")
+        _check(self.rope_beta_fast > self.rope_beta_slow > 0, f"{p}.rope_beta_fast", self.rope_beta_fast,
+               f"must be > model.rope_beta_slow={self.rope_beta_slow} > 0")
+        _check(self.rope_mscale >= 0 and self.rope_mscale_all_dim >= 0, f"{p}.rope_mscale", self.rope_mscale,
+               "mscale and mscale_all_dim must be >= 0")
 
 
-MODEL_TYPES = ("qwen3_moe", "mixtral", "glm4_moe")
-# the ModelConfig fields only glm4_moe may set to other than their defaults
-GLM_ONLY_FIELDS = ("first_dense_layers", "dense_d_ff", "shared_experts", "n_group", "topk_group",
-                   "routed_scaling", "norm_topk_prob", "attention_bias", "qk_norm", "partial_rotary")
+MODEL_TYPES = ("qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3")
+ROPE_TYPES = ("default", "yarn")
+_ROUTER_FIELDS = ("first_dense_layers", "dense_d_ff", "shared_experts", "n_group", "topk_group",
+                  "routed_scaling", "norm_topk_prob")
+# model.type -> the ModelConfig fields only it may set to other than their defaults
+TYPE_FIELDS = {
+    "glm4_moe": (*_ROUTER_FIELDS, "attention_bias", "qk_norm", "partial_rotary"),
+    "deepseek_v3": (*_ROUTER_FIELDS, "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                    "v_head_dim", "rope_mscale", "rope_mscale_all_dim"),
+}
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The policy model: Qwen3-MoE (Hugging Face's ``qwen3_moe`` architecture), written once, with
-Mixtral (``mixtral``) and GLM-4.5 MoE (``glm4_moe``) as its variants.
+Mixtral (``mixtral``), GLM-4.5 MoE (``glm4_moe``) and DeepSeek-V3 (``deepseek_v3``) as its variants.
 
 The DeepSpeed trainer and the native inference engine build the same :class:`Qwen3MoeForCausalLM`
 and differ only in the sparse MoE block they plug in: the trainer wraps the experts in
@@ -28,6 +28,11 @@ with biases, optional q/k norms and rotary embeddings on the first ``partial_rot
 each head's dimensions. The correction bias is kept as loaded during RL (it is published with
 the weights, so every engine routes with the trainer's); the multi-token-prediction layers a
 GLM checkpoint carries are not part of the policy and are dropped when it is loaded.
+
+``model.type=deepseek_v3`` (DeepSeek-V3/R1, Kimi-K2, Moonlight) has GLM's router, experts and
+dense first layers, and multi-head latent attention (:class:`DeepseekV3Attention`) in place of
+grouped-query attention. Any type may extend its context with YaRN (``rope_type=yarn``), as a
+checkpoint's ``rope_scaling`` / ``rope_parameters`` says; other RoPE scalings are refused.
 """
 
 from __future__ import annotations
@@ -46,12 +51,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rlpost.config import GLM_ONLY_FIELDS, ConfigError, ModelConfig
+from rlpost.config import TYPE_FIELDS, ConfigError, ModelConfig
 
 HF_MODEL_TYPE = "qwen3_moe"
 # model.type -> the Hugging Face architecture written to and read from config.json
 HF_ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
-                    "glm4_moe": "Glm4MoeForCausalLM"}
+                    "glm4_moe": "Glm4MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 class RMSNorm(nn.Module):
@@ -67,23 +72,78 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float, rotary_dim: int | None = None) -> torch.Tensor:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature for a context ``factor`` (1 when not extended)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies (rotary_dim / 2,) fp32, factor on cos/sin) of ``cfg``'s rotary
+    embedding, as transformers' ``ROPE_INIT_FUNCTIONS`` (and vLLM's rotary layers) compute them:
+    plain RoPE, or YaRN (``rope_type=yarn``): frequencies that turn fewer than ``beta_slow``
+    times over the original context are interpolated by ``factor``, those that turn more than
+    ``beta_fast`` times kept, a linear ramp between; cos/sin scaled by the attention factor
+    (``mscale``/``mscale_all_dim`` as DeepSeek-V3 sets them, else YaRN's 0.1 ln(factor) + 1)."""
+    d = cfg.rotary_dim
+    base = cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    if cfg.rope_type != "yarn":
+        return 1.0 / base, 1.0
+    factor = cfg.rope_factor
+
+    def correction_dim(rotations: float) -> float:
+        return d * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    low = max(math.floor(correction_dim(cfg.rope_beta_fast)), 0)
+    high = min(math.ceil(correction_dim(cfg.rope_beta_slow)), d - 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low if high > low else 0.001)).clamp(0, 1)
+    extrapolate = 1 - ramp
+    inv_freq = (1.0 / (factor * base)) * (1 - extrapolate) + (1.0 / base) * extrapolate
+    if cfg.rope_mscale and cfg.rope_mscale_all_dim:
+        scale = yarn_mscale(factor, cfg.rope_mscale) / yarn_mscale(factor, cfg.rope_mscale_all_dim)
+    else:
+        scale = yarn_mscale(factor)
+    return inv_freq, scale
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0,
+           interleaved: bool = False) -> torch.Tensor:
     """Rotary embedding of ``x`` (B, heads, T, D) at ``positions`` (B, T), neox layout (the
     two halves of the rotated dimensions rotate together, as in HF's ``rotate_half``). Only the
-    first ``rotary_dim`` dimensions rotate (GLM's partial rotary); the rest pass unchanged."""
-    d = x.shape[-1] if rotary_dim is None else rotary_dim
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    first ``2 * len(inv_freq)`` dimensions rotate (GLM's partial rotary); the rest pass unchanged.
+    ``interleaved``: the rotated dimensions come in pairs (x0, x1), (x2, x3), ... (DeepSeek's
+    layout); they are returned de-interleaved (evens, then odds), as transformers does: queries
+    and keys get the same permutation, so their dot products are those of the pairs."""
+    d = 2 * inv_freq.shape[0]
     freqs = positions.float()[:, None, :, None] * inv_freq  # (B, 1, T, d/2)
-    cos, sin = freqs.cos(), freqs.sin()
-    x1, x2 = x[..., :d].float().chunk(2, dim=-1)
+    cos, sin = freqs.cos() * scale, freqs.sin() * scale
+    part = x[..., :d].float()
+    x1, x2 = (part[..., 0::2], part[..., 1::2]) if interleaved else part.chunk(2, dim=-1)
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
     return rotated if d == x.shape[-1] else torch.cat([rotated, x[..., d:]], dim=-1)
+
+
+class Rope:
+    """A config's rotary embedding: frequencies computed once, in fp32, held outside the module's
+    buffers (a bf16 cast of the model must not round them) and moved to the input's device on
+    first use there."""
+
+    def __init__(self, cfg: ModelConfig, interleaved: bool = False):
+        self.inv_freq, self.scale = rope_frequencies(cfg)
+        self.interleaved = interleaved
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.inv_freq.device != x.device:
+            self.inv_freq = self.inv_freq.to(x.device)
+        return rotary(x, positions, self.inv_freq, self.scale, self.interleaved)
 
 
 @dataclass
 class KVCache:
     """Per-layer key/value tensors of shape (batch, kv_heads, capacity, head_dim); keys are stored
-    after the rotary embedding."""
+    after the rotary embedding. Latent attention stores each head's expanded keys (no-rope and
+    rope dims) and values (``v_head_dim``), not the latent: decode then costs no expansion of
+    the whole prefix per token, which on the small models this engine serves is the cheaper
+    trade (vLLM and SGLang cache the latent)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -91,9 +151,13 @@ class KVCache:
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, batch: int, capacity: int, dtype, device) -> "KVCache":
-        shape = (batch, cfg.n_kv_heads, capacity, cfg.head_dim)
-        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)],
-                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)])
+        key_dim, value_dim = cfg.head_dim, cfg.head_dim
+        if cfg.latent_attention:
+            key_dim, value_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+        return cls([torch.zeros(batch, cfg.n_kv_heads, capacity, key_dim, dtype=dtype, device=device)
+                    for _ in range(cfg.n_layers)],
+                   [torch.zeros(batch, cfg.n_kv_heads, capacity, value_dim, dtype=dtype, device=device)
+                    for _ in range(cfg.n_layers)])
 
     def select(self, rows: torch.Tensor) -> "KVCache":
         """The cache restricted to batch ``rows`` (finished sequences leave the batch)."""
@@ -104,8 +168,8 @@ class KVCache:
 class Qwen3MoeAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim, self.theta = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta
-        self.rotary_dim = cfg.rotary_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.rope = Rope(cfg)
         bias = cfg.attention_bias  # GLM: q/k/v biases (never o)
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=bias)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=bias)
@@ -130,19 +194,68 @@ class Qwen3MoeAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = rotary(q, positions, self.theta, self.rotary_dim), rotary(k, positions, self.theta, self.rotary_dim)
-        if cache is not None:
-            start = cache.length
-            cache.keys[layer][:, :, start:start + t] = k
-            cache.values[layer][:, :, start:start + t] = v
-            k = cache.keys[layer][:, :, :start + t]
-            v = cache.values[layer][:, :, :start + t]
-        gqa = self.n_heads != self.n_kv
-        if attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        return self.o_proj(attend(q, k, v, attn_mask, cache, layer, self.n_heads != self.n_kv))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+           cache: KVCache | None, layer: int, gqa: bool = False, scale: float | None = None) -> torch.Tensor:
+    """Scaled dot-product attention of ``q`` over ``k``/``v`` (B, heads, T, dims), through the
+    cache when there is one; the heads' outputs concatenated (B, T, heads * v dims)."""
+    b, _, t, _ = q.shape
+    if cache is not None:
+        start = cache.length
+        cache.keys[layer][:, :, start:start + t] = k
+        cache.values[layer][:, :, start:start + t] = v
+        k = cache.keys[layer][:, :, :start + t]
+        v = cache.values[layer][:, :, :start + t]
+    if attn_mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa, scale=scale)
+    return out.transpose(1, 2).reshape(b, t, -1)
+
+
+class DeepseekV3Attention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3, HF ``DeepseekV3Attention``): keys and values
+    of every head are expanded (``kv_b_proj``) from one normalised latent of ``kv_lora_rank``
+    dims; each head's key is its own no-rope part plus one rotary part shared by all heads
+    (``qk_rope_head_dim``, rotated in DeepSeek's interleaved layout); queries come from a full
+    ``q_proj`` or through a rank-``q_lora_rank`` bottleneck; values have their own width. Softmax
+    scale 1/sqrt(qk dims), times YaRN's ``mscale_all_dim`` temperature squared when extended."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.nope, self.rope_dim, self.v_dim = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        qk_dim = self.nope + self.rope_dim
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, cfg.n_heads * qk_dim, bias=False)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+            self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.d_model, cfg.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * self.v_dim, cfg.d_model, bias=False)
+        self.rope = Rope(cfg, interleaved=True)
+        self.scale = qk_dim ** -0.5
+        if cfg.rope_type == "yarn" and cfg.rope_mscale_all_dim:
+            self.scale *= yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim) ** 2
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor | None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
+        q_pass, q_rot = q.view(b, t, self.n_heads, -1).transpose(1, 2).split([self.nope, self.rope_dim], dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(b, t, self.n_heads, -1).transpose(1, 2)
+        k_pass, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q_rot, k_rot = self.rope(q_rot, positions), self.rope(k_rot.view(b, 1, t, self.rope_dim), positions)
+        q = torch.cat([q_pass, q_rot], dim=-1)
+        k = torch.cat([k_pass, k_rot.expand(-1, self.n_heads, -1, -1)], dim=-1)
+        return self.o_proj(attend(q, k, v, attn_mask, cache, layer, scale=self.scale))
 
 
 class SwiGLUExpert(nn.Module):
@@ -201,7 +314,7 @@ def route_tokens(hidden: torch.Tensor, gate_weight: torch.Tensor, cfg: ModelConf
     renormalised (``norm_topk_prob``) and scaled by ``routed_scaling``. ``replay`` as in
     :func:`route` (the weights are still this router's scores of the replayed experts)."""
     logits = F.linear(hidden.float(), gate_weight.float())
-    if cfg.type != "glm4_moe":
+    if not cfg.sigmoid_router:
         probs = torch.softmax(logits, dim=-1)
         return (*route(probs, cfg.top_k, replay), probs)
     scores = logits.sigmoid()
@@ -248,7 +361,7 @@ def shared_expert(cfg: ModelConfig) -> SwiGLUExpert | None:
 
 def correction_bias(cfg: ModelConfig) -> torch.Tensor | None:
     """GLM's router score-correction bias (``mlp.gate.e_score_correction_bias``, fp32), or None."""
-    return torch.zeros(cfg.num_experts, dtype=torch.float32) if cfg.type == "glm4_moe" else None
+    return torch.zeros(cfg.num_experts, dtype=torch.float32) if cfg.sigmoid_router else None
 
 
 def apply_keeping_fp32_bias(block: nn.Module, gate: nn.Module, apply: Callable[[], nn.Module]) -> nn.Module:
@@ -335,7 +448,7 @@ class Qwen3MoeDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, moe_factory: MoEFactory, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.self_attn = Qwen3MoeAttention(cfg)
+        self.self_attn = DeepseekV3Attention(cfg) if cfg.latent_attention else Qwen3MoeAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.mlp = moe_factory(cfg) if index >= cfg.first_dense_layers else DenseMlp(cfg.d_model, cfg.dense_d_ff)
 
@@ -510,26 +623,52 @@ _GLM_DEFAULTS = {"first_k_dense_replace": 1, "n_shared_experts": 1, "n_group": 1
                  "use_qk_norm": False, "partial_rotary_factor": 0.5}
 
 
+# DeepSeek-V3's: GLM's router and experts, latent attention (no head_dim: its heads have no one width)
+_DEEPSEEK_FIELDS = {**{k: v for k, v in _GLM_FIELDS.items()
+                       if k not in ("head_dim", "attention_bias", "qk_norm", "partial_rotary")},
+                    "q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank",
+                    "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "qk_rope_head_dim",
+                    "v_head_dim": "v_head_dim"}
+# transformers' DeepseekV3Config defaults for keys a config.json leaves out (DeepSeek-V3's sizes)
+_DEEPSEEK_DEFAULTS = {"first_k_dense_replace": 3, "n_shared_experts": 1, "n_group": 8, "topk_group": 4,
+                      "routed_scaling_factor": 2.5, "norm_topk_prob": True, "q_lora_rank": 1536,
+                      "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128}
+# YaRN's config.json keys (in rope_parameters, or the older rope_scaling) -> ModelConfig fields
+_YARN_FIELDS = {"factor": "rope_factor", "original_max_position_embeddings": "rope_original_max_len",
+                "beta_fast": "rope_beta_fast", "beta_slow": "rope_beta_slow", "mscale": "rope_mscale",
+                "mscale_all_dim": "rope_mscale_all_dim"}
+
+
 def _fields(model_type: str) -> dict[str, str]:
-    return {"mixtral": _MIXTRAL_FIELDS, "glm4_moe": _GLM_FIELDS}.get(model_type, _HF_FIELDS)
+    return {"mixtral": _MIXTRAL_FIELDS, "glm4_moe": _GLM_FIELDS, "deepseek_v3": _DEEPSEEK_FIELDS}.get(model_type, _HF_FIELDS)
 
 
 def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """``config.json`` of a ``qwen3_moe``, ``mixtral`` or ``glm4_moe`` checkpoint for ``cfg``."""
+    """``config.json`` of a ``qwen3_moe``, ``mixtral``, ``glm4_moe`` or ``deepseek_v3`` checkpoint
+    for ``cfg``."""
     out = {"architectures": [HF_ARCHITECTURES[cfg.type]], "model_type": cfg.type, "torch_dtype": dtype,
            "hidden_act": "silu", "attention_dropout": 0.0, "output_router_logits": False, "use_cache": True,
            "sliding_window": None, "rope_scaling": None}
     if cfg.type == "mixtral":
         out["router_jitter_noise"] = 0.0
-    elif cfg.type == "glm4_moe":  # no multi-token-prediction layers: the policy has none
+    elif cfg.sigmoid_router:  # no multi-token-prediction layers: the policy has none
         out["num_nextn_predict_layers"] = 0
+        if cfg.latent_attention:  # DeepSeek-V3's router as its config.json names it (vLLM reads these)
+            out.update({"topk_method": "noaux_tc", "scoring_func": "sigmoid", "rope_interleave": True,
+                        "attention_bias": False, "moe_layer_freq": 1})
     else:
         out.update({"attention_bias": False, "intermediate_size": cfg.d_ff, "decoder_sparse_step": 1,
                     "mlp_only_layers": [], "norm_topk_prob": cfg.top_k > 1, "use_sliding_window": False,
                     "max_window_layers": cfg.n_layers})
     out.update({hf: getattr(cfg, ours) for ours, hf in _fields(cfg.type).items()})
-    if cfg.type == "glm4_moe" and not cfg.dense_d_ff:  # no dense layer uses it; loaders want a width
+    if cfg.sigmoid_router and not cfg.dense_d_ff:  # no dense layer uses it; loaders want a width
         out["intermediate_size"] = cfg.d_ff
+    if cfg.latent_attention and not cfg.q_lora_rank:
+        out["q_lora_rank"] = None  # a full q_proj
+    if cfg.rope_type == "yarn":  # the long-standing key, which transformers and vLLM both read
+        out["rope_scaling"] = {"rope_type": "yarn", "type": "yarn",
+                               **{hf: getattr(cfg, ours) for hf, ours in _YARN_FIELDS.items()
+                                  if getattr(cfg, ours) or hf not in ("mscale", "mscale_all_dim")}}
     try:  # what every Hugging Face config.json records; without it transformers 5 takes a local
         # checkpoint for an old Mistral one and warns that its tokenizer's regex is wrong
         out["transformers_version"] = importlib.metadata.version("transformers")
@@ -564,32 +703,38 @@ def model_config_from_hf(path: str, base: ModelConfig | None = None, hf: dict | 
         raise ConfigError(f"model.path={path!r}: model_type={model_type!r} is not supported "
                           f"(supported: {', '.join(HF_ARCHITECTURES)})")
     unsupported = {"mlp_only_layers": [], "decoder_sparse_step": 1, "use_sliding_window": False,
-                   "attention_bias": False, "rope_scaling": None}
+                   "attention_bias": False}
     if model_type == "mixtral":  # a sliding window would make vLLM attend differently from the trainer
-        unsupported = {"sliding_window": None, "rope_scaling": None}
+        unsupported = {"sliding_window": None}
     elif model_type == "glm4_moe":
-        unsupported = {"rope_scaling": None, "hidden_act": "silu", "scoring_func": "sigmoid",
-                       "topk_method": "noaux_tc"}
+        unsupported = {"hidden_act": "silu", "scoring_func": "sigmoid", "topk_method": "noaux_tc"}
+    elif model_type == "deepseek_v3":
+        unsupported = {"hidden_act": "silu", "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+                       "attention_bias": False, "rope_interleave": True, "moe_layer_freq": 1}
+    if hf.get("quantization_config"):  # FP8/int4 tensors and their scales are not the policy's weights
+        raise ConfigError(f"model.path={path!r}: config.json quantization_config={hf['quantization_config']!r}: "
+                          f"quantized weights are not supported (dequantize to bf16 first)")
     for key, wanted in unsupported.items():
         if hf.get(key, wanted) != wanted:
             raise ConfigError(f"model.path={path!r}: config.json {key}={hf[key]!r} is not supported "
                               f"(needs {wanted!r})")
+    rope = _rope_fields(hf, path)
     # transformers 5 writes rope_theta (and GLM's partial_rotary_factor) inside rope_parameters
-    rope = hf.get("rope_parameters") or {}
-    if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
-        raise ConfigError(f"model.path={path!r}: config.json rope_parameters={rope!r} is not supported "
-                          f"(needs rope_type 'default': no RoPE scaling)")
-    hf = {**rope, **{k: v for k, v in hf.items() if v is not None}}
-    if model_type == "glm4_moe":
-        hf = {**_GLM_DEFAULTS, **hf}
+    nested = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    null_q_lora = model_type == "deepseek_v3" and "q_lora_rank" in hf and hf["q_lora_rank"] is None
+    hf = {**nested, **{k: v for k, v in hf.items() if v is not None}}
+    hf = {**{"glm4_moe": _GLM_DEFAULTS, "deepseek_v3": _DEEPSEEK_DEFAULTS}.get(model_type, {}), **hf}
     cfg = ModelConfig(**vars(base)) if base is not None else ModelConfig()
     cfg.type = model_type
-    if model_type != "glm4_moe":  # a glm base's own fields do not carry over to another architecture
-        for name in GLM_ONLY_FIELDS:
-            setattr(cfg, name, getattr(ModelConfig, name))
+    for name in set().union(*TYPE_FIELDS.values()) - set(TYPE_FIELDS.get(model_type, ())):
+        setattr(cfg, name, getattr(ModelConfig, name))  # a base's fields of another architecture do not carry over
     for ours, key in _fields(model_type).items():
         if key in hf and hf[key] is not None:
             setattr(cfg, ours, _json_value(hf[key], type(getattr(cfg, ours)), key, path))
+    for name, value in rope.items():
+        setattr(cfg, name, value)
+    if null_q_lora:
+        cfg.q_lora_rank = 0
     if "head_dim" not in hf:
         cfg.head_dim = cfg.d_model // cfg.n_heads
     if model_type == "qwen3_moe" and cfg.top_k > 1 and hf.get("norm_topk_prob") is False:
@@ -600,6 +745,30 @@ def model_config_from_hf(path: str, base: ModelConfig | None = None, hf: dict | 
 
 
 _KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _rope_fields(hf: dict, path: str) -> dict:
+    """The ``rope_*`` fields of config.json's RoPE settings (``rope_parameters``, transformers 5's,
+    else the older ``rope_scaling``): plain RoPE or YaRN; any other scaling is refused by name."""
+    key = "rope_parameters" if hf.get("rope_parameters") is not None else "rope_scaling"
+    rope = hf.get(key) or {}
+    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else None
+    if kind not in ("default", "yarn"):
+        raise ConfigError(f"model.path={path!r}: config.json {key}={rope!r} is not supported "
+                          f"(rope_type 'default' or 'yarn')")
+    fields = {name: getattr(ModelConfig, name) for name in _YARN_FIELDS.values()}
+    fields["rope_type"] = kind
+    if kind == "yarn":
+        for needed in ("factor", "original_max_position_embeddings"):
+            if rope.get(needed) is None:
+                raise ConfigError(f"model.path={path!r}: config.json {key} has no {needed} (YaRN needs it)")
+        if rope.get("attention_factor") is not None or rope.get("truncate", True) is not True:
+            raise ConfigError(f"model.path={path!r}: config.json {key}={rope!r}: attention_factor and "
+                              f"truncate=false are not supported")
+        for hf_key, name in _YARN_FIELDS.items():
+            if rope.get(hf_key) is not None:
+                fields[name] = _json_value(rope[hf_key], type(fields[name]), f"{key}.{hf_key}", path)
+    return fields
 
 
 def _json_value(value, kind: type, key: str, path: str):

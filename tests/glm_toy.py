@@ -16,3 +16,14 @@ def randomise_glm_extras(model: torch.nn.Module, seed: int = 0) -> None:
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith((".bias", "e_score_correction_bias")):
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.2)
+
+
+# DeepSeek-V3's features at toy size: GLM's router and experts, multi-head latent attention with
+# a query bottleneck (q_lora_rank), key/value latent, no-rope and rope query/key parts and a value
+# width all different, so a swapped split or a wrong width shows
+DEEPSEEK = dict(n_layers=3, n_heads=4, n_kv_heads=4, first_dense_layers=1, dense_d_ff=96, d_ff=32, num_experts=8,
+                top_k=4, shared_experts=1, n_group=2, topk_group=1, routed_scaling=2.5, q_lora_rank=48,
+                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24)
+# YaRN as DeepSeek-V3 extends its context (factor 40 over 4k there), at toy size: mscale and
+# mscale_all_dim differ, so both the cos/sin factor and the softmax temperature matter
+YARN = dict(rope_type="yarn", rope_factor=4.0, rope_original_max_len=16, rope_mscale=0.8, rope_mscale_all_dim=1.0)

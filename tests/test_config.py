@@ -28,7 +28,7 @@ def test_experiment_composes_into_typed_dataclasses():
     ("model.n_heads=3", "model.n_heads=3: must be a multiple of model.n_kv_heads=2"),
     ("model.head_dim=33", "model.head_dim=33: must be even"),
     ("model.top_k=5", "model.top_k=5: must be <= model.num_experts=4"),
-    ("model.shared_experts=1", "model.shared_experts=1: only model.type=glm4_moe has it"),
+    ("model.shared_experts=1", "model.shared_experts=1: only model.type=glm4_moe or deepseek_v3 has it"),
     ("mode=turbo", "mode='turbo': must be one of sync, async, april"),
     ("engine.name=tgi", "engine.name='tgi': must be one of native, vllm, sglang"),
     ("buffer.url=http://x", "buffer.url='http://x'"),

@@ -164,13 +164,14 @@ def test_two_deepspeed_ranks_train_disjoint_whole_groups(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, model", [("sync", "qwen3_moe_tiny"), ("april", "glm4_moe_tiny")])
+@pytest.mark.parametrize("mode, model", [("sync", "qwen3_moe_tiny"), ("april", "deepseek_v3_tiny")])
 def test_vllm_engine_end_to_end(tmp_path, mode, model):
     """The whole loop with vLLM as the rollout engine and a real tokenizer (Mixtral's 32k
-    SentencePiece ids): the Qwen3-MoE (sync) or GLM-4.5 MoE (april) checkpoint the driver's
-    trainer publishes loads into vLLM as is, every step trains, and the train-inference mismatch
-    on on-policy tokens stays at fp32 noise. (Mixtral in vLLM: tests/test_vllm_engine.py. The
-    full-length runs that gain 30+ points are measured in the README.)"""
+    SentencePiece ids): the Qwen3-MoE (sync) or DeepSeek-V3 (april: latent attention, GLM's
+    router) checkpoint the driver's trainer publishes loads into vLLM as is, every step trains,
+    and the train-inference mismatch on on-policy tokens stays at fp32 noise. (Mixtral and
+    GLM-4.5 in vLLM: tests/test_vllm_engine.py; GLM end to end: the expert-parallel test below.
+    The full-length runs that gain 30+ points are measured in the README.)"""
     pytest.importorskip("vllm", reason="vLLM is not installed (bash scripts/install.sh vllm)")
     run_dir = tmp_path / f"vllm-{mode}"
     extra = ["rollout.over_sampling=2", "rollout.max_staleness=4"] if mode == "april" else []

@@ -294,3 +294,46 @@ def test_the_native_engine_generates_on_the_gpu_it_was_given(small_cfg):
     engine.load_weights(cpu.model.state_dict(), version=0)
     assert next(engine.model.parameters()).is_cuda
     assert [o.token_ids for o in greedy(engine)] == [o.token_ids for o in greedy(cpu)]
+
+
+def test_latent_attention_and_yarn_decode_from_the_cache_as_the_model_computes_in_full(small_cfg):
+    """model.type=deepseek_v3 with YaRN in the native engine: keys and values of other widths
+    than the heads' (latent attention's no-rope + rope keys, narrower values) go through the
+    batched, left-padded cache, a cut and resume, admission mid-generation and retained caches;
+    every token and logprob is what the model computes over the whole sequence without a cache,
+    and the routed experts are reported for the layers that have them."""
+    from glm_toy import DEEPSEEK, YARN
+    from rlpost.config import ModelConfig
+    from rlpost.modeling import Qwen3MoeForCausalLM
+
+    cfg = ModelConfig(**{**DEEPSEEK, **YARN, "type": "deepseek_v3", "vocab_size": small_cfg.model.vocab_size, "max_seq_len": 64,
+                         "init_std": 0.3})
+    cfg.validate()
+    torch.manual_seed(7)
+    engine = NativeEngine(cfg, EngineConfig(chunk_tokens=3, reuse_kv=True), eos_id=-1)
+    engine.load_weights(Qwen3MoeForCausalLM(cfg).state_dict(), version=0)
+    budgets = [20, 9, 14]  # past the original 16 positions YaRN extends
+    reqs = [GenRequest(p, b, temperature=0.0, cache_key=f"s{i}") for i, (p, b) in enumerate(zip(prompts(), budgets))]
+    calls = {"n": 0}
+
+    def stop_once():
+        calls["n"] += 1
+        return calls["n"] == 2
+
+    cut = engine.generate(reqs, should_stop=stop_once)
+    assert [len(c.token_ids) for c in cut] == [6, 6, 6] and engine.retained
+    late = GenRequest([1, 9, 10, 11], 10, temperature=0.0)
+    rest = engine.generate([GenRequest(p, b - len(c.token_ids), temperature=0.0, prefix_ids=c.token_ids, cache_key=f"s{i}")
+                            for i, (p, b, c) in enumerate(zip(prompts(), budgets, cut))] + [late])
+    assert engine.retained_hits >= 2
+    outs = [(c.token_ids + r.token_ids, c.logprobs + r.logprobs, [*c.routed_experts, *r.routed_experts])
+            for c, r in zip(cut, rest)] + [(rest[3].token_ids, rest[3].logprobs, list(rest[3].routed_experts))]
+    for prompt, (tokens, logprobs, experts) in zip(prompts() + [late.prompt_ids], outs):
+        ids = torch.tensor([prompt + tokens])
+        with torch.no_grad():
+            full = engine.model(ids)
+        step = full.logits[0, len(prompt) - 1:-1].log_softmax(-1)
+        assert step.argmax(-1).tolist() == tokens
+        np.testing.assert_allclose(logprobs, step.max(-1).values.numpy(), atol=1e-4)
+        assert np.array_equal(np.stack(experts), full.routed_experts[0, len(prompt) - 1:-1].numpy())
+        assert np.stack(experts).shape == (len(tokens), cfg.moe_layers, cfg.top_k)

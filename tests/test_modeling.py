@@ -7,14 +7,13 @@ import re
 import pytest
 import torch
 
-from glm_toy import GLM, randomise_glm_extras
+from glm_toy import DEEPSEEK, GLM, YARN, randomise_glm_extras
 from rlpost.config import ConfigError, ModelConfig
 from rlpost.modeling import Qwen3MoeForCausalLM, load_pretrained, model_config_from_hf, save_pretrained
 
 
 def tiny(**kw) -> ModelConfig:
-    if kw.get("type") == "glm4_moe":
-        kw = {**GLM, **kw}
+    kw = {**{"glm4_moe": GLM, "deepseek_v3": DEEPSEEK}.get(kw.get("type"), {}), **kw}
     return ModelConfig(**{"vocab_size": 100, "max_seq_len": 64, "init_std": 0.2, **kw})
 
 
@@ -65,17 +64,22 @@ def test_checkpoint_is_a_hugging_face_mixtral(tmp_path):
         model_config_from_hf(str(tmp_path))
 
 
+def saved(cfg: ModelConfig, folder) -> tuple[Qwen3MoeForCausalLM, dict]:
+    """A random model of ``cfg`` (random biases too) saved as a checkpoint in ``folder``, and its config.json."""
+    cfg.validate()
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(cfg)
+    randomise_glm_extras(model)
+    save_pretrained(model.canonical_state_dict(), cfg, str(folder))
+    return model, json.loads((folder / "config.json").read_text())
+
+
 def test_checkpoint_is_a_hugging_face_glm4_moe(tmp_path):
     """model.type=glm4_moe: GLM-4.5's config.json keys and parameter names (dense first layer,
     shared expert, router correction bias, q/k/v biases), loaded back into the same function; a
     GLM checkpoint's multi-token-prediction layer is dropped on load (not part of the policy)."""
     cfg = tiny(type="glm4_moe")
-    cfg.validate()
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(cfg)
-    randomise_glm_extras(model)
-    save_pretrained(model.canonical_state_dict(), cfg, str(tmp_path))
-    meta = json.loads((tmp_path / "config.json").read_text())
+    model, meta = saved(cfg, tmp_path)
     assert meta["model_type"] == "glm4_moe" and meta["architectures"] == ["Glm4MoeForCausalLM"]
     assert {k: meta[k] for k in ("n_routed_experts", "num_experts_per_tok", "first_k_dense_replace", "intermediate_size",
                                  "moe_intermediate_size", "n_shared_experts", "n_group", "topk_group",
@@ -111,8 +115,81 @@ def test_checkpoint_is_a_hugging_face_glm4_moe(tmp_path):
     assert loaded.rope_theta == 1e6 and loaded.partial_rotary == 0.5 and loaded.qk_norm is False
 
 
+def test_checkpoint_is_a_hugging_face_deepseek_v3(tmp_path):
+    """model.type=deepseek_v3: DeepSeek-V3's config.json keys and parameter names (latent
+    attention's projections and norms, GLM's router and experts), loaded back into the same
+    function; a full q_proj is config.json's q_lora_rank null; DeepSeek-V3's and Moonlight's own
+    config.json read as they are (YaRN in the older rope_scaling form), and quantized (FP8)
+    weights refused by name."""
+    cfg = tiny(type="deepseek_v3", **YARN)
+    model, meta = saved(cfg, tmp_path)
+    assert meta["model_type"] == "deepseek_v3" and meta["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert {k: meta[k] for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                                 "num_key_value_heads", "n_routed_experts", "topk_method", "scoring_func",
+                                 "rope_interleave")} == {
+        "q_lora_rank": 48, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 24,
+        "num_key_value_heads": 4, "n_routed_experts": 8, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
+        "rope_interleave": True}
+    assert meta["rope_scaling"] == {"rope_type": "yarn", "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.8, "mscale_all_dim": 1.0}
+    assert "head_dim" not in meta
+    state, loaded = load_pretrained(str(tmp_path))
+    attn = "model.layers.1.self_attn."
+    assert {f"{attn}q_a_proj.weight", f"{attn}q_a_layernorm.weight", f"{attn}q_b_proj.weight",
+            f"{attn}kv_a_proj_with_mqa.weight", f"{attn}kv_a_layernorm.weight", f"{attn}kv_b_proj.weight",
+            f"{attn}o_proj.weight", "model.layers.1.mlp.gate.e_score_correction_bias",
+            "model.layers.0.mlp.gate_proj.weight"} <= set(state)
+    assert state[f"{attn}kv_a_proj_with_mqa.weight"].shape == (32 + 8, 64)
+    assert state[f"{attn}kv_b_proj.weight"].shape == (4 * (16 + 24), 32)
+    assert state[f"{attn}o_proj.weight"].shape == (64, 4 * 24)
+    assert {k: getattr(loaded, k) for k in {**DEEPSEEK, **YARN}} == {**DEEPSEEK, **YARN} and loaded.type == "deepseek_v3"
+    again = Qwen3MoeForCausalLM(loaded)
+    again.load_canonical_state_dict(state)
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
+    full_q = tiny(type="deepseek_v3", q_lora_rank=0)
+    save_pretrained(Qwen3MoeForCausalLM(full_q).canonical_state_dict(), full_q, str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["q_lora_rank"] is None
+    state, loaded = load_pretrained(str(tmp_path), base=cfg)  # null q_lora_rank: not the base's 48
+    assert loaded.q_lora_rank == 0 and f"{attn}q_proj.weight" in state and loaded.rope_type == "default"
+
+    # DeepSeek-V3's own config.json (the weights' FP8 quantization aside), with its MTP layer
+    real = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "attention_bias": False,
+            "first_k_dense_replace": 3, "hidden_act": "silu", "hidden_size": 7168, "intermediate_size": 18432,
+            "kv_lora_rank": 512, "max_position_embeddings": 163840, "moe_intermediate_size": 2048, "moe_layer_freq": 1,
+            "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True,
+            "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128,
+            "num_nextn_predict_layers": 1, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+            "rms_norm_eps": 1e-06, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                                                     "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                                                     "type": "yarn"},
+            "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "tie_word_embeddings": False,
+            "topk_group": 4, "topk_method": "noaux_tc", "v_head_dim": 128, "vocab_size": 129280}
+    (tmp_path / "config.json").write_text(json.dumps(real))
+    big = model_config_from_hf(str(tmp_path))
+    big.validate()
+    assert (big.n_layers, big.moe_layers, big.num_experts, big.top_k, big.n_group, big.topk_group, big.dense_d_ff,
+            big.q_lora_rank, big.kv_lora_rank, big.rotary_dim, big.v_head_dim, big.max_seq_len) == (
+        61, 58, 256, 8, 8, 4, 18432, 1536, 512, 64, 128, 163840)
+    assert (big.rope_type, big.rope_factor, big.rope_original_max_len, big.rope_mscale_all_dim) == ("yarn", 40.0, 4096, 1.0)
+    # Moonlight-16B-A3B: a deepseek_v3 with a full q_proj, no YaRN, one group
+    (tmp_path / "config.json").write_text(json.dumps({**real, "q_lora_rank": None, "rope_scaling": None, "n_group": 1,
+                                                      "topk_group": 1, "n_routed_experts": 64, "num_experts_per_tok": 6}))
+    moon = model_config_from_hf(str(tmp_path))
+    moon.validate()
+    assert (moon.q_lora_rank, moon.rope_type, moon.num_experts, moon.top_k) == (0, "default", 64, 6)
+    (tmp_path / "config.json").write_text(json.dumps({**real, "quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(ConfigError, match=r"config.json quantization_config=.*fp8.*: quantized weights are not "
+                                          r"supported \(dequantize to bf16 first\)"):
+        model_config_from_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**real, "rope_interleave": False}))
+    with pytest.raises(ConfigError, match=r"config.json rope_interleave=False is not supported \(needs True\)"):
+        model_config_from_hf(str(tmp_path))
+
+
 def test_model_fields_of_another_architecture_are_one_line_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match=r"model.shared_experts=1: only model.type=glm4_moe has it \(qwen3_moe needs 0\)"):
+    with pytest.raises(ConfigError, match=r"model.shared_experts=1: only model.type=glm4_moe or deepseek_v3 has it \(qwen3_moe needs 0\)"):
         tiny(shared_experts=1).validate()
     with pytest.raises(ConfigError, match=r"model.top_k=0: must be >= 1"):
         tiny(top_k=0).validate()
@@ -124,11 +201,35 @@ def test_model_fields_of_another_architecture_are_one_line_config_errors(tmp_pat
         tiny(type="glm4_moe", first_dense_layers=3).validate()
     with pytest.raises(ConfigError, match=r"model.partial_rotary=0.3: must be in \(0, 1\] and leave an even"):
         tiny(type="glm4_moe", partial_rotary=0.3).validate()
-    # a checkpoint with RoPE scaling (transformers 5 writes it in rope_parameters) is refused
+    with pytest.raises(ConfigError, match=r"model.kv_lora_rank=8: only model.type=deepseek_v3 has it \(glm4_moe needs 0\)"):
+        tiny(type="glm4_moe", kv_lora_rank=8).validate()
+    with pytest.raises(ConfigError, match=r"model.rope_mscale=1.0: only model.type=deepseek_v3 has it"):
+        tiny(rope_type="yarn", rope_factor=4.0, rope_original_max_len=16, rope_mscale=1.0).validate()
+    with pytest.raises(ConfigError, match=r"model.n_kv_heads=2: must be model.n_heads=4: latent attention"):
+        tiny(type="deepseek_v3", n_kv_heads=2).validate()
+    with pytest.raises(ConfigError, match=r"model.v_head_dim=0: must be > 0 \(deepseek_v3\)"):
+        tiny(type="deepseek_v3", v_head_dim=0).validate()
+    with pytest.raises(ConfigError, match=r"model.rope_factor=4.0: applies with model.rope_type=yarn only"):
+        tiny(rope_factor=4.0).validate()
+    with pytest.raises(ConfigError, match=r"model.rope_original_max_len=0: must be > 0 with model.rope_type=yarn"):
+        tiny(rope_type="yarn", rope_factor=4.0).validate()
+    with pytest.raises(ConfigError, match=r"model.rope_type='linear': supported: default, yarn"):
+        tiny(rope_type="linear").validate()
+    # a checkpoint's RoPE scaling (transformers 5 writes it in rope_parameters): YaRN is read,
+    # any other kind is refused, naming it
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "rope_parameters": {
-        "rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}}))
-    with pytest.raises(ConfigError, match=r"config.json rope_parameters=.*yarn.* is not supported"):
-        model_config_from_hf(str(tmp_path))
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6}}))
+    yarn = model_config_from_hf(str(tmp_path))
+    assert (yarn.rope_type, yarn.rope_factor, yarn.rope_original_max_len, yarn.rope_theta) == ("yarn", 4.0, 32768, 1e6)
+    for rope, error in [({"rope_type": "linear", "factor": 2.0}, r"rope_parameters=.*linear.* is not supported"),
+                        ({"rope_type": "yarn", "factor": 4.0}, "rope_parameters has no original_max_position_embeddings"),
+                        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "truncate": False},
+                         "attention_factor and truncate=false are not supported"),
+                        ({"rope_type": "yarn", "factor": "4", "original_max_position_embeddings": 8},
+                         r"rope_parameters.factor='4' is not a number")]:
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "rope_parameters": rope}))
+        with pytest.raises(ConfigError, match=error):
+            model_config_from_hf(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "rope_parameters": {
         "rope_type": "default", "rope_theta": 1e6}}))
     assert model_config_from_hf(str(tmp_path)).rope_theta == 1e6  # not the default 10,000
@@ -136,21 +237,28 @@ def test_model_fields_of_another_architecture_are_one_line_config_errors(tmp_pat
     assert model_config_from_hf(str(tmp_path), glm).shared_experts == 0
 
 
-# Qwen3-30B-A3B routes each token to 8 of 128 experts: top-k > 2 at toy size
-VARIANTS = {"qwen3_moe": {}, "mixtral": {}, "glm4_moe": {}, "qwen3_moe_top4": dict(num_experts=8, top_k=4, d_ff=32)}
+VARIANTS = {"qwen3_moe": {}, "mixtral": {}, "glm4_moe": {},
+            # Qwen3-30B-A3B routes each token to 8 of 128 experts: top-k > 2 at toy size
+            "qwen3_moe_top4": dict(num_experts=8, top_k=4, d_ff=32),
+            "deepseek_v3": {},
+            # DeepSeek-V2-Lite's and Moonlight's full q_proj (no query bottleneck), with YaRN
+            "deepseek_v3_yarn": dict(q_lora_rank=0, **YARN),
+            "qwen3_moe_yarn": dict(rope_type="yarn", rope_factor=4.0, rope_original_max_len=16)}
 
 
 def variant(name: str) -> ModelConfig:
-    cfg = tiny(type=name.removesuffix("_top4"), **VARIANTS[name])
+    cfg = tiny(type=name.removesuffix("_top4").removesuffix("_yarn"), **VARIANTS[name])
     cfg.validate()
     return cfg
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_same_function_as_transformers(tmp_path, name):
-    """transformers loads our checkpoint as is (its own Qwen3-MoE, Mixtral or GLM-4.5 MoE class)
-    and computes the same logits (fp32); for GLM with grouped sigmoid routing and a random
-    correction bias, so a wrong group choice, bias or scaling shows; Qwen3 also with top-4."""
+    """transformers loads our checkpoint as is (its own Qwen3-MoE, Mixtral, GLM-4.5 MoE or
+    DeepSeek-V3 class) and computes the same logits (fp32); for GLM and DeepSeek with grouped
+    sigmoid routing and a random correction bias, so a wrong group choice, bias or scaling shows;
+    Qwen3 also with top-4; DeepSeek's latent attention with and without the query bottleneck;
+    YaRN on 40 positions, past the original 16, where it changes the function."""
     transformers = pytest.importorskip("transformers")
     cfg = variant(name)
     model_type = cfg.type
@@ -160,10 +268,17 @@ def test_same_function_as_transformers(tmp_path, name):
     save_pretrained(model.canonical_state_dict(), cfg, str(tmp_path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     assert type(hf).__name__ == {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
-                                 "glm4_moe": "Glm4MoeForCausalLM"}[model_type]
-    ids = torch.randint(0, 100, (3, 20))
+                                 "glm4_moe": "Glm4MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}[model_type]
+    ids = torch.randint(0, 100, (3, 40))
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
+        logits = model(ids).logits
+        torch.testing.assert_close(logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
+        if cfg.rope_type == "yarn":  # the same weights without YaRN are another function
+            plain = Qwen3MoeForCausalLM(tiny(**{**vars(cfg), "rope_type": "default", "rope_factor": 1.0,
+                                                "rope_original_max_len": 0, "rope_mscale": 0.0,
+                                                "rope_mscale_all_dim": 0.0})).eval()
+            plain.load_canonical_state_dict(model.canonical_state_dict())
+            assert (plain(ids).logits - logits).abs().max() > 1e-3
 
 
 def test_logits_at_selects_positions_and_scattered_logprobs_match_the_full_head():

