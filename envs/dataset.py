@@ -154,7 +154,10 @@ def _demonstration(value: list, where: str) -> list[dict[str, Any]]:
         return ConfigError(f"{where}: message {i} {rule} (got {str(value[i])[:80]!r})")
 
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ("assistant", "tool") or not isinstance(m.get("content", ""), str):
+        # OpenAI writes a turn that only calls tools with "content": null
+        null_ok = isinstance(m, dict) and m.get("role") == "assistant" and m.get("content", "") is None
+        if not isinstance(m, dict) or m.get("role") not in ("assistant", "tool") or not (
+                isinstance(m.get("content", ""), str) or null_ok):
             raise bad(i, 'must be {"role": "assistant" or "tool", "content": a string}')
         calls = m.get("tool_calls", [])
         if m["role"] == "tool" and calls:
@@ -166,7 +169,7 @@ def _demonstration(value: list, where: str) -> list[dict[str, Any]]:
     if not value or value[0]["role"] != "assistant" or value[-1]["role"] != "assistant" or value[-1].get("tool_calls"):
         raise ConfigError(f"{where}: a demonstration starts with an assistant turn and ends with one that makes no "
                           f"call (the final answer)")
-    return [{"content": "", **m} for m in value]
+    return [{**m, "content": m.get("content") or ""} for m in value]
 
 
 def _unpack(answer: str) -> tuple[Any, dict[str, Any]]:

@@ -249,7 +249,15 @@ def test_warm_up_demonstrations_with_tool_turns_are_the_rollout_format(tmp_path,
     assert observation == env.observe(call_turn)  # what a rollout appends after that call
     assert env.score("1776", target).reward == 1.0 and env.score("1776", target).info["tool_turns"] == 1
     assert env.max_answer_len() == len(target)
+    # OpenAI's form of a turn that only calls a tool is "content": null: the same turn as ""
+    rows = [[{**demo[0], "content": None}, *demo[1:]], [{**demo[0], "content": ""}, *demo[1:]]]
+    path.write_text("".join(json.dumps({"prompt": "What is 37*48?", "answer": "1776", "demo": d}) + "\n" for d in rows))
+    env = DatasetEnv(cfg)
+    assert env.sft_example(0, seed=1) == env.sft_example(1, seed=1)
+    assert env.tokenizer.decode(env.sft_example(0, seed=1)[1]).startswith("<tool_call>")
     for bad, message in [([{"role": "tool", "content": "1"}], "starts with an assistant turn"),
+                         ([{"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "content": None},
+                           demo[-1]], "message 1 must be"),
                          ([{"role": "assistant", "content": "x", "tool_calls": [call]}], "ends with one that makes no call"),
                          ([{"role": "user", "content": "x"}], "message 0 must be"),
                          ([{"role": "assistant", "content": "", "tool_calls": [{"name": "x"}]}, demo[-1]], "tool_calls that are not")]:
