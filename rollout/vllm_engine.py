@@ -13,7 +13,11 @@ Weight updates load the published Hugging Face state dict into the running model
 (``reload_weights``, vLLM's in-place reload with its post-load processing) and drop the prefix
 cache, whose blocks hold the old weights' keys and values. On CPU vLLM 0.32 does not repack the
 fused-MoE expert weights after a reload (greedy output then matches neither the old nor the new
-weights), so the repack runs explicitly on every MoE layer.
+weights), so the repack runs explicitly on every MoE layer. Also on CPU, vLLM 0.32's rotary
+kernel rotates a strided query view wrongly (DeepSeek's latent attention passes the rope part of
+each head, ``q[..., qk_nope_head_dim:]``; the CUDA kernel takes strides, the CPU one does not:
+first-token logprobs 0.1-0.3 off without YaRN, whose DeepSeek rotary is plain torch), so
+strided inputs go to vLLM's own torch rotary (:func:`_rotate_strided_in_torch`).
 """
 
 from __future__ import annotations
@@ -62,10 +66,35 @@ class _RotaryReloadFilter(logging.Filter):
     """Drops vLLM's "RotaryEmbedding: Failed to load weights" warning, logged at every in-place
     reload: rotary layers hold computed cos/sin tables, which no checkpoint carries, and vLLM puts
     them back as they were (tests/test_vllm_engine.py: output after a reload equals a fresh
-    engine's). One false warning per RL step would bury real ones."""
+    engine's). One false warning per RL step would bury real ones. Likewise "weights were not
+    loaded" when all it names are latent attention's absorbed matrices (``W_UK_T``, ``W_UV``),
+    which vLLM derives from ``kv_b_proj`` after every load (the same test, for deepseek_v3)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
+        message = record.getMessage()
+        if message.startswith("Following weights were not loaded from checkpoint: {"):
+            names = message.split("{", 1)[1].rstrip("}").replace("'", "").split(", ")
+            return not all(name.endswith((".W_UK_T", ".W_UV")) for name in names)
+        return message != "RotaryEmbedding: Failed to load weights"
+
+
+def _rotate_strided_in_torch() -> None:
+    """On CPU: vLLM's rotary layers send strided query/key views to vLLM's torch implementation
+    (``forward_native``) instead of its CPU kernel, which ignores their strides (module doc).
+    Contiguous inputs, every other model's case, still take the kernel."""
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+    kernel = RotaryEmbedding.forward_cpu
+    if getattr(kernel, "rlpost_strided_in_torch", False):
+        return
+
+    def forward_cpu(self, positions, query, key=None):
+        if query.is_contiguous() and (key is None or key.is_contiguous()):
+            return kernel(self, positions, query, key)
+        return self.forward_native(positions, query, key)
+
+    forward_cpu.rlpost_strided_in_torch = True
+    RotaryEmbedding.forward_cpu = forward_cpu
 
 
 class VLLMEngine(ServedEngineBase):
@@ -96,6 +125,9 @@ class VLLMEngine(ServedEngineBase):
                                "or use engine=native (which always reports them)")
         self._SamplingParams, self._DELTA = SamplingParams, RequestOutputKind.DELTA
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
+        logging.getLogger("vllm.model_executor.model_loader.reload.inplace").addFilter(_RotaryReloadFilter())
+        if not torch.cuda.is_available():
+            _rotate_strided_in_torch()
         model_path = self._init_served(model_cfg, engine_cfg, eos_id, pad_id, model_path)
         t0 = time.perf_counter()
         args = EngineArgs(

