@@ -116,7 +116,8 @@ class ModelConfig:
         _check(self.vocab_size >= 0, f"{p}.vocab_size", self.vocab_size, "must be >= 0 (0 = tokenizer's)")
         _check(self.n_heads % self.n_kv_heads == 0, f"{p}.n_heads", self.n_heads,
                f"must be a multiple of model.n_kv_heads={self.n_kv_heads}")
-        _check(self.head_dim % 2 == 0, f"{p}.head_dim", self.head_dim, "must be even (rotary embedding)")
+        _check(self.head_dim % 2 == 0 or self.latent_attention, f"{p}.head_dim", self.head_dim,
+               "must be even (rotary embedding)")
         _check(self.top_k >= 1, f"{p}.top_k", self.top_k, "must be >= 1")
         own = TYPE_FIELDS.get(self.type, ())
         for name in sorted(set().union(*TYPE_FIELDS.values()) - set(own)):

@@ -178,6 +178,8 @@ def test_checkpoint_is_a_hugging_face_deepseek_v3(tmp_path):
                                                       "topk_group": 1, "n_routed_experts": 64, "num_experts_per_tok": 6}))
     moon = model_config_from_hf(str(tmp_path))
     moon.validate()
+    (tmp_path / "config.json").write_text(json.dumps({**real, "hidden_size": 7040}))  # 55 per head: unused here
+    model_config_from_hf(str(tmp_path)).validate()
     assert (moon.q_lora_rank, moon.rope_type, moon.num_experts, moon.top_k) == (0, "default", 64, 6)
     (tmp_path / "config.json").write_text(json.dumps({**real, "quantization_config": {"quant_method": "fp8"}}))
     with pytest.raises(ConfigError, match=r"config.json quantization_config=.*fp8.*: quantized weights are not "
