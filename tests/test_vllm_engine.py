@@ -168,8 +168,9 @@ def arch_cfg(model_type: str) -> ModelConfig:
         extra = {**YARN, "q_lora_rank": 0} if model_type == "deepseek_v3_yarn" else {}
         return ModelConfig(type="deepseek_v3", vocab_size=40, max_seq_len=64, init_std=0.3,
                            **{**DEEPSEEK, **extra, "kv_lora_rank": 512, "qk_rope_head_dim": 64})
-    if model_type == "qwen3_moe_top4":  # Qwen3-30B-A3B's top-8 of 128, at toy size
-        return ModelConfig(vocab_size=40, max_seq_len=64, init_std=0.3, num_experts=8, top_k=4, d_ff=32)
+    if model_type == "qwen3_moe_top4":  # Qwen3-30B-A3B's top-8 of 128, at toy size, with YaRN (its long context)
+        return ModelConfig(vocab_size=40, max_seq_len=64, init_std=0.3, num_experts=8, top_k=4, d_ff=32,
+                           rope_type="yarn", rope_factor=4.0, rope_original_max_len=16)
     return ModelConfig(type=model_type, vocab_size=40, max_seq_len=64, init_std=0.3)
 
 
@@ -179,7 +180,7 @@ def arch_cfg(model_type: str) -> ModelConfig:
                                                   ("deepseek_v3", "model.layers.2.self_attn.kv_b_proj.weight"),
                                                   ("deepseek_v3_yarn", "model.layers.1.self_attn.q_proj.weight")])
 def test_another_architecture_runs_in_vllms_own_class_and_updates_in_place(model_type, a_weight):
-    """model.type=mixtral, glm4_moe or deepseek_v3, or a Qwen3-MoE with top-4 routing: vLLM
+    """model.type=mixtral, glm4_moe or deepseek_v3, or a Qwen3-MoE with top-4 routing and YaRN: vLLM
     serves the trainer's checkpoint with its own MixtralForCausalLM / Glm4MoeForCausalLM /
     DeepseekV3ForCausalLM / Qwen3MoeForCausalLM (for GLM: grouped sigmoid top-4 routing with a
     random correction bias, shared expert, dense first layer, q/k/v biases, half-width rotary;
