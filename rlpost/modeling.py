@@ -29,7 +29,7 @@ each head's dimensions. The correction bias is kept as loaded during RL (it is p
 the weights, so every engine routes with the trainer's); the multi-token-prediction layers a
 GLM checkpoint carries are not part of the policy and are dropped when it is loaded.
 
-``model.type=deepseek_v3`` (DeepSeek-V3/R1, Kimi-K2, Moonlight) has GLM's router, experts and
+``model.type=deepseek_v3`` (DeepSeek-V3/R1, Moonlight) has GLM's router, experts and
 dense first layers, and multi-head latent attention (:class:`DeepseekV3Attention`) in place of
 grouped-query attention. Any type may extend its context with YaRN (``rope_type=yarn``), as a
 checkpoint's ``rope_scaling`` / ``rope_parameters`` says; other RoPE scalings are refused.
