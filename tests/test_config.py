@@ -17,6 +17,25 @@ def test_experiment_composes_into_typed_dataclasses():
     assert cfg.model.type == "qwen3_moe" and cfg.engine.name == "native"
 
 
+MODEL_PRESETS = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(
+    os.path.dirname(__file__), "..", "configs", "model")) if f.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("preset", MODEL_PRESETS)
+def test_every_model_preset_composes_validates_and_builds(preset):
+    """Each configs/model/*.yaml is a valid config of its architecture, and the model builds and
+    runs from it (a typo in a preset would otherwise surface only in a slow end-to-end run)."""
+    import torch
+
+    from rlpost.modeling import HF_ARCHITECTURES, Qwen3MoeForCausalLM
+
+    cfg = load_config(["experiment=toy_moe_local", f"model={preset}"]).model
+    assert cfg.type in HF_ARCHITECTURES and preset.startswith(cfg.type)
+    cfg.vocab_size = 50
+    out = Qwen3MoeForCausalLM(cfg)(torch.randint(0, 50, (1, 7)))
+    assert out.logits.shape == (1, 7, 50) and out.routed_experts.shape == (1, 7, cfg.moe_layers, cfg.top_k)
+
+
 @pytest.mark.parametrize("override, message", [
     ("trainer.lr=abc", "trainer.lr: Value 'abc' of type 'str' could not be converted to Float"),
     ("trainer.foo=1", "trainer.foo: Key 'foo' not in 'TrainerConfig'"),
