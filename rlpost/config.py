@@ -34,9 +34,11 @@ def _check(cond: bool, key: str, value: Any, rule: str) -> None:
 class ModelConfig:
     """A Qwen3-MoE (Hugging Face ``qwen3_moe``), Mixtral (``mixtral``: no q/k norms, Mixtral's
     parameter names), GLM-4.5 MoE (``glm4_moe``: sigmoid routing with a score-correction bias,
-    expert groups, a shared expert, dense first layers, q/k/v biases, partial rotary) or
-    DeepSeek-V3 (``deepseek_v3``: GLM's router and experts with multi-head latent attention)
-    configuration; the defaults are a tiny Qwen3-MoE.
+    expert groups, a shared expert, dense first layers, q/k/v biases, partial rotary),
+    DeepSeek-V3 (``deepseek_v3``: GLM's router and experts with multi-head latent attention) or
+    GPT-OSS (``gpt_oss``: attention sinks, a sliding window on every other layer, biases on
+    attention, router and experts, clamped SwiGLU experts) configuration; the defaults are a
+    tiny Qwen3-MoE.
     ``vocab_size=0`` takes the environment tokenizer's size. ``path`` names a local Hugging Face
     checkpoint folder (``config.json`` + safetensors): its architecture replaces these fields and
     its weights are the starting point. The fields after ``init_std`` belong to some types only
@@ -78,6 +80,8 @@ class ModelConfig:
     qk_nope_head_dim: int = 0      # qk_nope_head_dim: each head's key/query dims without rotary
     qk_rope_head_dim: int = 0      # qk_rope_head_dim: the rotary dims (one rotary key shared by all heads)
     v_head_dim: int = 0            # v_head_dim: each head's value width
+    # gpt_oss only (its attention sinks, biases and clamped SwiGLU come with the type)
+    sliding_window: int = 0        # sliding_window: layers 0, 2, 4, ... attend to this many latest tokens
     # every type: YaRN context extension (config.json rope_scaling / rope_parameters)
     rope_type: str = "default"     # rope_type: default | yarn
     rope_factor: float = 1.0       # factor: context-length multiple over the original
@@ -86,6 +90,7 @@ class ModelConfig:
     rope_beta_slow: float = 1.0    # extrapolated frequencies
     rope_mscale: float = 0.0       # mscale / mscale_all_dim (deepseek_v3; 0: unset): attention
     rope_mscale_all_dim: float = 0.0  # temperature from log(factor)
+    rope_truncate: bool = True     # truncate: round YaRN's ramp ends to whole dimensions (GPT-OSS: false)
 
     @property
     def moe_layers(self) -> int:
@@ -103,6 +108,18 @@ class ModelConfig:
     def latent_attention(self) -> bool:
         """Multi-head latent attention (deepseek_v3) instead of grouped-query attention."""
         return self.type == "deepseek_v3"
+
+    @property
+    def oai_blocks(self) -> bool:
+        """GPT-OSS's blocks (gpt_oss): attention with learned sinks and biases on q/k/v/o, a
+        sliding window on even layers, a router with a bias, experts with biases and the clamped
+        SwiGLU (``swiglu_limit`` 7, alpha 1.702, the ``up + 1`` term)."""
+        return self.type == "gpt_oss"
+
+    def layer_window(self, index: int) -> int:
+        """Tokens layer ``index`` attends to (0: all): GPT-OSS's even layers are sliding-window
+        ones (config.json ``layer_types``: sliding, full, sliding, ...; vLLM assumes the same)."""
+        return self.sliding_window if self.oai_blocks and index % 2 == 0 else 0
 
     @property
     def rotary_dim(self) -> int:
@@ -133,6 +150,12 @@ class ModelConfig:
                    f"must be in (0, 1] and leave an even rotary width of model.head_dim={self.head_dim}")
         if self.latent_attention:
             self._validate_latent_attention(p)
+        if self.oai_blocks:
+            _check(self.sliding_window > 0, f"{p}.sliding_window", self.sliding_window, "must be > 0 (gpt_oss)")
+            _check(self.rope_type == "yarn", f"{p}.rope_type", self.rope_type,
+                   "gpt_oss needs yarn (GPT-OSS's rotary; vLLM builds no other for it)")
+            _check(self.rms_norm_eps == 1e-5, f"{p}.rms_norm_eps", self.rms_norm_eps,
+                   "gpt_oss needs 1e-05 (GPT-OSS's; vLLM's GPT-OSS fixes it)")
         self._validate_rope(p)
         _check(self.top_k <= self.num_experts, f"{p}.top_k", self.top_k,
                f"must be <= model.num_experts={self.num_experts}")
@@ -169,7 +192,7 @@ class ModelConfig:
         _check(self.rope_type in ROPE_TYPES, f"{p}.rope_type", self.rope_type, f"supported: {', '.join(ROPE_TYPES)}")
         if self.rope_type == "default":
             for name in ("rope_factor", "rope_original_max_len", "rope_beta_fast", "rope_beta_slow",
-                         "rope_mscale", "rope_mscale_all_dim"):
+                         "rope_mscale", "rope_mscale_all_dim", "rope_truncate"):
                 _check(getattr(self, name) == getattr(ModelConfig, name), f"{p}.{name}", getattr(self, name),
                        "applies with model.rope_type=yarn only")
             return
@@ -182,7 +205,7 @@ class ModelConfig:
                "mscale and mscale_all_dim must be >= 0")
 
 
-MODEL_TYPES = ("qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3")
+MODEL_TYPES = ("qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3", "gpt_oss")
 ROPE_TYPES = ("default", "yarn")
 _ROUTER_FIELDS = ("first_dense_layers", "dense_d_ff", "shared_experts", "n_group", "topk_group",
                   "routed_scaling", "norm_topk_prob")
@@ -191,6 +214,7 @@ TYPE_FIELDS = {
     "glm4_moe": (*_ROUTER_FIELDS, "attention_bias", "qk_norm", "partial_rotary"),
     "deepseek_v3": (*_ROUTER_FIELDS, "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                     "v_head_dim", "rope_mscale", "rope_mscale_all_dim"),
+    "gpt_oss": ("sliding_window",),
 }
 
 

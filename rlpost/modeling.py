@@ -41,6 +41,7 @@ import glob
 import importlib.metadata
 import json
 import math
+import re
 import os
 import tempfile
 from dataclasses import dataclass
@@ -56,7 +57,8 @@ from rlpost.config import TYPE_FIELDS, ConfigError, ModelConfig
 HF_MODEL_TYPE = "qwen3_moe"
 # model.type -> the Hugging Face architecture written to and read from config.json
 HF_ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
-                    "glm4_moe": "Glm4MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+                    "glm4_moe": "Glm4MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+                    "gpt_oss": "GptOssForCausalLM"}
 
 
 class RMSNorm(nn.Module):
@@ -93,8 +95,10 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     def correction_dim(rotations: float) -> float:
         return d * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
 
-    low = max(math.floor(correction_dim(cfg.rope_beta_fast)), 0)
-    high = min(math.ceil(correction_dim(cfg.rope_beta_slow)), d - 1)
+    low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+    if cfg.rope_truncate:  # whole dimensions (GPT-OSS keeps the fractional ends: truncate=false)
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
     ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low if high > low else 0.001)).clamp(0, 1)
     extrapolate = 1 - ramp
     inv_freq = (1.0 / (factor * base)) * (1 - extrapolate) + (1.0 / base) * extrapolate
@@ -166,15 +170,18 @@ class KVCache:
 
 
 class Qwen3MoeAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.rope = Rope(cfg)
-        bias = cfg.attention_bias  # GLM: q/k/v biases (never o)
+        bias = cfg.attention_bias or cfg.oai_blocks  # GLM: q/k/v biases (never o); GPT-OSS: q/k/v/o
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=bias)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=bias)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.oai_blocks)
+        self.window = cfg.layer_window(index)
+        if cfg.oai_blocks:  # GPT-OSS: one learned logit per head that every query's softmax includes
+            self.sinks = nn.Parameter(torch.zeros(cfg.n_heads))
         # Qwen3 normalises each head's queries and keys before the rotary embedding; Mixtral does
         # not; GLM-4.5 does when its config says so (use_qk_norm)
         self.qk_norm = cfg.type == "qwen3_moe" or (cfg.type == "glm4_moe" and cfg.qk_norm)
@@ -195,13 +202,16 @@ class Qwen3MoeAttention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = self.rope(q, positions), self.rope(k, positions)
-        return self.o_proj(attend(q, k, v, attn_mask, cache, layer, self.n_heads != self.n_kv))
+        return self.o_proj(attend(q, k, v, attn_mask, cache, layer, self.n_heads != self.n_kv,
+                                  window=self.window, sinks=getattr(self, "sinks", None)))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-           cache: KVCache | None, layer: int, gqa: bool = False, scale: float | None = None) -> torch.Tensor:
+           cache: KVCache | None, layer: int, gqa: bool = False, scale: float | None = None,
+           window: int = 0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention of ``q`` over ``k``/``v`` (B, heads, T, dims), through the
-    cache when there is one; the heads' outputs concatenated (B, T, heads * v dims)."""
+    cache when there is one; the heads' outputs concatenated (B, T, heads * v dims).
+    ``window`` > 0 and ``sinks`` (heads,) are GPT-OSS's: see :func:`attend_with_sinks`."""
     b, _, t, _ = q.shape
     if cache is not None:
         start = cache.length
@@ -209,11 +219,41 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.T
         cache.values[layer][:, :, start:start + t] = v
         k = cache.keys[layer][:, :, :start + t]
         v = cache.values[layer][:, :, :start + t]
-    if attn_mask is None:
+    if window or sinks is not None:
+        out = attend_with_sinks(q, k, v, attn_mask, window, sinks, scale)
+    elif attn_mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa, scale=scale)
     return out.transpose(1, 2).reshape(b, t, -1)
+
+
+def attend_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                      window: int, sinks: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
+    """GPT-OSS's attention (B, heads, T, dims) -> (B, heads, T, dims), written out (SDPA has no
+    sinks): each head's softmax also covers a learned logit ``sinks[h]`` whose value is dropped,
+    so a query may attend to nothing (its weights then sum to less than one; a fully masked row,
+    padding, gives zeros instead of NaN). ``window`` > 0 keeps each query's latest ``window``
+    allowed keys (itself included): a token at position p sees positions p - window + 1 .. p,
+    as transformers' and vLLM's sliding window. Counting allowed keys instead of comparing
+    positions works for every mask the callers build (causal, a packed batch's segments, the
+    engine's left-padded lock-step cache): each admits exactly a sequence's earlier tokens."""
+    t, s = q.shape[-2], k.shape[-2]
+    if attn_mask is None:
+        attn_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)[None, None]
+    if window:
+        later = attn_mask.flip(-1).cumsum(-1).flip(-1)  # allowed keys at or after each column
+        attn_mask = attn_mask & (later <= window)
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key/value head serves a group
+        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    scores = (q.float() @ k.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = scores.masked_fill(~attn_mask, float("-inf"))
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return probs.to(v.dtype) @ v
 
 
 class DeepseekV3Attention(nn.Module):
@@ -258,17 +298,33 @@ class DeepseekV3Attention(nn.Module):
         return self.o_proj(attend(q, k, v, attn_mask, cache, layer, scale=self.scale))
 
 
-class SwiGLUExpert(nn.Module):
-    """One expert: ``down(silu(gate(x)) * up(x))``, no biases (HF ``Qwen3MoeMLP``)."""
+SWIGLU_LIMIT, SWIGLU_ALPHA = 7.0, 1.702  # GPT-OSS's (config.json swiglu_limit; vLLM fixes both)
 
-    def __init__(self, d_model: int, d_ff: int):
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS's expert activation (HF ``GptOssExperts._apply_gate``): the gate clamped above at
+    7, the up projection to [-7, 7], ``(up + 1) * gate * sigmoid(1.702 * gate)``."""
+    gate = gate.clamp(max=SWIGLU_LIMIT)
+    return (up.clamp(-SWIGLU_LIMIT, SWIGLU_LIMIT) + 1) * gate * torch.sigmoid(gate * SWIGLU_ALPHA)
+
+
+def expert_activation(gate: torch.Tensor, up: torch.Tensor, oai: bool) -> torch.Tensor:
+    return clamped_swiglu(gate, up) if oai else F.silu(gate) * up
+
+
+class SwiGLUExpert(nn.Module):
+    """One expert: ``down(silu(gate(x)) * up(x))``, no biases (HF ``Qwen3MoeMLP``); ``oai``:
+    GPT-OSS's, with biases and :func:`clamped_swiglu`."""
+
+    def __init__(self, d_model: int, d_ff: int, oai: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.oai = oai
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=oai)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=oai)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=oai)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(expert_activation(self.gate_proj(x), self.up_proj(x), self.oai))
 
 
 class MoEResult(NamedTuple):
@@ -303,7 +359,8 @@ def route(probs: torch.Tensor, k: int, replay: torch.Tensor | None = None) -> tu
 
 
 def route_tokens(hidden: torch.Tensor, gate_weight: torch.Tensor, cfg: ModelConfig,
-                 correction_bias: torch.Tensor | None = None, replay: torch.Tensor | None = None
+                 correction_bias: torch.Tensor | None = None, replay: torch.Tensor | None = None,
+                 gate_bias: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The router of ``cfg.type`` on ``hidden`` (N, D): (experts used (N, k), their weights
     (N, k, fp32), the router's own top-k (N, k), per-expert probabilities (N, E) for the
@@ -312,8 +369,10 @@ def route_tokens(hidden: torch.Tensor, gate_weight: torch.Tensor, cfg: ModelConf
     correction bias added to choose; with groups, only the ``topk_group`` groups whose two best
     corrected scores sum highest; weights are the uncorrected scores of the chosen experts,
     renormalised (``norm_topk_prob``) and scaled by ``routed_scaling``. ``replay`` as in
-    :func:`route` (the weights are still this router's scores of the replayed experts)."""
-    logits = F.linear(hidden.float(), gate_weight.float())
+    :func:`route` (the weights are still this router's scores of the replayed experts).
+    ``gate_bias``: GPT-OSS's router bias on the logits (its softmax over the top-k logits is
+    this renormalised softmax)."""
+    logits = F.linear(hidden.float(), gate_weight.float(), None if gate_bias is None else gate_bias.float())
     if not cfg.sigmoid_router:
         probs = torch.softmax(logits, dim=-1)
         return (*route(probs, cfg.top_k, replay), probs)
@@ -386,15 +445,15 @@ class RoutedSparseMoe(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg, self.k = cfg, cfg.top_k
-        self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
+        self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=cfg.oai_blocks)
         bias = correction_bias(cfg)
         if bias is not None:
             self.gate.register_buffer("e_score_correction_bias", bias)
-        self.experts = nn.ModuleList(SwiGLUExpert(cfg.d_model, cfg.d_ff) for _ in range(cfg.num_experts))
+        self.experts = nn.ModuleList(SwiGLUExpert(cfg.d_model, cfg.d_ff, cfg.oai_blocks) for _ in range(cfg.num_experts))
         shared = shared_expert(cfg)
         if shared is not None:
             self.shared_experts = shared
-        self._stack: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stack: tuple[torch.Tensor, ...] | None = None
         # loading weights copies into the parameters: the stack is rebuilt on next use
         self.register_load_state_dict_post_hook(RoutedSparseMoe._forget_stack)
 
@@ -406,13 +465,17 @@ class RoutedSparseMoe(nn.Module):
         self._stack = None
         return apply_keeping_fp32_bias(self, self.gate, lambda: super(RoutedSparseMoe, self)._apply(fn, *args, **kwargs))
 
-    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate|up weights (E, D, 2F), down weights (E, F, D)): every expert in one batched
-        matmul; built on first use after a weight load."""
+    def _stacked(self) -> tuple[torch.Tensor, ...]:
+        """(gate|up weights (E, D, 2F), down weights (E, F, D)), and GPT-OSS's biases (E, 1, 2F)
+        and (E, 1, D): every expert in one batched matmul; built on first use after a weight load."""
         if self._stack is None:
-            self._stack = (torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]).t()
-                                        for e in self.experts]).contiguous(),
-                           torch.stack([e.down_proj.weight.t() for e in self.experts]).contiguous())
+            stack = [torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]).t()
+                                  for e in self.experts]).contiguous(),
+                     torch.stack([e.down_proj.weight.t() for e in self.experts]).contiguous()]
+            if self.cfg.oai_blocks:
+                stack += [torch.stack([torch.cat([e.gate_proj.bias, e.up_proj.bias])[None] for e in self.experts]),
+                          torch.stack([e.down_proj.bias[None] for e in self.experts])]
+            self._stack = tuple(stack)
         return self._stack
 
     def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> MoEResult:
@@ -420,14 +483,20 @@ class RoutedSparseMoe(nn.Module):
         flat = x.reshape(-1, shape[-1])
         experts, weights, own, _ = route_tokens(flat, self.gate.weight, self.cfg,
                                                 getattr(self.gate, "e_score_correction_bias", None),
-                                                None if replay is None else replay.reshape(-1, self.k))
+                                                None if replay is None else replay.reshape(-1, self.k), self.gate.bias)
         if flat.shape[0] <= self.DENSE_MAX_TOKENS:
             # a decode step: every expert on every token (two batched matmuls) and a gather beat
             # per-expert index bookkeeping on small batches (same math: each token still gets
             # its top-k experts)
-            w13, w2 = self._stacked()
-            gate, up = torch.bmm(flat.expand(w13.shape[0], -1, -1), w13).chunk(2, dim=-1)
-            every = torch.bmm(F.silu(gate) * up, w2).transpose(0, 1)  # (N, E, D)
+            w13, w2, *biases = self._stacked()
+            gate_up = torch.bmm(flat.expand(w13.shape[0], -1, -1), w13)
+            if biases:
+                gate_up = gate_up + biases[0]
+            gate, up = gate_up.chunk(2, dim=-1)
+            every = torch.bmm(expert_activation(gate, up, self.cfg.oai_blocks), w2)
+            if biases:
+                every = every + biases[1]
+            every = every.transpose(0, 1)  # (N, E, D)
             picked = every.gather(1, experts[:, :, None].expand(-1, -1, shape[-1]))  # (N, k, D)
             out = (picked * weights[:, :, None].to(flat.dtype)).sum(dim=1)
         else:
@@ -448,7 +517,7 @@ class Qwen3MoeDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, moe_factory: MoEFactory, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.self_attn = DeepseekV3Attention(cfg) if cfg.latent_attention else Qwen3MoeAttention(cfg)
+        self.self_attn = DeepseekV3Attention(cfg) if cfg.latent_attention else Qwen3MoeAttention(cfg, index)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.mlp = moe_factory(cfg) if index >= cfg.first_dense_layers else DenseMlp(cfg.d_model, cfg.dense_d_ff)
 
@@ -586,13 +655,73 @@ _QWEN3_TO_MIXTRAL = (
 
 
 def canonical_name(name: str, model_type: str = HF_MODEL_TYPE) -> str:
-    """The on-disk / on-the-wire (Hugging Face) name of a parameter of a ``model_type`` model."""
+    """The on-the-wire (Hugging Face) name of a parameter of a ``model_type`` model; also the
+    on-disk one except for GPT-OSS's experts (:func:`hf_layout`)."""
     for src, dst in _DEEPSPEED_TO_CANONICAL:
         name = name.replace(src, dst)
     if model_type == "mixtral":
         for src, dst in _QWEN3_TO_MIXTRAL:
             name = name.replace(src, dst)
+    elif model_type == "gpt_oss":
+        name = name.replace(".mlp.gate.", ".mlp.router.")
     return name
+
+
+_EXPERT = re.compile(r"(.*\.mlp\.experts\.)(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|bias)$")
+
+
+def hf_layout(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """``state`` as a Hugging Face checkpoint of ``cfg.type`` stores it. The same dict for every
+    type but GPT-OSS, whose checkpoints (and vLLM's and SGLang's loaders) hold each layer's
+    experts fused: ``mlp.experts.gate_up_proj`` (E, D, 2F) with gate and up columns
+    interleaved, ``gate_up_proj_bias`` (E, 2F), ``down_proj`` (E, F, D), ``down_proj_bias``
+    (E, D), where rlpost keeps one module per expert (DeepSpeed's MoE layer splits experts as
+    modules over expert-parallel ranks, and routing replay indexes them) and publishes them so."""
+    if not cfg.oai_blocks:
+        return state
+    out, parts = {}, {}
+    for name, tensor in state.items():
+        match = _EXPERT.match(name)
+        if match is None:
+            out[name] = tensor
+        else:
+            prefix, expert, proj, kind = match.groups()
+            parts.setdefault(prefix, {})[(int(expert), proj, kind)] = tensor
+    for prefix, p in parts.items():
+        experts = range(cfg.num_experts)
+        gate = torch.stack([p[(e, "gate_proj", "weight")] for e in experts])  # (E, F, D)
+        up = torch.stack([p[(e, "up_proj", "weight")] for e in experts])
+        out[prefix + "gate_up_proj"] = torch.stack([gate, up], dim=2).flatten(1, 2).transpose(1, 2).contiguous()
+        out[prefix + "gate_up_proj_bias"] = torch.stack(
+            [torch.stack([p[(e, "gate_proj", "bias")], p[(e, "up_proj", "bias")]], dim=1).flatten() for e in experts])
+        out[prefix + "down_proj"] = torch.stack([p[(e, "down_proj", "weight")].t() for e in experts]).contiguous()
+        out[prefix + "down_proj_bias"] = torch.stack([p[(e, "down_proj", "bias")] for e in experts])
+    return out
+
+
+def split_layout(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`hf_layout`: a checkpoint's GPT-OSS experts one module each."""
+    if not cfg.oai_blocks:
+        return state
+    out = {}
+    for name, tensor in state.items():
+        if not name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.gate_up_proj_bias",
+                              ".mlp.experts.down_proj", ".mlp.experts.down_proj_bias")):
+            out[name] = tensor
+            continue
+        prefix, fused = name.rsplit(".", 1)
+        for e in range(tensor.shape[0]):
+            at = f"{prefix}.{e}."
+            if fused == "gate_up_proj":  # (D, 2F), columns gate0, up0, gate1, up1, ...
+                out[at + "gate_proj.weight"] = tensor[e, :, 0::2].t().contiguous()
+                out[at + "up_proj.weight"] = tensor[e, :, 1::2].t().contiguous()
+            elif fused == "gate_up_proj_bias":
+                out[at + "gate_proj.bias"], out[at + "up_proj.bias"] = tensor[e, 0::2].clone(), tensor[e, 1::2].clone()
+            elif fused == "down_proj":
+                out[at + "down_proj.weight"] = tensor[e].t().contiguous()
+            else:
+                out[at + "down_proj.bias"] = tensor[e].clone()
+    return out
 
 
 # ---------------------------------------------------------------------- Hugging Face checkpoints
@@ -633,24 +762,35 @@ _DEEPSEEK_FIELDS = {**{k: v for k, v in _GLM_FIELDS.items()
 _DEEPSEEK_DEFAULTS = {"first_k_dense_replace": 3, "n_shared_experts": 1, "n_group": 8, "topk_group": 4,
                       "routed_scaling_factor": 2.5, "norm_topk_prob": True, "q_lora_rank": 1536,
                       "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128}
+# GPT-OSS's: Mixtral's expert names and its sliding window (its sinks, biases and activation
+# come with the type)
+_GPT_OSS_FIELDS = {**_MIXTRAL_FIELDS, "sliding_window": "sliding_window"}
 # YaRN's config.json keys (in rope_parameters, or the older rope_scaling) -> ModelConfig fields
 _YARN_FIELDS = {"factor": "rope_factor", "original_max_position_embeddings": "rope_original_max_len",
                 "beta_fast": "rope_beta_fast", "beta_slow": "rope_beta_slow", "mscale": "rope_mscale",
-                "mscale_all_dim": "rope_mscale_all_dim"}
+                "mscale_all_dim": "rope_mscale_all_dim", "truncate": "rope_truncate"}
 
 
 def _fields(model_type: str) -> dict[str, str]:
-    return {"mixtral": _MIXTRAL_FIELDS, "glm4_moe": _GLM_FIELDS, "deepseek_v3": _DEEPSEEK_FIELDS}.get(model_type, _HF_FIELDS)
+    return {"mixtral": _MIXTRAL_FIELDS, "glm4_moe": _GLM_FIELDS, "deepseek_v3": _DEEPSEEK_FIELDS,
+            "gpt_oss": _GPT_OSS_FIELDS}.get(model_type, _HF_FIELDS)
+
+
+def _gpt_oss_layer_types(n_layers: int) -> list[str]:
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
 
 
 def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """``config.json`` of a ``qwen3_moe``, ``mixtral``, ``glm4_moe`` or ``deepseek_v3`` checkpoint
-    for ``cfg``."""
+    """``config.json`` of a ``qwen3_moe``, ``mixtral``, ``glm4_moe``, ``deepseek_v3`` or ``gpt_oss``
+    checkpoint for ``cfg``."""
     out = {"architectures": [HF_ARCHITECTURES[cfg.type]], "model_type": cfg.type, "torch_dtype": dtype,
            "hidden_act": "silu", "attention_dropout": 0.0, "output_router_logits": False, "use_cache": True,
            "sliding_window": None, "rope_scaling": None}
     if cfg.type == "mixtral":
         out["router_jitter_noise"] = 0.0
+    elif cfg.oai_blocks:
+        out.update({"attention_bias": True, "swiglu_limit": SWIGLU_LIMIT,
+                    "layer_types": _gpt_oss_layer_types(cfg.n_layers)})
     elif cfg.sigmoid_router:  # no multi-token-prediction layers: the policy has none
         out["num_nextn_predict_layers"] = 0
         if cfg.latent_attention:  # DeepSeek-V3's router as its config.json names it (vLLM reads these)
@@ -668,7 +808,8 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
     if cfg.rope_type == "yarn":  # the long-standing key, which transformers and vLLM both read
         out["rope_scaling"] = {"rope_type": "yarn", "type": "yarn",
                                **{hf: getattr(cfg, ours) for hf, ours in _YARN_FIELDS.items()
-                                  if getattr(cfg, ours) or hf not in ("mscale", "mscale_all_dim")}}
+                                  if getattr(cfg, ours) != getattr(ModelConfig, ours)
+                                  or hf not in ("mscale", "mscale_all_dim", "truncate")}}
     try:  # what every Hugging Face config.json records; without it transformers 5 takes a local
         # checkpoint for an old Mistral one and warns that its tokenizer's regex is wrong
         out["transformers_version"] = importlib.metadata.version("transformers")
@@ -711,6 +852,13 @@ def model_config_from_hf(path: str, base: ModelConfig | None = None, hf: dict | 
     elif model_type == "deepseek_v3":
         unsupported = {"hidden_act": "silu", "scoring_func": "sigmoid", "topk_method": "noaux_tc",
                        "attention_bias": False, "rope_interleave": True, "moe_layer_freq": 1}
+    elif model_type == "gpt_oss":
+        unsupported = {"attention_bias": True, "swiglu_limit": SWIGLU_LIMIT}
+        layers = hf.get("num_hidden_layers")
+        if hf.get("layer_types") is not None and isinstance(layers, int) and \
+                hf["layer_types"] != _gpt_oss_layer_types(layers):
+            raise ConfigError(f"model.path={path!r}: config.json layer_types={hf['layer_types']!r} is not supported "
+                              f"(needs sliding_attention on even layers, full_attention on odd ones, as vLLM assumes)")
     if hf.get("quantization_config"):  # FP8/int4 tensors and their scales are not the policy's weights
         raise ConfigError(f"model.path={path!r}: config.json quantization_config={hf['quantization_config']!r}: "
                           f"quantized weights are not supported (dequantize to bf16 first)")
@@ -762,9 +910,8 @@ def _rope_fields(hf: dict, path: str) -> dict:
         for needed in ("factor", "original_max_position_embeddings"):
             if rope.get(needed) is None:
                 raise ConfigError(f"model.path={path!r}: config.json {key} has no {needed} (YaRN needs it)")
-        if rope.get("attention_factor") is not None or rope.get("truncate", True) is not True:
-            raise ConfigError(f"model.path={path!r}: config.json {key}={rope!r}: attention_factor and "
-                              f"truncate=false are not supported")
+        if rope.get("attention_factor") is not None:
+            raise ConfigError(f"model.path={path!r}: config.json {key}={rope!r}: attention_factor is not supported")
         for hf_key, name in _YARN_FIELDS.items():
             if rope.get(hf_key) is not None:
                 fields[name] = _json_value(rope[hf_key], type(fields[name]), f"{key}.{hf_key}", path)
@@ -786,7 +933,7 @@ def save_pretrained(state: dict[str, torch.Tensor], cfg: ModelConfig, path: str,
     """Write a Hugging Face checkpoint: ``model.safetensors`` + ``config.json``."""
     os.makedirs(path, exist_ok=True)
     tmp = os.path.join(path, "model.safetensors.tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in hf_layout(state, cfg).items()}, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as fh:
         json.dump(hf_config(cfg, dtype), fh, indent=2)
@@ -817,4 +964,4 @@ def load_pretrained(path: str, base: ModelConfig | None = None) -> tuple[dict[st
     extra = tuple(f"model.layers.{i}." for i in range(cfg.n_layers, cfg.n_layers + mtp))
     if extra:
         state = {k: v for k, v in state.items() if not k.startswith(extra)}
-    return state, cfg
+    return split_layout(state, cfg), cfg

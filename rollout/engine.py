@@ -196,11 +196,14 @@ class ServedEngineBase(EngineBase):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """In place, between chunks, with no request running (the worker aborts or finishes
-        every request before it swaps)."""
+        every request before it swaps). The library gets the weights in its checkpoint layout
+        (GPT-OSS: experts fused, :func:`rlpost.modeling.hf_layout`)."""
+        from rlpost.modeling import hf_layout
+
         if self._streams:
             raise RuntimeError(f"{self.name} weights v{version}: {len(self._streams)} requests still running")
         t0 = time.perf_counter()
-        self._load_weights(state_dict, version)
+        self._load_weights(hf_layout(state_dict, self.model_cfg), version)
         self._version = version
         self.weight_update_s += time.perf_counter() - t0
         self.weight_updates += 1

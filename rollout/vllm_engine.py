@@ -47,9 +47,14 @@ class _Stream:
     experts: list[np.ndarray] = field(default_factory=list)
 
 
-def _reload_in_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
-    """Runs inside vLLM's worker: in-place reload, then the CPU MoE repack (see module doc)."""
+def _reload_in_worker(worker, weights: list[tuple[str, torch.Tensor]],
+                      copied: list[tuple[str, torch.Tensor]] = ()) -> int:
+    """Runs inside vLLM's worker: in-place reload, then the CPU MoE repack (see module doc).
+    ``copied``: weights the model's loader copies straight into its parameters (GPT-OSS's
+    sinks), which the reload's tracking would not see; loaded into the live model afterwards."""
     worker.reload_weights(weights_iterator=weights)
+    if copied:
+        worker.model_runner.model.load_weights(weights=copied)
     repacked = 0
     from vllm.platforms import current_platform
 
@@ -75,7 +80,9 @@ class _RotaryReloadFilter(logging.Filter):
         if message.startswith("Following weights were not loaded from checkpoint: {"):
             names = message.split("{", 1)[1].rstrip("}").replace("'", "").split(", ")
             return not all(name.endswith((".W_UK_T", ".W_UV")) for name in names)
-        return message != "RotaryEmbedding: Failed to load weights"
+        # GPT-OSS's attention module holds only its sinks, loaded after the reload (_reload_in_worker)
+        return message not in ("RotaryEmbedding: Failed to load weights", "OAIAttention: Failed to load weights",
+                               "YaRNScalingRotaryEmbedding: Failed to load weights")
 
 
 def _rotate_strided_in_torch() -> None:
@@ -95,6 +102,21 @@ def _rotate_strided_in_torch() -> None:
 
     forward_cpu.rlpost_strided_in_torch = True
     RotaryEmbedding.forward_cpu = forward_cpu
+
+
+def _streamed_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GPT-OSS's fused expert tensors (E, ...) as one entry per expert, ``mlp.experts.{e}.gate_up_proj``
+    and so on (views): vLLM's GPT-OSS loader copies fused tensors straight into its parameters,
+    unseen by the in-place reload, which then puts the old experts back; per expert it goes
+    through the experts' weight loader like every other model's. Other models' states unchanged."""
+    out = {}
+    for name, tensor in state.items():
+        head, _, fused = name.rpartition(".mlp.experts.")
+        if head and fused in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
+            out.update({f"{head}.mlp.experts.{e}.{fused}": tensor[e] for e in range(tensor.shape[0])})
+        else:
+            out[name] = tensor
+    return out
 
 
 class VLLMEngine(ServedEngineBase):
@@ -200,7 +222,9 @@ class VLLMEngine(ServedEngineBase):
         # one warning per tensor per update
         dtype = getattr(self.llm.model_config, "dtype", None)
         weights = [(name, tensor.to(dtype) if isinstance(dtype, torch.dtype) and tensor.is_floating_point() else tensor)
-                   for name, tensor in state_dict.items()]
-        self.llm.collective_rpc(_reload_in_worker, args=(weights,))
+                   for name, tensor in _streamed_experts(state_dict).items()]
+        copied = [(name, tensor) for name, tensor in weights if name.endswith(".self_attn.sinks")]
+        weights = [(name, tensor) for name, tensor in weights if not name.endswith(".self_attn.sinks")]
+        self.llm.collective_rpc(_reload_in_worker, args=(weights, copied))
         if not self.llm.reset_prefix_cache():
             raise RuntimeError(f"vLLM weights v{version}: the prefix cache could not be reset")

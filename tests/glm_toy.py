@@ -9,12 +9,12 @@ GLM = dict(n_layers=3, first_dense_layers=1, dense_d_ff=96, d_ff=32, num_experts
 
 
 def randomise_glm_extras(model: torch.nn.Module, seed: int = 0) -> None:
-    """The parts a fresh model starts at zero (q/k/v biases, router correction biases) made
+    """The parts a fresh model starts at zero (biases, router correction biases, GPT-OSS's sinks) made
     random, so a test sees whether they are loaded, saved and used."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if name.endswith((".bias", "e_score_correction_bias")):
+            if name.endswith((".bias", "e_score_correction_bias", ".sinks")):
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.2)
 
 
@@ -27,3 +27,12 @@ DEEPSEEK = dict(n_layers=3, n_heads=4, n_kv_heads=4, first_dense_layers=1, dense
 # YaRN as DeepSeek-V3 extends its context (factor 40 over 4k there), at toy size: mscale and
 # mscale_all_dim differ, so both the cos/sin factor and the softmax temperature matter
 YARN = dict(rope_type="yarn", rope_factor=4.0, rope_original_max_len=16, rope_mscale=0.8, rope_mscale_all_dim=1.0)
+
+# GPT-OSS's features at toy size: grouped-query attention with sinks and biases on q/k/v/o, a
+# 5-token sliding window on layers 0 and 2 (shorter than the tests' sequences), top-4 of 8
+# experts with biases and the clamped SwiGLU, a router bias, and GPT-OSS's rotary: YaRN without
+# truncation, factor 32 over 4k (at this head width the untruncated ramp ends change 4 of its 8
+# frequencies)
+OSS = dict(n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=32, num_experts=8, top_k=4, sliding_window=5,
+           rope_type="yarn", rope_factor=32.0, rope_original_max_len=4096, rope_truncate=False, rope_theta=150000.0,
+           rms_norm_eps=1e-5)

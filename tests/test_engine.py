@@ -296,22 +296,27 @@ def test_the_native_engine_generates_on_the_gpu_it_was_given(small_cfg):
     assert [o.token_ids for o in greedy(engine)] == [o.token_ids for o in greedy(cpu)]
 
 
-def test_latent_attention_and_yarn_decode_from_the_cache_as_the_model_computes_in_full(small_cfg):
-    """model.type=deepseek_v3 with YaRN in the native engine: keys and values of other widths
-    than the heads' (latent attention's no-rope + rope keys, narrower values) go through the
+@pytest.mark.parametrize("arch", ["deepseek_v3", "gpt_oss"])
+def test_latent_attention_sinks_window_and_yarn_decode_from_the_cache_as_the_model_computes_in_full(small_cfg, arch):
+    """model.type=deepseek_v3 with YaRN, and gpt_oss, in the native engine: keys and values of
+    other widths than the heads' (latent attention's no-rope + rope keys, narrower values), or
+    GPT-OSS's sinks and 5-token sliding window on sequences 3-5 windows long, go through the
     batched, left-padded cache, a cut and resume, admission mid-generation and retained caches;
     every token and logprob is what the model computes over the whole sequence without a cache,
     and the routed experts are reported for the layers that have them."""
-    from glm_toy import DEEPSEEK, YARN
+    from glm_toy import DEEPSEEK, OSS, YARN, randomise_glm_extras
     from rlpost.config import ModelConfig
     from rlpost.modeling import Qwen3MoeForCausalLM
 
-    cfg = ModelConfig(**{**DEEPSEEK, **YARN, "type": "deepseek_v3", "vocab_size": small_cfg.model.vocab_size, "max_seq_len": 64,
+    arch_fields = {**DEEPSEEK, **YARN} if arch == "deepseek_v3" else OSS
+    cfg = ModelConfig(**{**arch_fields, "type": arch, "vocab_size": small_cfg.model.vocab_size, "max_seq_len": 64,
                          "init_std": 0.3})
     cfg.validate()
     torch.manual_seed(7)
     engine = NativeEngine(cfg, EngineConfig(chunk_tokens=3, reuse_kv=True), eos_id=-1)
-    engine.load_weights(Qwen3MoeForCausalLM(cfg).state_dict(), version=0)
+    model = Qwen3MoeForCausalLM(cfg)
+    randomise_glm_extras(model)
+    engine.load_weights(model.canonical_state_dict(), version=0)
     budgets = [20, 9, 14]  # past the original 16 positions YaRN extends
     reqs = [GenRequest(p, b, temperature=0.0, cache_key=f"s{i}") for i, (p, b) in enumerate(zip(prompts(), budgets))]
     calls = {"n": 0}

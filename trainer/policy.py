@@ -16,7 +16,7 @@ send some tokens through different experts, and the trainer then updates experts
 never used and scores it with a router the engine did not follow.
 
 Routers DeepSpeed's gate does not compute (``model.type=glm4_moe`` and ``deepseek_v3``: sigmoid
-scores with a correction bias, expert groups, scaled weights) and softmax top-k for k > 2 (Qwen3-30B-A3B's
+scores with a correction bias, expert groups, scaled weights; ``gpt_oss``: a router bias) and softmax top-k for k > 2 (Qwen3-30B-A3B's
 top-8; one router for engine and trainer instead of DeepSpeed's ``topkgating``) take the same path as replay with
 nothing to replay: :func:`rlpost.modeling.route_tokens` routes, the gate returns DeepSpeed's
 sparse-route layout, and DeepSpeed's MoE layer dispatches (and all-to-alls under expert
@@ -54,8 +54,8 @@ class ReplayTopKGate(TopKGate):
 
     @property
     def deepspeed_routes(self) -> bool:
-        """DeepSpeed's own gate computes this router (softmax, top-1 or top-2)."""
-        return not self.model_cfg.sigmoid_router and self.k <= 2
+        """DeepSpeed's own gate computes this router (softmax, top-1 or top-2, no bias)."""
+        return not self.model_cfg.sigmoid_router and not self.model_cfg.oai_blocks and self.k <= 2
 
     def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):  # noqa: A002
         if self.replay is None and self.deepspeed_routes:
@@ -66,7 +66,8 @@ class ReplayTopKGate(TopKGate):
         if groups.mpu is not None:
             raise NotImplementedError("routing replay and rlpost's router with tensor-parallel experts")
         experts, weights, own, probs = route_tokens(input, self.wg.weight, self.model_cfg,
-                                                    getattr(self, "e_score_correction_bias", None), self.replay)
+                                                    getattr(self, "e_score_correction_bias", None), self.replay,
+                                                    self.wg.bias)
         self.own = own.detach()
         num_experts = probs.shape[-1]
         mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, experts, True)
@@ -93,7 +94,8 @@ class DeepSpeedSparseMoe(nn.Module):
     def __init__(self, cfg: ModelConfig, ep_size: int = 1):
         super().__init__()
         self.moe = MoE(
-            hidden_size=cfg.d_model, expert=SwiGLUExpert(cfg.d_model, cfg.d_ff), num_experts=cfg.num_experts,
+            hidden_size=cfg.d_model, expert=SwiGLUExpert(cfg.d_model, cfg.d_ff, cfg.oai_blocks),
+            num_experts=cfg.num_experts,
             ep_size=ep_size, k=cfg.top_k, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=0,
             drop_tokens=False, use_rts=False, noisy_gate_policy=None, top2_2nd_expert_sampling=False,
         )
@@ -106,6 +108,8 @@ class DeepSpeedSparseMoe(nn.Module):
         bias = correction_bias(cfg)
         if bias is not None:  # a buffer: loaded, saved and published, never trained
             gate.register_buffer("e_score_correction_bias", bias)
+        if cfg.oai_blocks:  # GPT-OSS's router bias (trained), on DeepSpeed's bias-free gate
+            gate.wg.bias = nn.Parameter(torch.zeros(cfg.num_experts, dtype=gate.wg.weight.dtype))
         shared = shared_expert(cfg)
         if shared is not None:
             self.shared_experts = shared
@@ -126,7 +130,8 @@ class DeepSpeedSparseMoe(nn.Module):
             # DeepSpeed's gate does not return its routing; recompute the router's own ids (one
             # small matmul per layer) so the trainer can compare them with the engine's
             with torch.no_grad():
-                _, _, own, _ = route_tokens(x.reshape(-1, x.shape[-1]), gate.wg.weight, gate.model_cfg)
+                _, _, own, _ = route_tokens(x.reshape(-1, x.shape[-1]), gate.wg.weight, gate.model_cfg,
+                                            gate_bias=gate.wg.bias)
         if hasattr(self, "shared_experts"):
             out = out + self.shared_experts(x)
         return MoEResult(out, aux, counts, own.view(*x.shape[:-1], self.k))
