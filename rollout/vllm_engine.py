@@ -73,13 +73,14 @@ class _RotaryReloadFilter(logging.Filter):
     them back as they were (tests/test_vllm_engine.py: output after a reload equals a fresh
     engine's). One false warning per RL step would bury real ones. Likewise "weights were not
     loaded" when all it names are latent attention's absorbed matrices (``W_UK_T``, ``W_UV``),
-    which vLLM derives from ``kv_b_proj`` after every load (the same test, for deepseek_v3)."""
+    which vLLM derives from ``kv_b_proj`` after every load (the same test, for deepseek_v3), or
+    GPT-OSS's sinks, which :func:`_reload_in_worker` loads right after the reload (for gpt_oss)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if message.startswith("Following weights were not loaded from checkpoint: {"):
             names = message.split("{", 1)[1].rstrip("}").replace("'", "").split(", ")
-            return not all(name.endswith((".W_UK_T", ".W_UV")) for name in names)
+            return not all(name.endswith((".W_UK_T", ".W_UV", ".attn.sinks")) for name in names)
         # GPT-OSS's attention module holds only its sinks, loaded after the reload (_reload_in_worker)
         return message not in ("RotaryEmbedding: Failed to load weights", "OAIAttention: Failed to load weights",
                                "YaRNScalingRotaryEmbedding: Failed to load weights")
