@@ -361,6 +361,25 @@ def test_same_function_as_transformers(tmp_path, name):
             assert (other(ids).logits - logits).abs().max() > 1e-4, change
 
 
+def test_gpt_oss_window_and_sinks_in_a_packed_row_see_each_sequence_alone():
+    """The trainer's packed rows (segment ids, positions restarting per sequence): GPT-OSS's
+    sliding window counts only the sequence's own earlier tokens and its sinks stay per query,
+    so every position gets the logits of the sequence run alone; padding (-1) stays finite."""
+    torch.manual_seed(4)
+    model = Qwen3MoeForCausalLM(tiny(type="gpt_oss")).eval()
+    randomise_glm_extras(model)
+    lengths = [12, 9, 7]
+    seqs = [torch.randint(0, 100, (n,)) for n in lengths]
+    ids = torch.cat([*seqs, torch.zeros(3, dtype=torch.long)])[None]
+    segments = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)] + [torch.full((3,), -1)])[None]
+    positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(3, dtype=torch.long)])[None]
+    with torch.no_grad():
+        packed = model(ids, positions=positions, segments=segments).logits[0]
+        alone = torch.cat([model(seq[None]).logits[0] for seq in seqs])
+    torch.testing.assert_close(packed[:sum(lengths)], alone, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(packed).all()
+
+
 def test_logits_at_selects_positions_and_scattered_logprobs_match_the_full_head():
     """The LM head on the selected positions only (what the loss and a prefill need) gives the
     same logits, in row-major order, and the same per-token logprobs scattered back."""
