@@ -46,8 +46,8 @@ import glob
 import importlib.metadata
 import json
 import math
-import re
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
