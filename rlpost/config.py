@@ -528,6 +528,10 @@ class EnvConfig:
     sft_key: Optional[str] = None
     prompt_template: str = "{prompt}"
     reward: str = "math"
+    # The math and exact verifiers score only what follows the reasoning (the last </think>), and
+    # a response whose reasoning never ended scores 0: auto when the tokenizer has <think> and
+    # </think> tokens (Qwen3, DeepSeek-R1/V3.1, GLM-4.5), think (require them), none (the whole text)
+    reasoning: str = "auto"
     reward_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     seed: int = 1234
     reward_timeout_s: float = 5.0
@@ -563,6 +567,10 @@ class EnvConfig:
                    "must contain {prompt}")
             _check(self.reward in ("math", "exact") or (":" in self.reward and all(self.reward.split(":", 1))),
                    f"{p}.reward", self.reward, "must be math, exact or package.module:function")
+            _check(self.reasoning in ("auto", "think", "none"), f"{p}.reasoning", self.reasoning,
+                   "must be auto, think or none")
+            _check(self.reasoning != "think" or self.reward in ("math", "exact"), f"{p}.reasoning", self.reasoning,
+                   "applies to the math and exact verifiers (a custom verifier gets the whole response)")
         _check(not self.filter_long_prompts or self.name == "dataset", f"{p}.filter_long_prompts", True,
                "is for env.name=dataset")
         _check(not self.tools or self.name == "dataset", f"{p}.tools", list(self.tools),

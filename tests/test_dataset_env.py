@@ -122,6 +122,45 @@ def test_math_reward_pays_only_the_committed_answer(tmp_path):
     assert score("the answer").info["extracted"] is None
 
 
+@pytest.mark.parametrize("thinking", [False, True])
+def test_reasoning_models_are_paid_for_the_answer_after_their_reasoning_only(tmp_path, thinking):
+    """A tokenizer with <think> / </think> tokens (DeepSeek's, in DeepSeek-V3.1's turn format):
+    the math and exact verifiers score what follows the last </think>; an answer written only
+    inside the reasoning, or a response cut before the reasoning ended, earns nothing, whether
+    the response opened the reasoning itself or the template did (thinking on: the prompt ends in
+    <think>). env.reasoning=none scores the whole text; a tokenizer without the tokens is unchanged."""
+    from test_hf_tokenizer import tokenizer_dir
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": "6*7=", "label": "42"}] * 3)
+    kwargs = dict(num_eval=1, tokenizer="hf", tokenizer_path=tokenizer_dir(tmp_path / "tok"),
+                  chat_template_kwargs={"thinking": thinking})
+    env = env_for(data, **kwargs)
+
+    def score(text, on=env, answer="42"):
+        return on.score(answer, on.tokenizer.encode_template_text(text) + [on.tokenizer.eos_id])
+
+    assert score("<think>6*7 is 42, maybe 41</think>The answer is \\boxed{42}").reward == 1.0
+    assert score("<think>it is \\boxed{42}</think>\\boxed{41}").reward == 0.0  # the committed answer is 41
+    assert score("<think>it is \\boxed{42}</think>I am not sure").reward == 0.0  # committed to nothing
+    cut = score("<think>so far: \\boxed{42}")  # the budget ran out while thinking
+    assert cut.reward == 0.0 and cut.info["reason"] == "the reasoning never ended (no </think>)"
+    assert score("\\boxed{42}</think>").reward == 0.0  # nothing after the reasoning
+    # no reasoning at all: paid when the template turned thinking off, not when it opened it
+    assert score("\\boxed{42}").reward == (0.0 if thinking else 1.0)
+    exact = env_for(data, reward="exact", **kwargs)
+    assert score("<think>hm</think>42", exact).reward == 1.0 and score("<think>42", exact).reward == 0.0
+    whole = env_for(data, reasoning="none", **kwargs)
+    assert score("<think>\\boxed{42}", whole).reward == 1.0
+    with pytest.raises(ConfigError, match=r"env.reasoning=think: the tokenizer \(gpt2\) has no single <think> / </think>"):
+        env_for(data, num_eval=1, tokenizer="gpt2", reasoning="think")
+    plain = env_for(data, num_eval=1, tokenizer="gpt2")
+    assert plain.score("42", plain.tokenizer.encode("<think>\\boxed{42}") + [plain.tokenizer.eos_id]).reward == 1.0
+    with pytest.raises(ConfigError, match=r"env.reasoning='maybe': must be auto, think or none"):
+        EnvConfig(name="dataset", train_path=data, reasoning="maybe").validate()
+    with pytest.raises(ConfigError, match=r"env.reasoning='think': applies to the math and exact verifiers"):
+        EnvConfig(name="dataset", train_path=data, reasoning="think", reward="m:f").validate()
+
+
 def test_exact_and_custom_rewards_with_their_failures_bounded(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", additions(6))
     exact = env_for(path, num_eval=1, reward="exact", tokenizer="gpt2")
