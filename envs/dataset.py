@@ -299,9 +299,11 @@ class DatasetEnv:
         if self._think is None:
             return ids
         opened, closed = self._think
+        if _reasoning_open(ids, opened, closed):  # opened (again) and not closed after
+            return None
         if closed in ids:
             return ids[len(ids) - ids[::-1].index(closed):]
-        return None if self._prompt_opens_thinking or opened in ids else ids
+        return None if self._prompt_opens_thinking else ids
 
     @functools.cached_property
     def longest_train_prompt(self) -> tuple[int, str]:

@@ -145,6 +145,7 @@ def test_reasoning_models_are_paid_for_the_answer_after_their_reasoning_only(tmp
     cut = score("<think>so far: \\boxed{42}")  # the budget ran out while thinking
     assert cut.reward == 0.0 and cut.info["reason"] == "the reasoning never ended (no </think>)"
     assert score("\\boxed{42}</think>").reward == 0.0  # nothing after the reasoning
+    assert score("<think>a</think>\\boxed{42}<think>or not").reward == 0.0  # reasoning again, never ended
     # no reasoning at all: paid when the template turned thinking off, not when it opened it
     assert score("\\boxed{42}").reward == (0.0 if thinking else 1.0)
     exact = env_for(data, reward="exact", **kwargs)
