@@ -187,8 +187,8 @@ def test_checkpoint_is_a_hugging_face_gpt_oss(tmp_path):
     """model.type=gpt_oss: GPT-OSS's config.json keys (layer types, swiglu_limit, untruncated
     YaRN) and tensors as gpt-oss stores them (each layer's experts fused, gate and up columns
     interleaved; router, sinks, biases), loaded back into one module per expert with the same
-    function; gpt-oss-20b's own config.json read as it is once dequantized (its MXFP4
-    quantization_config refused by name), other layer types or SwiGLU limits refused."""
+    function; gpt-oss-20b's own config.json read as it is, other quantizations, layer types or
+    SwiGLU limits refused."""
     from safetensors.torch import load_file
 
     cfg = tiny(type="gpt_oss")
@@ -218,7 +218,7 @@ def test_checkpoint_is_a_hugging_face_gpt_oss(tmp_path):
     assert {k: getattr(loaded, k) for k in OSS} == OSS and loaded.type == "gpt_oss"
     assert_reloads_the_same_function(model, state, loaded)
 
-    # gpt-oss-20b's config.json (MXFP4 experts: dequantized copies drop quantization_config)
+    # gpt-oss-20b's config.json (its MXFP4 experts are read by the next test)
     real = {"architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
             "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
             "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,
@@ -236,7 +236,7 @@ def test_checkpoint_is_a_hugging_face_gpt_oss(tmp_path):
     assert (big.n_layers, big.num_experts, big.top_k, big.d_ff, big.head_dim, big.n_kv_heads, big.sliding_window,
             big.rope_factor, big.rope_truncate, big.rope_theta, big.shared_experts) == (
         24, 32, 4, 2880, 64, 8, 128, 32.0, False, 150000.0, 0)
-    for change, error in [({"quantization_config": {"quant_method": "mxfp4"}}, "quantized weights are not supported"),
+    for change, error in [({"quantization_config": {"quant_method": "fp8"}}, "quantized weights are not supported"),
                           ({"layer_types": ["full_attention", "sliding_attention"] * 12},
                            "layer_types=.* is not supported \\(needs sliding_attention on even layers"),
                           ({"swiglu_limit": 10.0}, r"swiglu_limit=10.0 is not supported \(needs 7.0\)"),
@@ -244,6 +244,55 @@ def test_checkpoint_is_a_hugging_face_gpt_oss(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps({**real, **change}))
         with pytest.raises(ConfigError, match=error):
             model_config_from_hf(str(tmp_path))
+
+
+def test_gpt_oss_mxfp4_experts_are_dequantized_on_load_as_transformers_does(tmp_path):
+    """A gpt-oss checkpoint as OpenAI publishes it (quantization_config mxfp4: each layer's
+    experts as uint8 e2m1 blocks + E8M0 scales, the rest bf16) loads as bf16 weights equal to
+    transformers' own dequantization (``convert_moe_packed_tensors``), exactly; the loaded model
+    runs, saves as a plain bf16/fp32 checkpoint; a missing scales tensor is a config error."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from rlpost.modeling import hf_layout, split_layout
+
+    cfg = tiny(type="gpt_oss")
+    model, meta = saved(cfg, tmp_path)
+    disk = load_file(str(tmp_path / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    packed, reference = {}, {}
+    for name in [k for k in disk if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, cols, rows = disk.pop(name).shape  # (E, in, out): stored as (E, out, in / 32, 16)
+        blocks = torch.randint(0, 256, (experts, rows, cols // 32, 16), generator=gen, dtype=torch.uint8)
+        scales = torch.randint(122, 130, (experts, rows, cols // 32), generator=gen, dtype=torch.uint8)
+        packed |= {name + "_blocks": blocks, name + "_scales": scales}
+        reference[name] = convert_moe_packed_tensors(blocks, scales)
+    save_file({**disk, **packed}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({**meta, "quantization_config": {
+        "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                            "model.embed_tokens", "lm_head"]}}))
+    state, loaded = load_pretrained(str(tmp_path))
+    expected = split_layout({**disk, **reference}, loaded)
+    assert set(state) == set(expected) == set(model.canonical_state_dict())
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, atol=0, rtol=0)
+    assert state["model.layers.0.mlp.experts.3.gate_proj.weight"].dtype == torch.bfloat16
+    assert state["model.layers.0.mlp.experts.3.gate_proj.weight"].abs().max() > 1  # values, not codes
+    again = Qwen3MoeForCausalLM(loaded)
+    again.load_canonical_state_dict(state)
+    assert torch.isfinite(again(torch.randint(0, 100, (1, 9))).logits).all()
+    assert "quantization_config" not in json.dumps(hf_config_of(again, loaded, tmp_path / "out"))
+    assert set(hf_layout(state, loaded)) == set(disk) | set(reference)
+    save_file({**disk, **{k: v for k, v in packed.items() if not k.endswith("down_proj_scales")}},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(ConfigError, match=r"model.layers.0.mlp.experts.down_proj_blocks: no matching _scales"):
+        load_pretrained(str(tmp_path))
+
+
+def hf_config_of(model: Qwen3MoeForCausalLM, cfg: ModelConfig, folder) -> dict:
+    """The config.json ``model`` saves as (the trainer's final/)."""
+    save_pretrained(model.canonical_state_dict(), cfg, str(folder))
+    return json.loads((folder / "config.json").read_text())
 
 
 def test_model_fields_of_another_architecture_are_one_line_config_errors(tmp_path):
