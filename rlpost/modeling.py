@@ -58,6 +58,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rlpost.config import TYPE_FIELDS, ConfigError, ModelConfig
+from rlpost.quantized import dequantized, quantization
 
 HF_MODEL_TYPE = "qwen3_moe"
 # model.type -> the Hugging Face architecture written to and read from config.json
@@ -864,11 +865,7 @@ def model_config_from_hf(path: str, base: ModelConfig | None = None, hf: dict | 
                 hf["layer_types"] != _gpt_oss_layer_types(layers):
             raise ConfigError(f"model.path={path!r}: config.json layer_types={hf['layer_types']!r} is not supported "
                               f"(needs sliding_attention on even layers, full_attention on odd ones, as vLLM assumes)")
-    if hf.get("quantization_config") and not _mxfp4_experts(hf):
-        # FP8/int4 tensors and their scales are not the policy's weights
-        raise ConfigError(f"model.path={path!r}: config.json quantization_config={hf['quantization_config']!r}: "
-                          f"quantized weights are not supported (dequantize to bf16 first; gpt_oss's mxfp4 "
-                          f"experts are dequantized on load)")
+    quantization(hf, path)  # refuses what cannot be dequantized on load
     for key, wanted in unsupported.items():
         if hf.get(key, wanted) != wanted:
             raise ConfigError(f"model.path={path!r}: config.json {key}={hf[key]!r} is not supported "
@@ -936,52 +933,6 @@ def _json_value(value, kind: type, key: str, path: str):
     raise ConfigError(f"model.path={path!r}: config.json {key}={value!r} is not {_KIND_NAMES[kind]}")
 
 
-def _mxfp4_experts(hf: dict) -> bool:
-    """A gpt-oss checkpoint as OpenAI publishes it: experts in MXFP4, everything else in bf16."""
-    quant = hf.get("quantization_config")
-    return hf.get("model_type") == "gpt_oss" and isinstance(quant, dict) and quant.get("quant_method") == "mxfp4"
-
-
-# the 16 values of a 4-bit e2m1 float (sign, 2 exponent bits, 1 mantissa bit), by code
-_FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-
-
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """gpt-oss's MXFP4 expert tensor as the (E, columns, rows) weight its bf16 checkpoints hold:
-    ``blocks`` (E, rows, G, 16) uint8, two e2m1 values per byte (low nibble first), 32 values per
-    group; ``scales`` (E, rows, G) uint8, one power of two per group (E8M0: 2^(s - 127)). Every
-    value is exact in bf16 (a 2-bit mantissa times a power of two), so dequantizing loses nothing."""
-    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.dim() != 4 \
-            or blocks.shape[-1] != 16 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
-        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} {blocks.dtype} and scales {tuple(scales.shape)} "
-                         f"{scales.dtype}: expected uint8 (E, rows, G, 16) and (E, rows, G)")
-    lut = torch.tensor(_FP4_E2M1, dtype=torch.float32)
-    out = []
-    for e in range(blocks.shape[0]):  # one expert at a time: the fp32 values are 8x the packed bytes
-        values = torch.stack([lut[(blocks[e] & 0x0F).long()], lut[(blocks[e] >> 4).long()]], dim=-1).flatten(-2)
-        values = torch.ldexp(values, scales[e].to(torch.int32)[..., None] - 127)  # (rows, G, 32)
-        out.append(values.flatten(-2).t().to(dtype))
-    return torch.stack(out)
-
-
-def _dequantized(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
-    """``state`` with every ``<name>_blocks`` / ``<name>_scales`` pair replaced by ``<name>``
-    dequantized (:func:`dequantize_mxfp4`); a pair with a part missing or of other shapes is a
-    one-line config error naming the tensor."""
-    out = {k: v for k, v in state.items() if not k.endswith(("_blocks", "_scales"))}
-    for name in sorted(k.removesuffix("_blocks") for k in state if k.endswith("_blocks")):
-        scales = state.get(name + "_scales")
-        try:
-            if scales is None:
-                raise ValueError("no matching _scales tensor")
-            out[name] = dequantize_mxfp4(state[name + "_blocks"], scales)
-        except ValueError as exc:
-            raise ConfigError(f"model.path={path!r}: {name}_blocks: {exc}") from None
-    if any(k.endswith("_scales") and k.removesuffix("_scales") not in out for k in state):
-        raise ConfigError(f"model.path={path!r}: MXFP4 _scales without their _blocks")
-    return out
-
-
 def save_pretrained(state: dict[str, torch.Tensor], cfg: ModelConfig, path: str, dtype: str = "float32") -> None:
     """Write a Hugging Face checkpoint: ``model.safetensors`` + ``config.json``."""
     os.makedirs(path, exist_ok=True)
@@ -1017,6 +968,4 @@ def load_pretrained(path: str, base: ModelConfig | None = None) -> tuple[dict[st
     extra = tuple(f"model.layers.{i}." for i in range(cfg.n_layers, cfg.n_layers + mtp))
     if extra:
         state = {k: v for k, v in state.items() if not k.startswith(extra)}
-    if _mxfp4_experts(hf):
-        state = _dequantized(state, path)
-    return split_layout(state, cfg), cfg
+    return split_layout(dequantized(state, quantization(hf, path), path), cfg), cfg

@@ -116,8 +116,8 @@ def test_checkpoint_is_a_hugging_face_deepseek_v3(tmp_path):
     """model.type=deepseek_v3: DeepSeek-V3's config.json keys and parameter names (latent
     attention's projections and norms, GLM's router and experts), loaded back into the same
     function; a full q_proj is config.json's q_lora_rank null; DeepSeek-V3's and Moonlight's own
-    config.json read as they are (YaRN in the older rope_scaling form), and quantized (FP8)
-    weights refused by name."""
+    config.json read as they are (YaRN in the older rope_scaling form, the FP8 quantization
+    config accepted: dequantized on load), other quantizations refused by name."""
     cfg = tiny(type="deepseek_v3", **YARN)
     model, meta = saved(cfg, tmp_path)
     assert meta["model_type"] == "deepseek_v3" and meta["architectures"] == ["DeepseekV3ForCausalLM"]
@@ -174,10 +174,15 @@ def test_checkpoint_is_a_hugging_face_deepseek_v3(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**real, "hidden_size": 7040}))  # 55 per head: unused here
     model_config_from_hf(str(tmp_path)).validate()
     assert (moon.q_lora_rank, moon.rope_type, moon.num_experts, moon.top_k) == (0, "default", 64, 6)
-    (tmp_path / "config.json").write_text(json.dumps({**real, "quantization_config": {"quant_method": "fp8"}}))
-    with pytest.raises(ConfigError, match=r"config.json quantization_config=.*fp8.*: quantized weights are not "
-                                          r"supported \(dequantize to bf16 first\)"):
-        model_config_from_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**real, "quantization_config": {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}))
+    model_config_from_hf(str(tmp_path)).validate()  # DeepSeek-V3's FP8: dequantized on load (next test)
+    for quant in ({"quant_method": "compressed-tensors"}, {"quant_method": "fp8", "weight_block_size": [128]},
+                  {"quant_method": "fp8", "fmt": "e5m2"}):
+        (tmp_path / "config.json").write_text(json.dumps({**real, "quantization_config": quant}))
+        with pytest.raises(ConfigError, match=r"config.json quantization_config=.*: not supported \(fp8 e4m3 with "
+                                              r"weight_scale_inv, and gpt_oss's mxfp4 experts, are dequantized on load"):
+            model_config_from_hf(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({**real, "rope_interleave": False}))
     with pytest.raises(ConfigError, match=r"config.json rope_interleave=False is not supported \(needs True\)"):
         model_config_from_hf(str(tmp_path))
@@ -236,7 +241,7 @@ def test_checkpoint_is_a_hugging_face_gpt_oss(tmp_path):
     assert (big.n_layers, big.num_experts, big.top_k, big.d_ff, big.head_dim, big.n_kv_heads, big.sliding_window,
             big.rope_factor, big.rope_truncate, big.rope_theta, big.shared_experts) == (
         24, 32, 4, 2880, 64, 8, 128, 32.0, False, 150000.0, 0)
-    for change, error in [({"quantization_config": {"quant_method": "fp8"}}, "quantized weights are not supported"),
+    for change, error in [({"quantization_config": {"quant_method": "awq", "bits": 4}}, "awq.*: not supported"),
                           ({"layer_types": ["full_attention", "sliding_attention"] * 12},
                            "layer_types=.* is not supported \\(needs sliding_attention on even layers"),
                           ({"swiglu_limit": 10.0}, r"swiglu_limit=10.0 is not supported \(needs 7.0\)"),
@@ -285,7 +290,58 @@ def test_gpt_oss_mxfp4_experts_are_dequantized_on_load_as_transformers_does(tmp_
     assert set(hf_layout(state, loaded)) == set(disk) | set(reference)
     save_file({**disk, **{k: v for k, v in packed.items() if not k.endswith("down_proj_scales")}},
               str(tmp_path / "model.safetensors"))
-    with pytest.raises(ConfigError, match=r"model.layers.0.mlp.experts.down_proj_blocks: no matching _scales"):
+    with pytest.raises(ConfigError, match=r"model.layers.0.mlp.experts.down_proj_blocks: no _scales tensor for it"):
+        load_pretrained(str(tmp_path))
+
+
+def test_block_fp8_checkpoints_are_dequantized_on_load(tmp_path):
+    """DeepSeek-V3's (and Qwen3-FP8's, GLM-4.5-FP8's) block-wise FP8: float8_e4m3fn weights with
+    one fp32 weight_scale_inv per block, the last tiles cut at the edge (the tiny DeepSeek's
+    40-row kv_a_proj_with_mqa in 16-row blocks: 3 row tiles); loaded as bf16 weight x scale,
+    tile by tile, equal to transformers' own FP8 dequantization where its tiles divide the
+    matrix; static-activation input scales dropped; a missing scale is a config error."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    cfg = tiny(type="deepseek_v3")
+    _, meta = saved(cfg, tmp_path)
+    disk = load_file(str(tmp_path / "model.safetensors"))
+    quantized, expected = {}, {}
+    for name, w in disk.items():
+        if w.dim() != 2 or name.endswith(("embed_tokens.weight", "lm_head.weight", "mlp.gate.weight")):
+            continue
+        rows, cols = w.shape
+        grid = (-(-rows // 16), -(-cols // 16))
+        scale = torch.empty(grid)
+        q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+        want = torch.empty(rows, cols)
+        for i in range(grid[0]):
+            for j in range(grid[1]):
+                tile = w[16 * i:16 * i + 16, 16 * j:16 * j + 16]
+                scale[i, j] = tile.abs().max() / 448
+                q[16 * i:16 * i + 16, 16 * j:16 * j + 16] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
+                want[16 * i:16 * i + 16, 16 * j:16 * j + 16] = q[16 * i:16 * i + 16, 16 * j:16 * j + 16].float() * scale[i, j]
+        quantized |= {name: q, name.removesuffix("weight") + "weight_scale_inv": scale,
+                      name.removesuffix("weight") + "input_scale": torch.ones(())}
+        expected[name] = want.to(torch.bfloat16)
+        if rows % 16 == 0 and cols % 16 == 0:
+            torch.testing.assert_close(expected[name], Fp8Dequantize(None)._dequantize_one(q, scale, torch.bfloat16),
+                                       atol=0, rtol=0)
+    assert disk["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"].shape[0] == 40
+    save_file({**disk, **quantized}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({**meta, "quantization_config": {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "static", "weight_block_size": [16, 16]}}))
+    state, loaded = load_pretrained(str(tmp_path))
+    assert set(state) == set(disk) and len(expected) > 10
+    for name, want in expected.items():
+        torch.testing.assert_close(state[name], want, atol=0, rtol=0)
+    torch.testing.assert_close(state["model.embed_tokens.weight"], disk["model.embed_tokens.weight"], atol=0, rtol=0)
+    again = Qwen3MoeForCausalLM(loaded)
+    again.load_canonical_state_dict(state)  # the names are the policy's: it runs on them
+    assert torch.isfinite(again(torch.randint(0, 100, (1, 9))).logits).all()
+    del quantized["model.layers.2.mlp.experts.1.up_proj.weight_scale_inv"]
+    save_file({**disk, **quantized}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ConfigError, match=r"model.layers.2.mlp.experts.1.up_proj.weight: no .weight_scale_inv tensor"):
         load_pretrained(str(tmp_path))
 
 
