@@ -567,10 +567,12 @@ class EnvConfig:
                    "must contain {prompt}")
             _check(self.reward in ("math", "exact") or (":" in self.reward and all(self.reward.split(":", 1))),
                    f"{p}.reward", self.reward, "must be math, exact or package.module:function")
-            _check(self.reasoning in ("auto", "think", "none"), f"{p}.reasoning", self.reasoning,
-                   "must be auto, think or none")
             _check(self.reasoning != "think" or self.reward in ("math", "exact"), f"{p}.reasoning", self.reasoning,
                    "applies to the math and exact verifiers (a custom verifier gets the whole response)")
+        _check(self.reasoning in ("auto", "think", "none"), f"{p}.reasoning", self.reasoning,
+               "must be auto, think or none")
+        _check(self.reasoning == "auto" or self.name == "dataset", f"{p}.reasoning", self.reasoning,
+               "is for env.name=dataset (its math and exact verifiers)")
         _check(not self.filter_long_prompts or self.name == "dataset", f"{p}.filter_long_prompts", True,
                "is for env.name=dataset")
         _check(not self.tools or self.name == "dataset", f"{p}.tools", list(self.tools),

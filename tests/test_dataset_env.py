@@ -160,6 +160,8 @@ def test_reasoning_models_are_paid_for_the_answer_after_their_reasoning_only(tmp
         EnvConfig(name="dataset", train_path=data, reasoning="maybe").validate()
     with pytest.raises(ConfigError, match=r"env.reasoning='think': applies to the math and exact verifiers"):
         EnvConfig(name="dataset", train_path=data, reasoning="think", reward="m:f").validate()
+    with pytest.raises(ConfigError, match=r"env.reasoning='none': is for env.name=dataset"):
+        EnvConfig(name="arithmetic", reasoning="none").validate()
 
 
 def test_exact_and_custom_rewards_with_their_failures_bounded(tmp_path):
