@@ -25,6 +25,7 @@ from pathlib import Path
 
 from rlpost.config import EnvConfig, SandboxConfig
 from rlpost.envs.base import RewardResult, eval_task_set
+from rlpost.envs.reasoning import NEVER_ENDED, ReasoningSplit
 from rlpost.records import SamplingParams, Task
 from rlpost.tokenizer import env_tokenizer
 
@@ -165,6 +166,9 @@ class CodingEnv:
             self._eval = [toy_problem(i, seed=-1)[0] for i in range(cfg.num_eval)]
             self._eval_budget = cfg.eval_max_new_tokens or self.max_answer_len() + 1
         self._prompt_ids: dict[str, list[int]] = {}  # prompts are tokenized once
+        # a reasoning model's program is the one after its </think> (envs/reasoning.py)
+        self._reasoning = ReasoningSplit.for_env(self.tokenizer, cfg.reasoning, cfg.tokenizer,
+                                                 lambda: self.tokenizer.encode(self._eval[0].prompt, bos=True))
 
     @property
     def pool(self):
@@ -209,15 +213,22 @@ class CodingEnv:
         return self.score_many([answer], [response_ids])[0]
 
     def score_many(self, answers: list[str], responses: list[list[int]]) -> list[RewardResult]:
-        """Score a group at once: its programs run concurrently in the sandbox pool."""
-        subs = []
-        for answer, ids in zip(answers, responses):
+        """Score a group at once: its programs run concurrently in the sandbox pool. A reasoning
+        model's response whose reasoning never ended runs nothing and scores 0."""
+        subs, unended = [], []
+        for at, (answer, ids) in enumerate(zip(answers, responses)):
+            final = ids if self._reasoning is None else self._reasoning.final(ids)
+            if final is None:
+                unended.append(at)
+                continue
             spec = json.loads(answer)
-            code = extract_code(spec["prompt"], self.tokenizer.decode(ids), spec["entry"], spec["style"])
+            code = extract_code(spec["prompt"], self.tokenizer.decode(final), spec["entry"], spec["style"])
             # a HumanEval prompt is trusted code the tests rely on (imports, helpers such as poly)
             context = spec["prompt"] if spec["style"] == "continue" else ""
             subs.append(Submission(code, spec["tests"], spec["entry"], context))
-        return self.score_code(subs)
+        scored = iter(self.score_code(subs) if subs else [])
+        return [RewardResult(0.0, {"reason": NEVER_ENDED}) if at in unended else next(scored)
+                for at in range(len(answers))]
 
     def score_code(self, subs: list[Submission]) -> list[RewardResult]:
         """Reward = passed / total from the trusted judge's verdict; anything else is reward 0

@@ -52,6 +52,7 @@ from rlpost.tokenizer import env_tokenizer
 
 from rlpost.envs.answers import equivalent, extract_answer
 from rlpost.envs.base import RewardResult, eval_task_set
+from rlpost.envs.reasoning import NEVER_ENDED, ReasoningSplit
 
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -224,15 +225,6 @@ def _plain(info: Any) -> dict[str, Any]:
     return out
 
 
-THINK_MARKERS = ("<think>", "</think>")
-
-
-def _reasoning_open(ids: list[int], opened: int, closed: int) -> bool:
-    """``ids`` leave a reasoning block open: a ``<think>`` after the last ``</think>``."""
-    last = {i: at for at, i in enumerate(ids)}
-    return last.get(opened, -1) > last.get(closed, -1)
-
-
 class DatasetEnv:
     name = "dataset"
 
@@ -271,39 +263,9 @@ class DatasetEnv:
             self.turns = ChatToolTurns(self.tokenizer, cfg, sandbox)
         # python calls run model-written code: the driver smoke-tests the sandbox first
         self.sandboxed = "python" in cfg.tools
-        self._think = self._think_ids()
-        # a template that opens the reasoning itself (DeepSeek-R1's "<think>\n" after the
-        # assistant marker): a response without </think> never left it, even with no <think>
-        self._prompt_opens_thinking = self._think is not None and _reasoning_open(self._prompt_ids(self._train[0]),
-                                                                                 *self._think)
-
-    def _think_ids(self) -> tuple[int, int] | None:
-        """(``<think>`` id, ``</think>`` id) when the built-in verifiers score past the reasoning
-        (``env.reasoning``), else None. Ids, not text: decoding may drop them as special tokens."""
-        if self.cfg.reasoning == "none" or self._reward_fn is not None:
-            return None
-        encode = getattr(self.tokenizer, "encode_template_text", None)  # tokenizers with added tokens
-        ids = [encode(marker) if encode is not None else [] for marker in THINK_MARKERS]
-        if all(len(i) == 1 for i in ids):
-            return ids[0][0], ids[1][0]
-        if self.cfg.reasoning == "think":
-            raise ConfigError(f"env.reasoning=think: the tokenizer ({self.cfg.tokenizer}) has no single "
-                              f"{' / '.join(THINK_MARKERS)} tokens (use auto or none)")
-        return None
-
-    def _final_ids(self, response_ids: list[int]) -> list[int] | None:
-        """The part of a response the built-in verifiers score: after its last ``</think>`` when
-        reasoning is on; None when the reasoning never ended (cut by the budget while thinking,
-        or never closed): an answer the policy did not commit to earns nothing."""
-        ids = [int(i) for i in response_ids]
-        if self._think is None:
-            return ids
-        opened, closed = self._think
-        if _reasoning_open(ids, opened, closed):  # opened (again) and not closed after
-            return None
-        if closed in ids:
-            return ids[len(ids) - ids[::-1].index(closed):]
-        return None if self._prompt_opens_thinking else ids
+        # math / exact score the answer after a reasoning model's </think> (envs/reasoning.py)
+        self._reasoning = None if self._reward_fn is not None else ReasoningSplit.for_env(
+            self.tokenizer, cfg.reasoning, cfg.tokenizer, lambda: self._prompt_ids(self._train[0]))
 
     @functools.cached_property
     def longest_train_prompt(self) -> tuple[int, str]:
@@ -436,9 +398,9 @@ class DatasetEnv:
 
     def _score_text(self, answer: str, response_ids: list[int]) -> RewardResult:
         ended = response_ended(self.tokenizer, response_ids)
-        final = self._final_ids(response_ids)
+        final = response_ids if self._reasoning is None else self._reasoning.final(response_ids)
         if final is None:
-            return RewardResult(0.0, {"reason": f"the reasoning never ended (no {THINK_MARKERS[1]})", "ended": ended})
+            return RewardResult(0.0, {"reason": NEVER_ENDED, "ended": ended})
         text = self.tokenizer.decode(response_ids if self._reward_fn is not None else final)
         if self._reward_fn is not None:
             label, extra = _unpack(answer)

@@ -528,9 +528,10 @@ class EnvConfig:
     sft_key: Optional[str] = None
     prompt_template: str = "{prompt}"
     reward: str = "math"
-    # The math and exact verifiers score only what follows the reasoning (the last </think>), and
-    # a response whose reasoning never ended scores 0: auto when the tokenizer has <think> and
-    # </think> tokens (Qwen3, DeepSeek-R1/V3.1, GLM-4.5), think (require them), none (the whole text)
+    # The math and exact verifiers (and env=coding's program extraction) read only what follows
+    # the reasoning (the last </think>), and a response whose reasoning never ended scores 0:
+    # auto when the tokenizer has <think> and </think> tokens (Qwen3, DeepSeek-R1/V3.1, GLM-4.5),
+    # think (require them), none (the whole text). envs/reasoning.py
     reasoning: str = "auto"
     reward_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     seed: int = 1234
@@ -571,8 +572,8 @@ class EnvConfig:
                    "applies to the math and exact verifiers (a custom verifier gets the whole response)")
         _check(self.reasoning in ("auto", "think", "none"), f"{p}.reasoning", self.reasoning,
                "must be auto, think or none")
-        _check(self.reasoning == "auto" or self.name == "dataset", f"{p}.reasoning", self.reasoning,
-               "is for env.name=dataset (its math and exact verifiers)")
+        _check(self.reasoning == "auto" or self.name in ("dataset", "coding"), f"{p}.reasoning", self.reasoning,
+               "is for env.name=dataset (its math and exact verifiers) and coding")
         _check(not self.filter_long_prompts or self.name == "dataset", f"{p}.filter_long_prompts", True,
                "is for env.name=dataset")
         _check(not self.tools or self.name == "dataset", f"{p}.tools", list(self.tools),

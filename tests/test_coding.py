@@ -123,3 +123,31 @@ def test_a_verdict_that_is_not_plain_bounded_data_is_refused(body, why):
     # only the first verdict counts: a later (forged) one cannot replace it
     out = f"{nonce} " + '{"passed": 1, "total": 2, "error": "x"}' + f"\n{nonce} " + '{"passed": 2, "total": 2}'
     assert parse_verdict(out, nonce, total=2) == (1, "x")
+
+
+@needs_bwrap
+def test_a_reasoning_models_program_is_the_one_after_its_reasoning(tmp_path):
+    """With <think> / </think> tokens (DeepSeek's tokenizer, a V3.1-format template with thinking
+    on: the prompt opens the reasoning), the program is extracted from what follows the last
+    </think>: the reference after the reasoning passes, the same reference written only inside a
+    reasoning the budget cut runs nothing and scores 0 with the reason, and env.reasoning=none
+    reads the whole text (where the cut reasoning's reference passes)."""
+    from test_hf_tokenizer import tokenizer_dir
+
+    from rlpost.records import SamplingParams
+
+    tok = tokenizer_dir(tmp_path / "tok")
+    problem, reference = toy_problem(3, seed=0)
+    results = {}
+    for mode in ("auto", "none"):
+        env = CodingEnv(EnvConfig(name="coding", num_eval=2, tokenizer="hf", tokenizer_path=tok, reasoning=mode,
+                                  chat_template_kwargs={"thinking": True}), SandboxConfig(backend="bwrap", slots=2))
+        try:
+            task = env.train_task(3, 0, 1, SamplingParams())
+            responses = [f"about f(x)</think>{reference}", reference, f"</think>x+{reference}x"]
+            results[mode] = env.score_many([task.answer] * 3, [env.tokenizer.encode_template_text(r) for r in responses])
+        finally:
+            env.pool.close()
+    assert [r.reward for r in results["auto"]][:2] == [1.0, 0.0] and results["auto"][2].reward < 1.0
+    assert results["auto"][1].info["reason"] == "the reasoning never ended (no </think>)"
+    assert results["none"][1].reward == 1.0  # the whole text: the unfinished thought's program ran
