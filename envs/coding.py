@@ -168,7 +168,7 @@ class CodingEnv:
         self._prompt_ids: dict[str, list[int]] = {}  # prompts are tokenized once
         # a reasoning model's program is the one after its </think> (envs/reasoning.py)
         self._reasoning = ReasoningSplit.for_env(self.tokenizer, cfg.reasoning, cfg.tokenizer,
-                                                 lambda: self.tokenizer.encode(self._eval[0].prompt, bos=True))
+                                                 lambda: self.tokenizer.encode(toy_problem(0, 0)[0].prompt, bos=True))
 
     @property
     def pool(self):
@@ -215,11 +215,11 @@ class CodingEnv:
     def score_many(self, answers: list[str], responses: list[list[int]]) -> list[RewardResult]:
         """Score a group at once: its programs run concurrently in the sandbox pool. A reasoning
         model's response whose reasoning never ended runs nothing and scores 0."""
-        subs, unended = [], []
+        subs, unended = [], set()
         for at, (answer, ids) in enumerate(zip(answers, responses)):
             final = ids if self._reasoning is None else self._reasoning.final(ids)
             if final is None:
-                unended.append(at)
+                unended.add(at)
                 continue
             spec = json.loads(answer)
             code = extract_code(spec["prompt"], self.tokenizer.decode(final), spec["entry"], spec["style"])
