@@ -359,12 +359,14 @@ def _redis_pid(driver: int) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("model, expert_weight, layers, experts", [
     ("qwen3_moe_tiny", "mlp.experts.{e}.down_proj", [0, 1], 4),  # DeepSpeed's own gate
-    ("glm4_moe_tiny", "mlp.experts.{e}.down_proj", [1, 2], 8)])  # rlpost's router; GLM's layer 0 is dense
+    ("glm4_moe_tiny", "mlp.experts.{e}.down_proj", [1, 2], 8),  # rlpost's router; GLM's layer 0 is dense
+    ("gpt_oss_tiny", "mlp.experts.down_proj", [0, 1], 8)])  # biased experts and router; fused on disk
 def test_expert_parallel_ranks_hold_half_the_experts_and_publish_all_of_them(tmp_path, model, expert_weight, layers,
                                                                              experts):
     """trainer.ep_size=2 on 2 ranks (gloo): each rank holds half of every layer's experts, the
     run trains, and the weights it publishes and saves carry every expert under HF names (the
-    native engine and the final checkpoint load them; Qwen3-MoE's or GLM-4.5's; Mixtral differs
+    native engine and the final checkpoint load them; Qwen3-MoE's, GLM-4.5's or GPT-OSS's, whose
+    experts and router have biases and whose checkpoint fuses each layer's experts; Mixtral differs
     from Qwen3 only in names, tested in tests/test_modeling.py). With
     routing replay on, every trained token is routed through the engine's experts across the
     expert-parallel all-to-all (for GLM, through rlpost's router, top-4, and a shared expert
@@ -382,9 +384,13 @@ def test_expert_parallel_ranks_hold_half_the_experts_and_publish_all_of_them(tmp
     assert [r["experts"] for r in ranks] == [[0, experts // 2], [experts // 2, experts]]  # split in two
     with safe_open(str(run_dir / "final" / "model.safetensors"), "pt") as fh:
         names = set(fh.keys())
-    for layer in layers:
-        for expert in range(experts):
-            assert f"model.layers.{layer}.{expert_weight.format(e=expert)}.weight" in names
+        for layer in layers:
+            if "{e}" in expert_weight:
+                for expert in range(experts):
+                    assert f"model.layers.{layer}.{expert_weight.format(e=expert)}.weight" in names
+            else:  # GPT-OSS's checkpoints: every expert of a layer in one tensor
+                assert fh.get_slice(f"model.layers.{layer}.{expert_weight}").get_shape()[0] == experts
+                assert fh.get_slice(f"model.layers.{layer}.{expert_weight}_bias").get_shape()[0] == experts
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3
 
