@@ -401,7 +401,7 @@ class DatasetEnv:
         final = response_ids if self._reasoning is None else self._reasoning.final(response_ids)
         if final is None:
             return RewardResult(0.0, {"reason": NEVER_ENDED, "ended": ended})
-        text = self.tokenizer.decode(response_ids if self._reward_fn is not None else final)
+        text = self.tokenizer.decode(final)  # a custom verifier has no split: the whole response
         if self._reward_fn is not None:
             label, extra = _unpack(answer)
             args = (text, label, extra) if self._reward_takes_extra else (text, label)

@@ -674,6 +674,8 @@ def canonical_name(name: str, model_type: str = HF_MODEL_TYPE) -> str:
 
 
 _EXPERT = re.compile(r"(.*\.mlp\.experts\.)(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|bias)$")
+# a GPT-OSS checkpoint's fused expert tensors, each ``<layer>.mlp.experts.<name>`` (E, ...)
+FUSED_EXPERT_TENSORS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
 
 
 def hf_layout(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -711,11 +713,10 @@ def split_layout(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
         return state
     out = {}
     for name, tensor in state.items():
-        if not name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.gate_up_proj_bias",
-                              ".mlp.experts.down_proj", ".mlp.experts.down_proj_bias")):
+        prefix, _, fused = name.rpartition(".")
+        if not prefix.endswith(".mlp.experts") or fused not in FUSED_EXPERT_TENSORS:
             out[name] = tensor
             continue
-        prefix, fused = name.rsplit(".", 1)
         for e in range(tensor.shape[0]):
             at = f"{prefix}.{e}."
             if fused == "gate_up_proj":  # (D, 2F), columns gate0, up0, gate1, up1, ...

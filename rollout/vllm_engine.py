@@ -111,7 +111,8 @@ def _streamed_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     unseen by the in-place reload, which then puts the old experts back; per expert it goes
     through the experts' weight loader like every other model's. Other models' states, and
     vLLM versions whose GPT-OSS loader takes no per-expert keys, unchanged."""
-    fused = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+    from rlpost.modeling import FUSED_EXPERT_TENSORS as fused
+
     if not any(name.rpartition(".mlp.experts.")[2] in fused for name in state):
         return state
     from vllm.model_executor.models.gpt_oss import GptOssModel
