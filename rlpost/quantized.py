@@ -67,6 +67,8 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: list[in
         raise ValueError(f"FP8 weight {tuple(weight.shape)} {weight.dtype}: expected a 2-d float8_e4m3fn matrix")
     rows, cols = weight.shape
     scale = scale_inv.to(torch.float32)
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError("weight_scale_inv has non-finite values")
     if block is None:
         if scale.numel() != 1:
             raise ValueError(f"weight_scale_inv {tuple(scale.shape)}: one scale per tensor expected (no weight_block_size)")

@@ -339,6 +339,11 @@ def test_block_fp8_checkpoints_are_dequantized_on_load(tmp_path):
     again = Qwen3MoeForCausalLM(loaded)
     again.load_canonical_state_dict(state)  # the names are the policy's: it runs on them
     assert torch.isfinite(again(torch.randint(0, 100, (1, 9))).logits).all()
+    bad = dict(quantized)
+    bad["model.layers.2.mlp.experts.1.up_proj.weight_scale_inv"] = torch.full((2, 4), float("nan"))
+    save_file({**disk, **bad}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ConfigError, match=r"model.layers.2.mlp.experts.1.up_proj.weight: weight_scale_inv has non-finite"):
+        load_pretrained(str(tmp_path))
     del quantized["model.layers.2.mlp.experts.1.up_proj.weight_scale_inv"]
     save_file({**disk, **quantized}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ConfigError, match=r"model.layers.2.mlp.experts.1.up_proj.weight: no .weight_scale_inv tensor"):
