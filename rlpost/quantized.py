@@ -53,6 +53,8 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     for e in range(blocks.shape[0]):  # one expert at a time: the fp32 values are 8x the packed bytes
         values = torch.stack([lut[(blocks[e] & 0x0F).long()], lut[(blocks[e] >> 4).long()]], dim=-1).flatten(-2)
         values = torch.ldexp(values, scales[e].to(torch.int32)[..., None] - 127)  # (rows, G, 32)
+        if not bool(torch.isfinite(values).all()):  # E8M0's 255 is NaN; 254 x 6 overflows
+            raise ValueError(f"expert {e}: scales give non-finite values (largest scale byte {int(scales[e].max())})")
         out.append(values.flatten(-2).t().to(dtype))
     return torch.stack(out)
 

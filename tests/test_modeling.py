@@ -288,6 +288,10 @@ def test_gpt_oss_mxfp4_experts_are_dequantized_on_load_as_transformers_does(tmp_
     assert torch.isfinite(again(torch.randint(0, 100, (1, 9))).logits).all()
     assert "quantization_config" not in json.dumps(hf_config_of(again, loaded, tmp_path / "out"))
     assert set(hf_layout(state, loaded)) == set(disk) | set(reference)
+    nan_scales = {k: v.clone().fill_(255) if k.endswith("down_proj_scales") else v for k, v in packed.items()}
+    save_file({**disk, **nan_scales}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ConfigError, match=r"down_proj_blocks: expert 0: scales give non-finite values \(largest scale byte 255\)"):
+        load_pretrained(str(tmp_path))
     save_file({**disk, **{k: v for k, v in packed.items() if not k.endswith("down_proj_scales")}},
               str(tmp_path / "model.safetensors"))
     with pytest.raises(ConfigError, match=r"model.layers.0.mlp.experts.down_proj_blocks: no _scales tensor for it"):
