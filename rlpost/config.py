@@ -37,8 +37,10 @@ class ModelConfig:
     expert groups, a shared expert, dense first layers, q/k/v biases, partial rotary),
     DeepSeek-V3 (``deepseek_v3``: GLM's router and experts with multi-head latent attention) or
     GPT-OSS (``gpt_oss``: attention sinks, a sliding window on every other layer, biases on
-    attention, router and experts, clamped SwiGLU experts) configuration; the defaults are a
-    tiny Qwen3-MoE.
+    attention, router and experts, clamped SwiGLU experts) or MiniMax-M2 (``minimax_m2``: GLM's
+    sigmoid router without groups, shared expert or dense layers, Mixtral's expert names, q/k
+    norms over each whole projection, partial rotary) configuration; the defaults are a tiny
+    Qwen3-MoE.
     ``vocab_size=0`` takes the environment tokenizer's size. ``path`` names a local Hugging Face
     checkpoint folder (``config.json`` + safetensors): its architecture replaces these fields and
     its weights are the starting point. The fields after ``init_std`` belong to some types only
@@ -72,8 +74,9 @@ class ModelConfig:
     norm_topk_prob: bool = True    # norm_topk_prob: renormalise the top-k weights to sum to 1
     # glm4_moe only
     attention_bias: bool = False   # attention_bias: q/k/v projections with biases
-    qk_norm: bool = False          # use_qk_norm (qwen3_moe always has it, mixtral never)
-    partial_rotary: float = 1.0    # partial_rotary_factor: share of each head's dims that rotate
+    qk_norm: bool = False          # use_qk_norm (qwen3_moe and minimax_m2 always have it, mixtral never)
+    # glm4_moe and minimax_m2
+    partial_rotary: float = 1.0    # partial_rotary_factor (minimax_m2: rotary_dim / head_dim): share of each head's dims that rotate
     # deepseek_v3 only: multi-head latent attention (keys and values from one low-rank latent)
     q_lora_rank: int = 0           # q_lora_rank: queries through a rank-r bottleneck (0: null, a full q_proj)
     kv_lora_rank: int = 0          # kv_lora_rank: the latent keys and values are expanded from
@@ -100,9 +103,16 @@ class ModelConfig:
 
     @property
     def sigmoid_router(self) -> bool:
-        """DeepSeek-V3's router (sigmoid scores, correction bias, groups, scaling): glm4_moe and
-        deepseek_v3. The other types route by softmax top-k."""
-        return self.type in ("glm4_moe", "deepseek_v3")
+        """DeepSeek-V3's router (sigmoid scores, correction bias, groups, scaling): glm4_moe,
+        deepseek_v3 and minimax_m2 (one group, no scaling). The other types route by softmax top-k."""
+        return self.type in ("glm4_moe", "deepseek_v3", "minimax_m2")
+
+    @property
+    def projection_qk_norm(self) -> bool:
+        """MiniMax-M2's q/k norms (``qk_norm_type: per_layer``): one RMSNorm over each token's whole
+        query projection (all heads, a weight per element) and one over its keys, before the
+        heads are split, where Qwen3's and GLM's normalise each head alone."""
+        return self.type == "minimax_m2"
 
     @property
     def latent_attention(self) -> bool:
@@ -144,7 +154,7 @@ class ModelConfig:
                    f"only model.type={owners} has it ({self.type} needs {default!r})")
         if self.sigmoid_router:
             self._validate_router(p)
-        if self.type == "glm4_moe":
+        if self.type in ("glm4_moe", "minimax_m2"):
             _check(0 < self.partial_rotary <= 1 and self.rotary_dim % 2 == 0 and self.rotary_dim > 0,
                    f"{p}.partial_rotary", self.partial_rotary,
                    f"must be in (0, 1] and leave an even rotary width of model.head_dim={self.head_dim}")
@@ -205,7 +215,7 @@ class ModelConfig:
                "mscale and mscale_all_dim must be >= 0")
 
 
-MODEL_TYPES = ("qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3", "gpt_oss")
+MODEL_TYPES = ("qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3", "gpt_oss", "minimax_m2")
 ROPE_TYPES = ("default", "yarn")
 _ROUTER_FIELDS = ("first_dense_layers", "dense_d_ff", "shared_experts", "n_group", "topk_group",
                   "routed_scaling", "norm_topk_prob")
@@ -215,6 +225,7 @@ TYPE_FIELDS = {
     "deepseek_v3": (*_ROUTER_FIELDS, "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                     "v_head_dim", "rope_mscale", "rope_mscale_all_dim"),
     "gpt_oss": ("sliding_window",),
+    "minimax_m2": ("partial_rotary",),
 }
 
 

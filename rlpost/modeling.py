@@ -1,6 +1,6 @@
 """The policy model: Qwen3-MoE (Hugging Face's ``qwen3_moe`` architecture), written once, with
-Mixtral (``mixtral``), GLM-4.5 MoE (``glm4_moe``), DeepSeek-V3 (``deepseek_v3``) and GPT-OSS
-(``gpt_oss``) as its variants.
+Mixtral (``mixtral``), GLM-4.5 MoE (``glm4_moe``), DeepSeek-V3 (``deepseek_v3``), GPT-OSS
+(``gpt_oss``) and MiniMax-M2 (``minimax_m2``) as its variants.
 
 The DeepSpeed trainer and the native inference engine build the same :class:`Qwen3MoeForCausalLM`
 and differ only in the sparse MoE block they plug in: the trainer wraps the experts in
@@ -36,7 +36,13 @@ grouped-query attention. ``model.type=gpt_oss`` (gpt-oss-20b/120b) has attention
 biases on q/k/v/o, a sliding window on even layers (:func:`attend_with_sinks`), a router with a
 bias and experts with biases and the clamped SwiGLU; its checkpoints fuse each layer's experts
 (:func:`hf_layout`), while rlpost's modules, published weights and the trainer keep one per
-expert. Any type may extend its context with YaRN (``rope_type=yarn``), as a checkpoint's
+expert. ``model.type=minimax_m2`` (MiniMax-M2, M2.1, M2.5) routes as GLM does with one group,
+no scaling, no shared expert and no dense layers, names its sparse block as Mixtral does
+(``block_sparse_moe``, ``w1``/``w3``/``w2``, the correction bias
+``block_sparse_moe.e_score_correction_bias``), normalises each token's whole query and key
+projections (one RMSNorm over all heads' elements, ``qk_norm_type: per_layer``) and rotates
+the first ``rotary_dim`` of each head's dimensions; its multi-token-prediction modules are
+dropped on load. Any type may extend its context with YaRN (``rope_type=yarn``), as a checkpoint's
 ``rope_scaling`` / ``rope_parameters`` says; other RoPE scalings are refused.
 """
 
@@ -64,7 +70,7 @@ HF_MODEL_TYPE = "qwen3_moe"
 # model.type -> the Hugging Face architecture written to and read from config.json
 HF_ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
                     "glm4_moe": "Glm4MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-                    "gpt_oss": "GptOssForCausalLM"}
+                    "gpt_oss": "GptOssForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM"}
 
 
 class RMSNorm(nn.Module):
@@ -189,11 +195,16 @@ class Qwen3MoeAttention(nn.Module):
         if cfg.oai_blocks:  # GPT-OSS: one learned logit per head that every query's softmax includes
             self.sinks = nn.Parameter(torch.zeros(cfg.n_heads))
         # Qwen3 normalises each head's queries and keys before the rotary embedding; Mixtral does
-        # not; GLM-4.5 does when its config says so (use_qk_norm)
+        # not; GLM-4.5 does when its config says so (use_qk_norm); MiniMax-M2 normalises each
+        # token's whole query and key projections (all heads at once) before splitting heads
         self.qk_norm = cfg.type == "qwen3_moe" or (cfg.type == "glm4_moe" and cfg.qk_norm)
+        self.projection_qk_norm = cfg.projection_qk_norm
         if self.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        elif self.projection_qk_norm:
+            self.q_norm = RMSNorm(cfg.n_heads * cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.n_kv_heads * cfg.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -201,8 +212,10 @@ class Qwen3MoeAttention(nn.Module):
         With a cache, the new keys/values are written at ``cache.length`` and attention covers the
         whole cache prefix."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.projection_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(b, t, self.n_heads, self.head_dim), k.view(b, t, self.n_kv, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -665,9 +678,11 @@ def canonical_name(name: str, model_type: str = HF_MODEL_TYPE) -> str:
     on-disk one except for GPT-OSS's experts (:func:`hf_layout`)."""
     for src, dst in _DEEPSPEED_TO_CANONICAL:
         name = name.replace(src, dst)
-    if model_type == "mixtral":
+    if model_type in ("mixtral", "minimax_m2"):
         for src, dst in _QWEN3_TO_MIXTRAL:
             name = name.replace(src, dst)
+        if model_type == "minimax_m2":  # MiniMax-M2 keeps the correction bias beside the gate
+            name = name.replace(".block_sparse_moe.gate.e_score_correction_bias", ".block_sparse_moe.e_score_correction_bias")
     elif model_type == "gpt_oss":
         name = name.replace(".mlp.gate.", ".mlp.router.")
     return name
@@ -772,6 +787,14 @@ _DEEPSEEK_DEFAULTS = {"first_k_dense_replace": 3, "n_shared_experts": 1, "n_grou
 # GPT-OSS's: Mixtral's expert names and its sliding window (its sinks, biases and activation
 # come with the type)
 _GPT_OSS_FIELDS = {**_MIXTRAL_FIELDS, "sliding_window": "sliding_window"}
+# MiniMax-M2's: Mixtral's names; its rotary width is config.json's rotary_dim (read in
+# model_config_from_hf), written also as partial_rotary_factor for transformers
+_MINIMAX_FIELDS = {**_MIXTRAL_FIELDS, "partial_rotary": "partial_rotary_factor"}
+# what MiniMax-M2's architecture fixes (vLLM's and transformers' classes have no other): a
+# config.json that says otherwise is refused by name
+_MINIMAX_FIXED = {"hidden_act": "silu", "scoring_func": "sigmoid", "use_routing_bias": True, "use_qk_norm": True,
+                  "qk_norm_type": "per_layer", "shared_intermediate_size": 0, "attention_bias": False,
+                  "sliding_window": None}
 # YaRN's config.json keys (in rope_parameters, or the older rope_scaling) -> ModelConfig fields
 _YARN_FIELDS = {"factor": "rope_factor", "original_max_position_embeddings": "rope_original_max_len",
                 "beta_fast": "rope_beta_fast", "beta_slow": "rope_beta_slow", "mscale": "rope_mscale",
@@ -780,7 +803,7 @@ _YARN_FIELDS = {"factor": "rope_factor", "original_max_position_embeddings": "ro
 
 def _fields(model_type: str) -> dict[str, str]:
     return {"mixtral": _MIXTRAL_FIELDS, "glm4_moe": _GLM_FIELDS, "deepseek_v3": _DEEPSEEK_FIELDS,
-            "gpt_oss": _GPT_OSS_FIELDS}.get(model_type, _HF_FIELDS)
+            "gpt_oss": _GPT_OSS_FIELDS, "minimax_m2": _MINIMAX_FIELDS}.get(model_type, _HF_FIELDS)
 
 
 def _gpt_oss_layer_types(n_layers: int) -> list[str]:
@@ -788,8 +811,8 @@ def _gpt_oss_layer_types(n_layers: int) -> list[str]:
 
 
 def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """``config.json`` of a ``qwen3_moe``, ``mixtral``, ``glm4_moe``, ``deepseek_v3`` or ``gpt_oss``
-    checkpoint for ``cfg``."""
+    """``config.json`` of a ``qwen3_moe``, ``mixtral``, ``glm4_moe``, ``deepseek_v3``, ``gpt_oss`` or
+    ``minimax_m2`` checkpoint for ``cfg``."""
     out = {"architectures": [HF_ARCHITECTURES[cfg.type]], "model_type": cfg.type, "torch_dtype": dtype,
            "hidden_act": "silu", "attention_dropout": 0.0, "output_router_logits": False, "use_cache": True,
            "sliding_window": None, "rope_scaling": None}
@@ -798,6 +821,10 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
     elif cfg.oai_blocks:
         out.update({"attention_bias": True, "swiglu_limit": SWIGLU_LIMIT,
                     "layer_types": _gpt_oss_layer_types(cfg.n_layers)})
+    elif cfg.projection_qk_norm:  # MiniMax-M2: vLLM reads rotary_dim, transformers partial_rotary_factor
+        out.update({**{k: v for k, v in _MINIMAX_FIXED.items() if v is not None}, "rotary_dim": cfg.rotary_dim,
+                    "attn_type_list": [1] * cfg.n_layers, "num_mtp_modules": 0, "use_mtp": False,
+                    "router_jitter_noise": 0.0})
     elif cfg.sigmoid_router:  # no multi-token-prediction layers: the policy has none
         out["num_nextn_predict_layers"] = 0
         if cfg.latent_attention:  # DeepSeek-V3's router as its config.json names it (vLLM reads these)
@@ -808,7 +835,7 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
                     "mlp_only_layers": [], "norm_topk_prob": cfg.top_k > 1, "use_sliding_window": False,
                     "max_window_layers": cfg.n_layers})
     out.update({hf: getattr(cfg, ours) for ours, hf in _fields(cfg.type).items()})
-    if cfg.sigmoid_router and not cfg.dense_d_ff:  # no dense layer uses it; loaders want a width
+    if cfg.sigmoid_router and not cfg.dense_d_ff and not cfg.projection_qk_norm:  # no dense layer uses it; loaders want a width
         out["intermediate_size"] = cfg.d_ff
     if cfg.latent_attention and not cfg.q_lora_rank:
         out["q_lora_rank"] = None  # a full q_proj
@@ -866,6 +893,12 @@ def model_config_from_hf(path: str, base: ModelConfig | None = None, hf: dict | 
                 hf["layer_types"] != _gpt_oss_layer_types(layers):
             raise ConfigError(f"model.path={path!r}: config.json layer_types={hf['layer_types']!r} is not supported "
                               f"(needs sliding_attention on even layers, full_attention on odd ones, as vLLM assumes)")
+    elif model_type == "minimax_m2":
+        unsupported = _MINIMAX_FIXED
+        kinds = hf.get("attn_type_list")
+        if kinds is not None and (not isinstance(kinds, list) or any(k != 1 for k in kinds)):
+            raise ConfigError(f"model.path={path!r}: config.json attn_type_list={kinds!r} is not supported "
+                              f"(needs 1, softmax attention, for every layer: MiniMax-01's linear attention is not)")
     quantization(hf, path)  # refuses what cannot be dequantized on load
     for key, wanted in unsupported.items():
         if hf.get(key, wanted) != wanted:
@@ -890,6 +923,15 @@ def model_config_from_hf(path: str, base: ModelConfig | None = None, hf: dict | 
         cfg.q_lora_rank = 0
     if "head_dim" not in hf:
         cfg.head_dim = cfg.d_model // cfg.n_heads
+    if model_type == "minimax_m2" and hf.get("rotary_dim") is not None:
+        rotary_dim = _json_value(hf["rotary_dim"], int, "rotary_dim", path)
+        if "partial_rotary_factor" in hf and rotary_dim != int(cfg.head_dim * cfg.partial_rotary):
+            raise ConfigError(f"model.path={path!r}: config.json rotary_dim={rotary_dim} and partial_rotary_factor="
+                              f"{hf['partial_rotary_factor']!r} disagree (head_dim={cfg.head_dim})")
+        cfg.partial_rotary = rotary_dim / cfg.head_dim
+        if cfg.rotary_dim != rotary_dim:
+            raise ConfigError(f"model.path={path!r}: config.json rotary_dim={rotary_dim} is not a share of "
+                              f"head_dim={cfg.head_dim} that rotary embeddings can use")
     if model_type == "qwen3_moe" and cfg.top_k > 1 and hf.get("norm_topk_prob") is False:
         raise ConfigError(f"model.path={path!r}: norm_topk_prob=false with top_k={cfg.top_k} is not "
                           f"supported (DeepSpeed's top-2 gate renormalises)")
@@ -964,8 +1006,10 @@ def load_pretrained(path: str, base: ModelConfig | None = None) -> tuple[dict[st
     for f in files:
         state.update(load_file(f))
     # GLM checkpoints carry their multi-token-prediction module as extra layers after the last
-    # one (num_nextn_predict_layers): a speculative-decoding head the policy does not have
-    mtp = _json_value(hf.get("num_nextn_predict_layers") or 0, int, "num_nextn_predict_layers", path)
+    # one (num_nextn_predict_layers; MiniMax-M2's num_mtp_modules): a speculative-decoding head
+    # the policy does not have
+    mtp_key = "num_mtp_modules" if cfg.projection_qk_norm else "num_nextn_predict_layers"
+    mtp = _json_value(hf.get(mtp_key) or 0, int, mtp_key, path)
     extra = tuple(f"model.layers.{i}." for i in range(cfg.n_layers, cfg.n_layers + mtp))
     if extra:
         state = {k: v for k, v in state.items() if not k.startswith(extra)}

@@ -30,7 +30,8 @@ def quantization(hf: dict, path: str) -> dict | None:
     block = quant.get("weight_block_size") if isinstance(quant, dict) else None
     if method == "mxfp4" and hf.get("model_type") == "gpt_oss":
         return quant
-    if method == "fp8" and quant.get("fmt", "e4m3") == "e4m3" and (
+    # fmt: DeepSeek's and Qwen's "e4m3", MiniMax-M2's "float8_e4m3fn" (the same format)
+    if method == "fp8" and quant.get("fmt", "e4m3") in ("e4m3", "float8_e4m3fn") and (
             block is None or (isinstance(block, list) and len(block) == 2
                               and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block))):
         return quant

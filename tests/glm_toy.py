@@ -9,13 +9,15 @@ GLM = dict(n_layers=3, first_dense_layers=1, dense_d_ff=96, d_ff=32, num_experts
 
 
 def randomise_glm_extras(model: torch.nn.Module, seed: int = 0) -> None:
-    """The parts a fresh model starts at zero (biases, router correction biases, GPT-OSS's sinks) made
-    random, so a test sees whether they are loaded, saved and used."""
+    """The parts a fresh model starts at zero (biases, router correction biases, GPT-OSS's sinks)
+    or one (q/k norms) made random, so a test sees whether they are loaded, saved and used."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith((".bias", "e_score_correction_bias", ".sinks")):
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.2)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # a transposed or misplaced norm shows
+                tensor.copy_(1 + torch.randn(tensor.shape, generator=gen) * 0.2)
 
 
 # DeepSeek-V3's features at toy size: GLM's router and experts, multi-head latent attention with
@@ -36,3 +38,8 @@ YARN = dict(rope_type="yarn", rope_factor=4.0, rope_original_max_len=16, rope_ms
 OSS = dict(n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=32, num_experts=8, top_k=4, sliding_window=5,
            rope_type="yarn", rope_factor=32.0, rope_original_max_len=4096, rope_truncate=False, rope_theta=150000.0,
            rms_norm_eps=1e-5)
+
+# MiniMax-M2's features at toy size: sigmoid routing with a correction bias (no groups, no
+# scaling), top-4 of 8 experts, q/k norms over each whole projection, rotary on half of each
+# head's dimensions (MiniMax-M2: 64 of 128)
+MINIMAX = dict(n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=32, num_experts=8, top_k=4, partial_rotary=0.5)

@@ -296,19 +296,20 @@ def test_the_native_engine_generates_on_the_gpu_it_was_given(small_cfg):
     assert [o.token_ids for o in greedy(engine)] == [o.token_ids for o in greedy(cpu)]
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "gpt_oss", "minimax_m2"])
 def test_latent_attention_sinks_window_and_yarn_decode_from_the_cache_as_the_model_computes_in_full(small_cfg, arch):
-    """model.type=deepseek_v3 with YaRN, and gpt_oss, in the native engine: keys and values of
-    other widths than the heads' (latent attention's no-rope + rope keys, narrower values), or
-    GPT-OSS's sinks and 5-token sliding window on sequences 3-5 windows long, go through the
+    """model.type=deepseek_v3 with YaRN, gpt_oss and minimax_m2 in the native engine: keys and values of
+    other widths than the heads' (latent attention's no-rope + rope keys, narrower values),
+    GPT-OSS's sinks and 5-token sliding window on sequences 3-5 windows long, or MiniMax-M2's
+    keys normalised over the whole projection and rotated on half their dims, go through the
     batched, left-padded cache, a cut and resume, admission mid-generation and retained caches;
     every token and logprob is what the model computes over the whole sequence without a cache,
     and the routed experts are reported for the layers that have them."""
-    from glm_toy import DEEPSEEK, OSS, YARN, randomise_glm_extras
+    from glm_toy import DEEPSEEK, MINIMAX, OSS, YARN, randomise_glm_extras
     from rlpost.config import ModelConfig
     from rlpost.modeling import Qwen3MoeForCausalLM
 
-    arch_fields = {**DEEPSEEK, **YARN} if arch == "deepseek_v3" else OSS
+    arch_fields = {"deepseek_v3": {**DEEPSEEK, **YARN}, "gpt_oss": OSS, "minimax_m2": MINIMAX}[arch]
     cfg = ModelConfig(**{**arch_fields, "type": arch, "vocab_size": small_cfg.model.vocab_size, "max_seq_len": 64,
                          "init_std": 0.3})
     cfg.validate()

@@ -7,13 +7,14 @@ import re
 import pytest
 import torch
 
-from glm_toy import DEEPSEEK, GLM, OSS, YARN, randomise_glm_extras
+from glm_toy import DEEPSEEK, GLM, MINIMAX, OSS, YARN, randomise_glm_extras
 from rlpost.config import ConfigError, ModelConfig
 from rlpost.modeling import Qwen3MoeForCausalLM, load_pretrained, model_config_from_hf, save_pretrained
 
 
 def tiny(**kw) -> ModelConfig:
-    kw = {**{"glm4_moe": GLM, "deepseek_v3": DEEPSEEK, "gpt_oss": OSS}.get(kw.get("type"), {}), **kw}
+    kw = {**{"glm4_moe": GLM, "deepseek_v3": DEEPSEEK, "gpt_oss": OSS, "minimax_m2": MINIMAX}.get(kw.get("type"), {}),
+          **kw}
     return ModelConfig(**{"vocab_size": 100, "max_seq_len": 64, "init_std": 0.2, **kw})
 
 
@@ -251,6 +252,86 @@ def test_checkpoint_is_a_hugging_face_gpt_oss(tmp_path):
             model_config_from_hf(str(tmp_path))
 
 
+# MiniMax-M2's config.json as published (MiniMaxAI/MiniMax-M2; M2.1 and M2.5 share it), its
+# auto_map left out
+MINIMAX_M2_CONFIG = {
+    "architectures": ["MiniMaxM2ForCausalLM"], "attention_dropout": 0.0, "attn_type_list": [1] * 62, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 3072, "intermediate_size": 1536, "max_position_embeddings": 196608,
+    "model_type": "minimax_m2", "mtp_transformer_layers": 1, "num_attention_heads": 48, "num_experts_per_tok": 8,
+    "num_hidden_layers": 62, "num_key_value_heads": 8, "num_local_experts": 256, "num_mtp_modules": 3,
+    "output_router_logits": False, "qk_norm_type": "per_layer",
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "float8_e4m3fn", "quant_method": "fp8",
+                            "weight_block_size": [128, 128],
+                            "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"]},
+    "rms_norm_eps": 1e-06, "rope_theta": 5000000, "rotary_dim": 64, "router_aux_loss_coef": 0.001,
+    "router_jitter_noise": 0.0, "scoring_func": "sigmoid", "shared_intermediate_size": 0, "sliding_window": None,
+    "tie_word_embeddings": False, "use_cache": True, "use_mtp": True, "use_qk_norm": True, "use_routing_bias": True,
+    "vocab_size": 200064}
+
+
+def test_checkpoint_is_a_hugging_face_minimax_m2(tmp_path):
+    """model.type=minimax_m2: MiniMax-M2's config.json keys (rotary_dim, sigmoid scoring with a
+    routing bias, q/k norms per layer, no MTP modules) and names (Mixtral's sparse block and
+    expert names, the correction bias beside the gate, q/k norms as wide as the projections),
+    loaded back into the same function; a checkpoint's MTP modules (layers after the last) are
+    dropped on load; MiniMax-M2's own config.json read as it is (its FP8 quantization included),
+    what its architecture fixes refused by name when a config.json says otherwise."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = tiny(type="minimax_m2")
+    model, meta = saved(cfg, tmp_path)
+    assert meta["model_type"] == "minimax_m2" and meta["architectures"] == ["MiniMaxM2ForCausalLM"]
+    assert {k: meta[k] for k in ("rotary_dim", "partial_rotary_factor", "scoring_func", "use_routing_bias",
+                                 "use_qk_norm", "qk_norm_type", "num_local_experts", "intermediate_size",
+                                 "num_mtp_modules", "shared_intermediate_size", "attn_type_list")} == {
+        "rotary_dim": 16, "partial_rotary_factor": 0.5, "scoring_func": "sigmoid", "use_routing_bias": True,
+        "use_qk_norm": True, "qk_norm_type": "per_layer", "num_local_experts": 8, "intermediate_size": 32,
+        "num_mtp_modules": 0, "shared_intermediate_size": 0, "attn_type_list": [1, 1, 1]}
+    disk = load_file(str(tmp_path / "model.safetensors"))
+    moe, attn = "model.layers.1.block_sparse_moe.", "model.layers.1.self_attn."
+    assert {k: tuple(disk[k].shape) for k in disk if k.startswith((moe + "gate", moe + "e_score", attn))
+            or k.startswith(moe + "experts.3.")} == {
+        f"{moe}gate.weight": (8, 64), f"{moe}e_score_correction_bias": (8,), f"{moe}experts.3.w1.weight": (32, 64),
+        f"{moe}experts.3.w3.weight": (32, 64), f"{moe}experts.3.w2.weight": (64, 32),
+        f"{attn}q_proj.weight": (128, 64), f"{attn}k_proj.weight": (64, 64), f"{attn}v_proj.weight": (64, 64),
+        f"{attn}o_proj.weight": (64, 128), f"{attn}q_norm.weight": (128,), f"{attn}k_norm.weight": (64,)}
+    assert disk[f"{moe}e_score_correction_bias"].dtype == torch.float32
+    state, loaded = load_pretrained(str(tmp_path))
+    assert set(state) == set(disk) == set(model.canonical_state_dict())
+    assert {k: getattr(loaded, k) for k in MINIMAX} == MINIMAX and loaded.type == "minimax_m2"
+    assert_reloads_the_same_function(model, state, loaded)
+    # a published checkpoint: MTP modules as layers after the last, rotary_dim without a factor
+    save_file({"model.layers.3.self_attn.q_proj.weight": torch.zeros(128, 64),
+               "model.layers.5.block_sparse_moe.gate.weight": torch.zeros(8, 64)}, str(tmp_path / "mtp.safetensors"))
+    meta.update(num_mtp_modules=3, use_mtp=True)
+    del meta["partial_rotary_factor"]
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    state, loaded = load_pretrained(str(tmp_path))
+    assert not any(k.startswith(("model.layers.3.", "model.layers.5.")) for k in state)
+    assert loaded.partial_rotary == 0.5 and loaded.rotary_dim == 16
+
+    # MiniMax-M2's own config.json (block FP8: its weights dequantize on load as DeepSeek's do)
+    (tmp_path / "config.json").write_text(json.dumps(MINIMAX_M2_CONFIG))
+    big = model_config_from_hf(str(tmp_path), base=tiny(type="glm4_moe"))
+    big.validate()
+    assert (big.n_layers, big.d_model, big.num_experts, big.top_k, big.d_ff, big.head_dim, big.n_heads, big.n_kv_heads,
+            big.rotary_dim, big.rope_theta, big.max_seq_len, big.shared_experts, big.n_group, big.routed_scaling) == (
+        62, 3072, 256, 8, 1536, 128, 48, 8, 64, 5e6, 196608, 0, 1, 1.0)
+    for change, error in [({"use_qk_norm": False}, r"use_qk_norm=False is not supported \(needs True\)"),
+                          ({"qk_norm_type": "per_head"}, r"qk_norm_type='per_head' is not supported"),
+                          ({"scoring_func": "softmax"}, r"scoring_func='softmax' is not supported \(needs 'sigmoid'\)"),
+                          ({"use_routing_bias": False}, r"use_routing_bias=False is not supported"),
+                          ({"shared_intermediate_size": 1024}, r"shared_intermediate_size=1024 is not supported"),
+                          ({"attn_type_list": [0, 1] * 31}, r"attn_type_list=.* is not supported \(needs 1"),
+                          ({"rotary_dim": 48, "partial_rotary_factor": 0.5},
+                           r"rotary_dim=48 and partial_rotary_factor=0.5 disagree"),
+                          ({"rotary_dim": "64"}, r"rotary_dim='64' is not an integer"),
+                          ({"quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}}, r"not supported")]:
+        (tmp_path / "config.json").write_text(json.dumps({**MINIMAX_M2_CONFIG, **change}))
+        with pytest.raises(ConfigError, match=error):
+            model_config_from_hf(str(tmp_path))
+
+
 def test_gpt_oss_mxfp4_experts_are_dequantized_on_load_as_transformers_does(tmp_path):
     """A gpt-oss checkpoint as OpenAI publishes it (quantization_config mxfp4: each layer's
     experts as uint8 e2m1 blocks + E8M0 scales, the rest bf16) loads as bf16 weights equal to
@@ -397,6 +478,12 @@ def test_model_fields_of_another_architecture_are_one_line_config_errors(tmp_pat
         tiny(type="gpt_oss", rms_norm_eps=1e-6).validate()
     with pytest.raises(ConfigError, match=r"model.rope_truncate=False: applies with model.rope_type=yarn only"):
         tiny(rope_truncate=False).validate()
+    with pytest.raises(ConfigError, match=r"model.n_group=2: only model.type=glm4_moe or deepseek_v3 has it \(minimax_m2 needs 1\)"):
+        tiny(type="minimax_m2", n_group=2).validate()
+    with pytest.raises(ConfigError, match=r"model.partial_rotary=0.3: must be in \(0, 1\] and leave an even"):
+        tiny(type="minimax_m2", partial_rotary=0.3).validate()
+    with pytest.raises(ConfigError, match=r"model.partial_rotary=0.5: only model.type=glm4_moe or minimax_m2 has it"):
+        tiny(partial_rotary=0.5).validate()
     # a checkpoint's RoPE scaling (transformers 5 writes it in rope_parameters): YaRN is read,
     # any other kind is refused, naming it
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "rope_parameters": {
@@ -428,7 +515,7 @@ VARIANTS = {"qwen3_moe": {}, "mixtral": {}, "glm4_moe": {},
             # DeepSeek-V2-Lite's and Moonlight's full q_proj (no query bottleneck), with YaRN
             "deepseek_v3_yarn": dict(q_lora_rank=0, **YARN),
             "qwen3_moe_yarn": dict(rope_type="yarn", rope_factor=4.0, rope_original_max_len=16),
-            "gpt_oss": {}}
+            "gpt_oss": {}, "minimax_m2": {}}
 
 
 def variant(name: str) -> ModelConfig:
@@ -455,7 +542,7 @@ def test_same_function_as_transformers(tmp_path, name):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     assert type(hf).__name__ == {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
                                  "glm4_moe": "Glm4MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-                                 "gpt_oss": "GptOssForCausalLM"}[model_type]
+                                 "gpt_oss": "GptOssForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM"}[model_type]
     ids = torch.randint(0, 100, (3, 40))
     with torch.no_grad():
         logits = model(ids).logits

