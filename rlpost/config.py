@@ -323,6 +323,7 @@ WEIGHT_TRANSPORTS = ("auto", "shm", "ray", "file")
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum_norm")
 RATIO_LEVELS = ("token", "sequence")
+IS_LEVELS = ("auto", "token", "geometric", "sequence")
 OFF_POLICY_CORRECTIONS = ("tis", "decoupled", "mask_stale", "ppo")
 
 
@@ -393,6 +394,16 @@ class TrainerConfig:
     ratio_level: str = "token"
     # Off-policy correction: tis | decoupled | mask_stale | ppo (see trainer/losses.py).
     off_policy: str = "tis"
+    # The level of tis/decoupled's weight old/behav (verl's rollout correction): auto (the
+    # ratio_level's: token, or geometric for sequence) | token | geometric (a sequence's
+    # geometric mean) | sequence (the product over the sequence, truncated or masked at tis_cap)
+    is_level: str = "auto"
+    # tis/decoupled: mask tokens (sequences, at those levels) whose weight is below this
+    # (IcePop's lower bound, e.g. 0.5); 0: off
+    is_floor: float = 0.0
+    # tis/decoupled: drop every token of a sequence with any token whose weight is below this
+    # (verl's veto, e.g. 1e-4: the engine sampled what the trainer finds near-impossible); 0: off
+    is_veto: float = 0.0
     # Optimiser steps per batch; > 1 recomputes the proximal policy before the first one.
     ppo_minibatches: int = 1
     # Rollout routing replay (R3): every trainer forward (policy, proximal, KL reference) routes
@@ -448,6 +459,16 @@ class TrainerConfig:
                f"must be {_either(RATIO_LEVELS)} (GSPO)")
         _check(self.off_policy in OFF_POLICY_CORRECTIONS, f"{p}.off_policy", self.off_policy,
                f"must be {_either(OFF_POLICY_CORRECTIONS)}")
+        _check(self.is_level in IS_LEVELS, f"{p}.is_level", self.is_level, f"must be {_either(IS_LEVELS)}")
+        for name in ("is_floor", "is_veto"):
+            value = getattr(self, name)
+            _check(0 <= value < 1, f"{p}.{name}", value, "must be in [0, 1) (0: off)")
+            _check(value == 0 or self.off_policy in ("tis", "decoupled"), f"{p}.{name}", value,
+                   f"needs trainer.off_policy=tis or decoupled (trainer.off_policy={self.off_policy} weighs "
+                   f"no token by old/behav)")
+        _check(self.is_level == "auto" or self.off_policy in ("tis", "decoupled"), f"{p}.is_level", self.is_level,
+               f"needs trainer.off_policy=tis or decoupled (trainer.off_policy={self.off_policy} weighs "
+               f"no token by old/behav)")
         _check(self.ppo_minibatches >= 1, f"{p}.ppo_minibatches", self.ppo_minibatches, "must be >= 1")
         _check(self.publish_every >= 1, f"{p}.publish_every", self.publish_every, "must be >= 1")
         _check(self.checkpoint_every >= 0, f"{p}.checkpoint_every", self.checkpoint_every, "must be >= 0")

@@ -58,6 +58,8 @@ def test_every_model_preset_composes_validates_and_builds(preset):
     ("env.max_digits=1", "env.num_eval=200: must be <= 50"),
     ("trainer.num_ranks=3", "rollout.batch_prompts=16: must be a multiple of trainer.num_ranks=3"),
     ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps=0: must be >= 1"),
+    ("trainer.is_level=tokens", "trainer.is_level='tokens': must be auto, token, geometric or sequence"),
+    ("trainer.is_floor=1.5", "trainer.is_floor=1.5: must be in [0, 1) (0: off)"),
     ("trainer.ratio_level=seq", "trainer.ratio_level='seq': must be token or sequence (GSPO)"),
     ("env.overlong_buffer=9", "env.overlong_buffer=9: must be <= rollout.max_new_tokens=8"),
     ("trainer.advantage=gae", "trainer.advantage='gae': must be grpo, rloo or reinforce_pp_baseline"),
@@ -72,6 +74,18 @@ def test_bad_config_raises_config_error_naming_it(override, message):
         load_config([override])
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_rollout_correction_fields_need_a_correction_that_weighs_tokens():
+    """is_floor / is_veto / is_level act on tis's and decoupled's old/behav weight: with a
+    correction that has none they would do nothing silently, so they are refused by name."""
+    for field, value in (("is_floor", "0.5"), ("is_veto", "0.0001"), ("is_level", "sequence")):
+        with pytest.raises(ConfigError, match=rf"trainer.{field}=.*needs trainer.off_policy=tis or decoupled "
+                                              rf"\(trainer.off_policy=mask_stale weighs no token"):
+            load_config([f"trainer.{field}={value}", "trainer.off_policy=mask_stale"])
+    cfg = load_config(["trainer.is_floor=0.5", "trainer.is_veto=0.0001", "trainer.is_level=geometric",
+                       "trainer.off_policy=decoupled"])
+    assert (cfg.trainer.is_floor, cfg.trainer.is_veto, cfg.trainer.is_level) == (0.5, 1e-4, "geometric")
 
 
 def test_cli_prints_one_line_and_exits_2():

@@ -205,6 +205,59 @@ def test_gspo_off_policy_weight_is_per_sequence():
         policy_loss(new, new.detach(), behav, adv, mask, 0.2, 0.28, 1.5, ratio_level="tokens")
 
 
+def test_is_levels_floor_and_veto_with_token_level_ratios():
+    """verl's rollout correction with GRPO's token-level PPO ratio. Two sequences (A=+1, one
+    step: new = old), old/behav per token: row 0 (4, 1, 0.5), row 1 (1, 1e-5 as a flipped
+    route would give, 1). ``is_level``: token weighs each token alone; geometric weighs every
+    token of a row by the row's geometric mean (2^(1/3) for row 0); sequence by the product (2,
+    truncated at the cap). ``is_floor`` masks what weighs less than it at that level (IcePop's
+    lower bound); ``is_veto`` drops all of row 1 for its one near-impossible token; the same
+    rows packed into one (seq_ids) give the same."""
+    new = torch.zeros(2, 3, requires_grad=True)
+    behav = -torch.log(torch.tensor([[4.0, 1.0, 0.5], [1.0, 1e-5, 1.0]]))
+    mask, adv = torch.ones(2, 3), torch.ones(2)
+
+    def loss(**kw):
+        return policy_loss(new, new.detach(), behav, adv, mask, 0.2, 0.28, kw.pop("cap", 3.0), **kw)
+
+    token = loss(is_level="token")
+    assert token.loss.item() == pytest.approx(-(3 + 1 + 0.5 + 1 + 1e-5 + 1) / 6, rel=1e-5)
+    assert loss().loss.item() == pytest.approx(token.loss.item())  # auto = the ratio's level
+    geo = loss(is_level="geometric")
+    assert geo.loss.item() == pytest.approx(-(3 * 2 ** (1 / 3) + 3 * 1e-5 ** (1 / 3)) / 6, rel=1e-5)
+    product = loss(is_level="sequence", cap=1.5)
+    assert product.loss.item() == pytest.approx(-(3 * 1.5 + 3 * 1e-5) / 6, rel=1e-5)
+    assert product.metrics["is_capped_frac"] == pytest.approx(0.5)
+    # floor: token level masks row 0's 0.5 and row 1's 1e-5; sequence level all of row 1
+    floored = loss(is_level="token", is_floor=0.6)
+    assert floored.loss.item() == pytest.approx(-(3 + 1 + 1 + 1) / 4, rel=1e-5)
+    assert floored.metrics["is_floor_frac"] == pytest.approx(2 / 6)
+    seq_floor = loss(is_level="sequence", is_floor=0.6)
+    assert seq_floor.loss.item() == pytest.approx(-2.0, rel=1e-5) and seq_floor.metrics["is_floor_frac"] == 0.5
+    icepop = loss(is_level="token", correction="decoupled", cap=2.0, is_floor=0.6)  # kept: [0.6, 2]
+    assert icepop.loss.item() == pytest.approx(-(1 + 1 + 1) / 3, rel=1e-5)
+    # veto: row 1 goes whole (its 1.0 tokens too); row 0's 0.5 is above the veto
+    veto = loss(is_level="token", is_veto=1e-4)
+    assert veto.loss.item() == pytest.approx(-(3 + 1 + 0.5) / 3, rel=1e-5)
+    assert veto.metrics["is_veto_frac"] == pytest.approx(0.5) and token.metrics["is_veto_frac"] == 0.0
+    # the k3 mismatch estimate is >= 0 and 0 only without a mismatch; ESS 1 for equal weights
+    assert token.metrics["mismatch_k3"] > 0 and 0 < token.metrics["is_ess"] < 1
+    same = policy_loss(new, new.detach(), new.detach(), adv, mask, 0.2, 0.28, 2.0)
+    assert same.metrics["mismatch_k3"] == 0.0 and same.metrics["is_ess"] == pytest.approx(1.0)
+    # packed: both sequences in one row, padding after them
+    packed = torch.cat([new.detach().reshape(1, 6), torch.zeros(1, 2)], dim=1).requires_grad_(True)
+    p_behav = torch.cat([behav.reshape(1, 6), torch.zeros(1, 2)], dim=1)
+    p_mask = torch.cat([torch.ones(1, 6), torch.zeros(1, 2)], dim=1)
+    seq_ids = torch.tensor([[0, 0, 0, 1, 1, 1, -1, -1]])
+    p_adv = torch.ones(1, 8)
+    for kw in ({"is_level": "sequence", "is_floor": 0.6}, {"is_level": "geometric"}, {"is_veto": 1e-4}):
+        ref = loss(**kw)
+        got = policy_loss(packed, packed.detach(), p_behav, p_adv, p_mask, 0.2, 0.28, 3.0, seq_ids=seq_ids, **kw)
+        assert got.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5), kw
+    with pytest.raises(ValueError, match="is_level='tokens'"):
+        loss(is_level="tokens")
+
+
 def test_k3_kl_to_reference():
     new = torch.tensor([[math.log(1.5)]])
     zeros = torch.zeros(1, 1)

@@ -437,7 +437,8 @@ class TrainerRank:
                                   cfg.clip_eps, cfg.clip_eps_high, cfg.tis_cap, ref_logp, cfg.kl_coef,
                                   cfg.loss_agg, cfg.off_policy, mb.versions < self.version,
                                   mb.seq_ids, entropy, cfg.entropy_coef, cfg.ratio_level,
-                                  self.cfg.rollout.max_new_tokens, cfg.clip_ratio_c)
+                                  self.cfg.rollout.max_new_tokens, cfg.clip_ratio_c,
+                                  is_level=cfg.is_level, is_floor=cfg.is_floor, is_veto=cfg.is_veto)
                 # train-inference mismatch on on-policy tokens (made by the weights being trained)
                 mismatch.add(old_logp, mb.behav_logp, mb.mask.bool() & (mb.versions == self.version),
                              routed, mb.engine_experts)

@@ -15,13 +15,14 @@ decoupled PPO; with one optimiser step per batch ``old == new`` numerically.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from rlpost.config import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, OFF_POLICY_CORRECTIONS, RATIO_LEVELS
+from rlpost.config import ADVANTAGE_ESTIMATORS, IS_LEVELS, LOSS_AGGREGATIONS, OFF_POLICY_CORRECTIONS, RATIO_LEVELS
 
 
 def grpo_advantages(rewards: torch.Tensor, std_norm: bool = True, eps: float = 1e-6) -> torch.Tensor:
@@ -129,7 +130,8 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
                 loss_agg: str = "token_mean", correction: str = "tis",
                 stale: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
                 entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
-                ratio_level: str = "token", norm_len: int = 0, clip_ratio_c: float = 0.0) -> PolicyLossOutput:
+                ratio_level: str = "token", norm_len: int = 0, clip_ratio_c: float = 0.0,
+                is_level: str = "auto", is_floor: float = 0.0, is_veto: float = 0.0) -> PolicyLossOutput:
     """PPO-clip (asymmetric clip range) with an off-policy correction, + optional k3 KL, minus
     an optional entropy bonus (``entropy_coef`` x the per-token ``entropy``, which must then
     carry the gradient; without a coefficient it is only reported).
@@ -158,6 +160,16 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
     above, so one token made far likelier by the stale behaviour policy (ratio 50) pushes with a
     50x gradient; the loss of such tokens is capped at ``-A x clip_ratio_c`` (no gradient beyond).
 
+    The off-policy weight's level, ``is_level`` (verl's rollout correction levels; ``auto``: the
+    ratio's, token or geometric): ``token`` (each token's own ``old/behav``), ``geometric`` (a
+    sequence's geometric mean of its tokens' weights, on all of them) or ``sequence`` (the
+    product over the sequence: the unbiased sequence-level weight, high-variance, so truncated or
+    masked at ``tis_cap`` as the others). ``is_floor`` > 0 masks what weighs less than it (token
+    or sequence at that level: IcePop's two-sided mask, [is_floor, tis_cap] with
+    ``decoupled``); ``is_veto`` > 0 drops every token of a sequence holding any token whose own
+    weight is below it (a token the engine sampled that the trainer finds near-impossible: a
+    flipped MoE route, a numerics bug; verl's veto threshold).
+
     ``loss_agg``: ``token_mean`` (every token weighs the same: DAPO), ``seq_mean`` (every sequence
     weighs the same: GRPO's paper, GSPO) or ``seq_sum_norm`` (Dr. GRPO: the sum over tokens divided
     by the number of sequences x the constant ``norm_len``, the response budget, so neither long
@@ -169,16 +181,24 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
         raise ValueError(f"correction={correction!r}: must be one of {', '.join(OFF_POLICY_CORRECTIONS)}")
     if ratio_level not in RATIO_LEVELS:
         raise ValueError(f"ratio_level={ratio_level!r}: must be one of {', '.join(RATIO_LEVELS)}")
+    if is_level not in IS_LEVELS:
+        raise ValueError(f"is_level={is_level!r}: must be one of {', '.join(IS_LEVELS)}")
     per_sequence = ratio_level == "sequence"
+    if is_level == "auto":
+        is_level = "geometric" if per_sequence else "token"
     mask = mask.float()
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(new_logp)
     if correction == "mask_stale" and stale is not None:
         mask = mask * (~stale.bool()).float()
-    log_is = (old_logp - behav_logp).detach()
-    if per_sequence:
-        log_is = _sequence_mean(log_is, mask, seq_ids)
+    token_log_is = (old_logp - behav_logp).detach()
+    log_is = token_log_is
+    if is_level != "token":
+        sums, counts, index = _sequence_sums(token_log_is, mask, seq_ids)
+        log_is = (sums if is_level == "sequence" else sums / counts.clamp_min(1))[index]
     is_raw = torch.exp(log_is)
+    trained = mask
+    floored = vetoed = torch.zeros_like(mask)
     if correction in ("tis", "decoupled"):
         base = old_logp
         if correction == "tis":
@@ -186,6 +206,14 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
         else:
             is_weight = is_raw
             mask = mask * (is_raw <= tis_cap).float()
+        if is_floor > 0:
+            floored = trained * (is_raw < is_floor).float()
+            mask = mask * (1 - floored)
+        if is_veto > 0:
+            low = (token_log_is < math.log(is_veto)).float() * trained
+            hits, _, index = _sequence_sums(low, trained, seq_ids)
+            vetoed = trained * (hits[index] > 0).float()
+            mask = mask * (1 - vetoed)
     else:
         base = behav_logp
         is_weight = torch.ones_like(is_raw)
@@ -215,6 +243,12 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
 
     n = mask.sum().clamp_min(1)
     with torch.no_grad():
+        n_trained = trained.sum().clamp_min(1)
+        kept = is_weight * mask
+        # the normalised effective sample size of the kept tokens' weights (1: all equal)
+        ess = float(kept.sum() ** 2 / (n * kept.square().sum()).clamp_min(1e-12)) if mask.any() else 0.0
+        # k3 estimate of KL(behav || old) from the engine's samples: >= 0 per token, 0 when equal
+        log_r = token_log_is.clamp(-20, 20)
         metrics = {
             "clip_frac": float((ppo_clipped.float() * mask).sum() / n),
             "dual_clip_frac": float((dual_clipped.float() * mask).sum() / n),
@@ -223,6 +257,10 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
             "is_capped_frac": float(((is_raw > tis_cap).float() * mask).sum() / n),
             "kl": float((kl * mask).sum() / n),
             "approx_kl_behav": float(((old_logp - behav_logp) * mask).sum() / n),
+            "mismatch_k3": float(((torch.exp(log_r) - 1 - log_r) * trained).sum() / n_trained),
+            "is_ess": ess,
+            "is_floor_frac": float(floored.sum() / n_trained),
+            "is_veto_frac": float(vetoed.sum() / n_trained),
             "pg_loss": float(_aggregate(is_weight * pg, mask, loss_agg, seq_ids, norm_len)),
         }
         if entropy is not None:
@@ -235,20 +273,28 @@ def _num_sequences(values: torch.Tensor, seq_ids: torch.Tensor | None) -> int:
     return values.shape[0] if seq_ids is None else int(seq_ids.max()) + 1
 
 
-def _sequence_means(values: torch.Tensor, mask: torch.Tensor,
-                    seq_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S,) the mean of ``values`` over each sequence's masked positions (0 for a sequence with
-    none), and the (B, T) index of each position's sequence: its row, or its ``seq_ids`` entry in
-    a packed batch (padding, -1, is counted in no sequence)."""
+def _sequence_sums(values: torch.Tensor, mask: torch.Tensor,
+                   seq_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(S,) the sum of ``values`` over each sequence's masked positions, (S,) how many there are,
+    and the (B, T) index of each position's sequence: its row, or its ``seq_ids`` entry in a
+    packed batch (padding, -1, is counted in no sequence)."""
     if seq_ids is None:
-        means = (values * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-        return means, torch.arange(values.shape[0], device=values.device)[:, None].expand_as(values)
+        index = torch.arange(values.shape[0], device=values.device)[:, None].expand_as(values)
+        return (values * mask).sum(-1), mask.sum(-1), index
     ids = seq_ids.reshape(-1)
     real = ids >= 0
     ids, num_seqs = ids.clamp_min(0), _num_sequences(values, seq_ids)
     sums = values.new_zeros(num_seqs).index_add(0, ids, (values * mask).reshape(-1) * real)
     counts = values.new_zeros(num_seqs).index_add(0, ids, mask.reshape(-1) * real)
-    return sums / counts.clamp_min(1), ids.reshape(values.shape)
+    return sums, counts, ids.reshape(values.shape)
+
+
+def _sequence_means(values: torch.Tensor, mask: torch.Tensor,
+                    seq_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S,) the mean of ``values`` over each sequence's masked positions (0 for a sequence with
+    none), and the (B, T) index of each position's sequence (:func:`_sequence_sums`)."""
+    sums, counts, index = _sequence_sums(values, mask, seq_ids)
+    return sums / counts.clamp_min(1), index
 
 
 def _sequence_mean(values: torch.Tensor, mask: torch.Tensor, seq_ids: torch.Tensor | None) -> torch.Tensor:
