@@ -1,4 +1,4 @@
-"""Native vs vLLM on the same random Qwen3-MoE (or DeepSeek-V3, or GPT-OSS) and the same requests.
+"""Native vs vLLM on the same random Qwen3-MoE (or DeepSeek-V3, GPT-OSS, MiniMax-M2) and the same requests.
 
 Measures, per engine: rollout tokens/s (64 prompts x 64 sampled tokens, after one warm-up call),
 in-place weight-update latency (median of 5 versioned updates) against a plain copy of the same
@@ -12,6 +12,7 @@ equals the DeepSpeed policy to 2e-5). vLLM runs in fp32 and bf16.
     python bench/engines.py --device cuda --large --engines native-bf16,vllm-bf16,sglang-bf16
     python bench/engines.py --arch deepseek_v3   # the same sizes with latent attention and GLM's router
     python bench/engines.py --arch gpt_oss       # ... with GPT-OSS's sinks, sliding window and biased experts
+    python bench/engines.py --arch minimax_m2    # ... with MiniMax-M2's projection q/k norms and sigmoid router
 
 On a GPU (scripts/gpu_check.sh) the published weights sit on the GPU, as a colocated trainer's
 do, so the update is measured against a device-to-device copy of the same bytes; ``--large`` is
@@ -22,9 +23,11 @@ kernel serves; no-rope and value dims of the Qwen3 head, a query bottleneck of h
 size), the sigmoid router with groups and scaling, a shared expert and a dense first layer.
 ``--arch gpt_oss`` into a GPT-OSS: attention sinks, a 32-token sliding window on even layers
 (prompt and response: 80-96 tokens), biases on attention, router and experts, the clamped
-SwiGLU, top-4 of the same experts, GPT-OSS's YaRN and norm epsilon.
+SwiGLU, top-4 of the same experts, GPT-OSS's YaRN and norm epsilon. ``--arch minimax_m2`` into
+a MiniMax-M2: q/k norms over whole projections, rotary on half of each head, the sigmoid router
+with its correction bias, top-4 of the same experts.
 Writes bench/results/engines.json (engines_gpu.json / engines_gpu_large.json on a GPU, with a
-``_deepseek_v3`` / ``_gpt_oss`` suffix for those architectures); the last
+``_deepseek_v3`` / ``_gpt_oss`` / ``_minimax_m2`` suffix for those architectures); the last
 line is ``RESULT engines <vLLM fp32 tokens/s over native>`` (bf16 over bf16 when fp32 is not run).
 """
 
@@ -56,6 +59,8 @@ def bench_model(quick: bool, large: bool = False, arch: str = "qwen3_moe") -> Mo
         return ModelConfig(**{**vars(cfg), "type": "gpt_oss", "top_k": 4, "sliding_window": 32, "rms_norm_eps": 1e-5,
                               "rope_theta": 150000.0, "rope_type": "yarn", "rope_factor": 32.0,
                               "rope_original_max_len": 4096, "rope_truncate": False})
+    if arch == "minimax_m2":
+        return ModelConfig(**{**vars(cfg), "type": "minimax_m2", "top_k": 4, "partial_rotary": 0.5})
     return ModelConfig(**{**vars(cfg), "type": "deepseek_v3", "n_kv_heads": cfg.n_heads, "q_lora_rank": cfg.d_model // 2,
                           "kv_lora_rank": 512, "qk_nope_head_dim": cfg.head_dim, "qk_rope_head_dim": 64,
                           "v_head_dim": cfg.head_dim, "first_dense_layers": 1, "dense_d_ff": 2 * cfg.d_ff,
@@ -139,7 +144,7 @@ def main() -> None:
                         help="engine[-bf16] list: native, vllm, sglang (SGLang: CUDA only)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--large", action="store_true", help="a ~0.56B-parameter model (for a GPU)")
-    parser.add_argument("--arch", default="qwen3_moe", choices=["qwen3_moe", "deepseek_v3", "gpt_oss"])
+    parser.add_argument("--arch", default="qwen3_moe", choices=["qwen3_moe", "deepseek_v3", "gpt_oss", "minimax_m2"])
     parser.add_argument("--name", default=None, help="results file name (default engines[_gpu][_large][_arch])")
     args = parser.parse_args()
     torch.set_num_threads(1)
