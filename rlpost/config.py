@@ -356,6 +356,11 @@ class TrainerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     grad_clip: float = 1.0
     micro_batch_size: int = 0  # 0: the whole step in one micro-batch
+    # > 0: micro-batches by tokens instead (slime's --max-tokens-per-gpu, verl's
+    # ppo_max_token_len_per_gpu): each rank's sequences go into as few micro-batches of at most
+    # this many tokens (prompt + response) as fit, the same number on every rank; bounds a
+    # micro-batch's activation memory whatever the response lengths. Must be >= model.max_seq_len.
+    max_tokens_per_micro_batch: int = 0
     # Pack each micro-batch's sequences into rows of model.max_seq_len tokens (attention kept
     # inside each sequence) instead of padding every row to the longest one.
     pack_sequences: bool = True
@@ -442,6 +447,11 @@ class TrainerConfig:
                f"must divide trainer.num_ranks={self.num_ranks}")
         _check(self.num_gpus >= 0, f"{p}.num_gpus", self.num_gpus, "must be >= 0")
         _check(self.micro_batch_size >= 0, f"{p}.micro_batch_size", self.micro_batch_size, "must be >= 0")
+        _check(self.max_tokens_per_micro_batch >= 0, f"{p}.max_tokens_per_micro_batch",
+               self.max_tokens_per_micro_batch, "must be >= 0 (0: off)")
+        _check(self.max_tokens_per_micro_batch == 0 or self.micro_batch_size == 0, f"{p}.max_tokens_per_micro_batch",
+               self.max_tokens_per_micro_batch,
+               f"micro-batches by tokens or by samples, not both (trainer.micro_batch_size={self.micro_batch_size})")
         _check(0 < self.clip_eps < 1, f"{p}.clip_eps", self.clip_eps, "must be in (0, 1)")
         _check(self.clip_eps_high >= self.clip_eps, f"{p}.clip_eps_high", self.clip_eps_high,
                f"must be >= trainer.clip_eps={self.clip_eps}")
@@ -834,6 +844,9 @@ class RlpostConfig:
                self.rollout.max_new_tokens, f"must be < model.max_seq_len={self.model.max_seq_len}")
         _check(self.env.overlong_buffer <= self.rollout.max_new_tokens, "env.overlong_buffer",
                self.env.overlong_buffer, f"must be <= rollout.max_new_tokens={self.rollout.max_new_tokens}")
+        budget = self.trainer.max_tokens_per_micro_batch
+        _check(budget == 0 or budget >= self.model.max_seq_len, "trainer.max_tokens_per_micro_batch", budget,
+               f"must be >= model.max_seq_len={self.model.max_seq_len} (every sequence must fit a micro-batch)")
         _check(self.model.num_experts % self.trainer.ep_size == 0, "trainer.ep_size", self.trainer.ep_size,
                f"must divide model.num_experts={self.model.num_experts}")
         if self.placement.colocate:

@@ -60,6 +60,7 @@ def test_every_model_preset_composes_validates_and_builds(preset):
     ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps=0: must be >= 1"),
     ("trainer.is_level=tokens", "trainer.is_level='tokens': must be auto, token, geometric or sequence"),
     ("trainer.is_floor=1.5", "trainer.is_floor=1.5: must be in [0, 1) (0: off)"),
+    ("trainer.max_tokens_per_micro_batch=10", "trainer.max_tokens_per_micro_batch=10: must be >= model.max_seq_len=64"),
     ("trainer.ratio_level=seq", "trainer.ratio_level='seq': must be token or sequence (GSPO)"),
     ("env.overlong_buffer=9", "env.overlong_buffer=9: must be <= rollout.max_new_tokens=8"),
     ("trainer.advantage=gae", "trainer.advantage='gae': must be grpo, rloo or reinforce_pp_baseline"),
@@ -86,6 +87,13 @@ def test_rollout_correction_fields_need_a_correction_that_weighs_tokens():
     cfg = load_config(["trainer.is_floor=0.5", "trainer.is_veto=0.0001", "trainer.is_level=geometric",
                        "trainer.off_policy=decoupled"])
     assert (cfg.trainer.is_floor, cfg.trainer.is_veto, cfg.trainer.is_level) == (0.5, 1e-4, "geometric")
+
+
+def test_micro_batches_go_by_tokens_or_by_samples_not_both():
+    with pytest.raises(ConfigError, match=r"trainer.max_tokens_per_micro_batch=64: micro-batches by tokens or by "
+                                          r"samples, not both \(trainer.micro_batch_size=8\)"):
+        load_config(["trainer.max_tokens_per_micro_batch=64", "trainer.micro_batch_size=8"])
+    assert load_config(["trainer.max_tokens_per_micro_batch=64"]).trainer.max_tokens_per_micro_batch == 64
 
 
 def test_cli_prints_one_line_and_exits_2():

@@ -460,6 +460,86 @@ def test_packed_rows_score_each_sequence_as_if_it_were_alone(rig):
         torch.testing.assert_close(lp_packed[mine], lp_padded[s][padded.mask[s].bool()], atol=1e-5, rtol=0)
 
 
+def test_micro_batches_by_tokens_take_the_step_of_one_batch(rig):
+    """trainer.max_tokens_per_micro_batch: the step's sequences go into bins of at most that many
+    tokens (each row once, several bins here), DeepSpeed's accumulation boundary is set by the
+    trainer on the last, and the step equals the whole batch in one micro-batch: the same
+    gradient norm (a wrong per-micro-batch scale shows there: Adam's first step does not see
+    it) and the same weights after the step; also with a filler micro-batch (weight 0) added, as
+    a rank with fewer rows than another rank's bins runs."""
+    from rlpost.trainer.batch import collate
+
+    trainer, worker, _ = rig
+    trainer.publish()
+    worker.maybe_update_weights()
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=12)
+    groups = worker.generate_groups([worker.env.train_task(1500 + i, 0, 4, sampling) for i in range(4)])
+    trajs = [t for g in groups for t in g]
+    batch = collate(trajs, torch.tensor([float(k % 2) - 0.5 for k in range(len(trajs))]))
+    cfg = trainer.cfg.trainer
+    budget = trainer.cfg.model.max_seq_len
+    start = trainer.canonical_state()
+    results = {}
+    aux_coef = trainer.cfg.model.aux_loss_coef
+    # the load-balancing loss is a function of each micro-batch's routing (not a sum over
+    # tokens), as with micro-batches by samples: left out so the comparison can be exact
+    trainer.cfg.model.aux_loss_coef = 0.0
+    try:
+        for tokens in (0, budget, "filler"):
+            if tokens == "filler":  # what a rank with fewer rows than another rank's bins runs
+                cfg.max_tokens_per_micro_batch = budget
+                plan = trainer._micro_batches(batch)
+                trainer._micro_batches = lambda _batch: [*plan, ([0], 0.0)]
+                trainer.load_state(start)
+                trainer.reset_optimizer_state()
+                metrics = trainer._optimise(batch)
+                del trainer._micro_batches
+                assert metrics["train/filler_micro_batches"] == 1
+                assert metrics["train/micro_batches"] == len(plan) + 1
+                results[tokens] = (metrics["train/grad_norm"], trainer.canonical_state())
+                continue
+            cfg.max_tokens_per_micro_batch = tokens
+            if tokens:
+                micro = trainer._micro_batches(batch)
+                lengths = batch.lengths.tolist()
+                assert len(micro) > 1 and all(w == 1.0 for _, w in micro)
+                assert sorted(r for rows, _ in micro for r in rows) == list(range(len(trajs)))
+                assert all(sum(lengths[r] for r in rows) <= budget for rows, _ in micro)
+            trainer.load_state(start)
+            trainer.reset_optimizer_state()
+            metrics = trainer._optimise(batch)
+            results[tokens] = (metrics["train/grad_norm"], trainer.canonical_state())
+    finally:
+        cfg.max_tokens_per_micro_batch = 0
+        trainer.cfg.model.aux_loss_coef = aux_coef
+        trainer.load_state(start)
+        trainer.reset_optimizer_state()
+    norm_one, after_one = results[0]
+    for case in (budget, "filler"):  # a filler micro-batch (weight 0) changes nothing
+        norm_bins, after_bins = results[case]
+        assert norm_one > 0 and norm_bins == pytest.approx(norm_one, rel=1e-5), case
+        for name in after_one:
+            torch.testing.assert_close(after_bins[name], after_one[name], atol=1e-5, rtol=0)
+    assert any(not torch.equal(after_one[k], start[k]) for k in start)
+
+
+def test_token_bins_cover_every_row_once_within_the_budget_and_split_to_a_common_count():
+    from rlpost.trainer.batch import split_into, token_budget_bins
+
+    lengths = [30, 5, 20, 17, 9, 40, 12]
+    bins = token_budget_bins(lengths, 40)
+    assert sorted(r for b in bins for r in b) == list(range(7))
+    assert all(sum(lengths[r] for r in b) <= 40 for b in bins) and len(bins) == 4  # 133 tokens
+    more = split_into(bins, lengths, 6)
+    assert len(more) == 6 and sorted(r for b in more for r in b) == list(range(7))
+    assert all(sum(lengths[r] for r in b) <= 40 for b in more) and all(more)
+    # more micro-batches than rows (another rank needs more): empty ones, run as fillers
+    assert [len(b) for b in split_into([[0], [1, 2]], [5, 6, 7], 5)].count(0) == 2
+    assert token_budget_bins([50, 10], 40) == [[0], [1]]  # too long: alone (config refuses it)
+    with pytest.raises(ValueError, match="count=1 is fewer than the 2 bins"):
+        split_into([[0], [1]], [5, 6], 1)
+
+
 def test_worker_admits_queued_groups_into_the_running_batch(rig):
     """Continuous batching: groups that reach the buffer while a long group is generating join
     the running batch at the next chunk boundary and ship before the long group ends, all

@@ -25,7 +25,7 @@ from rlpost.records import Trajectory
 from rlpost.rollout_dump import SAMPLES_KEY, trained_rows
 from rlpost.scheduler import too_stale
 from rlpost.weights import WeightPublisher
-from rlpost.trainer.batch import TrainBatch, collate, sft_batch
+from rlpost.trainer.batch import TrainBatch, collate, sft_batch, split_into, token_budget_bins
 from rlpost.trainer.ds_engine import DistEnv, build_engine, init_distributed
 from rlpost.trainer.losses import (advantages, policy_loss, scattered_logprobs,
                                    scattered_logprobs_and_entropy, scored_positions, token_logprobs)
@@ -389,9 +389,41 @@ class TrainerRank:
         return {"replay_experts": batch.replay_experts()}
 
     def _proximal_logp(self, batch: TrainBatch, temperature: float) -> torch.Tensor:
-        with torch.no_grad():
-            logits = self.engine(batch.input_ids, logits_at=scored_positions(batch.mask), **self._replay(batch)).logits
-        return scattered_logprobs(logits, batch.targets, batch.mask, temperature)
+        """(B, L-1) logprobs of the current weights, in the step's micro-batches when they go by
+        tokens (the whole batch in one forward would defeat the token budget)."""
+        if not self.cfg.trainer.max_tokens_per_micro_batch:
+            with torch.no_grad():
+                logits = self.engine(batch.input_ids, logits_at=scored_positions(batch.mask),
+                                     **self._replay(batch)).logits
+            return scattered_logprobs(logits, batch.targets, batch.mask, temperature)
+        out = torch.zeros_like(batch.behav_logp)
+        for rows, _ in self._micro_batches(batch):
+            mb = batch.select(rows)
+            with torch.no_grad():
+                logits = self.engine(mb.input_ids, logits_at=scored_positions(mb.mask), **self._replay(mb)).logits
+            index = torch.as_tensor(rows, device=out.device)
+            out[index, :mb.mask.shape[1]] = scattered_logprobs(logits, mb.targets, mb.mask, temperature)
+        return out
+
+    def _micro_batches(self, batch: TrainBatch) -> list[tuple[list[int], float]]:
+        """(rows, weight) of each micro-batch of ``batch``: ``self.accum`` contiguous slices, or
+        with ``trainer.max_tokens_per_micro_batch`` bins of at most that many tokens, as many on
+        every rank as the rank that needs most (a rank with too few rows runs a copy of its
+        shortest one with weight 0: its collectives must still take place)."""
+        budget = self.cfg.trainer.max_tokens_per_micro_batch
+        if not budget:
+            return [(list(range(s.start, s.stop)), 1.0) for s in self._micro_slices(batch.input_ids.shape[0])]
+        lengths = batch.lengths.tolist()
+        bins = token_budget_bins(lengths, budget)
+        count = len(bins)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            most = torch.tensor([count], device=self.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            count = int(most.item())
+        shortest = min(range(len(lengths)), key=lengths.__getitem__)
+        return [(rows, 1.0) if rows else ([shortest], 0.0) for rows in split_into(bins, lengths, count)]
 
     def _optimise(self, batch: TrainBatch) -> dict:
         cfg = self.cfg.trainer
@@ -399,7 +431,7 @@ class TrainerRank:
         self.engine.train()
         sums: dict[str, float] = {}
         counts_total = None
-        n_updates = 0
+        n_updates = fillers = 0
         mismatch = MismatchMeter()
         replayed = ReplayMeter(self.cfg.model)
         # With several optimiser steps per batch, the proximal policy (the weights before the
@@ -409,11 +441,11 @@ class TrainerRank:
         for minibatch in rows:
             mb_all = batch.slice(int(minibatch[0]), int(minibatch[-1]) + 1)
             offset = int(minibatch[0])
-            micro = self._micro_slices(mb_all.input_ids.shape[0])
-            for chunk in micro:
-                mb = mb_all.slice(chunk.start, chunk.stop)
-                lo, hi = offset + chunk.start, offset + chunk.stop
-                prox = None if prox_all is None else prox_all[lo:hi, :mb.mask.shape[1]]
+            micro = self._micro_batches(mb_all)
+            for i, (micro_rows, weight) in enumerate(micro):
+                mb = mb_all.select(micro_rows)
+                at_rows = torch.as_tensor([offset + r for r in micro_rows], device=mb_all.mask.device)
+                prox = None if prox_all is None else prox_all[at_rows, :mb.mask.shape[1]]
                 # DeepSpeed averages the micro-batches; weigh each by its share of the minibatch so
                 # the step optimises the minibatch-wide token (or sequence) mean exactly.
                 if cfg.loss_agg == "token_mean":
@@ -439,19 +471,29 @@ class TrainerRank:
                                   mb.seq_ids, entropy, cfg.entropy_coef, cfg.ratio_level,
                                   self.cfg.rollout.max_new_tokens, cfg.clip_ratio_c,
                                   is_level=cfg.is_level, is_floor=cfg.is_floor, is_veto=cfg.is_veto)
+                # DeepSpeed divides by its accumulation steps (self.accum: len(micro) with
+                # micro-batches by samples, 1 by tokens, where the count varies per step)
+                per_micro = out.loss * share * len(micro) + self.cfg.model.aux_loss_coef * aux
+                loss = weight * per_micro * self.accum / len(micro)
+                if cfg.max_tokens_per_micro_batch:
+                    self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
+                self.engine.backward(loss)
+                self.engine.step()
+                if weight == 0:  # a rank's filler micro-batch: its collectives ran, nothing to report
+                    fillers += 1
+                    continue
                 # train-inference mismatch on on-policy tokens (made by the weights being trained)
                 mismatch.add(old_logp, mb.behav_logp, mb.mask.bool() & (mb.versions == self.version),
                              routed, mb.engine_experts)
                 if cfg.routing_replay:
                     replayed.add(mb.mask.bool(), replay.get("replay_experts"))
-                loss = out.loss * share * len(micro) + self.cfg.model.aux_loss_coef * aux
-                self.engine.backward(loss)
-                self.engine.step()
-                for k, v in {**out.metrics, "loss": loss.item(), "aux_loss": aux.item()}.items():
+                for k, v in {**out.metrics, "loss": per_micro.item(), "aux_loss": aux.item()}.items():
                     sums[k] = sums.get(k, 0.0) + v
                 counts_total = counts if counts_total is None else counts_total + counts
                 n_updates += 1
         metrics = {f"train/{k}": v / n_updates for k, v in sums.items()}
+        metrics["train/micro_batches"] = n_updates + fillers
+        metrics["train/filler_micro_batches"] = fillers
         metrics["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         metrics.update(mismatch.metrics())
         metrics.update(replayed.metrics())

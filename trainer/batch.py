@@ -69,6 +69,19 @@ class TrainBatch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
         return TrainBatch(**moved)
 
+    def select(self, rows: list[int]) -> "TrainBatch":
+        """The given rows (a token-budget micro-batch), padding columns none of them uses trimmed."""
+        if self.is_packed:
+            raise ValueError("select rows before packing")
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        lengths = self.lengths[index.to(self.lengths.device)]
+        width = int(lengths.max())
+        experts = None if self.engine_experts is None else self.engine_experts[index, :width - 1]
+        return TrainBatch(self.input_ids[index, :width], self.targets[index, :width - 1],
+                          self.mask[index, :width - 1], self.behav_logp[index, :width - 1],
+                          self.versions[index, :width - 1], self.advantages[index.to(self.advantages.device)],
+                          lengths, engine_experts=experts)
+
     def slice(self, start: int, end: int) -> "TrainBatch":
         """Rows ``start:end``, with the padding columns none of them uses trimmed away: sorted by
         length, the micro-batches of a long-tail batch are mostly short and cost accordingly."""
@@ -89,17 +102,8 @@ class TrainBatch:
         lengths = self.lengths.tolist()
         if max(lengths) > width:
             raise ValueError(f"a sequence of {max(lengths)} tokens does not fit pack width {width}")
-        bins: list[list[int]] = []
-        fill: list[int] = []
-        for row in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
-            for b, used in enumerate(fill):
-                if used + lengths[row] <= width:
-                    bins[b].append(row)
-                    fill[b] += lengths[row]
-                    break
-            else:
-                bins.append([row])
-                fill.append(lengths[row])
+        bins = token_budget_bins(lengths, width)
+        fill = [sum(lengths[r] for r in members) for members in bins]
         rows, cols = len(bins), max(fill)
         dev = self.input_ids.device
         # where each sequence starts: (bin, column offset), then one scatter per tensor
@@ -191,6 +195,46 @@ def _within(counts: np.ndarray) -> np.ndarray:
     """0, 1, ..., counts[0]-1, 0, 1, ..., counts[1]-1, ...: each element's index in its row."""
     starts = np.cumsum(counts) - counts
     return np.arange(int(counts.sum())) - np.repeat(starts, counts)
+
+
+def token_budget_bins(lengths: list[int], budget: int) -> list[list[int]]:
+    """Rows (indices into ``lengths``) in as few bins of at most ``budget`` tokens as first-fit
+    decreasing finds; a row longer than the budget gets a bin of its own."""
+    bins: list[list[int]] = []
+    fill: list[int] = []
+    for row in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
+        for b, used in enumerate(fill):
+            if used + lengths[row] <= budget:
+                bins[b].append(row)
+                fill[b] += lengths[row]
+                break
+        else:
+            bins.append([row])
+            fill.append(lengths[row])
+    return bins
+
+
+def split_into(bins: list[list[int]], lengths: list[int], count: int) -> list[list[int]]:
+    """``bins`` made exactly ``count`` (>= len(bins)) by halving the bin with the most tokens among
+    those with two rows or more (each half stays within the budget its bin kept), then, when no
+    bin can be split, adding empty bins: every rank must run the same number of micro-batches
+    (expert-parallel all-to-alls and ZeRO-2's per-backward reductions are collectives)."""
+    bins = [list(b) for b in bins]
+    if count < len(bins):
+        raise ValueError(f"count={count} is fewer than the {len(bins)} bins the rows need")
+    while len(bins) < count:
+        splittable = [b for b in bins if len(b) > 1]
+        if not splittable:
+            bins.append([])
+            continue
+        largest = max(splittable, key=lambda b: sum(lengths[r] for r in b))
+        bins.remove(largest)
+        ordered = sorted(largest, key=lambda r: -lengths[r])
+        halves: tuple[list[int], list[int]] = ([], [])
+        for row in ordered:  # longest first into the lighter half
+            min(halves, key=lambda h: sum(lengths[r] for r in h)).append(row)
+        bins += [halves[0], halves[1]]
+    return bins
 
 
 def sft_batch(examples: list[tuple], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -61,7 +61,9 @@ def build_engine(model: torch.nn.Module, cfg: TrainerConfig, lr: float, samples_
     """Wrap ``model`` in a DeepSpeed engine with AdamW, ZeRO ``cfg.zero_stage`` and MoE param groups.
 
     Returns (engine, precision, grad_accum_steps). Every rank trains ``samples_per_step /
-    world_size`` samples per step, in micro-batches of ``cfg.micro_batch_size`` (0: one)."""
+    world_size`` samples per step, in micro-batches of ``cfg.micro_batch_size`` (0: one). With
+    ``cfg.max_tokens_per_micro_batch`` the number of micro-batches varies from step to step: the
+    engine is built for one, and the trainer marks the accumulation boundary itself."""
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -69,7 +71,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainerConfig, lr: float, samples_
     if precision in ("bf16", "fp16") and not device.startswith("cuda"):
         raise ValueError(f"trainer.precision={precision!r} needs a GPU; this rank runs on {device}")
     per_rank = max(1, samples_per_step // world_size)
-    micro = cfg.micro_batch_size or per_rank
+    micro = per_rank if cfg.max_tokens_per_micro_batch else (cfg.micro_batch_size or per_rank)
     accum = max(1, -(-per_rank // micro))
     groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": [p for p in model.parameters() if p.requires_grad], "name": "params",
