@@ -18,9 +18,11 @@ tool's output, which the policy controls (python's stdout), can never forge a tu
 end of an observation (the marker the final turn is found by) must contain an added token for
 the same reason: checked at start-up.
 
-Format ``hermes`` (Qwen2.5, Qwen3, QwQ and the many checkpoints trained on Hermes' format; vLLM's
-and SGLang's ``hermes`` parser): ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, one
-or more per turn.
+Formats (``env.tool_format``, rlpost/envs/tool_formats.py): ``hermes`` (Qwen2.5, Qwen3, QwQ and
+the many checkpoints trained on Hermes' format): ``<tool_call>{"name": ..., "arguments": {...}}
+</tool_call>``, one or more per turn; ``qwen3_coder``, ``glm45`` and ``minimax_m2``: those
+families' XML calls, values typed by the tools' schemas; ``auto`` (default): the syntax the chat
+template itself renders calls in.
 
 Tools: ``calculator`` (integer arithmetic, parsed, never executed: rlpost/envs/tools.py),
 ``python`` (the code runs in the sandbox; its stdout, or the error's last line, is observed) and
@@ -40,16 +42,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from rlpost.config import ConfigError, EnvConfig, SandboxConfig
+from rlpost.envs.tool_formats import ToolCall, format_of_template, parse_hermes, parse_tool_calls  # noqa: F401
 
 MAX_CALLS_PER_TURN = 8
-_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 _RESULT = "\x00rlpost-result-{}\x00"  # placeholders for results in a probe rendering
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    name: str
-    arguments: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -57,32 +53,6 @@ class Tool:
     name: str
     schema: dict[str, Any]  # {"type": "function", "function": {name, description, parameters}}
     run: Callable[..., Any]
-
-
-def parse_hermes(text: str) -> list[ToolCall | str]:
-    """The calls of one assistant turn, in order; a malformed one is an error message (observed
-    by the model as the result of that call)."""
-    calls: list[ToolCall | str] = []
-    for body in _HERMES_CALL.findall(text):
-        try:
-            obj = json.loads(body)
-        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
-            calls.append(f"error: the tool call is not JSON ({getattr(exc, 'msg', type(exc).__name__)})")
-            continue
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            calls.append('error: a tool call is {"name": ..., "arguments": {...}}')
-            continue
-        args = obj.get("arguments", {})
-        if isinstance(args, str):  # some checkpoints write the arguments as a JSON string
-            try:
-                args = json.loads(args)
-            except (ValueError, RecursionError):
-                pass
-        if not isinstance(args, dict):
-            calls.append(f'error: "arguments" of {obj["name"]} must be an object')
-            continue
-        calls.append(ToolCall(obj["name"], args))
-    return calls
 
 
 def _calculator() -> Tool:
@@ -164,6 +134,9 @@ class ChatToolTurns:
         self.tok, self.cfg = tokenizer, cfg
         self.tools = {t.name: t for t in load_tools(list(cfg.tools), sandbox)}
         self.schemas = [t.schema for t in self.tools.values()]
+        self.parameters = {t.name: t.schema.get("function", {}).get("parameters") or {} for t in self.tools.values()}
+        self.format = (format_of_template(tokenizer.template_text) if cfg.tool_format == "auto"
+                       else cfg.tool_format)
         self.eos_text = tokenizer.token_text(tokenizer.eos_id)
         try:
             one, two = self._pieces(1), self._pieces(2)
@@ -268,7 +241,7 @@ class ChatToolTurns:
     def parse(self, turn_ids: list[int]) -> list[ToolCall | str]:
         """The calls of one turn, read with special tokens kept (a tokenizer may mark
         ``<tool_call>`` special)."""
-        return parse_hermes(self.tok.decode_turns(turn_ids))
+        return parse_tool_calls(self.tok.decode_turns(turn_ids), self.format, self.parameters)
 
     def calls(self, response_ids: list[int]) -> list[ToolCall | str]:
         """The calls of the response's last turn."""

@@ -18,7 +18,7 @@ from rlpost.tokenizer import TOKENIZERS
 MODES = ("sync", "async", "april")
 ENVS = ("arithmetic", "longtail", "coding", "tools", "dataset")
 BUILTIN_TOOLS = ("calculator", "python")  # env.tools besides package.module:function (envs/chat_tools.py)
-TOOL_FORMATS = ("hermes",)
+TOOL_FORMATS = ("auto", "hermes", "qwen3_coder", "glm45", "minimax_m2")  # envs/tool_formats.py
 
 
 class ConfigError(ValueError):
@@ -526,10 +526,12 @@ class EnvConfig:
     max_turns: int = 3
     # dataset: tools the model may call in its checkpoint's chat format (rlpost/envs/chat_tools.py):
     # calculator, python (sandboxed) or package.module:function (yours); their schemas go to the
-    # chat template, calls are parsed in tool_format (hermes: Qwen's <tool_call>{json}</tool_call>),
-    # each result cut to tool_output_chars; the final turn (no call) is what the reward scores.
+    # chat template, calls are parsed in tool_format (auto: the syntax the template renders calls
+    # in; hermes: Qwen's <tool_call>{json}</tool_call>; qwen3_coder, glm45, minimax_m2: those
+    # families' XML, envs/tool_formats.py), each result cut to tool_output_chars; the final turn
+    # (no call) is what the reward scores.
     tools: list[str] = field(default_factory=list)
-    tool_format: str = "hermes"
+    tool_format: str = "auto"
     tool_output_chars: int = 2000
     # Tokenizer of the env's text: char (the toy envs' alphabets), gpt2 or qwen3 (byte-level BPE),
     # qwen3_chat (Qwen3's, prompts as a ChatML user turn, eos <|im_end|>: instruct checkpoints),
@@ -624,7 +626,7 @@ class EnvConfig:
             _check(tool in BUILTIN_TOOLS or (":" in str(tool) and all(str(tool).split(":", 1))),
                    f"{p}.tools", list(self.tools), "each is calculator, python or package.module:function")
         _check(self.tool_format in TOOL_FORMATS, f"{p}.tool_format", self.tool_format,
-               "must be hermes (Qwen2.5/Qwen3's <tool_call>{json}</tool_call>)")
+               f"must be {_either(TOOL_FORMATS)} (envs/tool_formats.py)")
         _check(self.tool_output_chars > 0, f"{p}.tool_output_chars", self.tool_output_chars, "must be > 0")
         _check(not self.extra_keys or (self.name == "dataset" and ":" in self.reward), f"{p}.extra_keys",
                list(self.extra_keys), "is for env.name=dataset with a custom verifier (env.reward=package.module:function)")

@@ -326,6 +326,12 @@ class HFTokenizer:
         system = [] if self.settings.system_prompt is None else [{"role": "system", "content": self.settings.system_prompt}]
         return system + [{"role": "user", "content": text}]
 
+    @property
+    def template_text(self) -> str:
+        """The chat template's source (several named templates joined), '' without one."""
+        template = getattr(self._tok, "chat_template", None) or ""
+        return "\n".join(map(str, template.values())) if isinstance(template, dict) else str(template)
+
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                tools: list[dict[str, Any]] | None = None) -> str:
         """The chat template's text of ``messages`` (with the tools' JSON schemas, if any)."""

@@ -12,6 +12,7 @@ import pytest
 from qwen_format import QWEN_TOOLS_TEMPLATE, qwen_format_tokenizer_dir
 from rlpost.config import ConfigError, EnvConfig
 from rlpost.envs.chat_tools import parse_hermes
+from rlpost.envs.tool_formats import ToolCall, format_of_template, parse_tool_calls
 from rlpost.envs.dataset import DatasetEnv
 from rlpost.records import SamplingParams
 
@@ -25,6 +26,17 @@ def echo(text: str) -> str:
         text: what to repeat
     """
     return text
+
+
+def add(a: int, b: int, exact: bool = True) -> int:
+    """Add two integers.
+
+    Args:
+        a: the first
+        b: the second
+        exact: whether to add exactly
+    """
+    return a + b
 
 
 def fails(n: int) -> str:
@@ -149,7 +161,7 @@ def test_tool_settings_are_one_line_config_errors(tmp_path, qwen_dir):
         EnvConfig(name="arithmetic", tools=["calculator"]).validate()
     with pytest.raises(ConfigError, match=r"env.tools=.*each is calculator, python or package.module:function"):
         EnvConfig(name="dataset", train_path="x", tools=["search"]).validate()
-    with pytest.raises(ConfigError, match=r"env.tool_format='glm': must be hermes"):
+    with pytest.raises(ConfigError, match=r"env.tool_format='glm': must be auto, hermes, qwen3_coder, glm45 or minimax_m2"):
         EnvConfig(name="dataset", train_path="x", tool_format="glm").validate()
     with pytest.raises(ConfigError, match=r"env.tools: 'builtins:len' has no JSON schema"):
         dataset(tmp_path, qwen_dir, tools=["builtins:len"])
@@ -292,3 +304,106 @@ def test_the_chat_tools_toy_starts_on_the_checkpoint_and_data_its_script_writes(
     assert 40 <= calls <= 80  # the teacher's 30%
     assert all(env.score(env.train_record(i, 1).answer, ex[1]).reward == 1.0 for i, ex in enumerate(examples))
     assert env.max_answer_len() < cfg.rollout.max_new_tokens and len(examples[0][0]) + 120 <= cfg.model.max_seq_len
+
+
+# how each XML family renders an assistant turn's calls (the rest of the template is Qwen's)
+_CALLS_START = "{%- for tool_call in message.tool_calls | default([]) %}"
+_XML_CALLS = {
+    "qwen3_coder": (
+        "{%- for tool_call in message.tool_calls | default([]) %}"
+        "{%- set tc = tool_call.function if tool_call.function is defined else tool_call %}"
+        "{{ '\\n<tool_call>\\n<function=' + tc.name + '>\\n' }}"
+        "{%- for k, v in tc.arguments.items() %}{{ '<parameter=' + k + '>\\n' }}"
+        "{%- if v is string %}{{ v }}{%- else %}{{ v | tojson }}{%- endif %}{{ '\\n</parameter>\\n' }}{%- endfor %}"
+        "{{ '</function>\\n</tool_call>' }}{%- endfor %}"),
+    "glm45": (
+        "{%- for tool_call in message.tool_calls | default([]) %}"
+        "{%- set tc = tool_call.function if tool_call.function is defined else tool_call %}"
+        "{{ '\\n<tool_call>' + tc.name }}"
+        "{%- for k, v in tc.arguments.items() %}{{ '\\n<arg_key>' + k + '</arg_key>\\n<arg_value>' }}"
+        "{%- if v is string %}{{ v }}{%- else %}{{ v | tojson }}{%- endif %}{{ '</arg_value>' }}{%- endfor %}"
+        "{{ '\\n</tool_call>' }}{%- endfor %}"),
+    "minimax_m2": (
+        "{%- if message.tool_calls %}{{ '\\n<minimax:tool_call>' }}"
+        "{%- for tool_call in message.tool_calls %}"
+        "{%- set tc = tool_call.function if tool_call.function is defined else tool_call %}"
+        "{{ '\\n<invoke name=\"' + tc.name + '\">' }}"
+        "{%- for k, v in tc.arguments.items() %}{{ '\\n<parameter name=\"' + k + '\">' }}"
+        "{%- if v is string %}{{ v }}{%- else %}{{ v | tojson }}{%- endif %}{{ '</parameter>' }}{%- endfor %}"
+        "{{ '\\n</invoke>' }}{%- endfor %}{{ '\\n</minimax:tool_call>' }}{%- endif %}"),
+}
+
+
+def xml_template(fmt: str) -> str:
+    from qwen_format import QWEN_TOOLS_TEMPLATE
+
+    start = QWEN_TOOLS_TEMPLATE.index(_CALLS_START)
+    end = QWEN_TOOLS_TEMPLATE.index("{%- endfor %}", start) + len("{%- endfor %}")
+    return QWEN_TOOLS_TEMPLATE[:start] + _XML_CALLS[fmt] + QWEN_TOOLS_TEMPLATE[end:]
+
+
+@pytest.mark.parametrize("fmt", list(_XML_CALLS))
+def test_xml_tool_formats_read_back_what_their_templates_render_with_typed_values(tmp_path, fmt):
+    """A checkpoint whose chat template writes calls in Qwen3-Coder's, GLM-4.5's or MiniMax-M2's
+    XML: env.tool_format=auto reads the format off the template; a demonstration's calls, as the
+    template renders them, parse back into the same calls, values typed by the tools' schemas
+    (integers, a boolean, a string of digits and one with markup kept as text); the
+    observation is what a rollout appends; the final answer scores."""
+    folder = qwen_format_tokenizer_dir(tmp_path / "tok", template=xml_template(fmt))
+    path = tmp_path / "train.jsonl"
+    calls = [{"type": "function", "function": {"name": "add", "arguments": {"a": 37, "b": -48, "exact": False}}},
+             {"type": "function", "function": {"name": "echo", "arguments": {"text": "0042 <b>x</b>"}}}]
+    demo = [{"role": "assistant", "content": "Let me compute.", "tool_calls": calls},
+            {"role": "tool", "content": "-11"}, {"role": "tool", "content": "0042 <b>x</b>"},
+            {"role": "assistant", "content": "It is \\boxed{-11}."}]
+    path.write_text("".join(json.dumps({"prompt": "What is 37-48?", "answer": "-11", "demo": demo}) + "\n" for _ in range(3)))
+    cfg = EnvConfig(name="dataset", train_path=str(path), num_eval=1, tokenizer="hf", tokenizer_path=folder,
+                    tools=[f"{__name__}:add", f"{__name__}:echo"], sft_key="demo")
+    cfg.validate()
+    env = DatasetEnv(cfg)
+    assert env.turns.format == fmt
+    _, target, mask = env.sft_example(0, seed=1)
+    first = mask.index(0)
+    second = mask.index(1, first)
+    call_turn, observation = target[:first], target[first:second]
+    assert env.turns.calls(call_turn) == [ToolCall("add", {"a": 37, "b": -48, "exact": False}),
+                                          ToolCall("echo", {"text": "0042 <b>x</b>"})]
+    assert observation == env.observe(call_turn)
+    assert env.tokenizer.decode(observation).count("-11") == 1  # add ran on integers
+    assert env.score("-11", target).reward == 1.0 and env.score("-11", target).info["tool_turns"] == 1
+    # the same checkpoint read as hermes finds no call it could run: the format matters
+    hermes = DatasetEnv(EnvConfig(**{**vars(cfg), "tool_format": "hermes"}))
+    assert not any(isinstance(c, ToolCall) for c in hermes.turns.calls(call_turn))
+
+
+def test_xml_tool_calls_written_by_the_policy_are_read_or_reported_never_raised():
+    """What a policy may write in each format: several calls, prose around them, a value the
+    schema types that is not of that type (kept as text: the tool reports it), unknown
+    parameters kept as text, a parameter given twice and a call with no name (errors the model
+    observes), an unclosed call (not a call), markup in a value."""
+    schemas = {"add": {"properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}},
+               "f": {"properties": {"x": {"type": ["number", "null"]}, "o": {"type": "object"}}}}
+    coder = ("Sure.\n<tool_call>\n<function=add>\n<parameter=a>\n2\n</parameter>\n<parameter=b>\nthree\n"
+             "</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=f>\n<parameter=x>\nnull\n</parameter>\n"
+             "<parameter=o>\n{\"k\": [1]}\n</parameter>\n<parameter=z>\n<tool_call>\n</parameter>\n</function>\n"
+             "</tool_call> <tool_call><function=add>")
+    assert parse_tool_calls(coder, "qwen3_coder", schemas) == [
+        ToolCall("add", {"a": 2, "b": "three"}), ToolCall("f", {"x": None, "o": {"k": [1]}, "z": "<tool_call>"})]
+    glm = ("<tool_call>add\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n<arg_key>a</arg_key>\n<arg_value>2"
+           "</arg_value>\n</tool_call><tool_call><arg_key>a</arg_key><arg_value>1</arg_value></tool_call>"
+           "<tool_call>f<arg_key>x</arg_key><arg_value>2.5</arg_value></tool_call>")
+    assert parse_tool_calls(glm, "glm45", schemas) == [
+        "error: add: a parameter is given twice (a)",
+        "error: a tool call is NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value>...", ToolCall("f", {"x": 2.5})]
+    minimax = ('<minimax:tool_call>\n<invoke name="add">\n<parameter name="a">1</parameter>\n<parameter name="b">'
+               '22</parameter>\n</invoke>\n<invoke name="f">\n<parameter name="o">[1]</parameter>\n</invoke>\n'
+               '</minimax:tool_call> then <minimax:tool_call>oops</minimax:tool_call><minimax:tool_call><invoke name="add">')
+    assert parse_tool_calls(minimax, "minimax_m2", schemas) == [
+        ToolCall("add", {"a": 1, "b": 22}), ToolCall("f", {"o": "[1]"}),
+        'error: a tool call is <invoke name="NAME"><parameter name="KEY">VALUE</parameter>...</invoke>']
+    deep = "<tool_call><function=f><parameter=o>" + "[" * 100000 + "</parameter></function></tool_call>"
+    assert parse_tool_calls(deep, "qwen3_coder", schemas) == [ToolCall("f", {"o": "[" * 100000})]
+    assert [format_of_template(t) for t in ("<minimax:tool_call>", "<arg_key>", "<function=", "<tool_call>", "", None)] \
+        == ["minimax_m2", "glm45", "qwen3_coder", "hermes", "hermes", "hermes"]
+    with pytest.raises(ValueError, match="tool format 'xml'"):
+        parse_tool_calls("", "xml")
