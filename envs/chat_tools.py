@@ -21,8 +21,8 @@ the same reason: checked at start-up.
 Formats (``env.tool_format``, rlpost/envs/tool_formats.py): ``hermes`` (Qwen2.5, Qwen3, QwQ and
 the many checkpoints trained on Hermes' format): ``<tool_call>{"name": ..., "arguments": {...}}
 </tool_call>``, one or more per turn; ``qwen3_coder``, ``glm45`` and ``minimax_m2``: those
-families' XML calls, values typed by the tools' schemas; ``auto`` (default): the syntax the chat
-template itself renders calls in.
+families' XML calls, values typed by the tools' schemas; ``deepseek``: DeepSeek's tool-call
+tokens; ``auto`` (default): the syntax the chat template itself renders calls in.
 
 Tools: ``calculator`` (integer arithmetic, parsed, never executed: rlpost/envs/tools.py),
 ``python`` (the code runs in the sandbox; its stdout, or the error's last line, is observed) and

@@ -10,7 +10,11 @@ the same names do:
 * ``glm45`` (GLM-4.5, 4.6, 4.7): ``<tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE
   </arg_value>...</tool_call>``;
 * ``minimax_m2`` (MiniMax-M2, M2.1, M2.5): ``<minimax:tool_call><invoke name="NAME"><parameter
-  name="KEY">VALUE</parameter>...</invoke>...</minimax:tool_call>``.
+  name="KEY">VALUE</parameter>...</invoke>...</minimax:tool_call>``;
+* ``deepseek`` (DeepSeek-V3.1, V3.2-Exp's chat format, R1-0528 and V3-0324): between
+  ``<｜tool▁calls▁begin｜>`` and ``<｜tool▁calls▁end｜>``, each call ``<｜tool▁call▁begin｜>NAME
+  <｜tool▁sep｜>{json}<｜tool▁call▁end｜>`` (V3.1) or ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME
+  ```json {json} ```<｜tool▁call▁end｜>`` (V3, R1), arguments as JSON like hermes'.
 
 The XML formats write every value as text; a value is converted by the type the tool's JSON
 schema gives that parameter (integer, number, boolean, object, array: read as JSON; string: kept
@@ -38,9 +42,12 @@ _GLM_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>"
 _MINIMAX_BLOCK = re.compile(r"<minimax:tool_call>(.*?)</minimax:tool_call>", re.S)
 _MINIMAX_INVOKE = re.compile(r"<invoke\s+name=\"([^\"]*)\"\s*>(.*?)</invoke>", re.S)
 _MINIMAX_PARAMETER = re.compile(r"<parameter\s+name=\"([^\"]*)\"\s*>(.*?)</parameter>", re.S)
+_DEEPSEEK_BLOCK = re.compile(r"<｜tool▁calls▁begin｜>(.*?)<｜tool▁calls▁end｜>", re.S)
+_DEEPSEEK_CALL = re.compile(r"<｜tool▁call▁begin｜>(.*?)<｜tool▁call▁end｜>", re.S)
+_DEEPSEEK_FENCED = re.compile(r"\A([^\n`]*)\n```(?:json)?\n?(.*?)\n?```\s*\Z", re.S)
 
 # what a chat template's text shows of its family's call syntax, most specific first (``auto``)
-_TEMPLATE_MARKERS = (("minimax_m2", "<minimax:tool_call>"), ("glm45", "<arg_key>"),
+_TEMPLATE_MARKERS = (("deepseek", "<｜tool▁calls▁begin｜>"), ("minimax_m2", "<minimax:tool_call>"), ("glm45", "<arg_key>"),
                      ("qwen3_coder", "<function="), ("hermes", "<tool_call>"))
 
 
@@ -70,6 +77,8 @@ def parse_tool_calls(text: str, fmt: str, schemas: dict[str, dict[str, Any]] | N
         return _parse_glm45(text, schemas or {})
     if fmt == "minimax_m2":
         return _parse_minimax_m2(text, schemas or {})
+    if fmt == "deepseek":
+        return _parse_deepseek(text)
     raise ValueError(f"tool format {fmt!r}: must be one of {', '.join(TOOL_FORMATS[1:])}")
 
 
@@ -84,16 +93,34 @@ def parse_hermes(text: str) -> list[ToolCall | str]:
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             calls.append('error: a tool call is {"name": ..., "arguments": {...}}')
             continue
-        args = obj.get("arguments", {})
-        if isinstance(args, str):  # some checkpoints write the arguments as a JSON string
-            try:
-                args = json.loads(args)
-            except (ValueError, RecursionError):
-                pass
-        if not isinstance(args, dict):
-            calls.append(f'error: "arguments" of {obj["name"]} must be an object')
-            continue
-        calls.append(ToolCall(obj["name"], args))
+        calls.append(_json_call(obj["name"], obj.get("arguments", {})))
+    return calls
+
+
+def _json_call(name: str, args: Any) -> ToolCall | str:
+    """A call whose arguments came as JSON (an object, or a string holding one, as some
+    checkpoints write them)."""
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except (ValueError, RecursionError) as exc:
+            return f"error: the arguments of {name} are not JSON ({getattr(exc, 'msg', type(exc).__name__)})"
+    if not isinstance(args, dict):
+        return f'error: "arguments" of {name} must be an object'
+    return ToolCall(name, args)
+
+
+def _parse_deepseek(text: str) -> list[ToolCall | str]:
+    calls: list[ToolCall | str] = []
+    for block in _DEEPSEEK_BLOCK.findall(text):
+        for body in _DEEPSEEK_CALL.findall(block):
+            left, sep, right = body.partition("<｜tool▁sep｜>")
+            fenced = _DEEPSEEK_FENCED.match(right) if left.strip() == "function" else None
+            name, args = (fenced.group(1).strip(), fenced.group(2)) if fenced else (left.strip(), right.strip())
+            if not sep or not name:
+                calls.append("error: a tool call is NAME<｜tool▁sep｜>{json arguments}")
+                continue
+            calls.append(_json_call(name, args or "{}"))
     return calls
 
 

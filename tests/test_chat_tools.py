@@ -407,3 +407,53 @@ def test_xml_tool_calls_written_by_the_policy_are_read_or_reported_never_raised(
         == ["minimax_m2", "glm45", "qwen3_coder", "hermes", "hermes", "hermes"]
     with pytest.raises(ValueError, match="tool format 'xml'"):
         parse_tool_calls("", "xml")
+
+
+# DeepSeek-V3.1's turn format with its tool-call tokens (written for the test; the tokenizer files
+# are DeepSeek's real ones, tests/test_hf_tokenizer.py): calls as V3.1 writes them, results as
+# tool outputs, the next assistant turn opened without thinking
+DEEPSEEK_TOOLS_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<｜Assistant｜></think>{{ m['content'] or '' }}"
+    "{% if m['tool_calls'] %}<｜tool▁calls▁begin｜>{% for tc in m['tool_calls'] %}<｜tool▁call▁begin｜>"
+    "{{ tc['function']['name'] }}<｜tool▁sep｜>{{ tc['function']['arguments'] | tojson }}<｜tool▁call▁end｜>"
+    "{% endfor %}<｜tool▁calls▁end｜>{% endif %}<｜end▁of▁sentence｜>"
+    "{% elif m['role'] == 'tool' %}<｜tool▁output▁begin｜>{{ m['content'] }}<｜tool▁output▁end｜>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<｜Assistant｜></think>{% endif %}"
+)
+
+
+def test_deepseek_tool_call_tokens_on_deepseeks_real_tokenizer(tmp_path):
+    """DeepSeek-V3.1's tool calls (its real tokenizer's <｜tool▁call▁begin｜>... tokens):
+    env.tool_format=auto reads the format off the template, a demonstration's two calls parse
+    back, the observation is what a rollout appends and ends in added tokens; V3/R1's fenced
+    form and malformed calls (no separator, arguments not JSON) parse or are reported."""
+    from test_hf_tokenizer import tokenizer_dir
+
+    folder = tokenizer_dir(tmp_path / "tok", template=DEEPSEEK_TOOLS_TEMPLATE)
+    path = tmp_path / "train.jsonl"
+    calls = [{"type": "function", "function": {"name": "add", "arguments": {"a": 37, "b": -48}}},
+             {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "2*3"}}}]
+    demo = [{"role": "assistant", "content": "", "tool_calls": calls}, {"role": "tool", "content": "-11"},
+            {"role": "tool", "content": "6"}, {"role": "assistant", "content": "It is \\boxed{-11}."}]
+    path.write_text("".join(json.dumps({"prompt": "What is 37-48?", "answer": "-11", "demo": demo}) + "\n" for _ in range(3)))
+    cfg = EnvConfig(name="dataset", train_path=str(path), num_eval=1, tokenizer="hf", tokenizer_path=folder,
+                    tools=[f"{__name__}:add", "calculator"], sft_key="demo")
+    cfg.validate()
+    env = DatasetEnv(cfg)
+    assert env.turns.format == "deepseek"
+    _, target, mask = env.sft_example(0, seed=1)
+    first = mask.index(0)
+    second = mask.index(1, first)
+    call_turn, observation = target[:first], target[first:second]
+    assert env.turns.calls(call_turn) == [ToolCall("add", {"a": 37, "b": -48}), ToolCall("calculator", {"expression": "2*3"})]
+    assert observation == env.observe(call_turn)
+    assert env.tokenizer.decode_turns(observation) == \
+        "<｜tool▁output▁begin｜>-11<｜tool▁output▁end｜><｜tool▁output▁begin｜>6<｜tool▁output▁end｜><｜Assistant｜></think>"
+    assert env.score("-11", target).reward == 1.0
+    fenced = ('<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>add\n```json\n{"a": 1, "b": 2}\n```'
+              '<｜tool▁call▁end｜><｜tool▁call▁begin｜>add{"a": 1}<｜tool▁call▁end｜><｜tool▁call▁begin｜>add<｜tool▁sep｜>'
+              '{"a": <｜tool▁call▁end｜><｜tool▁call▁begin｜>add<｜tool▁sep｜>[1]<｜tool▁call▁end｜><｜tool▁calls▁end｜>')
+    assert parse_tool_calls(fenced, "deepseek") == [
+        ToolCall("add", {"a": 1, "b": 2}), "error: a tool call is NAME<｜tool▁sep｜>{json arguments}",
+        "error: the arguments of add are not JSON (Expecting value)", 'error: "arguments" of add must be an object']
