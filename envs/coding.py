@@ -59,7 +59,9 @@ def extract_code(prompt: str, completion: str, entry_point: str, style: str = "c
         if defining:
             return keep + chosen
         return prompt + chosen
-    if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", completion, re.M):
+    # [ \t]*, not \s*: a \s* that spans newlines is retried from every line start (quadratic:
+    # 40,000 blank lines took 10 s in the reward path; the policy writes this text)
+    if re.search(rf"^[ \t]*def[ \t]+{re.escape(entry_point)}[ \t]*\(", completion, re.M):
         return keep + completion
     if style == "expression":
         return prompt + completion.strip().splitlines()[0] if completion.strip() else prompt

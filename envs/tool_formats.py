@@ -34,16 +34,8 @@ from typing import Any
 from rlpost.config import TOOL_FORMATS
 
 
-_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
-_TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
-_CODER_FUNCTION = re.compile(r"<function=([^>\n]*)>(.*?)</function>", re.S)
-_CODER_PARAMETER = re.compile(r"<parameter=([^>\n]*)>(.*?)</parameter>", re.S)
-_GLM_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
-_MINIMAX_BLOCK = re.compile(r"<minimax:tool_call>(.*?)</minimax:tool_call>", re.S)
-_MINIMAX_INVOKE = re.compile(r"<invoke\s+name=\"([^\"]*)\"\s*>(.*?)</invoke>", re.S)
-_MINIMAX_PARAMETER = re.compile(r"<parameter\s+name=\"([^\"]*)\"\s*>(.*?)</parameter>", re.S)
-_DEEPSEEK_BLOCK = re.compile(r"<｜tool▁calls▁begin｜>(.*?)<｜tool▁calls▁end｜>", re.S)
-_DEEPSEEK_CALL = re.compile(r"<｜tool▁call▁begin｜>(.*?)<｜tool▁call▁end｜>", re.S)
+_NAME_ATTRIBUTE = re.compile(r'\s+name="([^"]*)"\s*')
+_SPACE = re.compile(r"\s*")
 _DEEPSEEK_FENCED = re.compile(r"\A([^\n`]*)\n```(?:json)?\n?(.*?)\n?```\s*\Z", re.S)
 
 # what a chat template's text shows of its family's call syntax, most specific first (``auto``)
@@ -82,11 +74,37 @@ def parse_tool_calls(text: str, fmt: str, schemas: dict[str, dict[str, Any]] | N
     raise ValueError(f"tool format {fmt!r}: must be one of {', '.join(TOOL_FORMATS[1:])}")
 
 
+def _tagged(text: str, opening: str, closing: str, head_end: str | None = None) -> list[tuple[str, str]]:
+    """(head, body) of every ``opening HEAD head_end BODY closing`` in ``text``, leftmost first
+    and each closed by the nearest ``closing`` (a lazy regex's matches), found in one pass: a
+    lazy regex rescans the rest of the text from every unclosed opening, which a policy writing
+    ``<tool_call>`` 50,000 times turned into minutes per sample. No ``head_end``: head is ''."""
+    found: list[tuple[str, str]] = []
+    at = 0
+    while (i := text.find(opening, at)) >= 0:
+        start, head = i + len(opening), ""
+        if head_end is not None:
+            h = text.find(head_end, start)
+            if h < 0:
+                break
+            head, start = text[start:h], h + len(head_end)
+        j = text.find(closing, start)
+        if j < 0:  # nothing after can be closed either
+            break
+        found.append((head, text[start:j]))
+        at = j + len(closing)
+    return found
+
+
+def _bodies(text: str, opening: str, closing: str) -> list[str]:
+    return [body for _, body in _tagged(text, opening, closing)]
+
+
 def parse_hermes(text: str) -> list[ToolCall | str]:
     calls: list[ToolCall | str] = []
-    for body in _HERMES_CALL.findall(text):
+    for body in _bodies(text, "<tool_call>", "</tool_call>"):
         try:
-            obj = json.loads(body)
+            obj = json.loads(body.strip())
         except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
             calls.append(f"error: the tool call is not JSON ({getattr(exc, 'msg', type(exc).__name__)})")
             continue
@@ -112,8 +130,8 @@ def _json_call(name: str, args: Any) -> ToolCall | str:
 
 def _parse_deepseek(text: str) -> list[ToolCall | str]:
     calls: list[ToolCall | str] = []
-    for block in _DEEPSEEK_BLOCK.findall(text):
-        for body in _DEEPSEEK_CALL.findall(block):
+    for block in _bodies(text, "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"):
+        for body in _bodies(block, "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>"):
             left, sep, right = body.partition("<｜tool▁sep｜>")
             fenced = _DEEPSEEK_FENCED.match(right) if left.strip() == "function" else None
             name, args = (fenced.group(1).strip(), fenced.group(2)) if fenced else (left.strip(), right.strip())
@@ -126,37 +144,59 @@ def _parse_deepseek(text: str) -> list[ToolCall | str]:
 
 def _parse_qwen3_coder(text: str, schemas: dict[str, dict[str, Any]]) -> list[ToolCall | str]:
     calls: list[ToolCall | str] = []
-    for body in _TOOL_CALL.findall(text):
-        function = _CODER_FUNCTION.search(body)
-        if function is None:
+    for body in _bodies(text, "<tool_call>", "</tool_call>"):
+        functions = _tagged(body, "<function=", "</function>", ">")
+        if not functions:
             calls.append("error: a tool call is <function=NAME><parameter=KEY>VALUE</parameter>...</function>")
             continue
-        name = function.group(1).strip()
-        pairs = [(k.strip(), v) for k, v in _CODER_PARAMETER.findall(function.group(2))]
-        calls.append(_call(name, pairs, schemas))
+        name, inner = functions[0]
+        pairs = [(k.strip(), v) for k, v in _tagged(inner, "<parameter=", "</parameter>", ">")]
+        calls.append(_call(name.strip(), pairs, schemas))
     return calls
+
+
+def _glm_pairs(body: str) -> list[tuple[str, str]]:
+    """GLM's ``<arg_key>K</arg_key> <arg_value>V</arg_value>`` pairs (only whitespace between a
+    key and its value), in one pass."""
+    pairs, at = [], 0
+    while (k := body.find("<arg_key>", at)) >= 0:
+        k_end = body.find("</arg_key>", k)
+        if k_end < 0:
+            break
+        v = _SPACE.match(body, k_end + len("</arg_key>")).end()
+        at = v
+        if not body.startswith("<arg_value>", v):
+            continue
+        v_end = body.find("</arg_value>", v)
+        if v_end < 0:
+            break
+        pairs.append((body[k + len("<arg_key>"):k_end].strip(), body[v + len("<arg_value>"):v_end]))
+        at = v_end + len("</arg_value>")
+    return pairs
 
 
 def _parse_glm45(text: str, schemas: dict[str, dict[str, Any]]) -> list[ToolCall | str]:
     calls: list[ToolCall | str] = []
-    for body in _TOOL_CALL.findall(text):
+    for body in _bodies(text, "<tool_call>", "</tool_call>"):
         name = body.split("<arg_key>", 1)[0].strip()
         if not name or "<" in name:
             calls.append("error: a tool call is NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value>...")
             continue
-        pairs = [(k.strip(), v) for k, v in _GLM_ARG.findall(body)]
-        calls.append(_call(name, pairs, schemas))
+        calls.append(_call(name, _glm_pairs(body), schemas))
     return calls
 
 
 def _parse_minimax_m2(text: str, schemas: dict[str, dict[str, Any]]) -> list[ToolCall | str]:
     calls: list[ToolCall | str] = []
-    for block in _MINIMAX_BLOCK.findall(text):
-        invokes = _MINIMAX_INVOKE.findall(block)
+    for block in _bodies(text, "<minimax:tool_call>", "</minimax:tool_call>"):
+        invokes = [(m.group(1), body) for head, body in _tagged(block, "<invoke", "</invoke>", ">")
+                   if (m := _NAME_ATTRIBUTE.fullmatch(head)) is not None]
         if not invokes:
             calls.append('error: a tool call is <invoke name="NAME"><parameter name="KEY">VALUE</parameter>...</invoke>')
         for name, body in invokes:
-            calls.append(_call(name.strip(), _MINIMAX_PARAMETER.findall(body), schemas))
+            pairs = [(m.group(1), value) for head, value in _tagged(body, "<parameter", "</parameter>", ">")
+                     if (m := _NAME_ATTRIBUTE.fullmatch(head)) is not None]
+            calls.append(_call(name.strip(), pairs, schemas))
     return calls
 
 

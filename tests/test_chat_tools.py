@@ -161,7 +161,7 @@ def test_tool_settings_are_one_line_config_errors(tmp_path, qwen_dir):
         EnvConfig(name="arithmetic", tools=["calculator"]).validate()
     with pytest.raises(ConfigError, match=r"env.tools=.*each is calculator, python or package.module:function"):
         EnvConfig(name="dataset", train_path="x", tools=["search"]).validate()
-    with pytest.raises(ConfigError, match=r"env.tool_format='glm': must be auto, hermes, qwen3_coder, glm45 or minimax_m2"):
+    with pytest.raises(ConfigError, match=r"env.tool_format='glm': must be auto, hermes, qwen3_coder, glm45, minimax_m2 or deepseek"):
         EnvConfig(name="dataset", train_path="x", tool_format="glm").validate()
     with pytest.raises(ConfigError, match=r"env.tools: 'builtins:len' has no JSON schema"):
         dataset(tmp_path, qwen_dir, tools=["builtins:len"])
@@ -407,6 +407,24 @@ def test_xml_tool_calls_written_by_the_policy_are_read_or_reported_never_raised(
         == ["minimax_m2", "glm45", "qwen3_coder", "hermes", "hermes", "hermes"]
     with pytest.raises(ValueError, match="tool format 'xml'"):
         parse_tool_calls("", "xml")
+
+
+@pytest.mark.parametrize("fmt, text", [
+    ("hermes", "<tool_call>" * 100000),
+    ("qwen3_coder", "<tool_call>" + "<function=a>" * 50000 + "<parameter=" * 50000 + "</tool_call>"),
+    ("glm45", "<tool_call>a" + "<arg_key>x</arg_key>y" * 50000 + "<arg_value></tool_call>"),
+    ("minimax_m2", "<minimax:tool_call>" + '<invoke name="a">' * 30000 + '<parameter name="b">' * 30000
+     + "</minimax:tool_call>"),
+    ("deepseek", "<｜tool▁calls▁begin｜>" + "<｜tool▁call▁begin｜>" * 50000 + "<｜tool▁calls▁end｜>")])
+def test_a_megabyte_of_unclosed_call_markup_parses_in_linear_time(fmt, text):
+    """The policy writes the text the parsers read: a lazy regex per call rescanned the rest of
+    the text from every unclosed opening (hermes' <tool_call> x 50,000 took minutes in the
+    rollout worker); one pass reads a megabyte of openings in well under a second."""
+    import time
+
+    start = time.perf_counter()
+    parse_tool_calls(text, fmt, {})
+    assert time.perf_counter() - start < 1.0
 
 
 # DeepSeek-V3.1's turn format with its tool-call tokens (written for the test; the tokenizer files

@@ -24,6 +24,18 @@ def test_extract_code(completion, expected):
     assert extract_code(PROMPT, completion, "add") == expected
 
 
+def test_extract_code_reads_a_long_adversarial_completion_in_linear_time():
+    """The policy writes the completion: 40,000 blank lines before an indented restated function
+    took 10 s with a newline-spanning \\s* retried from every line start; now well under one."""
+    import time
+
+    completion = "  \n" * 40000 + "  def add(a, b):\n    return a + b\n"
+    start = time.perf_counter()
+    assert extract_code(PROMPT, completion, "add") == KEPT + completion
+    assert extract_code(PROMPT, "  \n" * 40000, "add") == PROMPT + "  \n" * 40000
+    assert time.perf_counter() - start < 1.0
+
+
 def test_expression_style_takes_the_first_line():
     assert extract_code("def f(x):return ", "x+3\nimport os", "f", "expression") == "def f(x):return x+3"
 
