@@ -859,6 +859,14 @@ class RlpostConfig:
         ranks, prompts = self.trainer.num_ranks, self.rollout.batch_prompts
         _check(prompts >= ranks and prompts % ranks == 0, "rollout.batch_prompts", prompts,
                f"must be a multiple of trainer.num_ranks={ranks} (each rank trains whole groups)")
+        micro, minibatches = self.trainer.micro_batch_size, self.trainer.ppo_minibatches
+        if micro and minibatches > 1:  # DeepSpeed's accumulation count is per optimiser step
+            per_rank = prompts * self.rollout.group_size // ranks
+            accum = -(-per_rank // micro)
+            _check(per_rank // minibatches >= accum, "trainer.micro_batch_size", micro,
+                   f"with trainer.ppo_minibatches={minibatches} a minibatch has {per_rank // minibatches} samples per "
+                   f"rank, fewer than the {accum} micro-batches of an optimiser step (raise trainer.micro_batch_size "
+                   f"or lower trainer.ppo_minibatches)")
         if self.trainer.routing_replay and self.engine.name != "native":
             _check(self.engine.return_routed_experts, "trainer.routing_replay", True,
                    f"needs the engine's routing: set engine.return_routed_experts=true (engine={self.engine.name})")

@@ -96,6 +96,18 @@ def test_micro_batches_go_by_tokens_or_by_samples_not_both():
     assert load_config(["trainer.max_tokens_per_micro_batch=64"]).trainer.max_tokens_per_micro_batch == 64
 
 
+def test_micro_batches_must_fill_every_minibatch():
+    """micro_batch_size sets DeepSpeed's micro-batches per optimiser step, and each PPO minibatch
+    is one step: 1-sample micro-batches with 2 minibatches left half of them empty, a crash in
+    the middle of the first RL step; refused at start-up instead."""
+    with pytest.raises(ConfigError, match=r"trainer.micro_batch_size=1: with trainer.ppo_minibatches=2 a minibatch "
+                                          r"has 8 samples per rank, fewer than the 16 micro-batches"):
+        load_config(["trainer.micro_batch_size=1", "trainer.ppo_minibatches=2", "rollout.batch_prompts=4",
+                     "rollout.group_size=4"])
+    assert load_config(["trainer.micro_batch_size=2", "trainer.ppo_minibatches=2", "rollout.batch_prompts=4",
+                        "rollout.group_size=4"]).trainer.ppo_minibatches == 2
+
+
 def test_cli_prints_one_line_and_exits_2():
     proc = subprocess.run([sys.executable, "-m", "rlpost.run", "trainer.lr=abc"], capture_output=True,
                           text=True, timeout=120)
