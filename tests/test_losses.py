@@ -256,6 +256,15 @@ def test_is_levels_floor_and_veto_with_token_level_ratios():
         assert got.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5), kw
     with pytest.raises(ValueError, match="is_level='tokens'"):
         loss(is_level="tokens")
+    # a long sequence's product of weights (e^100 here) overflows fp32: masked (decoupled) or
+    # truncated (tis), never a NaN loss
+    long_new = torch.zeros(2, 200, requires_grad=True)
+    long_behav = torch.cat([torch.full((1, 200), -0.5), torch.zeros(1, 200)])
+    for correction in ("decoupled", "tis"):
+        out = policy_loss(long_new, long_new.detach(), long_behav, adv, torch.ones(2, 200), 0.2, 0.28, 3.0,
+                          correction=correction, is_level="sequence")
+        assert math.isfinite(out.loss.item()) and all(math.isfinite(v) for v in out.metrics.values()), correction
+        assert out.loss.item() == pytest.approx(-1.0 if correction == "decoupled" else -(3.0 + 1.0) / 2)
 
 
 def test_k3_kl_to_reference():

@@ -196,7 +196,9 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, behav_logp: torc
     if is_level != "token":
         sums, counts, index = _sequence_sums(token_log_is, mask, seq_ids)
         log_is = (sums if is_level == "sequence" else sums / counts.clamp_min(1))[index]
-    is_raw = torch.exp(log_is)
+    # a sequence's product overflows fp32 past e^88 (inf x a masked 0 is NaN): e^+-80 is beyond
+    # any cap and floor already
+    is_raw = torch.exp(log_is.clamp(-80.0, 80.0))
     trained = mask
     floored = vetoed = torch.zeros_like(mask)
     if correction in ("tis", "decoupled"):
