@@ -5,9 +5,11 @@ the persistent run_root, not in Ray's temporary copy of the working dir."""
 import glob
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -34,8 +36,13 @@ def test_ray_job_submit_on_a_two_node_local_cluster(tmp_path):
     head = ray_cli("start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats")
     assert head.returncode == 0, head.stderr[-2000:]
+    # the second node keeps its own temporary dir, as a second machine would: sharing the head's,
+    # its runtime-env agent unpacked the job's working dir over the one the driver was importing
+    # from (FileNotFoundError: rollout/worker.py, one CI run in a few); short, for Ray's sockets
+    node_dir = tempfile.mkdtemp(prefix="rlpost-node2-", dir="/tmp")
     try:
-        node = ray_cli("start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", "--disable-usage-stats")
+        node = ray_cli("start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", "--disable-usage-stats",
+                       f"--temp-dir={node_dir}")
         assert node.returncode == 0, node.stderr[-2000:]
         root = tmp_path / "outputs"
         job = ray_cli("job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", REPO,
@@ -56,6 +63,7 @@ def test_ray_job_submit_on_a_two_node_local_cluster(tmp_path):
         assert len({w["node_id"] for w in placed["actors"]["workers"]}) == 2  # one worker on each node
     finally:
         ray_cli("stop", "--force")
+        shutil.rmtree(node_dir, ignore_errors=True)
 
 
 def test_a_job_whose_run_dir_would_vanish_with_rays_session_is_refused(tmp_path):
