@@ -444,8 +444,10 @@ class TrainerRank:
             micro = self._micro_batches(mb_all)
             for i, (micro_rows, weight) in enumerate(micro):
                 mb = mb_all.select(micro_rows)
-                at_rows = torch.as_tensor([offset + r for r in micro_rows], device=mb_all.mask.device)
-                prox = None if prox_all is None else prox_all[at_rows, :mb.mask.shape[1]]
+                prox = None
+                if prox_all is not None:
+                    at_rows = torch.as_tensor([offset + r for r in micro_rows], device=prox_all.device)
+                    prox = prox_all[at_rows, :mb.mask.shape[1]]
                 # DeepSpeed averages the micro-batches; weigh each by its share of the minibatch so
                 # the step optimises the minibatch-wide token (or sequence) mean exactly.
                 if cfg.loss_agg == "token_mean":

@@ -73,6 +73,8 @@ class TrainBatch:
         """The given rows (a token-budget micro-batch), padding columns none of them uses trimmed."""
         if self.is_packed:
             raise ValueError("select rows before packing")
+        if rows and list(rows) == list(range(rows[0], rows[0] + len(rows))):
+            return self.slice(rows[0], rows[0] + len(rows))  # contiguous: views, no copy
         index = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
         lengths = self.lengths[index.to(self.lengths.device)]
         width = int(lengths.max())
