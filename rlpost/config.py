@@ -252,8 +252,16 @@ class EngineConfig:
     prefix_caching: bool = True
     enforce_eager: bool = True
     return_routed_experts: bool = False
-    # GPUs each rollout worker asks Ray for (its engine's); 0 on CPU. vLLM/SGLang on GPUs: 1.
+    # GPUs each rollout worker asks Ray for (its engine's); 0 on CPU. vLLM/SGLang on GPUs:
+    # engine.tensor_parallel_size.
     num_gpus: float = 0.0
+    # Devices one vLLM/SGLang engine spans (slime's --rollout-num-gpus-per-engine, OpenRLHF's
+    # --vllm_tensor_parallel_size): vLLM's tensor_parallel_size (its workers in their own
+    # processes, one per GPU, or per CPU share on CPU), SGLang's tp_size. expert_parallel: the MoE
+    # layers split by experts over those devices instead of by columns (vLLM's
+    # enable_expert_parallel, SGLang's ep_size = tp_size); attention stays tensor-parallel.
+    tensor_parallel_size: int = 1
+    expert_parallel: bool = False
 
     def validate(self, p: str = "engine") -> None:
         _check(self.name in ("native", "vllm", "sglang"), f"{p}.name", self.name,
@@ -266,6 +274,15 @@ class EngineConfig:
         _check(0 < self.gpu_memory_utilization <= 1, f"{p}.gpu_memory_utilization",
                self.gpu_memory_utilization, "must be in (0, 1]")
         _check(self.num_gpus >= 0, f"{p}.num_gpus", self.num_gpus, "must be >= 0")
+        tp = self.tensor_parallel_size
+        _check(tp >= 1, f"{p}.tensor_parallel_size", tp, "must be >= 1")
+        _check(tp == 1 or self.name != "native", f"{p}.tensor_parallel_size", tp,
+               "the native engine runs on one device: use engine=vllm or engine=sglang to split a model")
+        _check(self.num_gpus == 0 or self.num_gpus == tp or (tp == 1 and self.num_gpus < 1),
+               f"{p}.num_gpus", self.num_gpus,
+               f"must be 0 (CPU) or engine.tensor_parallel_size={tp} (one GPU per tensor-parallel rank)")
+        _check(not self.expert_parallel or tp > 1, f"{p}.expert_parallel", True,
+               "needs engine.tensor_parallel_size > 1 (the experts are split over the engine's devices)")
         _check(not (self.reuse_kv and self.name != "native"), f"{p}.reuse_kv", self.reuse_kv,
                "KV retention across stops is a native-engine feature (vLLM/SGLang use prefix caching)")
 
@@ -867,6 +884,15 @@ class RlpostConfig:
                    f"with trainer.ppo_minibatches={minibatches} a minibatch has {per_rank // minibatches} samples per "
                    f"rank, fewer than the {accum} micro-batches of an optimiser step (raise trainer.micro_batch_size "
                    f"or lower trainer.ppo_minibatches)")
+        tp = self.engine.tensor_parallel_size
+        for name in ("n_heads", "n_kv_heads"):  # vLLM replicates key/value heads when tp exceeds them
+            heads = getattr(self.model, name)
+            _check(heads % tp == 0 or (name == "n_kv_heads" and tp % heads == 0), "engine.tensor_parallel_size", tp,
+                   f"must divide model.{name}={heads} (each tensor-parallel rank holds whole heads)")
+        for name in ("d_ff", "dense_d_ff"):
+            width = getattr(self.model, name)
+            _check(width % tp == 0, "engine.tensor_parallel_size", tp,
+                   f"must divide model.{name}={width} (each tensor-parallel rank holds a slice of every feed-forward layer)")
         if self.trainer.routing_replay and self.engine.name != "native":
             _check(self.engine.return_routed_experts, "trainer.routing_replay", True,
                    f"needs the engine's routing: set engine.return_routed_experts=true (engine={self.engine.name})")

