@@ -168,13 +168,14 @@ def test_two_deepspeed_ranks_train_disjoint_whole_groups(tmp_path):
 def test_vllm_engine_end_to_end(tmp_path, mode, model):
     """The whole loop with vLLM as the rollout engine and a real tokenizer (Mixtral's 32k
     SentencePiece ids): the Qwen3-MoE (sync) or DeepSeek-V3 (april: latent attention, GLM's
-    router) checkpoint the driver's trainer publishes loads into vLLM as is, every step trains,
-    and the train-inference mismatch on on-policy tokens stays at fp32 noise. (Mixtral and
+    router; vLLM over two tensor-parallel ranks, processes the worker's vLLM starts) checkpoint
+    the driver's trainer publishes loads into vLLM as is, every step trains, and the
+    train-inference mismatch on on-policy tokens stays at fp32 noise. (Mixtral and
     GLM-4.5 in vLLM: tests/test_vllm_engine.py; GLM end to end: the expert-parallel test below.
     The full-length runs that gain 30+ points are measured in the README.)"""
     pytest.importorskip("vllm", reason="vLLM is not installed (bash scripts/install.sh vllm)")
     run_dir = tmp_path / f"vllm-{mode}"
-    extra = ["rollout.over_sampling=2", "rollout.max_staleness=4"] if mode == "april" else []
+    extra = ["rollout.over_sampling=2", "rollout.max_staleness=4", "engine.tensor_parallel_size=2"] if mode == "april" else []
     run_cli(["experiment=mixtral_tok_local", f"model={model}", "engine=vllm", f"mode={mode}", f"run_dir={run_dir}",
              "warmup.steps=20",
              "trainer.steps=4", "env.num_eval=32", "eval.every=0", "logger.progress=false", *extra], timeout=600)
@@ -187,6 +188,7 @@ def test_vllm_engine_end_to_end(tmp_path, mode, model):
     config = (run_dir / "config.yaml").read_text()
     final = json.loads((run_dir / "final" / "config.json").read_text())
     assert "tokenizer: mixtral" in config and final["vocab_size"] == 32000
+    assert f"tensor_parallel_size: {2 if mode == 'april' else 1}" in config
     assert final["model_type"] == model.removesuffix("_tiny")
 
 
