@@ -304,10 +304,10 @@ class Run:
         except PlacementError as exc:
             raise RunFailed(f"placement: {exc}") from None
         p = self.placement
-        self._start_ranks()
-        worker_cls = ray.remote(RolloutWorker)
+        worker_cls = ray.remote(RolloutWorker)  # workers first: they start up while the ranks do
         self.workers = [worker_cls.options(**p.worker_options(cfg, i)).remote(
             cfg, i, self.buffer_url, self.run_id, self.buffer_auth) for i in range(cfg.rollout.num_workers)]
+        self._start_ranks()
         self._write_placement()
 
     def _start_ranks(self) -> None:
