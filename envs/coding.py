@@ -25,7 +25,7 @@ from pathlib import Path
 
 from rlpost.config import EnvConfig, SandboxConfig
 from rlpost.envs.base import RewardResult, eval_task_set
-from rlpost.envs.reasoning import NEVER_ENDED, ReasoningSplit
+from rlpost.envs.reasoning import ReasoningSplit
 from rlpost.records import SamplingParams, Task
 from rlpost.tokenizer import env_tokenizer
 
@@ -229,7 +229,7 @@ class CodingEnv:
             context = spec["prompt"] if spec["style"] == "continue" else ""
             subs.append(Submission(code, spec["tests"], spec["entry"], context))
         scored = iter(self.score_code(subs) if subs else [])
-        return [RewardResult(0.0, {"reason": NEVER_ENDED}) if at in unended else next(scored)
+        return [RewardResult(0.0, {"reason": self._reasoning.unfinished}) if at in unended else next(scored)
                 for at in range(len(answers))]
 
     def score_code(self, subs: list[Submission]) -> list[RewardResult]:

@@ -52,7 +52,7 @@ from rlpost.tokenizer import env_tokenizer
 
 from rlpost.envs.answers import equivalent, extract_answer
 from rlpost.envs.base import RewardResult, eval_task_set
-from rlpost.envs.reasoning import NEVER_ENDED, ReasoningSplit
+from rlpost.envs.reasoning import ReasoningSplit
 
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -400,7 +400,7 @@ class DatasetEnv:
         ended = response_ended(self.tokenizer, response_ids)
         final = response_ids if self._reasoning is None else self._reasoning.final(response_ids)
         if final is None:
-            return RewardResult(0.0, {"reason": NEVER_ENDED, "ended": ended})
+            return RewardResult(0.0, {"reason": self._reasoning.unfinished, "ended": ended})
         text = self.tokenizer.decode(final)  # a custom verifier has no split: the whole response
         if self._reward_fn is not None:
             label, extra = _unpack(answer)

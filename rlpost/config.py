@@ -593,7 +593,8 @@ class EnvConfig:
     # The math and exact verifiers (and env=coding's program extraction) read only what follows
     # the reasoning (the last </think>), and a response whose reasoning never ended scores 0:
     # auto when the tokenizer has <think> and </think> tokens (Qwen3, DeepSeek-R1/V3.1, GLM-4.5),
-    # think (require them), none (the whole text). envs/reasoning.py
+    # think (require them); harmony (GPT-OSS; auto when it has <|channel|> and <|message|>
+    # tokens): the last message, on the final channel; none (the whole text). envs/reasoning.py
     reasoning: str = "auto"
     reward_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     seed: int = 1234
@@ -630,10 +631,10 @@ class EnvConfig:
                    "must contain {prompt}")
             _check(self.reward in ("math", "exact") or (":" in self.reward and all(self.reward.split(":", 1))),
                    f"{p}.reward", self.reward, "must be math, exact or package.module:function")
-            _check(self.reasoning != "think" or self.reward in ("math", "exact"), f"{p}.reasoning", self.reasoning,
+            _check(self.reasoning in ("auto", "none") or self.reward in ("math", "exact"), f"{p}.reasoning", self.reasoning,
                    "applies to the math and exact verifiers (a custom verifier gets the whole response)")
-        _check(self.reasoning in ("auto", "think", "none"), f"{p}.reasoning", self.reasoning,
-               "must be auto, think or none")
+        _check(self.reasoning in ("auto", "think", "harmony", "none"), f"{p}.reasoning", self.reasoning,
+               "must be auto, think, harmony or none")
         _check(self.reasoning == "auto" or self.name in ("dataset", "coding"), f"{p}.reasoning", self.reasoning,
                "is for env.name=dataset (its math and exact verifiers) and coding")
         _check(not self.filter_long_prompts or self.name == "dataset", f"{p}.filter_long_prompts", True,

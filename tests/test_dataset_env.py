@@ -156,8 +156,48 @@ def test_reasoning_models_are_paid_for_the_answer_after_their_reasoning_only(tmp
         env_for(data, num_eval=1, tokenizer="gpt2", reasoning="think")
     plain = env_for(data, num_eval=1, tokenizer="gpt2")
     assert plain.score("42", plain.tokenizer.encode("<think>\\boxed{42}") + [plain.tokenizer.eos_id]).reward == 1.0
-    with pytest.raises(ConfigError, match=r"env.reasoning='maybe': must be auto, think or none"):
+    with pytest.raises(ConfigError, match=r"env.reasoning='maybe': must be auto, think, harmony or none"):
         EnvConfig(name="dataset", train_path=data, reasoning="maybe").validate()
+
+
+def test_gpt_oss_is_paid_for_its_final_channel_only(tmp_path):
+    """GPT-OSS's harmony format (envs/reasoning.py): the verifiers score the response's last
+    message when it is on the final channel, found by token ids; an answer written on the
+    analysis channel, a response cut before its final message, or one that went back to
+    analysing after it, earns nothing. auto picks the split from the tokenizer's tokens."""
+    from qwen_format import harmony_tokenizer_dir
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": "6*7=", "label": "42"}] * 3)
+    kwargs = dict(num_eval=1, tokenizer="hf", tokenizer_path=harmony_tokenizer_dir(tmp_path / "tok"))
+    env = env_for(data, **kwargs)
+    assert env.tokenizer.decode_turns(env._prompt_ids(env._train[0])).endswith("<|end|><|start|>assistant")
+
+    def score(text, on=env, answer="42"):
+        return on.score(answer, on.tokenizer.encode_template_text(text))
+
+    analysis = "<|channel|>analysis<|message|>6*7 is \\boxed{41}? no, 42<|end|><|start|>assistant"
+    assert score(f"{analysis}<|channel|>final<|message|>The answer is \\boxed{{42}}<|return|>").reward == 1.0
+    assert score("<|channel|>final<|message|>\\boxed{42}<|return|>").reward == 1.0  # no analysis: fine
+    assert score(f"{analysis}<|channel|>final<|message|>\\boxed{{41}}<|return|>").reward == 0.0  # committed to 41
+    hidden = score("<|channel|>analysis<|message|>it is \\boxed{42}<|end|>")  # only while analysing
+    assert hidden.reward == 0.0 and hidden.info["reason"].startswith("the response's last message is not on the final")
+    assert score(f"{analysis}<|channel|>final").reward == 0.0  # cut inside the final header
+    assert score("<|channel|>final<|message|>\\boxed{42}<|end|><|start|>assistant<|channel|>analysis<|message|>or"
+                 ).reward == 0.0  # analysing again after its answer: not committed
+    assert score("<|channel|>final<|message|>\\boxed{42}<|end|><|start|>assistant<|message|>or not").reward == 0.0
+    assert score("<|channel|>commentary<|message|>\\boxed{42}<|return|>").reward == 0.0
+    # the markers spelled in plain text are not the tokens: no final message at all
+    spelled = env.tokenizer.encode("<|channel|>final<|message|>\\boxed{42}")
+    assert env.score("42", spelled).reward == 0.0
+    exact = env_for(data, reward="exact", **kwargs)
+    assert score(f"{analysis}<|channel|>final<|message|>42<|return|>", exact).reward == 1.0
+    assert score("<|channel|>analysis<|message|>42<|end|>", exact).reward == 0.0
+    assert score("<|channel|>analysis<|message|>\\boxed{42}", env_for(data, reasoning="none", **kwargs)).reward == 1.0
+    assert score("<|channel|>final<|message|>\\boxed{42}<|return|>", env_for(data, reasoning="harmony", **kwargs)
+                 ).reward == 1.0
+    with pytest.raises(ConfigError, match=r"env.reasoning=harmony: the tokenizer \(gpt2\) has no single "
+                                          r"<\|channel\|> / <\|message\|> tokens"):
+        env_for(data, num_eval=1, tokenizer="gpt2", reasoning="harmony")
     with pytest.raises(ConfigError, match=r"env.reasoning='think': applies to the math and exact verifiers"):
         EnvConfig(name="dataset", train_path=data, reasoning="think", reward="m:f").validate()
     with pytest.raises(ConfigError, match=r"env.reasoning='none': is for env.name=dataset"):
