@@ -136,11 +136,16 @@ def test_two_deepspeed_ranks_train_disjoint_whole_groups(tmp_path):
     """trainer.num_ranks=2 (ZeRO-2 over gloo): each rank reads its own whole groups from the
     consumer group; together they train every group of the step exactly once. REINFORCE++'s
     batch-wide advantage normalisation sums its statistics over both ranks every step. The
-    rollouts dump (logger.rollouts_every) holds both ranks' samples of its step, as text."""
+    rollouts dump (logger.rollouts_every) holds both ranks' samples of its step, as text. The
+    ranks split the Qwen3-MoE's experts (trainer.ep_size=2, DeepSpeed's own gate; checked as for
+    the other architectures in test_expert_parallel_ranks_hold_half_the_experts_and_publish_all_of_them;
+    two data-parallel ranks holding every expert: tests/test_placement.py's two-node run)."""
     run_dir = tmp_path / "ranks"
     run_cli(["experiment=toy_moe_local", f"run_dir={run_dir}", "trainer.num_ranks=2", "trainer.zero_stage=2",
              "warmup.steps=4", "trainer.steps=3", "env.num_eval=8", "eval.every=0", "rollout.batch_prompts=8",
-             "logger.progress=false", "algorithm=reinforce_pp", "logger.rollouts_every=2"], timeout=400)
+             "logger.progress=false", "algorithm=reinforce_pp", "logger.rollouts_every=2",
+             "trainer.ep_size=2", "trainer.routing_replay=true"], timeout=400)
+    check_expert_parallel_run(run_dir, "mlp.experts.{e}.down_proj", [0, 1], 4)
     steps = [r for r in read_metrics(str(run_dir / "metrics.jsonl")) if "advantage/max" in r]
     assert len(steps) == 3 and all(r["advantage/max"] >= r["advantage/min"] for r in steps)
     per_rank = [[json.loads(line) for line in open(run_dir / f"trained_ids.rank{r}.jsonl")] for r in (0, 1)]
@@ -360,7 +365,7 @@ def _redis_pid(driver: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model, expert_weight, layers, experts", [
-    ("qwen3_moe_tiny", "mlp.experts.{e}.down_proj", [0, 1], 4),  # DeepSpeed's own gate
+    # qwen3_moe_tiny (DeepSpeed's own gate): in test_two_deepspeed_ranks_train_disjoint_whole_groups
     ("glm4_moe_tiny", "mlp.experts.{e}.down_proj", [1, 2], 8),  # rlpost's router; GLM's layer 0 is dense
     ("gpt_oss_tiny", "mlp.experts.down_proj", [0, 1], 8)])  # biased experts and router; fused on disk
 def test_expert_parallel_ranks_hold_half_the_experts_and_publish_all_of_them(tmp_path, model, expert_weight, layers,
@@ -373,13 +378,19 @@ def test_expert_parallel_ranks_hold_half_the_experts_and_publish_all_of_them(tmp
     routing replay on, every trained token is routed through the engine's experts across the
     expert-parallel all-to-all (for GLM, through rlpost's router, top-4, and a shared expert
     that stays data-parallel)."""
-    from safetensors import safe_open
-
     run_dir = tmp_path / "ep"
     run_cli(["experiment=toy_moe_local", f"model={model}", f"run_dir={run_dir}", "trainer.num_ranks=2",
              "trainer.ep_size=2", "trainer.zero_stage=1", "warmup.steps=4", "trainer.steps=3", "env.num_eval=8",
              "eval.every=0", "rollout.batch_prompts=8", "logger.progress=false", "trainer.routing_replay=true"],
             timeout=400)
+    check_expert_parallel_run(run_dir, expert_weight, layers, experts)
+
+
+def check_expert_parallel_run(run_dir, expert_weight: str, layers: list[int], experts: int) -> None:
+    """A 3-step run on 2 ranks with trainer.ep_size=2 and routing replay: every trained token
+    replayed, each rank held half the experts, and the final checkpoint carries all of them."""
+    from safetensors import safe_open
+
     ranks = json.loads((run_dir / "placement.json").read_text())["actors"]["trainer"]
     steps = read_metrics(str(run_dir / "metrics.jsonl"))
     assert [m["replay/token_frac"] for m in steps if "replay/token_frac" in m] == [1.0] * 3
