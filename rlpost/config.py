@@ -871,6 +871,9 @@ class RlpostConfig:
         _check(self.model.num_experts % self.trainer.ep_size == 0, "trainer.ep_size", self.trainer.ep_size,
                f"must divide model.num_experts={self.model.num_experts}")
         if self.placement.colocate:
+            _check(self.engine.tensor_parallel_size == 1 or not self.engine.num_gpus, "placement.colocate", True,
+                   f"shares one GPU between a trainer rank and a rollout worker; an engine over "
+                   f"engine.tensor_parallel_size={self.engine.tensor_parallel_size} GPUs needs its own (colocate=false)")
             _check(self.rollout.num_workers == self.trainer.num_ranks, "placement.colocate", True,
                    f"needs rollout.num_workers == trainer.num_ranks (bundle i holds rank i and worker i), got "
                    f"{self.rollout.num_workers} and {self.trainer.num_ranks}")

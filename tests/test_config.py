@@ -217,6 +217,9 @@ def test_expert_parallel_sizes_are_checked(overrides, message):
      "engine.tensor_parallel_size=4: must divide model.d_ff=6"),
     (["engine=vllm", "engine.tensor_parallel_size=2", "model=glm4_moe_tiny", "model.dense_d_ff=33"],
      "engine.tensor_parallel_size=2: must divide model.dense_d_ff=33"),
+    (["engine=vllm", "engine.tensor_parallel_size=2", "engine.num_gpus=2", "trainer.num_gpus=1", "placement.colocate=true"],
+     "placement.colocate=True: shares one GPU between a trainer rank and a rollout worker; an engine over "
+     "engine.tensor_parallel_size=2 GPUs needs its own (colocate=false)"),
 ])
 def test_tensor_parallel_engines_are_checked(overrides, message):
     """A model split over an engine's devices must split evenly, on an engine that can split it."""
