@@ -11,13 +11,16 @@ the same names do:
   </arg_value>...</tool_call>``;
 * ``minimax_m2`` (MiniMax-M2, M2.1, M2.5): ``<minimax:tool_call><invoke name="NAME"><parameter
   name="KEY">VALUE</parameter>...</invoke>...</minimax:tool_call>``;
+* ``deepseek_v32`` (DeepSeek-V3.2's DSML, plain text): ``<｜DSML｜function_calls><｜DSML｜invoke
+  name="NAME"><｜DSML｜parameter name="KEY" string="true|false">VALUE</｜DSML｜parameter>...
+  </｜DSML｜invoke>...</｜DSML｜function_calls>``, a value read as JSON when ``string="false"``;
 * ``deepseek`` (DeepSeek-V3.1, V3.2-Exp's chat format, R1-0528 and V3-0324): between
   ``<｜tool▁calls▁begin｜>`` and ``<｜tool▁calls▁end｜>``, each call ``<｜tool▁call▁begin｜>NAME
   <｜tool▁sep｜>{json}<｜tool▁call▁end｜>`` (V3.1) or ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME
   ```json {json} ```<｜tool▁call▁end｜>`` (V3, R1), arguments as JSON like hermes'.
 
-The XML formats write every value as text; a value is converted by the type the tool's JSON
-schema gives that parameter (integer, number, boolean, object, array: read as JSON; string: kept
+The XML formats write every value as text (DSML says which are JSON); a value is converted by the
+type the tool's JSON schema gives that parameter (integer, number, boolean, object, array: read as JSON; string: kept
 as written, one newline trimmed at each end as the templates add them), and kept as text when the
 schema says nothing or the text is not of that type (the tool then reports the bad argument).
 Text outside the calls is the model's prose. A malformed call is an error message, observed by
@@ -35,11 +38,13 @@ from rlpost.config import TOOL_FORMATS
 
 
 _NAME_ATTRIBUTE = re.compile(r'\s+name="([^"]*)"\s*')
+_DSML_PARAMETER = re.compile(r'\s+name="([^"]*)"(?:\s+string="(true|false)")?\s*')
+_DSML = "｜DSML｜"
 _SPACE = re.compile(r"\s*")
 _DEEPSEEK_FENCED = re.compile(r"\A([^\n`]*)\n```(?:json)?\n?(.*?)\n?```\s*\Z", re.S)
 
 # what a chat template's text shows of its family's call syntax, most specific first (``auto``)
-_TEMPLATE_MARKERS = (("deepseek", "<｜tool▁calls▁begin｜>"), ("minimax_m2", "<minimax:tool_call>"), ("glm45", "<arg_key>"),
+_TEMPLATE_MARKERS = (("deepseek_v32", f"<{_DSML}function_calls>"), ("deepseek", "<｜tool▁calls▁begin｜>"), ("minimax_m2", "<minimax:tool_call>"), ("glm45", "<arg_key>"),
                      ("qwen3_coder", "<function="), ("hermes", "<tool_call>"))
 
 
@@ -71,6 +76,8 @@ def parse_tool_calls(text: str, fmt: str, schemas: dict[str, dict[str, Any]] | N
         return _parse_minimax_m2(text, schemas or {})
     if fmt == "deepseek":
         return _parse_deepseek(text)
+    if fmt == "deepseek_v32":
+        return _parse_deepseek_v32(text, schemas or {})
     raise ValueError(f"tool format {fmt!r}: must be one of {', '.join(TOOL_FORMATS[1:])}")
 
 
@@ -198,6 +205,37 @@ def _parse_minimax_m2(text: str, schemas: dict[str, dict[str, Any]]) -> list[Too
                      if (m := _NAME_ATTRIBUTE.fullmatch(head)) is not None]
             calls.append(_call(name.strip(), pairs, schemas))
     return calls
+
+
+def _parse_deepseek_v32(text: str, schemas: dict[str, dict[str, Any]]) -> list[ToolCall | str]:
+    """DSML: MiniMax-M2's invoke/parameter structure under DeepSeek's prefix, and each parameter
+    saying whether its value is a string (kept as written) or JSON (``string="false"``; kept as
+    text when it is not JSON, for the tool to report); no attribute: typed by the schema."""
+    calls: list[ToolCall | str] = []
+    for block in _bodies(text, f"<{_DSML}function_calls>", f"</{_DSML}function_calls>"):
+        invokes = [(m.group(1), body) for head, body in _tagged(block, f"<{_DSML}invoke", f"</{_DSML}invoke>", ">")
+                   if (m := _NAME_ATTRIBUTE.fullmatch(head)) is not None]
+        if not invokes:
+            calls.append(f'error: a tool call is <{_DSML}invoke name="NAME"><{_DSML}parameter name="KEY" '
+                         f'string="true|false">VALUE</{_DSML}parameter>...</{_DSML}invoke>')
+        for name, body in invokes:
+            params = [(m.group(1), m.group(2), value)
+                      for head, value in _tagged(body, f"<{_DSML}parameter", f"</{_DSML}parameter>", ">")
+                      if (m := _DSML_PARAMETER.fullmatch(head)) is not None]
+            call = _call(name.strip(), [(key, value) for key, _, value in params], schemas)
+            if isinstance(call, ToolCall):
+                declared = {key: value if string == "true" else _json_or_text(value)
+                            for key, string, value in params if string is not None}
+                call = ToolCall(call.name, {**call.arguments, **declared})
+            calls.append(call)
+    return calls
+
+
+def _json_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):
+        return value
 
 
 def _call(name: str, pairs: list[tuple[str, str]], schemas: dict[str, dict[str, Any]]) -> ToolCall | str:

@@ -18,7 +18,7 @@ from rlpost.tokenizer import TOKENIZERS
 MODES = ("sync", "async", "april")
 ENVS = ("arithmetic", "longtail", "coding", "tools", "dataset")
 BUILTIN_TOOLS = ("calculator", "python")  # env.tools besides package.module:function (envs/chat_tools.py)
-TOOL_FORMATS = ("auto", "hermes", "qwen3_coder", "glm45", "minimax_m2", "deepseek")  # envs/tool_formats.py
+TOOL_FORMATS = ("auto", "hermes", "qwen3_coder", "glm45", "minimax_m2", "deepseek", "deepseek_v32")  # envs/tool_formats.py
 
 
 class ConfigError(ValueError):
@@ -545,7 +545,8 @@ class EnvConfig:
     # calculator, python (sandboxed) or package.module:function (yours); their schemas go to the
     # chat template, calls are parsed in tool_format (auto: the syntax the template renders calls
     # in; hermes: Qwen's <tool_call>{json}</tool_call>; qwen3_coder, glm45, minimax_m2: those
-    # families' XML; deepseek: V3.1's and R1's tool-call tokens; envs/tool_formats.py), each
+    # families' XML; deepseek: V3.1's and R1's tool-call tokens; deepseek_v32: V3.2's DSML;
+    # envs/tool_formats.py), each
     # result cut to tool_output_chars; the final turn
     # (no call) is what the reward scores.
     tools: list[str] = field(default_factory=list)

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from qwen_format import QWEN_TOOLS_TEMPLATE, qwen_format_tokenizer_dir
+from qwen_format import QWEN_TOOLS_TEMPLATE, harmony_tokenizer_dir, qwen_format_tokenizer_dir
 from rlpost.config import ConfigError, EnvConfig
 from rlpost.envs.chat_tools import parse_hermes
 from rlpost.envs.tool_formats import ToolCall, format_of_template, parse_tool_calls
@@ -161,7 +161,8 @@ def test_tool_settings_are_one_line_config_errors(tmp_path, qwen_dir):
         EnvConfig(name="arithmetic", tools=["calculator"]).validate()
     with pytest.raises(ConfigError, match=r"env.tools=.*each is calculator, python or package.module:function"):
         EnvConfig(name="dataset", train_path="x", tools=["search"]).validate()
-    with pytest.raises(ConfigError, match=r"env.tool_format='glm': must be auto, hermes, qwen3_coder, glm45, minimax_m2 or deepseek"):
+    with pytest.raises(ConfigError, match=r"env.tool_format='glm': must be auto, hermes, qwen3_coder, glm45, minimax_m2, deepseek or "
+                                          r"deepseek_v32"):
         EnvConfig(name="dataset", train_path="x", tool_format="glm").validate()
     with pytest.raises(ConfigError, match=r"env.tools: 'builtins:len' has no JSON schema"):
         dataset(tmp_path, qwen_dir, tools=["builtins:len"])
@@ -177,6 +178,11 @@ def test_tool_settings_are_one_line_config_errors(tmp_path, qwen_dir):
         "{{ '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}", ""))
     with pytest.raises(ConfigError, match=r"does not render tool results as tool turns"):
         dataset(tmp_path, plain)
+    # GPT-OSS's harmony calls are not parsed: refused, not read as (no) Hermes calls
+    with pytest.raises(ConfigError, match=r"env.tools=\['calculator'\]: the tokenizer of .* writes GPT-OSS's harmony "
+                                          r"format .* whose tool calls \(to=functions.NAME ... <\|call\|>\) rlpost "
+                                          r"does not parse yet"):
+        dataset(tmp_path, harmony_tokenizer_dir(tmp_path / "harmony"), tools=["calculator"])
 
 
 @pytest.mark.slow
@@ -331,6 +337,15 @@ _XML_CALLS = {
         "{%- for k, v in tc.arguments.items() %}{{ '\\n<parameter name=\"' + k + '\">' }}"
         "{%- if v is string %}{{ v }}{%- else %}{{ v | tojson }}{%- endif %}{{ '</parameter>' }}{%- endfor %}"
         "{{ '\\n</invoke>' }}{%- endfor %}{{ '\\n</minimax:tool_call>' }}{%- endif %}"),
+    "deepseek_v32": (  # DSML: strings as written, everything else as JSON
+        "{%- if message.tool_calls %}{{ '\\n\\n<｜DSML｜function_calls>' }}"
+        "{%- for tool_call in message.tool_calls %}"
+        "{%- set tc = tool_call.function if tool_call.function is defined else tool_call %}"
+        "{{ '\\n<｜DSML｜invoke name=\"' + tc.name + '\">' }}"
+        "{%- for k, v in tc.arguments.items() %}{{ '\\n<｜DSML｜parameter name=\"' + k + '\" string=\"' }}"
+        "{%- if v is string %}{{ 'true\">' + v }}{%- else %}{{ 'false\">' + (v | tojson) }}{%- endif %}"
+        "{{ '</｜DSML｜parameter>' }}{%- endfor %}"
+        "{{ '\\n</｜DSML｜invoke>' }}{%- endfor %}{{ '\\n</｜DSML｜function_calls>' }}{%- endif %}"),
 }
 
 
@@ -345,7 +360,7 @@ def xml_template(fmt: str) -> str:
 @pytest.mark.parametrize("fmt", list(_XML_CALLS))
 def test_xml_tool_formats_read_back_what_their_templates_render_with_typed_values(tmp_path, fmt):
     """A checkpoint whose chat template writes calls in Qwen3-Coder's, GLM-4.5's or MiniMax-M2's
-    XML: env.tool_format=auto reads the format off the template; a demonstration's calls, as the
+    XML or DeepSeek-V3.2's DSML: env.tool_format=auto reads the format off the template; a demonstration's calls, as the
     template renders them, parse back into the same calls, values typed by the tools' schemas
     (integers, a boolean, a string of digits and one with markup kept as text); the
     observation is what a rollout appends; the final answer scores."""
@@ -401,10 +416,25 @@ def test_xml_tool_calls_written_by_the_policy_are_read_or_reported_never_raised(
     assert parse_tool_calls(minimax, "minimax_m2", schemas) == [
         ToolCall("add", {"a": 1, "b": 22}), ToolCall("f", {"o": "[1]"}),
         'error: a tool call is <invoke name="NAME"><parameter name="KEY">VALUE</parameter>...</invoke>']
+    dsml = ('<｜DSML｜function_calls>\n<｜DSML｜invoke name="add">\n<｜DSML｜parameter name="a" string="false">1'
+            '</｜DSML｜parameter>\n<｜DSML｜parameter name="b" string="true">22</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
+            '<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="o" string="false">{"k": [1]}</｜DSML｜parameter>'
+            '<｜DSML｜parameter name="x">2.5</｜DSML｜parameter><｜DSML｜parameter name="y" string="false">[1,'
+            '</｜DSML｜parameter></｜DSML｜invoke>\n<｜DSML｜invoke name="add"><｜DSML｜parameter name="a" string="true">1'
+            '</｜DSML｜parameter><｜DSML｜parameter name="a" string="true">2</｜DSML｜parameter></｜DSML｜invoke>'
+            '</｜DSML｜function_calls> then <｜DSML｜function_calls>oops</｜DSML｜function_calls>'
+            '<｜DSML｜function_calls><｜DSML｜invoke name="add">')
+    assert parse_tool_calls(dsml, "deepseek_v32", schemas) == [
+        ToolCall("add", {"a": 1, "b": "22"}),  # string="true": the model's word, whatever the schema says
+        ToolCall("f", {"o": {"k": [1]}, "x": 2.5, "y": "[1,"}),  # no attribute: the schema's type; bad JSON: text
+        "error: add: a parameter is given twice (a)",
+        'error: a tool call is <｜DSML｜invoke name="NAME"><｜DSML｜parameter name="KEY" string="true|false">VALUE'
+        '</｜DSML｜parameter>...</｜DSML｜invoke>']
     deep = "<tool_call><function=f><parameter=o>" + "[" * 100000 + "</parameter></function></tool_call>"
     assert parse_tool_calls(deep, "qwen3_coder", schemas) == [ToolCall("f", {"o": "[" * 100000})]
-    assert [format_of_template(t) for t in ("<minimax:tool_call>", "<arg_key>", "<function=", "<tool_call>", "", None)] \
-        == ["minimax_m2", "glm45", "qwen3_coder", "hermes", "hermes", "hermes"]
+    assert [format_of_template(t) for t in ("<｜DSML｜function_calls>", "<minimax:tool_call>", "<arg_key>", "<function=",
+                                            "<tool_call>", "", None)] \
+        == ["deepseek_v32", "minimax_m2", "glm45", "qwen3_coder", "hermes", "hermes", "hermes"]
     with pytest.raises(ValueError, match="tool format 'xml'"):
         parse_tool_calls("", "xml")
 
@@ -415,7 +445,9 @@ def test_xml_tool_calls_written_by_the_policy_are_read_or_reported_never_raised(
     ("glm45", "<tool_call>a" + "<arg_key>x</arg_key>y" * 50000 + "<arg_value></tool_call>"),
     ("minimax_m2", "<minimax:tool_call>" + '<invoke name="a">' * 30000 + '<parameter name="b">' * 30000
      + "</minimax:tool_call>"),
-    ("deepseek", "<｜tool▁calls▁begin｜>" + "<｜tool▁call▁begin｜>" * 50000 + "<｜tool▁calls▁end｜>")])
+    ("deepseek", "<｜tool▁calls▁begin｜>" + "<｜tool▁call▁begin｜>" * 50000 + "<｜tool▁calls▁end｜>"),
+    ("deepseek_v32", "<｜DSML｜function_calls>" + '<｜DSML｜invoke name="a">' * 20000
+     + '<｜DSML｜parameter name="b" string="false">' * 20000 + "</｜DSML｜function_calls>")])
 def test_a_megabyte_of_unclosed_call_markup_parses_in_linear_time(fmt, text):
     """The policy writes the text the parsers read: a lazy regex per call rescanned the rest of
     the text from every unclosed opening (hermes' <tool_call> x 50,000 took minutes in the
