@@ -12,9 +12,10 @@ GPT-OSS writes OpenAI's harmony format instead: messages ``<|channel|>NAME<|mess
 ended by ``<|end|>`` (``<|return|>`` for the turn's last, ``<|call|>`` for a tool call), the
 next one opened by ``<|start|>assistant``; its reasoning is the ``analysis`` channel and its
 answer the ``final`` one. With ``env.reasoning=harmony`` (``auto``: when the tokenizer has
-single ``<|channel|>`` and ``<|message|>`` tokens, whatever else it has) the verifiers see only the text of the
-response's last message, and only when that message is on the final channel: an answer written
-while analysing, or a response cut before it reached its final message, earns nothing.
+single ``<|channel|>`` and ``<|message|>`` tokens, whatever else it has) the verifiers see only
+the text of the response's last message, and only when that message is on the final channel: an
+answer written while analysing, or a response cut before it reached its final message, earns
+nothing.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class ReasoningSplit:
     @classmethod
     def for_env(cls, tokenizer: Any, mode: str, tokenizer_name: str,
                 prompt_ids: Callable[[], list[int]]) -> "ReasoningSplit | HarmonySplit | None":
-        """The split for ``env.reasoning=mode`` (auto | think | none) on ``tokenizer``, or None
+        """The split for ``env.reasoning=mode`` (auto | think | harmony | none) on ``tokenizer``, or None
         (score the whole response); ``prompt_ids`` gives one rendered prompt (the template's
         generation suffix is the same for all)."""
         if mode == "none":
@@ -85,7 +86,8 @@ class ReasoningSplit:
         return None if self.prompt_opens else ids
 
 
-def _single_ids(encode: Callable[[str], list[int]] | None, markers: tuple[str, ...], partial: bool = False) -> list[int]:
+def _single_ids(encode: Callable[[str], list[int]] | None, markers: tuple[str, ...],
+                partial: bool = False) -> list[int]:
     """The id of each marker that is one token of the tokenizer; [] unless all are (``partial``:
     those that are)."""
     ids = [encode(marker) if encode is not None else [] for marker in markers]

@@ -20,9 +20,10 @@ the same names do:
   ```json {json} ```<｜tool▁call▁end｜>`` (V3, R1), arguments as JSON like hermes'.
 
 The XML formats write every value as text (DSML says which are JSON); a value is converted by the
-type the tool's JSON schema gives that parameter (integer, number, boolean, object, array: read as JSON; string: kept
-as written, one newline trimmed at each end as the templates add them), and kept as text when the
-schema says nothing or the text is not of that type (the tool then reports the bad argument).
+type the tool's JSON schema gives that parameter (integer, number, boolean, object, array: read
+as JSON; string: kept as written, one newline trimmed at each end as the templates add them), and
+kept as text when the schema says nothing or the text is not of that type (the tool then reports
+the bad argument).
 Text outside the calls is the model's prose. A malformed call is an error message, observed by
 the model as the result of that call, never an exception: the policy writes this text.
 """
@@ -44,8 +45,9 @@ _SPACE = re.compile(r"\s*")
 _DEEPSEEK_FENCED = re.compile(r"\A([^\n`]*)\n```(?:json)?\n?(.*?)\n?```\s*\Z", re.S)
 
 # what a chat template's text shows of its family's call syntax, most specific first (``auto``)
-_TEMPLATE_MARKERS = (("deepseek_v32", f"<{_DSML}function_calls>"), ("deepseek", "<｜tool▁calls▁begin｜>"), ("minimax_m2", "<minimax:tool_call>"), ("glm45", "<arg_key>"),
-                     ("qwen3_coder", "<function="), ("hermes", "<tool_call>"))
+_TEMPLATE_MARKERS = (("deepseek_v32", f"<{_DSML}function_calls>"), ("deepseek", "<｜tool▁calls▁begin｜>"),
+                     ("minimax_m2", "<minimax:tool_call>"), ("glm45", "<arg_key>"), ("qwen3_coder", "<function="),
+                     ("hermes", "<tool_call>"))
 
 
 @dataclass(frozen=True)
