@@ -195,42 +195,41 @@ def _parse_glm45(text: str, schemas: dict[str, dict[str, Any]]) -> list[ToolCall
     return calls
 
 
-def _parse_minimax_m2(text: str, schemas: dict[str, dict[str, Any]]) -> list[ToolCall | str]:
+def _parse_invokes(text: str, block: str, prefix: str, parameter: re.Pattern, usage: str,
+                   schemas: dict[str, dict[str, Any]]) -> list[ToolCall | str]:
+    """MiniMax-M2's and DSML's calls: ``<BLOCK><PREFIXinvoke name="NAME"><PREFIXparameter ...>
+    VALUE</PREFIXparameter>...</PREFIXinvoke>...</BLOCK>``. ``parameter`` matches a parameter's
+    attributes: its name, and where it has a second group (DSML's ``string``) whether the value
+    is a string (kept as written) or JSON (``false``; kept as text when it is not JSON, for the
+    tool to report); without that attribute a value is typed by the schema."""
     calls: list[ToolCall | str] = []
-    for block in _bodies(text, "<minimax:tool_call>", "</minimax:tool_call>"):
-        invokes = [(m.group(1), body) for head, body in _tagged(block, "<invoke", "</invoke>", ">")
+    for body in _bodies(text, f"<{block}>", f"</{block}>"):
+        invokes = [(m.group(1), inner) for head, inner in _tagged(body, f"<{prefix}invoke", f"</{prefix}invoke>", ">")
                    if (m := _NAME_ATTRIBUTE.fullmatch(head)) is not None]
         if not invokes:
-            calls.append('error: a tool call is <invoke name="NAME"><parameter name="KEY">VALUE</parameter>...</invoke>')
-        for name, body in invokes:
-            pairs = [(m.group(1), value) for head, value in _tagged(body, "<parameter", "</parameter>", ">")
-                     if (m := _NAME_ATTRIBUTE.fullmatch(head)) is not None]
-            calls.append(_call(name.strip(), pairs, schemas))
-    return calls
-
-
-def _parse_deepseek_v32(text: str, schemas: dict[str, dict[str, Any]]) -> list[ToolCall | str]:
-    """DSML: MiniMax-M2's invoke/parameter structure under DeepSeek's prefix, and each parameter
-    saying whether its value is a string (kept as written) or JSON (``string="false"``; kept as
-    text when it is not JSON, for the tool to report); no attribute: typed by the schema."""
-    calls: list[ToolCall | str] = []
-    for block in _bodies(text, f"<{_DSML}function_calls>", f"</{_DSML}function_calls>"):
-        invokes = [(m.group(1), body) for head, body in _tagged(block, f"<{_DSML}invoke", f"</{_DSML}invoke>", ">")
-                   if (m := _NAME_ATTRIBUTE.fullmatch(head)) is not None]
-        if not invokes:
-            calls.append(f'error: a tool call is <{_DSML}invoke name="NAME"><{_DSML}parameter name="KEY" '
-                         f'string="true|false">VALUE</{_DSML}parameter>...</{_DSML}invoke>')
-        for name, body in invokes:
-            params = [(m.group(1), m.group(2), value)
-                      for head, value in _tagged(body, f"<{_DSML}parameter", f"</{_DSML}parameter>", ">")
-                      if (m := _DSML_PARAMETER.fullmatch(head)) is not None]
+            calls.append(f"error: a tool call is {usage}")
+        for name, inner in invokes:
+            params = [(m.group(1), m.group(2) if parameter.groups > 1 else None, value)
+                      for head, value in _tagged(inner, f"<{prefix}parameter", f"</{prefix}parameter>", ">")
+                      if (m := parameter.fullmatch(head)) is not None]
             call = _call(name.strip(), [(key, value) for key, _, value in params], schemas)
-            if isinstance(call, ToolCall):
-                declared = {key: value if string == "true" else _json_or_text(value)
-                            for key, string, value in params if string is not None}
+            declared = {key: value if string == "true" else _json_or_text(value)
+                        for key, string, value in params if string is not None}
+            if isinstance(call, ToolCall) and declared:
                 call = ToolCall(call.name, {**call.arguments, **declared})
             calls.append(call)
     return calls
+
+
+def _parse_minimax_m2(text: str, schemas: dict[str, dict[str, Any]]) -> list[ToolCall | str]:
+    return _parse_invokes(text, "minimax:tool_call", "", _NAME_ATTRIBUTE,
+                          '<invoke name="NAME"><parameter name="KEY">VALUE</parameter>...</invoke>', schemas)
+
+
+def _parse_deepseek_v32(text: str, schemas: dict[str, dict[str, Any]]) -> list[ToolCall | str]:
+    return _parse_invokes(text, f"{_DSML}function_calls", _DSML, _DSML_PARAMETER,
+                          f'<{_DSML}invoke name="NAME"><{_DSML}parameter name="KEY" string="true|false">VALUE'
+                          f'</{_DSML}parameter>...</{_DSML}invoke>', schemas)
 
 
 def _json_or_text(value: str) -> Any:
