@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from rlpost.config import ConfigError, EnvConfig, SandboxConfig
-from rlpost.envs.reasoning import HARMONY_MARKERS
+from rlpost.envs.reasoning import HARMONY_MARKERS, single_token_ids
 from rlpost.envs.tool_formats import ToolCall, format_of_template, parse_hermes, parse_tool_calls  # noqa: F401
 
 MAX_CALLS_PER_TURN = 8
@@ -136,7 +136,7 @@ class ChatToolTurns:
         self.tools = {t.name: t for t in load_tools(list(cfg.tools), sandbox)}
         self.schemas = [t.schema for t in self.tools.values()]
         self.parameters = {t.name: t.schema.get("function", {}).get("parameters") or {} for t in self.tools.values()}
-        if cfg.tool_format == "auto" and all(len(tokenizer.encode_template_text(m)) == 1 for m in HARMONY_MARKERS):
+        if cfg.tool_format == "auto" and single_token_ids(tokenizer.encode_template_text, HARMONY_MARKERS):
             raise ConfigError(f"env.tools={list(cfg.tools)!r}: the tokenizer of {tokenizer.settings.path} writes "
                               f"GPT-OSS's harmony format ({' / '.join(HARMONY_MARKERS)} tokens), whose tool calls "
                               f"(to=functions.NAME ... <|call|>) rlpost does not parse yet")

@@ -56,10 +56,10 @@ class ReasoningSplit:
         if mode == "none":
             return None
         encode = getattr(tokenizer, "encode_template_text", None)  # tokenizers with added tokens
-        think = _single_ids(encode, THINK_MARKERS)
-        harmony = _single_ids(encode, HARMONY_MARKERS)
+        think = single_token_ids(encode, THINK_MARKERS)
+        harmony = single_token_ids(encode, HARMONY_MARKERS)
         if mode in ("harmony", "auto") and harmony:  # the more specific: GPT-OSS's tokenizer has only these
-            return HarmonySplit(*harmony, frozenset(_single_ids(encode, HARMONY_ENDS, partial=True)),
+            return HarmonySplit(*harmony, frozenset(single_token_ids(encode, HARMONY_ENDS, partial=True)),
                                 tokenizer.decode)
         if mode in ("think", "auto") and think:
             opened, closed = think
@@ -86,8 +86,8 @@ class ReasoningSplit:
         return None if self.prompt_opens else ids
 
 
-def _single_ids(encode: Callable[[str], list[int]] | None, markers: tuple[str, ...],
-                partial: bool = False) -> list[int]:
+def single_token_ids(encode: Callable[[str], list[int]] | None, markers: tuple[str, ...],
+                     partial: bool = False) -> list[int]:
     """The id of each marker that is one token of the tokenizer; [] unless all are (``partial``:
     those that are)."""
     ids = [encode(marker) if encode is not None else [] for marker in markers]
