@@ -632,6 +632,23 @@ class Run:
         with open(marker) as fh:
             return folder, fh.read().strip()
 
+    def _check_layout(self, folder: str, tag: str) -> None:
+        """A checkpoint saved by differently laid-out trainer ranks (ranks, expert slices, ZeRO
+        stage, precision) is refused with the differences named, before DeepSpeed reads it.
+        Checkpoints from before the layout file was written are loaded unchecked."""
+        import ray
+
+        from rlpost.trainer.ds_engine import LAYOUT_FILE, layout_mismatch
+
+        path = os.path.join(folder, tag, LAYOUT_FILE)
+        if not os.path.exists(path):
+            return
+        with open(path) as fh:
+            saved = json.load(fh)
+        why = layout_mismatch(saved, ray.get(self.ranks[0].layout.remote()))
+        if why:
+            raise RunFailed(f"resume from {os.path.join(folder, tag)}: {why}")
+
     def try_resume(self) -> bool:
         import msgpack
 
@@ -639,6 +656,7 @@ class Run:
         if latest is None:
             return False
         folder, tag = latest
+        self._check_layout(folder, tag)
         self._on_all_ranks("load_checkpoint", folder, tag)
         with open(os.path.join(folder, tag, "driver_state.json")) as fh:
             self.state = DriverState(**json.load(fh))

@@ -1,5 +1,6 @@
 """A real DeepSpeed trainer rank and a real rollout worker, in-process, talking through Redis."""
 
+import json
 import socket
 
 import numpy as np
@@ -310,31 +311,55 @@ def test_sft_step_lowers_the_loss(rig):
     assert last < first
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_other_zero_stages_train(rig, stage):
-    """ZeRO-0 and ZeRO-2 engines (with MoE param groups) take a step and change the weights."""
+def test_a_single_fp32_rank_runs_zero_0_whatever_stage_is_configured(rig):
+    """One fp32 rank has nothing for ZeRO to partition: trainer.zero_stage=2 builds a stage-0
+    engine (no gradient buckets), which takes a step and changes the experts' weights. More ranks
+    and bf16 keep the configured stage (ZeRO-2 over two ranks: tests/test_e2e.py, test_placement.py)."""
     import copy
 
-    from rlpost.trainer.ds_engine import build_engine
+    from rlpost.trainer.batch import sft_batch
+    from rlpost.trainer.ds_engine import build_engine, effective_zero_stage
     from rlpost.trainer.policy import build_policy
 
+    assert [effective_zero_stage(2, 1, "fp32"), effective_zero_stage(2, 2, "fp32"),
+            effective_zero_stage(1, 1, "bf16")] == [0, 2, 1]
     trainer, worker, _ = rig
     cfg = copy.deepcopy(trainer.cfg.trainer)
-    cfg.zero_stage = stage
+    cfg.zero_stage, cfg.grad_clip = 2, 0.0
     model = build_policy(trainer.cfg.model)
     engine, precision, accum = build_engine(model, cfg, 1e-2, 8, "cpu", 1)
-    assert precision == "fp32" and engine.zero_optimization_stage() == stage
+    assert precision == "fp32" and engine.zero_optimization_stage() == 0 and not engine.enable_backward_allreduce
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    examples = [worker.env.sft_example(i, seed=1) for i in range(8)]
-    from rlpost.trainer.batch import sft_batch
-
-    ids, targets, mask = sft_batch(examples)
+    ids, targets, mask = sft_batch([worker.env.sft_example(i, seed=1) for i in range(8)])
     logits, aux, _, _ = engine(ids)
     loss = -(token_logprobs(logits[:, :-1], targets) * mask).sum() / mask.sum() + 0.01 * aux
     engine.backward(loss)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
     engine.step()
+    # train/grad_norm: kept at stage 0 as ZeRO-1/2 keep it, without clipping too (it read 0)
+    assert engine.get_global_grad_norm() == pytest.approx(float(norm), rel=1e-5) and float(norm) > 0
     after = model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if "deepspeed_experts" in k)
+
+
+def test_a_checkpoint_records_its_ranks_layout_and_another_layout_is_named(rig, tmp_path):
+    """Rank 0 writes the layout next to the DeepSpeed files; a resume with other ranks, expert
+    slices, ZeRO stage or precision is refused with the differences named (DeepSpeed's own
+    failure is a traceback from deep inside, or between ZeRO stages a silently skipped optimizer
+    state)."""
+    from rlpost.trainer.ds_engine import LAYOUT_FILE, layout_mismatch
+
+    trainer, _, _ = rig
+    trainer.save_checkpoint(str(tmp_path), "step1")
+    saved = json.loads((tmp_path / "step1" / LAYOUT_FILE).read_text())
+    assert saved == {"num_ranks": 1, "ep_size": 1, "zero_stage": 0, "precision": "fp32"} == trainer.layout()
+    assert layout_mismatch(saved, trainer.layout()) is None
+    two = {**saved, "num_ranks": 2, "zero_stage": 2}
+    assert layout_mismatch(saved, two) == (
+        "the checkpoint was saved by trainer ranks laid out differently (trainer.num_ranks 1 -> 2, "
+        "ZeRO stage 0 -> 2); resume with the trainer settings it was saved with")
+    assert "trainer.ep_size 1 -> 2" in layout_mismatch(saved, {**saved, "ep_size": 2})
+    assert "trainer.precision fp32 -> bf16" in layout_mismatch(saved, {**saved, "precision": "bf16"})
 
 
 def test_loaded_weights_survive_the_next_optimizer_step(rig):

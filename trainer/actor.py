@@ -26,7 +26,7 @@ from rlpost.rollout_dump import SAMPLES_KEY, trained_rows
 from rlpost.scheduler import too_stale
 from rlpost.weights import WeightPublisher
 from rlpost.trainer.batch import TrainBatch, collate, sft_batch, split_into, token_budget_bins
-from rlpost.trainer.ds_engine import DistEnv, build_engine, init_distributed
+from rlpost.trainer.ds_engine import LAYOUT_FILE, DistEnv, build_engine, init_distributed
 from rlpost.trainer.losses import (advantages, policy_loss, scattered_logprobs,
                                    scattered_logprobs_and_entropy, scored_positions, token_logprobs)
 from rlpost.trainer.lr_schedule import lr_at
@@ -166,9 +166,18 @@ class TrainerRank:
         if self.rank == 0:
             save_pretrained(state, self.cfg.model, path)
 
+    def layout(self) -> dict:
+        """How this rank's DeepSpeed state is partitioned (a checkpoint loads only into the same)."""
+        return {"num_ranks": self.world, "ep_size": self.cfg.trainer.ep_size,
+                "zero_stage": self.engine.zero_optimization_stage(), "precision": self.precision}
+
     def save_checkpoint(self, folder: str, tag: str) -> None:
-        """DeepSpeed checkpoint (model + optimizer, collective) plus the version counter."""
+        """DeepSpeed checkpoint (model + optimizer, collective) plus the version counter, and
+        the ranks' layout (rank 0), which a resumed run checks before loading."""
         self.engine.save_checkpoint(folder, tag=tag, client_state={"version": self.version})
+        if self.rank == 0:
+            with open(os.path.join(folder, tag, LAYOUT_FILE), "w") as fh:
+                json.dump(self.layout(), fh)
 
     def load_checkpoint(self, folder: str, tag: str | None = None) -> int:
         _, client = self.engine.load_checkpoint(folder, tag=tag)
