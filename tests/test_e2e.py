@@ -139,13 +139,32 @@ def test_two_deepspeed_ranks_train_disjoint_whole_groups(tmp_path):
     rollouts dump (logger.rollouts_every) holds both ranks' samples of its step, as text. The
     ranks split the Qwen3-MoE's experts (trainer.ep_size=2, DeepSpeed's own gate; checked as for
     the other architectures in test_expert_parallel_ranks_hold_half_the_experts_and_publish_all_of_them;
-    two data-parallel ranks holding every expert: tests/test_placement.py's two-node run)."""
+    two data-parallel ranks holding every expert: tests/test_placement.py's two-node run). The
+    run starts from a checkpoint (model.path): ZeRO-2 steps on its own fp32 copies of the weights,
+    so a load that did not refresh them would be undone by the first step (a single rank runs
+    ZeRO-0: this is where that load is tested)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rlpost.cli_config import load_config
+    from rlpost.envs import make_env
+    from rlpost.modeling import Qwen3MoeForCausalLM, save_pretrained
+
+    cfg = load_config(["experiment=toy_moe_local"])
+    cfg.model.vocab_size = make_env(cfg.env).tokenizer.vocab_size
+    torch.manual_seed(cfg.seed + 1)  # not the weights the ranks initialise themselves with
+    save_pretrained(Qwen3MoeForCausalLM(cfg.model).canonical_state_dict(), cfg.model, tmp_path / "start")
     run_dir = tmp_path / "ranks"
     run_cli(["experiment=toy_moe_local", f"run_dir={run_dir}", "trainer.num_ranks=2", "trainer.zero_stage=2",
              "warmup.steps=4", "trainer.steps=3", "env.num_eval=8", "eval.every=0", "rollout.batch_prompts=8",
              "logger.progress=false", "algorithm=reinforce_pp", "logger.rollouts_every=2",
-             "trainer.ep_size=2", "trainer.routing_replay=true"], timeout=400)
+             "trainer.ep_size=2", "trainer.routing_replay=true", f"model.path={tmp_path / 'start'}"], timeout=400)
     check_expert_parallel_run(run_dir, "mlp.experts.{e}.down_proj", [0, 1], 4)
+    start, final = load_file(str(tmp_path / "start" / "model.safetensors")), load_file(str(run_dir / "final" / "model.safetensors"))
+    assert final.keys() == start.keys()
+    # 4 warm-up steps at lr 3e-3 and 3 RL steps at 5e-4 move an Adam weight by < 0.014; the
+    # ranks' own initialisation is ~0.1 away from the checkpoint's in every matrix
+    assert max(float((final[k] - start[k]).abs().max()) for k in start) < 0.02
     steps = [r for r in read_metrics(str(run_dir / "metrics.jsonl")) if "advantage/max" in r]
     assert len(steps) == 3 and all(r["advantage/max"] >= r["advantage/min"] for r in steps)
     per_rank = [[json.loads(line) for line in open(run_dir / f"trained_ids.rank{r}.jsonl")] for r in (0, 1)]

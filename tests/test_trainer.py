@@ -363,7 +363,8 @@ def test_a_checkpoint_records_its_ranks_layout_and_another_layout_is_named(rig, 
 
 
 def test_loaded_weights_survive_the_next_optimizer_step(rig):
-    """ZeRO keeps fp32 master partitions: a load must refresh them, or the next step reverts it."""
+    """A load survives the next optimizer step (one rank: ZeRO-0, the module is the master copy;
+    ZeRO-2's fp32 partitions, which a load must refresh: test_two_deepspeed_ranks_train_disjoint_whole_groups)."""
     trainer, worker, _ = rig
     loaded = {k: v + 0.05 for k, v in trainer.canonical_state().items()}
     trainer.load_state(loaded)
