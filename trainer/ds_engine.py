@@ -125,12 +125,13 @@ def build_engine(model: torch.nn.Module, cfg: TrainerConfig, lr: float, samples_
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                   fused=True)
     stage = effective_zero_stage(cfg.zero_stage, world_size, precision)
+    keep_norm = stage == 0 and precision == "fp32"  # DeepSpeed's fp32 stage-0 path drops the norm
     ds_config = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "train_batch_size": micro * accum * world_size,
-        # stage 0 without clipping: an infinite limit, so the norm is still computed (below)
-        "gradient_clipping": cfg.grad_clip or (math.inf if stage == 0 else 0.0),
+        # no clipping there: an infinite limit, so the norm is still computed (_keep_grad_norm)
+        "gradient_clipping": cfg.grad_clip or (math.inf if keep_norm else 0.0),
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
@@ -139,7 +140,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainerConfig, lr: float, samples_
     }
     model.to(device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    if stage == 0 and precision == "fp32":
+    if keep_norm:
         _keep_grad_norm(engine)
     if world_size == 1 and stage == 0:
         # nothing to all-reduce with one rank, but DeepSpeed still flattens every gradient into a
