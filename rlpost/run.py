@@ -8,7 +8,6 @@ run directory (resolved config, metrics JSONL, checkpoints, summary.json, curve.
 
 from __future__ import annotations
 
-import collections
 import glob
 import hashlib
 import json
@@ -407,9 +406,13 @@ class Run:
         and serve their previous life's unacked items first)."""
         self.worker_futures = [w.run.remote() for w in self.workers]
 
+    def _call_all_ranks(self, method: str, *args) -> list:
+        """Submit ``method`` to every trainer rank; the refs, not waited for."""
+        return [getattr(r, method).remote(*args) for r in self.ranks]
+
     def _on_all_ranks(self, method: str, *args):
         """Call ``method`` on every trainer rank and wait for all of them."""
-        return self._wait_all([getattr(r, method).remote(*args) for r in self.ranks])
+        return self._wait_all(self._call_all_ranks(method, *args))
 
     def _wait_all(self, refs: list, while_waiting: Callable[[], bool] | None = None) -> list:
         """Wait for ``refs``, failing fast (with the worker's own traceback) if a rollout worker
@@ -515,15 +518,16 @@ class Run:
         # the driver makes the following batch and collects the last result (a rank runs its calls
         # in submission order, so the weights are those of one step at a time; on 2 cores the
         # driver's share was ~10% of a toy warm-up step)
-        in_flight: collections.deque = collections.deque()
+        previous: tuple[int, list] | None = None
         for step in range(cfg.warmup.steps):
             examples = [self.env.sft_example(step * cfg.warmup.batch_size + i, seed=10_000 + cfg.seed)
                         for i in range(cfg.warmup.batch_size)]
-            in_flight.append((step, [r.sft_step.remote(examples, cfg.warmup.lr) for r in self.ranks]))
-            if len(in_flight) == 2:
-                finish(*in_flight.popleft())
-        while in_flight:
-            finish(*in_flight.popleft())
+            submitted = (step, self._call_all_ranks("sft_step", examples, cfg.warmup.lr))
+            if previous is not None:
+                finish(*previous)
+            previous = submitted
+        if previous is not None:
+            finish(*previous)
         if cfg.warmup.steps:
             self._on_all_ranks("save_pretrained", folder)  # collective: expert slices are gathered
             with open(os.path.join(folder, "warmup.json"), "w") as fh:
