@@ -647,8 +647,13 @@ class Run:
         path = os.path.join(folder, tag, LAYOUT_FILE)
         if not os.path.exists(path):
             return
-        with open(path) as fh:
-            saved = json.load(fh)
+        try:
+            with open(path) as fh:
+                saved = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise RunFailed(f"resume: {path} cannot be read ({type(exc).__name__}: {exc})") from None
+        if not isinstance(saved, dict):
+            raise RunFailed(f"resume: {path} holds {type(saved).__name__}, not the ranks' layout object")
         why = layout_mismatch(saved, ray.get(self.ranks[0].layout.remote()))
         if why:
             raise RunFailed(f"resume from {os.path.join(folder, tag)}: {why}")
