@@ -258,7 +258,9 @@ class Run:
         else:
             needed = cfg.trainer.num_ranks * cfg.trainer.threads + cfg.rollout.num_workers * cfg.rollout.threads
             num_cpus = cfg.ray_num_cpus or max(os.cpu_count() or 1, needed)
-            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars},
+            # address="local": a Ray of our own even when this machine also runs a `ray start`
+            # head (plain ray.init() joins that one, and then refuses num_cpus with a traceback)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars},
                      log_to_driver=True, configure_logging=False)
         # ray.init replaces the driver's SIGTERM handler with one that exits at once; ours unwinds
         # through execute()'s clean-up (workers stopped, private redis-server stopped).

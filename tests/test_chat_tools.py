@@ -186,7 +186,7 @@ def test_tool_settings_are_one_line_config_errors(tmp_path, qwen_dir):
 
 
 @pytest.mark.slow
-def test_tool_calls_run_through_the_rollout_worker_in_the_whole_loop(tmp_path):
+def test_tool_calls_run_through_the_rollout_worker_in_the_whole_loop(tmp_path, ray_head):
     """The whole loop on a checkpoint whose tokenizer (character-level, Qwen's chat tokens and
     tool format, tests/qwen_format.py) makes tool calls learnable in seconds: the warm-up teaches
     the model to call the calculator, and RL samples then make real tool turns in the rollout
@@ -217,7 +217,7 @@ def test_tool_calls_run_through_the_rollout_worker_in_the_whole_loop(tmp_path):
              "env.num_eval=8", "env.eval_max_new_tokens=120", "env.tools=[calculator]", "env.max_turns=1",
              f"model.path={checkpoint}", f"run_dir={run_dir}", "warmup.steps=120", "warmup.batch_size=32", "trainer.steps=3",
              "rollout.batch_prompts=8", "rollout.max_new_tokens=120", "logger.progress=false",
-             "logger.rollouts_every=1", "eval.every=0"], timeout=400)
+             "logger.rollouts_every=1", "eval.every=0"], timeout=400, ray_address=ray_head)
     dumped = [json.loads(line) for step in (1, 2, 3)
               for line in (run_dir / "rollouts" / f"step{step}.jsonl").read_text().splitlines()]
     tool_samples = [r for r in dumped if r.get("env/tool_turns", 0) >= 1]

@@ -22,9 +22,18 @@ def _text(data) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
 
-def run_cli(args, timeout, extra_env: dict | None = None):
+def cli_env(ray_address: str | None = None, extra_env: dict | None = None) -> dict:
+    """The environment of a ``rlpost.run`` the tests start: joining the session's Ray head
+    (conftest's ``ray_head``) when given its address, else starting a Ray of its own."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
            **(extra_env or {})}
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return env
+
+
+def run_cli(args, timeout, extra_env: dict | None = None, ray_address: str | None = None):
+    env = cli_env(ray_address, extra_env)
     try:
         proc = subprocess.run([sys.executable, "-m", "rlpost.run", *args], capture_output=True, text=True,
                               timeout=timeout, env=env)
@@ -100,7 +109,7 @@ def test_short_loop_writes_a_complete_run_dir(tmp_path):
     assert buffer["weight_version"] == 4 and set(buffer["workers"]) == {"worker-0", "worker-1"}
 
 
-def test_uniform_groups_are_dropped_and_replaced_so_every_step_trains_a_full_batch(tmp_path):
+def test_uniform_groups_are_dropped_and_replaced_so_every_step_trains_a_full_batch(tmp_path, ray_head):
     """rollout.filter_uniform_groups through the whole loop, in sync mode (which admits exactly
     one batch per step, so a step only completes if the driver replaces what the trainer drops).
     Greedy sampling makes every group uniform: each step drops its budget (1 batch), the driver
@@ -108,7 +117,7 @@ def test_uniform_groups_are_dropped_and_replaced_so_every_step_trains_a_full_bat
     run_dir = tmp_path / "run"
     run_cli(["experiment=toy_moe_local", f"run_dir={run_dir}", "warmup.steps=10", "trainer.steps=3",
              "env.num_eval=8", "rollout.batch_prompts=4", "rollout.temperature=0", "rollout.filter_uniform_groups=true",
-             "rollout.filter_max_batches=1", "logger.progress=false"], timeout=400)
+             "rollout.filter_max_batches=1", "logger.progress=false"], timeout=400, ray_address=ray_head)
     summary = json.loads((run_dir / "summary.json").read_text())
     steps = [r for r in read_metrics(str(run_dir / "metrics.jsonl")) if "reward/mean" in r]
     assert [r["filter/dropped_groups"] for r in steps] == [4, 4, 4]
@@ -121,18 +130,18 @@ def test_uniform_groups_are_dropped_and_replaced_so_every_step_trains_a_full_bat
 
 
 @pytest.mark.slow
-def test_rl_improves_held_out_accuracy(tmp_path):
+def test_rl_improves_held_out_accuracy(tmp_path, ray_head):
     """A shorter version of the README's headline run: RL beats the warm-up by >= 10 points."""
     run_dir = tmp_path / "learn"
     # 30 s of RL: bench/dynamic_sampling.py measured +0.29 after 17 s and +0.38 after 34 s (150 s
     # made this the suite's longest test, 270 s of its 15-minute budget; 60 s, 148 s of it)
     run_cli(["experiment=toy_moe_local", f"run_dir={run_dir}", "time_limit_s=30", "eval.every=0",
-             "logger.progress=false"], timeout=600)
+             "logger.progress=false"], timeout=600, ray_address=ray_head)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval_accuracy_after"] >= summary["eval_accuracy_before"] + 0.10, summary
 
 
-def test_two_deepspeed_ranks_train_disjoint_whole_groups(tmp_path):
+def test_two_deepspeed_ranks_train_disjoint_whole_groups(tmp_path, ray_head):
     """trainer.num_ranks=2 (ZeRO-2 over gloo): each rank reads its own whole groups from the
     consumer group; together they train every group of the step exactly once. REINFORCE++'s
     batch-wide advantage normalisation sums its statistics over both ranks every step. The
@@ -158,7 +167,7 @@ def test_two_deepspeed_ranks_train_disjoint_whole_groups(tmp_path):
     run_cli(["experiment=toy_moe_local", f"run_dir={run_dir}", "trainer.num_ranks=2", "trainer.zero_stage=2",
              "warmup.steps=4", "trainer.steps=3", "env.num_eval=8", "eval.every=0", "rollout.batch_prompts=8",
              "logger.progress=false", "algorithm=reinforce_pp", "logger.rollouts_every=2",
-             "trainer.ep_size=2", "trainer.routing_replay=true", f"model.path={tmp_path / 'start'}"], timeout=400)
+             "trainer.ep_size=2", "trainer.routing_replay=true", f"model.path={tmp_path / 'start'}"], timeout=400, ray_address=ray_head)
     check_expert_parallel_run(run_dir, "mlp.experts.{e}.down_proj", [0, 1], 4)
     start, final = load_file(str(tmp_path / "start" / "model.safetensors")), load_file(str(run_dir / "final" / "model.safetensors"))
     assert final.keys() == start.keys()
@@ -189,7 +198,7 @@ def test_two_deepspeed_ranks_train_disjoint_whole_groups(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, model", [("sync", "qwen3_moe_tiny"), ("april", "deepseek_v3_tiny")])
-def test_vllm_engine_end_to_end(tmp_path, mode, model):
+def test_vllm_engine_end_to_end(tmp_path, mode, model, ray_head):
     """The whole loop with vLLM as the rollout engine and a real tokenizer (Mixtral's 32k
     SentencePiece ids): the Qwen3-MoE (sync) or DeepSeek-V3 (april: latent attention, GLM's
     router; vLLM over two tensor-parallel ranks, processes the worker's vLLM starts) checkpoint
@@ -202,7 +211,7 @@ def test_vllm_engine_end_to_end(tmp_path, mode, model):
     extra = ["rollout.over_sampling=2", "rollout.max_staleness=4", "engine.tensor_parallel_size=2"] if mode == "april" else []
     run_cli(["experiment=mixtral_tok_local", f"model={model}", "engine=vllm", f"mode={mode}", f"run_dir={run_dir}",
              "warmup.steps=20",
-             "trainer.steps=4", "env.num_eval=32", "eval.every=0", "logger.progress=false", *extra], timeout=600)
+             "trainer.steps=4", "env.num_eval=32", "eval.every=0", "logger.progress=false", *extra], timeout=600, ray_address=ray_head)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and sum(w["tasks"] for w in summary["workers"]) >= 4 * 32 + 2 * 32
     steps = [r for r in read_metrics(str(run_dir / "metrics.jsonl")) if "reward/mean" in r]
@@ -217,7 +226,7 @@ def test_vllm_engine_end_to_end(tmp_path, mode, model):
 
 
 @pytest.mark.slow
-def test_a_worker_killed_during_warm_up_is_noticed_within_seconds(tmp_path, redis_url):
+def test_a_worker_killed_during_warm_up_is_noticed_within_seconds(tmp_path, redis_url, ray_head):
     """The driver checks its workers wherever it waits: a rollout worker SIGKILLed while the
     trainer runs sub-second warm-up steps used to go unnoticed until the evaluation's 300 s
     timeout. Now, with no restarts allowed, the run fails within seconds, with one line naming
@@ -228,7 +237,7 @@ def test_a_worker_killed_during_warm_up_is_noticed_within_seconds(tmp_path, redi
     from rlpost.buffer import RedisBuffer, connect
 
     run_dir = tmp_path / "run"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline"}
+    env = cli_env(ray_head)
     proc = subprocess.Popen([sys.executable, "-m", "rlpost.run", "experiment=toy_moe_local", f"run_dir={run_dir}",
                              f"buffer.url={redis_url}", "warmup.steps=100000", "rollout.max_restarts=0",
                              "logger.progress=false"],
@@ -259,13 +268,13 @@ APRIL_RUN = ["experiment=toy_moe_local", "mode=april", "rollout.over_sampling=2"
              "eval.every=0", "rollout.batch_prompts=8", "logger.progress=false"]
 
 
-def kill_mid_run(run_dir, args, after_steps, victim) -> tuple[int, str]:
+def kill_mid_run(run_dir, args, after_steps, victim, ray_address: str | None = None) -> tuple[int, str]:
     """Start ``rlpost.run`` with ``args``, SIGKILL the pid ``victim(driver pid)`` returns once
     ``after_steps`` RL steps are logged, and wait for the run to end: (exit code, stderr)."""
     import signal
     import time
 
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline"}
+    env = cli_env(ray_address)
     proc = subprocess.Popen([sys.executable, "-m", "rlpost.run", *args, f"run_dir={run_dir}"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -306,7 +315,7 @@ def lost_prompts(run_dir, redis_url: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_trained_twice(tmp_path, redis_url):
+def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_trained_twice(tmp_path, redis_url, ray_head):
     """SIGKILL a rollout worker while it generates: Ray restarts it in its bundle and re-runs its
     loop, the new life serves what its predecessor read and never finished, the run finishes,
     and every submitted prompt was trained exactly once or is still waiting in the buffer."""
@@ -318,7 +327,8 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_trained_twi
         buf = RedisBuffer(connect(redis_url), (run_dir / "run_id").read_text().strip())
         return int(buf.workers()["worker-0"]["pid"])
 
-    code, err = kill_mid_run(run_dir, [*APRIL_RUN, "trainer.steps=30", f"buffer.url={redis_url}"], 1, worker_pid)
+    code, err = kill_mid_run(run_dir, [*APRIL_RUN, "trainer.steps=30", f"buffer.url={redis_url}"], 1, worker_pid,
+                             ray_address=ray_head)
     assert code == 0, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 30
@@ -328,7 +338,7 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_trained_twi
 
 
 @pytest.mark.slow
-def test_lost_redis_replies_lose_nothing_and_train_nothing_twice(tmp_path, redis_url):
+def test_lost_redis_replies_lose_nothing_and_train_nothing_twice(tmp_path, redis_url, ray_head):
     """The whole APRIL loop with every actor's Redis traffic through a proxy that drops the
     reply of every 4th buffer write (finish, park, requeue, train, drop, submit, any MULTI: each ran on the
     server, the client retries it) and of every 150th stream read (its entries stay pending
@@ -342,7 +352,7 @@ def test_lost_redis_replies_lose_nothing_and_train_nothing_twice(tmp_path, redis
     run_dir = tmp_path / "run"
     try:
         run_cli([*APRIL_RUN, "trainer.steps=30", f"buffer.url={proxy.url}", "buffer.reclaim_idle_ms=2000",
-                 f"run_dir={run_dir}"], timeout=300)
+                 f"run_dir={run_dir}"], timeout=300, ray_address=ray_head)
     finally:
         proxy.close()
     assert proxy.dropped >= 10, proxy.dropped
@@ -353,13 +363,13 @@ def test_lost_redis_replies_lose_nothing_and_train_nothing_twice(tmp_path, redis
 
 
 @pytest.mark.slow
-def test_a_killed_redis_is_restarted_from_its_append_only_file_and_the_run_finishes(tmp_path):
+def test_a_killed_redis_is_restarted_from_its_append_only_file_and_the_run_finishes(tmp_path, ray_head):
     """SIGKILL the run's private redis-server mid-RL: the driver restarts it from its AOF
     (buffer.appendfsync=always), every actor reconnects, the run finishes and no sample is
     trained twice."""
     run_dir = tmp_path / "run"
     code, err = kill_mid_run(run_dir, [*APRIL_RUN, "trainer.steps=25", "buffer.appendfsync=always"], 3,
-                             _redis_pid)
+                             _redis_pid, ray_address=ray_head)
     assert code == 0, err[-3000:]
     assert "restarted from its append-only file" in err
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -388,7 +398,7 @@ def _redis_pid(driver: int) -> int:
     ("glm4_moe_tiny", "mlp.experts.{e}.down_proj", [1, 2], 8),  # rlpost's router; GLM's layer 0 is dense
     ("gpt_oss_tiny", "mlp.experts.down_proj", [0, 1], 8)])  # biased experts and router; fused on disk
 def test_expert_parallel_ranks_hold_half_the_experts_and_publish_all_of_them(tmp_path, model, expert_weight, layers,
-                                                                             experts):
+                                                                             experts, ray_head):
     """trainer.ep_size=2 on 2 ranks (gloo): each rank holds half of every layer's experts, the
     run trains, and the weights it publishes and saves carry every expert under HF names (the
     native engine and the final checkpoint load them; Qwen3-MoE's, GLM-4.5's or GPT-OSS's, whose
@@ -401,7 +411,7 @@ def test_expert_parallel_ranks_hold_half_the_experts_and_publish_all_of_them(tmp
     run_cli(["experiment=toy_moe_local", f"model={model}", f"run_dir={run_dir}", "trainer.num_ranks=2",
              "trainer.ep_size=2", "trainer.zero_stage=1", "warmup.steps=4", "trainer.steps=3", "env.num_eval=8",
              "eval.every=0", "rollout.batch_prompts=8", "logger.progress=false", "trainer.routing_replay=true"],
-            timeout=400)
+            timeout=400, ray_address=ray_head)
     check_expert_parallel_run(run_dir, expert_weight, layers, experts)
 
 
@@ -428,7 +438,7 @@ def check_expert_parallel_run(run_dir, expert_weight: str, layers: list[int], ex
 
 
 @pytest.mark.slow
-def test_a_killed_trainer_rank_is_restarted_from_the_latest_checkpoint(tmp_path):
+def test_a_killed_trainer_rank_is_restarted_from_the_latest_checkpoint(tmp_path, ray_head):
     """SIGKILL the trainer rank mid-RL: the driver starts the ranks again in their bundles, loads
     the latest checkpoint, publishes it as a newer version, keeps the buffer, and the run
     finishes every step with no sample trained twice."""
@@ -441,7 +451,7 @@ def test_a_killed_trainer_rank_is_restarted_from_the_latest_checkpoint(tmp_path)
     args = ["experiment=toy_moe_local", "warmup.steps=20", "env.num_eval=16", "eval.every=0", "rollout.batch_prompts=8",
             "logger.progress=false", "trainer.steps=40", "trainer.checkpoint_every=4",
             "trainer.kl_coef=0.01"]  # the restarted ranks rebuild the KL reference from the warm-up
-    code, err = kill_mid_run(run_dir, args, 8, rank_pid)
+    code, err = kill_mid_run(run_dir, args, 8, rank_pid, ray_address=ray_head)
     assert code == 0, err[-3000:]
     assert "rlpost: trainer restarted from checkpoint step" in err
     summary = json.loads((run_dir / "summary.json").read_text())

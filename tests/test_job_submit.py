@@ -6,10 +6,12 @@ import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -33,17 +35,18 @@ def test_ray_job_submit_on_a_two_node_local_cluster(tmp_path):
         return subprocess.run([os.path.join(bindir, "ray"), *args], env=env, capture_output=True, text=True,
                               timeout=timeout)
 
-    head = ray_cli("start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
-                   "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats")
-    assert head.returncode == 0, head.stderr[-2000:]
-    # the second node keeps its own temporary dir, as a second machine would: sharing the head's,
-    # its runtime-env agent unpacked the job's working dir over the one the driver was importing
-    # from (FileNotFoundError: rollout/worker.py, one CI run in a few); short, for Ray's sockets
-    node_dir = tempfile.mkdtemp(prefix="rlpost-node2-", dir="/tmp")
+    # each node its own temporary dir, as two machines would: sharing one, the second node's
+    # runtime-env agent unpacked the job's working dir over the one the driver was importing from
+    # (FileNotFoundError: rollout/worker.py, one CI run in a few); short, for Ray's sockets. Both
+    # nodes --block, stopped by SIGTERM: `ray stop` would also end the session's other Ray
+    # (conftest's ray_head) and any Ray of the user's.
+    head_dir, node_dir = (tempfile.mkdtemp(prefix=f"rlpost-{n}-", dir="/tmp") for n in ("head", "node2"))
+    nodes = []
     try:
-        node = ray_cli("start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", "--disable-usage-stats",
-                       f"--temp-dir={node_dir}")
-        assert node.returncode == 0, node.stderr[-2000:]
+        nodes.append(start_node(env, head_dir, "--head", f"--port={gcs}", "--include-dashboard=true",
+                                "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                                f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"))
+        nodes.append(start_node(env, node_dir, f"--address=127.0.0.1:{gcs}"))
         root = tmp_path / "outputs"
         job = ray_cli("job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", REPO,
                       "--runtime-env-json", json.dumps({"excludes": [".venv", "outputs", ".git", "wandb", "*.pyc"]}),
@@ -62,8 +65,29 @@ def test_ray_job_submit_on_a_two_node_local_cluster(tmp_path):
         placed = json.load(open(os.path.join(run_dir, "placement.json")))
         assert len({w["node_id"] for w in placed["actors"]["workers"]}) == 2  # one worker on each node
     finally:
-        ray_cli("stop", "--force")
-        shutil.rmtree(node_dir, ignore_errors=True)
+        for node in reversed(nodes):
+            node.send_signal(signal.SIGTERM)  # `ray start --block` ends the processes it started
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                node.kill()
+        for path in (head_dir, node_dir):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def start_node(env: dict, temp_dir: str, *args: str) -> subprocess.Popen:
+    """`ray start --block` with ``args``, 2 CPUs, once the node is up (the head has written its
+    address file; a worker node has registered, which its log says)."""
+    log_path = os.path.join(temp_dir, "ray-start.log")
+    with open(log_path, "w") as log:
+        node = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--block", "--num-cpus=2",
+                                 "--disable-usage-stats", f"--temp-dir={temp_dir}", *args],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not ("Ray runtime started" in open(log_path).read()):
+        assert node.poll() is None and time.time() < deadline, open(log_path).read()[-3000:]
+        time.sleep(0.2)
+    return node
 
 
 def test_a_job_whose_run_dir_would_vanish_with_rays_session_is_refused(tmp_path):
