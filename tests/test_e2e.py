@@ -459,14 +459,25 @@ def test_a_killed_trainer_rank_is_restarted_from_the_latest_checkpoint(tmp_path,
     trained_ids(run_dir)  # no sample trained twice
 
 
-def test_gpu_engines_on_a_machine_without_gpus_fail_at_once_with_the_fields_named(tmp_path):
+def test_gpu_engines_on_a_machine_without_gpus_fail_at_once_with_the_fields_named(tmp_path, request):
     """engine=sglang asks each worker for a GPU (engine.num_gpus=1): on a machine without one the
-    run stops at placement, naming the fields, not after placement's 120 s wait."""
+    run stops at placement, naming the fields, not after placement's 120 s wait. The machine
+    also has the address file a `ray start` head leaves in Ray's temporary dir: a run without
+    ray_address starts a Ray of its own all the same (a plain ray.init() took that head's
+    address and failed on num_cpus with a traceback)."""
+    import shutil
+    import tempfile
+
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline"}
+    ray_tmp = tempfile.mkdtemp(prefix="rlpost-t-", dir="/tmp")  # short: the run's Ray sockets live under it
+    os.makedirs(os.path.join(ray_tmp, "ray"))
+    with open(os.path.join(ray_tmp, "ray", "ray_current_cluster"), "w") as fh:
+        fh.write("127.0.0.1:1")  # where Ray looks first (RAY_TMPDIR/ray): another head's address
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", "RAY_TMPDIR": ray_tmp}
     proc = subprocess.run([sys.executable, "-m", "rlpost.run", "experiment=toy_moe_local", "engine=sglang",
                            f"run_dir={tmp_path / 'run'}", "logger.progress=false"],
                           capture_output=True, text=True, timeout=120, env=env)
