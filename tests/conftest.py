@@ -30,9 +30,9 @@ def ray_head(tmp_path_factory):
     that tests starting other Ray clusters, or a plain ray.init(), never find it; stopped by
     SIGTERM, which ends exactly the processes it started (unlike `ray stop`, which ends every
     Ray on the machine). The runs that must start their own Ray do not take this fixture: the
-    README's local loop, the resume after a killed driver, and the runs whose user modules come
-    through the driver's PYTHONPATH (a joined cluster's actors get the head's environment, as
-    on a real cluster, where such modules come with the job's working_dir or py_modules)."""
+    README's local loop, the placement check on a machine without GPUs, and the runs whose user
+    modules come through the driver's PYTHONPATH (a joined cluster's actors get the head's
+    environment, as on a real cluster, where such modules come with the job's working_dir)."""
     import shutil
     import signal
     import socket

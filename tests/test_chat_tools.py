@@ -215,13 +215,13 @@ def test_tool_calls_run_through_the_rollout_worker_in_the_whole_loop(tmp_path, r
     run_dir = tmp_path / "run"
     run_cli(["experiment=toy_moe_local", "env=dataset", f"env.train_path={data}", "env.sft_key=demo",
              "env.num_eval=8", "env.eval_max_new_tokens=120", "env.tools=[calculator]", "env.max_turns=1",
-             f"model.path={checkpoint}", f"run_dir={run_dir}", "warmup.steps=120", "warmup.batch_size=32", "trainer.steps=3",
+             f"model.path={checkpoint}", f"run_dir={run_dir}", "warmup.steps=80", "warmup.batch_size=32", "trainer.steps=3",
              "rollout.batch_prompts=8", "rollout.max_new_tokens=120", "logger.progress=false",
              "logger.rollouts_every=1", "eval.every=0"], timeout=400, ray_address=ray_head)
     dumped = [json.loads(line) for step in (1, 2, 3)
               for line in (run_dir / "rollouts" / f"step{step}.jsonl").read_text().splitlines()]
     tool_samples = [r for r in dumped if r.get("env/tool_turns", 0) >= 1]
-    assert len(tool_samples) >= 20, [r["response"][:120] for r in dumped[:4]]  # 104 of 192 here
+    assert len(tool_samples) >= 20, [r["response"][:120] for r in dumped[:4]]  # 70 of 192 here (104 after 120 warm-up steps, 44 after 60)
     for r in tool_samples:
         a, b = map(int, re.search(r"What is (\d+)\*(\d+)", r["prompt"]).groups())
         called = re.search(r"<tool_call>\n(.*?)\n</tool_call>", r["response"], re.S)

@@ -17,8 +17,8 @@ ARGS = ["experiment=longtail_bench", "mode=april", "rollout.over_sampling=2", "r
         "warmup.steps=5", "env.num_eval=8", "trainer.checkpoint_every=2", "logger.progress=false"]
 
 
-def env():
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline"}
+def env(ray_address: str):
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", "RAY_ADDRESS": ray_address}
 
 
 def trained_steps(run_dir):
@@ -29,10 +29,10 @@ def trained_steps(run_dir):
 
 
 @pytest.mark.slow
-def test_april_run_survives_a_kill_and_resume(tmp_path, redis_url):
+def test_april_run_survives_a_kill_and_resume(tmp_path, redis_url, ray_head):
     run_dir = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "rlpost.run", *ARGS, f"run_dir={run_dir}", f"buffer.url={redis_url}"]
-    first = subprocess.Popen(cmd + ["trainer.steps=50"], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = subprocess.Popen(cmd + ["trainer.steps=50"], env=env(ray_head), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 400
     while max(trained_steps(run_dir), default=0) < 3:
         assert first.poll() is None, first.stderr.read().decode()[-3000:]
@@ -45,7 +45,7 @@ def test_april_run_survives_a_kill_and_resume(tmp_path, redis_url):
     assert 2 <= resume_from <= killed_after  # the latest checkpoint, not one past the kill
     total = max(killed_after, resume_from) + 3  # the resumed run re-does the lost steps, then more
 
-    proc = subprocess.run(cmd + [f"trainer.steps={total}"], env=env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd + [f"trainer.steps={total}"], env=env(ray_head), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert summary["steps"] == total
