@@ -97,7 +97,7 @@ def main() -> None:
                 loads += 1
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=max(os.cpu_count() or 2, 4), include_dashboard=False, configure_logging=False,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 2, 4), include_dashboard=False, configure_logging=False,
              log_to_driver=False)
     redis_server = start_private_redis(tempfile.mkdtemp(prefix="rlpost-bench-"))
     buffer = RedisBuffer.from_url(redis_server.url, "weightbench")

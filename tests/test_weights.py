@@ -36,7 +36,7 @@ def test_a_worker_that_read_an_old_version_gets_the_newest_weights(buffer, tmp_p
 
     from rlpost.weights import WeightPublisher, WeightStore, fetch_weights, store_name
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         store = WeightStore.options(name=store_name(buffer.run)).remote()  # noqa: F841 (kept alive)
         publisher = WeightPublisher(buffer, "ray", str(tmp_path))
@@ -73,7 +73,7 @@ def test_auto_uses_the_shm_slots_and_falls_back_to_ray_when_they_do_not_fit(buff
     assert wv.transport == "shm" and os.path.exists(slot_paths(wv.location)[1])
     assert load_published(wv, keep) == 1 and torch.equal(got["w"], torch.ones(3))
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     previous = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
