@@ -76,16 +76,16 @@ def test_ray_job_submit_on_a_two_node_local_cluster(tmp_path):
 
 
 def start_node(env: dict, temp_dir: str, *args: str) -> subprocess.Popen:
-    """`ray start --block` with ``args``, 2 CPUs, once the node is up (the head has written its
-    address file; a worker node has registered, which its log says)."""
+    """`ray start --block` with ``args`` and 2 CPUs, returned once the node is up (its log says
+    "Ray runtime started", for a head and for a node joining one alike)."""
     log_path = os.path.join(temp_dir, "ray-start.log")
     with open(log_path, "w") as log:
         node = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--block", "--num-cpus=2",
                                  "--disable-usage-stats", f"--temp-dir={temp_dir}", *args],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
-    while not ("Ray runtime started" in open(log_path).read()):
-        assert node.poll() is None and time.time() < deadline, open(log_path).read()[-3000:]
+    while "Ray runtime started" not in (text := open(log_path).read()):
+        assert node.poll() is None and time.time() < deadline, text[-3000:]
         time.sleep(0.2)
     return node
 
