@@ -23,51 +23,26 @@ def redis_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_head(tmp_path_factory):
-    """One local Ray head (`ray start --head --block`) that the end-to-end runs join through
-    RAY_ADDRESS, as a run on a cluster does: each run saves starting and stopping a Ray of its
-    own (measured: a 4-step run 26 s alone, 18.5 s joining). Its own ports and temporary dir, so
-    that tests starting other Ray clusters, or a plain ray.init(), never find it; stopped by
-    SIGTERM, which ends exactly the processes it started (unlike `ray stop`, which ends every
-    Ray on the machine). The runs that must start their own Ray do not take this fixture: the
-    README's local loop, the placement check on a machine without GPUs, and the runs whose user
-    modules come through the driver's PYTHONPATH (a joined cluster's actors get the head's
-    environment, as on a real cluster, where such modules come with the job's working_dir)."""
+def ray_head():
+    """One local Ray head that the end-to-end runs join through RAY_ADDRESS, as a run on a
+    cluster does: each run saves starting and stopping a Ray of its own (measured: a 4-step run
+    26 s alone, 18.5 s joining). Its own ports and temporary dir, so that tests starting other
+    Ray clusters, or a plain ray.init(), never find it (tests/ray_nodes.py). The runs that must
+    start their own Ray do not take this fixture: the README's local loop, the placement check on
+    a machine without GPUs, and the runs whose user modules come through the driver's PYTHONPATH
+    (a joined cluster's actors get the head's environment, as on a real cluster, where such
+    modules come with the job's working_dir)."""
     import shutil
-    import signal
-    import socket
-    import subprocess
-    import sys
     import tempfile
-    import time
 
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
+    from ray_nodes import free_port, start_ray_node, stop_ray_node
 
     temp_dir = tempfile.mkdtemp(prefix="rlpost-ray-", dir="/tmp")  # short: Ray's unix sockets live here
-    port = free_port()
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    log = open(tmp_path_factory.mktemp("ray-head") / "ray-start.log", "w")
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=16",
-                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-                             f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    address_file = os.path.join(temp_dir, "ray_current_cluster")  # written once the head is up
-    deadline = time.time() + 120
-    while not os.path.exists(address_file):
-        assert head.poll() is None and time.time() < deadline, open(log.name).read()[-3000:]
-        time.sleep(0.2)
-    with open(address_file) as fh:
-        address = fh.read().strip()  # the node's address and GCS port, as `ray start` printed them
+    head, address = start_ray_node(temp_dir, "--head", f"--port={free_port()}", "--num-cpus=16",
+                                   "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
+                                   f"--dashboard-agent-listen-port={free_port()}")
     yield address
-    head.send_signal(signal.SIGTERM)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        head.kill()
-    log.close()
+    stop_ray_node(head)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

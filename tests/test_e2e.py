@@ -477,7 +477,7 @@ def test_gpu_engines_on_a_machine_without_gpus_fail_at_once_with_the_fields_name
     with open(os.path.join(ray_tmp, "ray", "ray_current_cluster"), "w") as fh:
         fh.write("127.0.0.1:1")  # where Ray looks first (RAY_TMPDIR/ray): another head's address
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", "RAY_TMPDIR": ray_tmp}
+    env = cli_env(extra_env={"RAY_TMPDIR": ray_tmp})
     proc = subprocess.run([sys.executable, "-m", "rlpost.run", "experiment=toy_moe_local", "engine=sglang",
                            f"run_dir={tmp_path / 'run'}", "logger.progress=false"],
                           capture_output=True, text=True, timeout=120, env=env)

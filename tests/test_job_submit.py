@@ -6,22 +6,15 @@ import glob
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
+from ray_nodes import free_port, start_ray_node, stop_ray_node
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -37,16 +30,16 @@ def test_ray_job_submit_on_a_two_node_local_cluster(tmp_path):
 
     # each node its own temporary dir, as two machines would: sharing one, the second node's
     # runtime-env agent unpacked the job's working dir over the one the driver was importing from
-    # (FileNotFoundError: rollout/worker.py, one CI run in a few); short, for Ray's sockets. Both
-    # nodes --block, stopped by SIGTERM: `ray stop` would also end the session's other Ray
-    # (conftest's ray_head) and any Ray of the user's.
+    # (FileNotFoundError: rollout/worker.py, one CI run in a few); both stopped on their own
+    # (tests/ray_nodes.py), not by `ray stop`, which would also end the session's ray_head.
     head_dir, node_dir = (tempfile.mkdtemp(prefix=f"rlpost-{n}-", dir="/tmp") for n in ("head", "node2"))
     nodes = []
     try:
-        nodes.append(start_node(env, head_dir, "--head", f"--port={gcs}", "--include-dashboard=true",
-                                "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                                f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"))
-        nodes.append(start_node(env, node_dir, f"--address=127.0.0.1:{gcs}"))
+        nodes.append(start_ray_node(head_dir, "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
+                                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                                    f"--ray-client-server-port={free_port()}",
+                                    f"--dashboard-agent-listen-port={free_port()}", env=env)[0])
+        nodes.append(start_ray_node(node_dir, f"--address=127.0.0.1:{gcs}", "--num-cpus=2", env=env)[0])
         root = tmp_path / "outputs"
         job = ray_cli("job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", REPO,
                       "--runtime-env-json", json.dumps({"excludes": [".venv", "outputs", ".git", "wandb", "*.pyc"]}),
@@ -66,28 +59,9 @@ def test_ray_job_submit_on_a_two_node_local_cluster(tmp_path):
         assert len({w["node_id"] for w in placed["actors"]["workers"]}) == 2  # one worker on each node
     finally:
         for node in reversed(nodes):
-            node.send_signal(signal.SIGTERM)  # `ray start --block` ends the processes it started
-            try:
-                node.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                node.kill()
+            stop_ray_node(node)
         for path in (head_dir, node_dir):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def start_node(env: dict, temp_dir: str, *args: str) -> subprocess.Popen:
-    """`ray start --block` with ``args`` and 2 CPUs, returned once the node is up (its log says
-    "Ray runtime started", for a head and for a node joining one alike)."""
-    log_path = os.path.join(temp_dir, "ray-start.log")
-    with open(log_path, "w") as log:
-        node = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--block", "--num-cpus=2",
-                                 "--disable-usage-stats", f"--temp-dir={temp_dir}", *args],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while "Ray runtime started" not in (text := open(log_path).read()):
-        assert node.poll() is None and time.time() < deadline, text[-3000:]
-        time.sleep(0.2)
-    return node
 
 
 def test_a_job_whose_run_dir_would_vanish_with_rays_session_is_refused(tmp_path):

@@ -11,14 +11,11 @@ import pytest
 
 from rlpost.buffer import RedisBuffer, connect
 from rlpost.records import unpack_entry, unpack_task
+from test_e2e import cli_env
 
 ARGS = ["experiment=longtail_bench", "mode=april", "rollout.over_sampling=2", "rollout.batch_prompts=4",
         "rollout.group_size=2", "rollout.max_new_tokens=40", "env.len_max=39", "engine.chunk_tokens=4", "engine.max_batch_size=8",
         "warmup.steps=5", "env.num_eval=8", "trainer.checkpoint_every=2", "logger.progress=false"]
-
-
-def env(ray_address: str):
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", "RAY_ADDRESS": ray_address}
 
 
 def trained_steps(run_dir):
@@ -32,7 +29,7 @@ def trained_steps(run_dir):
 def test_april_run_survives_a_kill_and_resume(tmp_path, redis_url, ray_head):
     run_dir = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "rlpost.run", *ARGS, f"run_dir={run_dir}", f"buffer.url={redis_url}"]
-    first = subprocess.Popen(cmd + ["trainer.steps=50"], env=env(ray_head), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = subprocess.Popen(cmd + ["trainer.steps=50"], env=cli_env(ray_head), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 400
     while max(trained_steps(run_dir), default=0) < 3:
         assert first.poll() is None, first.stderr.read().decode()[-3000:]
@@ -45,7 +42,7 @@ def test_april_run_survives_a_kill_and_resume(tmp_path, redis_url, ray_head):
     assert 2 <= resume_from <= killed_after  # the latest checkpoint, not one past the kill
     total = max(killed_after, resume_from) + 3  # the resumed run re-does the lost steps, then more
 
-    proc = subprocess.run(cmd + [f"trainer.steps={total}"], env=env(ray_head), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd + [f"trainer.steps={total}"], env=cli_env(ray_head), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert summary["steps"] == total
