@@ -10,6 +10,7 @@ out of that the same as if the reply had arrived.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -95,6 +96,7 @@ class LostReplyProxy:
 
     def close(self) -> None:
         self._listener.close()
+        shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)  # its socket's private dir
 
 
 def _close(*socks: socket.socket) -> None:
